@@ -1,0 +1,150 @@
+"""The frame layer: the only thing dom0 parses before a MAC has verified.
+
+Every frame is a fixed 10-byte header (declared with construct), then ``name_len`` bytes of name, then
+``data_len`` bytes of data.  The header is parsed with fixed-width fields only; the caller bounds the
+lengths *before* reading name or data, so a hostile peer cannot make the reader allocate or wait for more
+than it allowed.  See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from construct import Const, Int8ub, Int16ub, Int32ub, Struct
+from construct import Enum as CEnum
+
+MAGIC = b"QB"
+VERSION = 1
+
+
+class FrameType(enum.IntEnum):
+    # dom0 -> agent
+    LOCATION = 1  # name: backup file name (qubes.Backup) or empty; data: the location string
+    WANT = 2  # name: an archive prefix (vmN) dom0 wants (qubes.Restore)
+    WANT_END = 3  # end of the want list
+    DATA = 4  # data: a piece of the backup stream (qubes.Backup)
+    COMMIT = 5  # the backup stream is complete (qubes.Backup)
+    # agent -> dom0
+    MEMBER = 16  # name: outer member name; data: its content (qubes.Restore)
+    END = 17  # no more members
+    ERROR = 18  # data: a short UTF-8 message
+    DONE = 19  # data: where the backup was stored (qubes.Backup)
+
+
+FrameHeader = Struct(
+    "magic" / Const(MAGIC),
+    "version" / Const(VERSION, Int8ub),
+    "type" / CEnum(Int8ub, FrameType),
+    "name_len" / Int16ub,
+    "data_len" / Int32ub,
+)
+HEADER_SIZE = FrameHeader.sizeof()
+
+MAX_ERROR_LEN = 512
+MAX_LOCATION_LEN = 4096
+MAX_DATA_FRAME = 1 << 22  # qubes.Backup stream pieces
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame, or one larger than allowed."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    name: str
+    data: bytes
+
+
+def encode_header(ftype: FrameType, name_len: int, data_len: int) -> bytes:
+    return FrameHeader.build({"type": ftype, "name_len": name_len, "data_len": data_len})
+
+
+def encode(ftype: FrameType, name: str = "", data: bytes = b"") -> bytes:
+    raw_name = name.encode("ascii")
+    return encode_header(ftype, len(raw_name), len(data)) + raw_name + bytes(data)
+
+
+def write_frame(out: BinaryIO, ftype: FrameType, name: str = "", data: bytes | memoryview = b"") -> None:
+    """Write one frame; large data is written without being copied into the header buffer."""
+    raw_name = name.encode("ascii")
+    out.write(encode_header(ftype, len(raw_name), len(data)) + raw_name)
+    if len(data):
+        out.write(data)
+
+
+def read_exact(stream: BinaryIO, size: int) -> bytes:
+    """Read exactly ``size`` bytes or raise ProtocolError on a short stream."""
+    if size == 0:
+        return b""
+    buf = stream.read(size)
+    if buf is None or len(buf) != size:
+        got = bytearray(buf or b"")
+        while len(got) < size:
+            piece = stream.read(size - len(got))
+            if not piece:
+                raise ProtocolError(f"stream ended inside a frame ({len(got)} of {size} bytes)")
+            got += piece
+        return bytes(got)
+    return buf
+
+
+def read_header(stream: BinaryIO) -> tuple[FrameType, int, int] | None:
+    """Read a frame header; None on a clean end of stream before any byte."""
+    raw = stream.read(HEADER_SIZE)
+    if not raw:
+        return None
+    if len(raw) < HEADER_SIZE:
+        raw += read_exact(stream, HEADER_SIZE - len(raw))
+    if raw[:2] != MAGIC or raw[2] != VERSION:
+        raise ProtocolError("bad frame header")
+    try:
+        ftype = FrameType(raw[3])
+    except ValueError:
+        raise ProtocolError(f"unknown frame type {raw[3]}") from None
+    parsed = FrameHeader.parse(raw)
+    return ftype, int(parsed.name_len), int(parsed.data_len)
+
+
+NameCheck = Callable[[str], bool]
+
+
+def read_frame(
+    stream: BinaryIO,
+    allowed: dict[FrameType, tuple[int, int]],
+    name_ok: NameCheck | None = None,
+) -> Frame | None:
+    """Read one frame whose type is in ``allowed``: ``{type: (max_name_len, max_data_len)}``.
+
+    Lengths are checked against the limits before anything else is read.  ``name_ok`` validates the name
+    (ASCII only).  Returns None on a clean end of stream.
+    """
+    head = read_header(stream)
+    if head is None:
+        return None
+    ftype, name_len, data_len = head
+    if ftype not in allowed:
+        raise ProtocolError(f"unexpected frame type {ftype.name}")
+    max_name, max_data = allowed[ftype]
+    if name_len > max_name:
+        raise ProtocolError(f"frame name too long ({name_len} > {max_name} bytes)")
+    if data_len > max_data:
+        raise ProtocolError(f"frame data too long ({data_len} > {max_data} bytes)")
+    raw_name = read_exact(stream, name_len)
+    try:
+        name = raw_name.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("frame name is not ASCII") from None
+    if name_len and name_ok is not None and not name_ok(name):
+        raise ProtocolError(f"malformed name {safe_text(name)!r}")
+    return Frame(ftype, name, read_exact(stream, data_len))
+
+
+def safe_text(text: str | bytes, limit: int = 200) -> str:
+    """Printable ASCII rendering of peer-supplied text, for one-line error messages (no escapes)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    out = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+    return out if len(out) <= limit else out[:limit] + "..."

@@ -1,0 +1,56 @@
+"""Grammar of outer member names (docs/FORMAT.md section 1).
+
+The names carry no VM or file name: ``vmN`` is an archive number, ``CCCCCC`` a chunk position.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_NAME_LEN = 64
+
+HEADER = "backup-header"
+MANIFEST = "manifest"
+HMAC_SUFFIX = ".hmac"
+TRAILER = "trailer"
+
+_ARCHIVE = r"vm(?:0|[1-9][0-9]{0,4})"
+_MEMBER_RE = re.compile(rf"(?:backup-header|manifest|{_ARCHIVE}/(?:[0-9]{{6}}|trailer))(?:\.hmac)?")
+_ARCHIVE_RE = re.compile(_ARCHIVE)
+MAX_CHUNKS = 1_000_000  # six digits
+
+
+def is_member_name(name: str) -> bool:
+    """True if ``name`` is a well-formed outer member name."""
+    return len(name) <= MAX_NAME_LEN and _MEMBER_RE.fullmatch(name) is not None
+
+
+def is_archive_name(name: str) -> bool:
+    """True if ``name`` is a well-formed archive prefix such as ``vm3``."""
+    return len(name) <= MAX_NAME_LEN and _ARCHIVE_RE.fullmatch(name) is not None
+
+
+def archive_name(number: int) -> str:
+    if not 0 <= number <= 99999:
+        raise ValueError(f"archive number out of range: {number}")
+    return f"vm{number}"
+
+
+def chunk_name(archive: str, index: int) -> str:
+    if not 0 <= index < MAX_CHUNKS:
+        raise ValueError(f"chunk index out of range: {index}")
+    return f"{archive}/{index:06d}"
+
+
+def trailer_name(archive: str) -> str:
+    return f"{archive}/{TRAILER}"
+
+
+def mac_name(name: str) -> str:
+    return name + HMAC_SUFFIX
+
+
+def archive_of(name: str) -> str | None:
+    """The archive prefix of a member name (``vm3/000001.hmac`` -> ``vm3``), None for header/manifest."""
+    head, sep, _ = name.partition("/")
+    return head if sep else None
