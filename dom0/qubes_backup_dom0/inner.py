@@ -1,0 +1,853 @@
+"""Inner archives: one VM's files as a POSIX (pax) tar stream, sparse files in GNU sparse format 1.0.
+
+Why our own tar code: Python's ``tarfile`` cannot write GNU sparse 1.0 entries (holes would be stored as
+zeros, turning a 2 GiB mostly-empty ``private.img`` into 2 GiB of data), and on restore we want a reader
+that accepts exactly what we write and nothing else (FORMAT.md sections 7-8), bounded in memory.
+
+What the writer emits (deterministic: the same files give the same bytes):
+
+- Every entry is a pax ``x`` header followed by one ustar header.  The pax header always carries ``path``;
+  also ``size`` when the stored size is >= 8 GiB (ustar field then 0), ``mtime`` when the mtime does not
+  fit the ustar field (negative or >= 8**11; ustar field then 0), ``linkpath`` when a symlink target is
+  longer than 100 bytes.  The pax header's own ustar name is ``DIR/PaxHeaders.0/BASENAME`` (truncated to
+  100 bytes; informational only).
+- ustar fields: mode = st_mode & 0o7777, uid = gid = 0, uname = gname = "", mtime = int(st_mtime),
+  name = the path (first 100 bytes; the pax ``path`` is authoritative), magic "ustar\\0" version "00".
+- Regular file without holes (including empty files): type ``0``, data = the file's bytes.
+- Regular file with at least one hole (``data < size``): pax keys ``GNU.sparse.major=1``,
+  ``GNU.sparse.minor=0``, ``GNU.sparse.name=PATH``, ``GNU.sparse.realsize=SIZE``; ``path`` is
+  ``DIR/GNUSparseFile.0/BASENAME`` (what GNU tar writes, with a fixed 0 instead of its PID).  Entry data: the
+  sparse map (count, then offset/length pairs, decimal, one per line, NUL-padded to 512), then the regions'
+  bytes.  If the file ends in a hole a zero-length region at offset SIZE is appended (GNU tar needs it to
+  extend the file).
+- Directory: type ``5``, size 0.  Symlink: type ``2``, size 0, target in linkname/linkpath.
+- The stream ends with two zero blocks (no padding to a 10 KiB record).
+
+``InnerFile.size``/``data`` for dirs and symlinks are 0.
+
+The extractor (:class:`Extractor`) is a push parser that accepts only that shape, only the expected
+entries in the expected order, and writes only under its destination directory (directory fds, O_NOFOLLOW,
+O_EXCL).  Extracted modes are ``mode & 0o777`` (set-id and sticky bits are dropped: defence in depth);
+mtimes are restored; ownership is never changed.  Directory modes/mtimes are applied in ``finish()`` so
+that read-only directories can still be filled.  Parents that are not entries are created 0o755.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import stat
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qubes_backup_dom0.errors import BackupError, VerificationError
+
+BLOCK = 512
+_ZEROS = bytes(BLOCK)
+_OCTAL11_LIMIT = 8**11  # 12-byte ustar numeric fields hold 11 octal digits
+SPARSE_DIR = "GNUSparseFile.0"
+PAX_DIR = "PaxHeaders.0"
+MAX_PATH = 4096
+MAX_COMPONENT = 255
+MAX_LINK = 4095
+MAX_SPARSE_REGIONS = 1_000_000
+MAX_SPARSE_MAP = 16 * 1024 * 1024
+DEFAULT_READ_SIZE = 4 * 1024 * 1024
+_PAX_KEYS = frozenset(
+    {
+        "path",
+        "size",
+        "mtime",
+        "linkpath",
+        "GNU.sparse.major",
+        "GNU.sparse.minor",
+        "GNU.sparse.name",
+        "GNU.sparse.realsize",
+    }
+)
+_DECIMAL = re.compile(rb"0|[1-9][0-9]{0,19}")
+_SIGNED_DECIMAL = re.compile(rb"0|-?[1-9][0-9]{0,19}")
+_TYPEFLAGS = {"file": b"0", "dir": b"5", "symlink": b"2"}
+
+
+# --------------------------------------------------------------------------------------------- scanning
+
+
+def _scan_fd(fd: int, size: int) -> list[tuple[int, int]]:
+    """Data regions of an open file of apparent ``size``, via SEEK_DATA/SEEK_HOLE; holes are never read."""
+    regions: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                break
+            if e.errno == errno.EINVAL:  # filesystem without SEEK_DATA: treat as all data
+                return [(0, size)] if size else []
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end <= start:
+            break
+        if regions and regions[-1][0] + regions[-1][1] == start:
+            regions[-1] = (regions[-1][0], end - regions[-1][0])
+        else:
+            regions.append((start, end - start))
+        pos = end
+    return regions
+
+
+def scan(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """Apparent size and merged data regions ``(offset, length)`` of a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        return size, _scan_fd(fd, size)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- entries
+
+
+@dataclass
+class InnerFile:
+    """One entry of an inner archive.  Build it with :meth:`from_path`; the defaults exist so that restore
+    code can describe *expected* entries (path, type, size, data) without a source."""
+
+    path: str
+    source: Path | None = None
+    type: str = "file"
+    size: int = 0
+    data: int = 0
+    regions: list[tuple[int, int]] = field(default_factory=list)
+    mode: int = 0o644
+    mtime: int = 0
+    link: str | None = None
+
+    @classmethod
+    def from_path(cls, path_in_archive: str, source: Path) -> InnerFile:
+        """lstat ``source`` (symlinks are stored, not followed) and, for regular files, scan its holes."""
+        err = _path_problem(path_in_archive)
+        if err:
+            raise BackupError(f"cannot back up {source}: archive path {path_in_archive!r}: {err}")
+        st = os.lstat(source)
+        mode = stat.S_IMODE(st.st_mode)
+        mtime = int(st.st_mtime)
+        if stat.S_ISREG(st.st_mode):
+            size, regions = scan(source)
+            data = sum(n for _, n in regions)
+            return cls(path_in_archive, Path(source), "file", size, data, regions, mode, mtime)
+        if stat.S_ISDIR(st.st_mode):
+            return cls(path_in_archive, Path(source), "dir", 0, 0, [], mode, mtime)
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(source)
+            return cls(path_in_archive, Path(source), "symlink", 0, 0, [], mode, mtime, target)
+        raise BackupError(f"cannot back up {source}: not a regular file, directory or symlink")
+
+
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` is not an acceptable relative archive path, or None.  Shared by writer and reader."""
+    if not path:
+        return "empty path"
+    if "\0" in path:
+        return "NUL in path"
+    if path.startswith("/"):
+        return "absolute path"
+    try:
+        raw = path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "path is not valid UTF-8"
+    if len(raw) > MAX_PATH:
+        return "path too long"
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return f"bad path component {part!r}"
+        if len(part.encode("utf-8")) > MAX_COMPONENT:
+            return "path component too long"
+    return None
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(dirname with trailing slash or "", basename)."""
+    d, _, b = path.rpartition("/")
+    return (d + "/" if d else ""), b
+
+
+def _sparse_name(path: str) -> str:
+    d, b = _split(path)
+    return f"{d}{SPARSE_DIR}/{b}"
+
+
+def _is_sparse(f: Any) -> bool:
+    return f.type == "file" and f.data < f.size
+
+
+# --------------------------------------------------------------------------------------------- writer
+
+
+def _pax_record(key: str, value: bytes) -> bytes:
+    """One pax record "LEN KEY=VALUE\\n", where LEN counts the whole record including its own digits."""
+    body = b" " + key.encode("ascii") + b"=" + value + b"\n"
+    n = len(body)
+    while True:
+        total = len(str(n)) + len(body)
+        if total == n:
+            return str(n).encode("ascii") + body
+        n = total
+
+
+def _ustar(name: bytes, mode: int, size: int, mtime: int, typeflag: bytes, linkname: bytes = b"") -> bytes:
+    h = bytearray(BLOCK)
+    name = name[:100]
+    h[0 : len(name)] = name
+    h[100:108] = b"%07o\0" % (mode & 0o7777)
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"%011o\0" % mtime
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[157 : 157 + len(linkname)] = linkname
+    h[257:263] = b"ustar\0"
+    h[263:265] = b"00"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _pad(n: int) -> int:
+    return -n % BLOCK
+
+
+def _sparse_map(size: int, regions: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], bytes]:
+    """The region list as stored (with the trailing-hole marker) and the NUL-padded map text."""
+    stored = list(regions)
+    if not stored or stored[-1][0] + stored[-1][1] < size:
+        stored.append((size, 0))
+    text = b"%d\n" % len(stored) + b"".join(b"%d\n%d\n" % r for r in stored)
+    return stored, text + bytes(_pad(len(text)))
+
+
+def _plan(f: InnerFile) -> tuple[bytes, int]:
+    """Everything before the entry's region data (pax header, ustar header, sparse map) and the number of
+    region bytes that follow.  Used by both ``write_archive`` and ``archive_size`` so they cannot disagree."""
+    err = _path_problem(f.path)
+    if err:
+        raise BackupError(f"cannot archive {f.source or f.path}: {err}")
+    if f.type not in _TYPEFLAGS:
+        raise BackupError(f"cannot archive {f.path}: unknown entry type {f.type!r}")
+    records: list[bytes] = []
+    sparse = _is_sparse(f)
+    mapbytes = b""
+    if f.type == "file":
+        if sum(n for _, n in f.regions) != f.data:
+            raise BackupError(f"internal error: regions of {f.path} do not add up to its data size")
+        name = _sparse_name(f.path) if sparse else f.path
+        if sparse:
+            _, mapbytes = _sparse_map(f.size, f.regions)
+        stored = len(mapbytes) + f.data
+    else:
+        name = f.path
+        stored = 0
+    records.append(_pax_record("path", name.encode("utf-8")))
+    ustar_size = stored
+    if stored >= _OCTAL11_LIMIT:
+        records.append(_pax_record("size", b"%d" % stored))
+        ustar_size = 0
+    ustar_mtime = f.mtime
+    if not 0 <= f.mtime < _OCTAL11_LIMIT:
+        records.append(_pax_record("mtime", b"%d" % f.mtime))
+        ustar_mtime = 0
+    linkname = b""
+    if f.type == "symlink":
+        target = (f.link or "").encode("utf-8")
+        if not target or b"\0" in target or len(target) > MAX_LINK:
+            raise BackupError(f"cannot archive symlink {f.path}: unsupported target")
+        if len(target) <= 100:
+            linkname = target
+        else:
+            records.append(_pax_record("linkpath", target))
+    if sparse:
+        records += [
+            _pax_record("GNU.sparse.major", b"1"),
+            _pax_record("GNU.sparse.minor", b"0"),
+            _pax_record("GNU.sparse.name", f.path.encode("utf-8")),
+            _pax_record("GNU.sparse.realsize", b"%d" % f.size),
+        ]
+    pax = b"".join(records)
+    d, b = _split(f.path)
+    paxname = f"{d}{PAX_DIR}/{b}".encode()
+    head = (
+        _ustar(paxname, 0o644, len(pax), ustar_mtime, b"x")
+        + pax
+        + bytes(_pad(len(pax)))
+        + _ustar(name.encode("utf-8"), f.mode, ustar_size, ustar_mtime, _TYPEFLAGS[f.type], linkname)
+        + mapbytes
+    )
+    return head, f.data if f.type == "file" else 0
+
+
+def archive_size(files: Iterable[InnerFile]) -> int:
+    """Exact length of ``write_archive(files)`` (for progress bars and uncompressed chunk counts)."""
+    total = 2 * BLOCK
+    for f in files:
+        head, data = _plan(f)
+        total += len(head) + data + _pad(data)
+    return total
+
+
+def _read_regions(f: InnerFile, read_size: int) -> Iterator[bytes]:
+    """The bytes of ``f``'s regions, in big pieces; raises BackupError if the file changed since scanning."""
+    assert f.source is not None
+    try:
+        fd = os.open(f.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise BackupError(f"cannot read {f.source}: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != f.size:
+            raise BackupError(f"{f.source} changed during the backup (size {f.size} -> {st.st_size})")
+        if _scan_fd(fd, f.size) != list(f.regions):
+            raise BackupError(f"{f.source} changed during the backup (its holes moved)")
+        for off, length in f.regions:
+            end = off + length
+            while off < end:
+                piece = os.pread(fd, min(read_size, end - off), off)
+                if not piece:
+                    raise BackupError(f"{f.source} changed during the backup (short read at {off})")
+                off += len(piece)
+                yield piece
+        if os.fstat(fd).st_size != f.size:
+            raise BackupError(f"{f.source} changed during the backup (size changed while reading)")
+    except OSError as e:
+        raise BackupError(f"cannot read {f.source}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def write_archive(files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE) -> Iterator[bytes]:
+    """Yield the whole inner archive.  Data comes as fresh ``bytes`` of up to ``read_size`` (consumers may
+    keep them), headers as small ``bytes``; hole bytes are never read."""
+    if read_size < BLOCK:
+        raise ValueError("read_size too small")
+    for f in files:
+        head, data = _plan(f)
+        yield head
+        if data:
+            yield from _read_regions(f, read_size)
+            if _pad(data):
+                yield _ZEROS[: _pad(data)]
+    yield _ZEROS + _ZEROS
+
+
+# --------------------------------------------------------------------------------------------- reader
+
+
+def _octal(field_: bytes, what: str) -> int:
+    """A ustar numeric field: octal digits then NUL/space padding; base-256 and junk are refused."""
+    digits = field_.rstrip(b"\0 ")
+    if not digits or any(c not in b"01234567" for c in digits):
+        raise VerificationError(f"inner archive: bad {what} field in tar header")
+    return int(digits, 8)
+
+
+def _decimal(value: bytes, what: str, signed: bool = False) -> int:
+    if not (_SIGNED_DECIMAL if signed else _DECIMAL).fullmatch(value):
+        raise VerificationError(f"inner archive: bad {what} value in pax header")
+    return int(value)
+
+
+def _parse_pax(data: bytes) -> dict[str, bytes]:
+    """Strictly parse pax records; unknown or duplicate keys are refused."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos, pos + 8)
+        if sp < 0:
+            raise VerificationError("inner archive: malformed pax record")
+        n = _decimal(data[pos:sp], "pax record length")
+        end = pos + n
+        if end > len(data) or end <= sp + 2 or data[end - 1] != 0x0A:
+            raise VerificationError("inner archive: malformed pax record")
+        key, eq, value = data[sp + 1 : end - 1].partition(b"=")
+        k = key.decode("ascii", "replace")
+        if not eq or k not in _PAX_KEYS:
+            raise VerificationError(f"inner archive: pax key {k[:40]!r} not allowed")
+        if k in out:
+            raise VerificationError(f"inner archive: duplicate pax key {k!r}")
+        out[k] = value
+        pos = end
+    return out
+
+
+def _utf8(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise VerificationError(f"inner archive: {what} is not UTF-8") from None
+
+
+class Extractor:
+    """Strict, bounded push parser for one inner archive, extracting into ``dest_root``.
+
+    Its input is already MAC-verified; this is the second line of defence, so it trusts no structure:
+    only ``expected`` entries (objects with ``path``, ``type``, ``size``, ``data``), in order, with exactly
+    those sizes; bounded headers and sparse maps; no path escapes; no symlink is ever followed.  Memory is
+    bounded by one pax header or one sparse map; entry data is written straight from the fed pieces.
+    Any violation raises :class:`VerificationError` (one line); I/O failures raise :class:`BackupError`.
+    """
+
+    def __init__(self, dest_root: Path, expected: Sequence[Any], *, max_entry_header: int = 64 * 1024) -> None:
+        seen: set[str] = set()
+        for e in expected:
+            err = _path_problem(e.path)
+            if err:
+                raise VerificationError(f"inner archive: expected path {e.path!r}: {err}")
+            if e.type not in _TYPEFLAGS:
+                raise VerificationError(f"inner archive: expected entry {e.path!r} has bad type {e.type!r}")
+            if e.path in seen:
+                raise VerificationError(f"inner archive: expected entry {e.path!r} listed twice")
+            if not (0 <= e.data <= e.size) or (e.type != "file" and (e.size or e.data)):
+                raise VerificationError(f"inner archive: expected entry {e.path!r} has bad sizes")
+            seen.add(e.path)
+        self._expected = list(expected)
+        self._max_header = max_entry_header
+        try:
+            self._root_fd = os.open(dest_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackupError(f"cannot open restore area {dest_root}: {e.strerror}") from e
+        self._index = 0
+        self._state = "header"
+        self._need = BLOCK
+        self._buf = bytearray()
+        self._pax: dict[str, bytes] | None = None
+        self._pax_len = 0
+        self._zero_blocks = 0
+        self._fd = -1
+        self._entry: Any = None
+        self._mode = 0
+        self._mtime = 0
+        self._stored = 0
+        # flat arrays of unsigned 64-bit ints, not lists of tuples: a 1,000,000-region map stays ~16 MB
+        self._map_nums = array("Q")
+        self._map_partial = b""
+        self._map_bytes = 0
+        self._regions = array("Q")  # offset, length, offset, length, ...
+        self._reg_i = 0
+        self._reg_done = 0
+        self._data_left = 0
+        self._pad_left = 0
+        self._dirs: list[tuple[str, int, int]] = []
+        self._failed = False
+
+    # ---- public
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Consume the next piece of the archive (any size)."""
+        if self._failed:
+            raise VerificationError("inner archive: extractor already failed")
+        mv = memoryview(data).cast("B")
+        try:
+            while len(mv):
+                mv = self._step(mv)
+        except BaseException:
+            self._fail()
+            raise
+
+    def finish(self) -> None:
+        """Check the archive ended cleanly, apply directory modes/mtimes, release fds."""
+        if self._failed:
+            raise VerificationError("inner archive: extractor already failed")
+        try:
+            if self._state != "done":
+                raise VerificationError(
+                    f"inner archive truncated (at entry {self._index + 1} of {len(self._expected)})"
+                )
+            for path, mode, mtime in reversed(self._dirs):
+                fd = self._walk(path, create=False)
+                try:
+                    os.utime(fd, (mtime, mtime))
+                    os.fchmod(fd, mode & 0o777)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self._fail()
+            raise
+        os.close(self._root_fd)
+        self._root_fd = -1
+        self._state = "closed"
+
+    def close(self) -> None:
+        """Release file descriptors after an error or when giving up (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+    def __enter__(self) -> Extractor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- internals
+
+    def _fail(self) -> None:
+        self._failed = True
+        self.close()
+
+    def _where(self) -> str:
+        if self._entry is not None:
+            return f"entry {self._entry.path!r}"
+        return f"entry {self._index + 1}"
+
+    def _bad(self, msg: str) -> VerificationError:
+        return VerificationError(f"inner archive, {self._where()}: {msg}")
+
+    def _collect(self, mv: memoryview) -> tuple[bytes | None, memoryview]:
+        """Gather ``self._need`` bytes into the small buffer (headers, pax data, map blocks)."""
+        take = min(self._need - len(self._buf), len(mv))
+        self._buf += mv[:take]
+        mv = mv[take:]
+        if len(self._buf) < self._need:
+            return None, mv
+        out = bytes(self._buf)
+        self._buf.clear()
+        return out, mv
+
+    def _step(self, mv: memoryview) -> memoryview:
+        state = self._state
+        if state == "data":
+            return self._write_data(mv)
+        if state == "pad":
+            take = min(self._pad_left, len(mv))
+            if any(mv[:take]):
+                raise self._bad("non-zero padding")
+            self._pad_left -= take
+            if not self._pad_left:
+                self._end_entry()
+            return mv[take:]
+        if state in ("done", "closed"):
+            raise VerificationError("inner archive: data after the end of the archive")
+        chunk, mv = self._collect(mv)
+        if chunk is None:
+            return mv
+        if state == "header":
+            self._on_header(chunk)
+        elif state == "pax":
+            self._on_pax(chunk)
+        elif state == "map":
+            self._on_map_block(chunk)
+        return mv
+
+    def _on_header(self, h: bytes) -> None:
+        if h == _ZEROS:
+            if self._pax is not None:
+                raise self._bad("end of archive after a pax header")
+            self._zero_blocks += 1
+            if self._zero_blocks == 2:
+                if self._index != len(self._expected):
+                    missing = self._expected[self._index].path
+                    raise VerificationError(f"inner archive: entry {missing!r} missing")
+                self._state = "done"
+            return
+        if self._zero_blocks:
+            raise VerificationError("inner archive: data after an end-of-archive block")
+        stored_sum = _octal(h[148:156], "checksum")
+        if stored_sum != sum(h) - sum(h[148:156]) + 8 * 0x20:
+            raise self._bad("tar header checksum mismatch")
+        if h[257:265] != b"ustar\x0000":
+            raise self._bad("not a POSIX ustar header")
+        typeflag = h[156:157]
+        size = _octal(h[124:136], "size")
+        if typeflag == b"x":
+            if self._pax is not None:
+                raise self._bad("two pax headers in a row")
+            if not 0 < size <= self._max_header:
+                raise self._bad(f"pax header size {size} out of bounds")
+            if self._index >= len(self._expected):
+                raise VerificationError("inner archive: unexpected extra entry")
+            self._pax_len = size
+            self._need = size + _pad(size)
+            self._state = "pax"
+            return
+        if self._pax is None:
+            raise self._bad("entry without pax header")
+        if self._index >= len(self._expected):
+            raise VerificationError("inner archive: unexpected extra entry")
+        self._begin_entry(h, typeflag, size, self._pax)
+
+    def _on_pax(self, chunk: bytes) -> None:
+        if any(chunk[self._pax_len :]):
+            raise self._bad("non-zero padding after pax header")
+        self._pax = _parse_pax(chunk[: self._pax_len])
+        self._need = BLOCK
+        self._state = "header"
+
+    def _begin_entry(self, h: bytes, typeflag: bytes, ustar_size: int, pax: dict[str, bytes]) -> None:
+        exp = self._expected[self._index]
+        self._entry = exp
+        self._pax = None
+        if typeflag != _TYPEFLAGS[exp.type]:
+            raise self._bad(f"type {typeflag!r} where {exp.type} was expected")
+        if "path" not in pax:
+            raise self._bad("pax header without path")
+        name = _utf8(pax["path"], "path")
+        has_sparse_keys = any(k.startswith("GNU.sparse.") for k in pax)
+        if has_sparse_keys:
+            if "GNU.sparse.name" not in pax or "GNU.sparse.realsize" not in pax:
+                raise self._bad("incomplete GNU sparse header")
+            real = _utf8(pax["GNU.sparse.name"], "sparse name")
+            if name != _sparse_name(real):
+                raise self._bad("sparse entry name does not match GNU.sparse.name")
+            name = real
+        if name != exp.path:
+            shown = name[:200]
+            raise VerificationError(
+                f"inner archive: entry {shown!r} where {exp.path!r} was expected (wrong order or extra entry)"
+            )
+        sparse = _is_sparse(exp)
+        if has_sparse_keys != sparse:
+            raise self._bad("sparse-ness differs from the manifest")
+        realsize = None
+        if sparse:
+            if pax.get("GNU.sparse.major") != b"1" or pax.get("GNU.sparse.minor") != b"0":
+                raise self._bad("unsupported GNU sparse version")
+            realsize = _decimal(pax["GNU.sparse.realsize"], "realsize")
+        size = ustar_size
+        if "size" in pax:
+            if ustar_size != 0:
+                raise self._bad("size in both pax and ustar header")
+            size = _decimal(pax["size"], "size")
+        mtime = _octal(h[136:148], "mtime")
+        if "mtime" in pax:
+            if mtime != 0:
+                raise self._bad("mtime in both pax and ustar header")
+            mtime = _decimal(pax["mtime"], "mtime", signed=True)
+        self._mtime = mtime
+        self._mode = _octal(h[100:108], "mode")
+        linkname = h[157:257].rstrip(b"\0")
+        if exp.type != "symlink" and (linkname or "linkpath" in pax):
+            raise self._bad("link target on a non-link entry")
+        if exp.type == "file":
+            if sparse:
+                if realsize != exp.size:
+                    raise self._bad(f"size {realsize} where {exp.size} was expected")
+                if size > exp.data + MAX_SPARSE_MAP:
+                    raise self._bad("sparse entry too large")
+            elif size != exp.size:
+                raise self._bad(f"size {size} where {exp.size} was expected")
+            self._stored = size
+            if sparse:
+                self._map_nums = array("Q")
+                self._map_partial = b""
+                self._map_bytes = 0
+                self._need = BLOCK
+                self._state = "map"
+            else:
+                self._regions = array("Q", [0, size] if size else [])
+                self._open_file()
+                self._start_data(size)
+            return
+        if size != 0:
+            raise self._bad("directory or symlink with data")
+        if exp.type == "dir":
+            self._make_dir(exp.path)
+            self._dirs.append((exp.path, self._mode, mtime))
+        else:
+            target = pax.get("linkpath", linkname)
+            if "linkpath" in pax and linkname:
+                raise self._bad("link target in both pax and ustar header")
+            if not target or b"\0" in target or len(target) > MAX_LINK:
+                raise self._bad("bad symlink target")
+            self._make_symlink(exp.path, _utf8(target, "link target"))
+        self._entry = None
+        self._index += 1
+        self._need = BLOCK
+        self._state = "header"
+
+    def _on_map_block(self, block: bytes) -> None:
+        """Parse the sparse map incrementally, one 512-byte block at a time (bounded memory)."""
+        self._map_bytes += BLOCK
+        if self._map_bytes > MAX_SPARSE_MAP or self._map_bytes > self._stored:
+            raise self._bad("sparse map too large")
+        buf = self._map_partial + block
+        pos = 0
+        nums = self._map_nums
+        while True:
+            if nums and len(nums) == 1 + 2 * nums[0]:
+                if any(buf[pos:]):
+                    raise self._bad("junk after the sparse map")
+                self._map_done()
+                return
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                break
+            value = _decimal(buf[pos:nl], "sparse map")
+            if value >= 2**63:
+                raise self._bad("sparse map number out of range")
+            nums.append(value)
+            pos = nl + 1
+            if len(nums) == 1 and not 0 < nums[0] <= MAX_SPARSE_REGIONS:
+                raise self._bad(f"sparse map with {nums[0]} regions")
+        rest = buf[pos:]
+        if len(rest) > 20 or (not rest.isdigit() and rest):
+            raise self._bad("malformed sparse map")
+        self._map_partial = rest
+
+    def _map_done(self) -> None:
+        exp = self._entry
+        regions = self._map_nums[1:]
+        self._map_nums = array("Q")
+        prev_end = 0
+        total = 0
+        count = len(regions) // 2
+        for i in range(count):
+            off, length = regions[2 * i], regions[2 * i + 1]
+            last = i == count - 1
+            if off < prev_end:
+                raise self._bad("sparse map regions overlap or are unsorted")
+            if length == 0 and not (last and off == exp.size):
+                raise self._bad("empty sparse region")
+            if off + length > exp.size:
+                raise self._bad("sparse region beyond the end of the file")
+            prev_end = off + length
+            total += length
+        if prev_end != exp.size:
+            raise self._bad("sparse map does not end at the file size")
+        if total != exp.data:
+            raise self._bad(f"{total} data bytes where {exp.data} were expected")
+        if self._map_bytes + total != self._stored:
+            raise self._bad("sparse entry size does not match its map")
+        if regions[-1] == 0:  # the trailing-hole marker: nothing to write, ftruncate extends the file
+            del regions[-2:]
+        self._regions = regions
+        self._open_file()
+        self._start_data(total)
+
+    def _start_data(self, total: int) -> None:
+        self._reg_i = 0
+        self._reg_done = 0
+        self._data_left = total
+        self._pad_left = _pad(self._stored)
+        if total:
+            self._state = "data"
+        elif self._pad_left:
+            self._state = "pad"
+        else:
+            self._end_entry()
+
+    def _write_data(self, mv: memoryview) -> memoryview:
+        off, length = self._regions[2 * self._reg_i], self._regions[2 * self._reg_i + 1]
+        n = min(length - self._reg_done, len(mv))
+        piece = mv[:n]
+        pos = off + self._reg_done
+        try:
+            while len(piece):
+                w = os.pwrite(self._fd, piece, pos)
+                piece = piece[w:]
+                pos += w
+        except OSError as e:
+            raise BackupError(f"cannot write {self._entry.path}: {e.strerror}") from e
+        self._reg_done += n
+        self._data_left -= n
+        if self._reg_done == length:
+            self._reg_i += 1
+            self._reg_done = 0
+        if not self._data_left:
+            if self._pad_left:
+                self._state = "pad"
+            else:
+                self._end_entry()
+        return mv[n:]
+
+    def _end_entry(self) -> None:
+        exp = self._entry
+        try:
+            os.ftruncate(self._fd, exp.size)
+            os.fchmod(self._fd, self._mode & 0o777)
+            os.utime(self._fd, (self._mtime, self._mtime))
+        except OSError as e:
+            raise BackupError(f"cannot write {exp.path}: {e.strerror}") from e
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+        self._entry = None
+        self._index += 1
+        self._need = BLOCK
+        self._state = "header"
+
+    # ---- filesystem, confined to dest_root
+
+    def _walk(self, path: str, create: bool) -> int:
+        """An fd for directory ``path`` under dest_root, creating missing components if ``create``.
+        Symlinked components are refused (O_NOFOLLOW on every step; no path string is ever resolved)."""
+        fd = os.dup(self._root_fd)
+        try:
+            for part in path.split("/") if path else []:
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o755, dir_fd=fd)
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.ELOOP, errno.ENOTDIR, errno.EEXIST):
+                raise self._bad(f"path component of {path!r} is a symlink or not a directory") from None
+            raise BackupError(f"cannot create directory {path}: {e.strerror}") from e
+        return fd
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        d, _, b = path.rpartition("/")
+        return self._walk(d, create=True), b
+
+    def _open_file(self) -> None:
+        exp = self._entry
+        pfd, base = self._parent(exp.path)
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            self._fd = os.open(base, flags, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            raise self._bad("already exists in the restore area") from None
+        except OSError as e:
+            raise BackupError(f"cannot create {exp.path}: {e.strerror}") from e
+        finally:
+            os.close(pfd)
+
+    def _make_dir(self, path: str) -> None:
+        pfd, base = self._parent(path)
+        try:
+            try:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                try:
+                    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                except OSError:
+                    raise self._bad("exists in the restore area and is not a directory") from None
+                os.close(fd)
+            except OSError as e:
+                raise BackupError(f"cannot create directory {path}: {e.strerror}") from e
+        finally:
+            os.close(pfd)
+
+    def _make_symlink(self, path: str, target: str) -> None:
+        pfd, base = self._parent(path)
+        try:
+            os.symlink(target, base, dir_fd=pfd)
+            os.utime(base, (self._mtime, self._mtime), dir_fd=pfd, follow_symlinks=False)
+        except FileExistsError:
+            raise self._bad("already exists in the restore area") from None
+        except OSError as e:
+            raise BackupError(f"cannot create symlink {path}: {e.strerror}") from e
+        finally:
+            os.close(pfd)
