@@ -9,8 +9,9 @@ than it allowed.  See docs/PROTOCOL.md.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from construct import Const, Int8ub, Int16ub, Int32ub, Struct
 from construct import Enum as CEnum

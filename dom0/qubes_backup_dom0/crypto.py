@@ -1,0 +1,117 @@
+"""All cryptography of the format, in one place (docs/FORMAT.md sections 3-5).
+
+Primitives were chosen so that the OpenSSL 3 command line alone can verify and decrypt a backup:
+scrypt (``openssl kdf SCRYPT``), HKDF-SHA256 (``openssl kdf HKDF``), HMAC-SHA256 (``openssl dgst -mac
+HMAC``) and AES-256-CTR (``openssl enc``).  Encrypt-then-MAC: nothing is decrypted before its MAC verified.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.hmac import HMAC
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+IV_SIZE = 16
+MAC_HEX_SIZE = 65  # 64 hex digits and "\n"
+MAC_PREFIX = b"qubes-backup-v1\n"
+INFO_ENCRYPT = b"qubes-backup-v1/encrypt"
+INFO_MAC = b"qubes-backup-v1/mac"
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    salt: bytes
+    n: int
+    r: int
+    p: int
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The two subkeys of one backup; ``backup_id`` is bound into every MAC."""
+
+    enc_key: bytes
+    mac_key: bytes
+    backup_id: bytes
+
+    @property
+    def backup_id_hex(self) -> str:
+        return self.backup_id.hex()
+
+
+def derive_master(passphrase: bytes, kdf: KdfParams) -> bytes:
+    """Run scrypt once; the caller must have checked the parameters against the ceilings."""
+    return Scrypt(salt=kdf.salt, length=32, n=kdf.n, r=kdf.r, p=kdf.p).derive(passphrase)
+
+
+def derive_keys(master: bytes, backup_id: bytes) -> Keys:
+    def hkdf(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=backup_id, info=info).derive(master)
+
+    return Keys(hkdf(INFO_ENCRYPT), hkdf(INFO_MAC), backup_id)
+
+
+def keys_from_passphrase(passphrase: bytes, kdf: KdfParams, backup_id: bytes) -> Keys:
+    return derive_keys(derive_master(passphrase, kdf), backup_id)
+
+
+class MemberMac:
+    """Incremental HMAC of one member: feed the data as it arrives, then verify or produce the digest."""
+
+    def __init__(self, keys: Keys, name: str) -> None:
+        self._h = HMAC(keys.mac_key, hashes.SHA256())
+        self._h.update(MAC_PREFIX + keys.backup_id_hex.encode() + b"\n" + name.encode("ascii") + b"\n")
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._h.update(data)
+
+    def hexdigest_line(self) -> bytes:
+        """The content of the ``NAME.hmac`` member."""
+        return self._h.finalize().hex().encode() + b"\n"
+
+
+def mac_member(keys: Keys, name: str, data: bytes | memoryview) -> bytes:
+    m = MemberMac(keys, name)
+    m.update(data)
+    return m.hexdigest_line()
+
+
+def verify_member(keys: Keys, name: str, data: bytes | memoryview, mac_line: bytes) -> bool:
+    """Constant-time check of a ``.hmac`` member against the data (a malformed line never verifies)."""
+    return len(mac_line) == MAC_HEX_SIZE and hmac.compare_digest(mac_member(keys, name, data), mac_line)
+
+
+def encrypt(keys: Keys, plaintext: bytes | memoryview, iv: bytes | None = None) -> memoryview:
+    """``IV || AES-256-CTR(plaintext)`` with a fresh random IV (the full 16-byte initial counter).
+
+    Encrypts straight into one preallocated buffer: chunks are tens of MiB and this is the hot path.
+    """
+    iv = os.urandom(IV_SIZE) if iv is None else iv
+    n = len(plaintext)
+    buf = bytearray(IV_SIZE + n + 15)  # update_into wants block_size - 1 bytes of slack
+    buf[:IV_SIZE] = iv
+    enc = Cipher(algorithms.AES(keys.enc_key), modes.CTR(iv)).encryptor()
+    written = enc.update_into(plaintext, memoryview(buf)[IV_SIZE:])
+    if written != n:
+        raise AssertionError("CTR mode must encrypt every byte")
+    enc.finalize()
+    return memoryview(buf)[: IV_SIZE + n]
+
+
+def decrypt(keys: Keys, member: bytes | memoryview) -> bytes:
+    """Decrypt a member whose MAC has already verified."""
+    if len(member) < IV_SIZE:
+        raise ValueError("encrypted member shorter than its IV")
+    view = memoryview(member)
+    dec = Cipher(algorithms.AES(keys.enc_key), modes.CTR(bytes(view[:IV_SIZE]))).decryptor()
+    return dec.update(view[IV_SIZE:]) + dec.finalize()
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)

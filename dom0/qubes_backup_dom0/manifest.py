@@ -1,0 +1,159 @@
+"""The manifest: what is in the backup (docs/FORMAT.md section 6).
+
+It is parsed only after its MAC verified and it was decrypted, and even then it is checked as if hostile:
+hardened XML parser, bounded counts, strict names and paths.  The restore plan is derived from it alone.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lxml import etree
+from qubes_backup_protocol import names
+
+from .errors import VerificationError
+
+MAX_MANIFEST_SIZE = 16 << 20
+MAX_ARCHIVES = 10_000
+MAX_FILES = 1_000_000
+MAX_SIZE = 1 << 62
+VM_PATH_PREFIXES = ("appvms/", "vm-templates/", "servicevms/")
+_VM_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+_PATH_COMPONENT_RE = re.compile(r"[^/\x00]{1,255}")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    type: str  # file | dir | symlink
+    size: int
+    data: int
+
+
+@dataclass
+class ArchiveEntry:
+    member: str  # vmN
+    vm: str
+    kind: str  # vm | home
+    files: list[FileEntry] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def data(self) -> int:
+        return sum(f.data for f in self.files)
+
+
+@dataclass
+class Manifest:
+    backup_id: str
+    created: str
+    archives: list[ArchiveEntry]
+    qubes: bytes  # the embedded <qubes> document, serialized
+
+    def archive_for(self, vm: str) -> ArchiveEntry | None:
+        return next((a for a in self.archives if a.vm == vm), None)
+
+    def render(self) -> bytes:
+        root = etree.Element("qubes-backup-manifest", version="1", created=self.created)
+        root.set("backup-id", self.backup_id)
+        archives = etree.SubElement(root, "archives")
+        for a in self.archives:
+            el = etree.SubElement(
+                archives, "archive", member=a.member, vm=a.vm, kind=a.kind, size=str(a.size), data=str(a.data)
+            )
+            for f in a.files:
+                etree.SubElement(el, "file", path=f.path, type=f.type, size=str(f.size), data=str(f.data))
+        root.append(etree.fromstring(self.qubes, _parser()))
+        return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False, remove_blank_text=True
+    )
+
+
+def valid_vm_name(name: str) -> bool:
+    return _VM_NAME_RE.fullmatch(name) is not None and name not in (".", "..")
+
+
+def valid_rel_path(path: str) -> bool:
+    """A relative POSIX path without ``.``/``..`` components, NULs or empty components."""
+    if not path or path.startswith("/") or len(path) > 4096:
+        return False
+    return all(_PATH_COMPONENT_RE.fullmatch(c) and c not in (".", "..") for c in path.split("/"))
+
+
+def _int(el: etree._Element, attr: str) -> int:
+    raw = el.get(attr, "")
+    if not re.fullmatch(r"0|[1-9][0-9]{0,18}", raw) or int(raw) > MAX_SIZE:
+        raise VerificationError(f"manifest: bad {attr} value")
+    return int(raw)
+
+
+def parse(data: bytes) -> Manifest:
+    """Parse a verified, decrypted manifest and check its structure."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise VerificationError("manifest too large")
+    try:
+        root = etree.fromstring(data, _parser())
+    except etree.XMLSyntaxError as e:
+        raise VerificationError(f"manifest is not well-formed XML: {e}") from None
+    if root.getroottree().docinfo.doctype:
+        raise VerificationError("manifest must not have a DOCTYPE")
+    if root.tag != "qubes-backup-manifest" or root.get("version") != "1":
+        raise VerificationError("manifest: unsupported version")
+    archives_el = root.find("archives")
+    qubes_el = root.find("qubes")
+    if archives_el is None or qubes_el is None:
+        raise VerificationError("manifest: missing <archives> or <qubes>")
+    archives: list[ArchiveEntry] = []
+    seen_members: set[str] = set()
+    seen_vms: set[str] = set()
+    total_files = 0
+    last_number = -1
+    for el in archives_el:
+        if el.tag != "archive" or len(archives) >= MAX_ARCHIVES:
+            raise VerificationError("manifest: unexpected archive entry")
+        member, vm, kind = el.get("member", ""), el.get("vm", ""), el.get("kind", "")
+        if not names.is_archive_name(member) or member in seen_members:
+            raise VerificationError("manifest: bad archive member name")
+        number = int(member[2:])
+        if number <= last_number:
+            raise VerificationError("manifest: archives out of order")
+        last_number = number
+        if kind not in ("vm", "home") or (kind == "home") != (member == "vm0"):
+            raise VerificationError(f"manifest: bad archive kind for {member}")
+        if kind == "vm" and (not valid_vm_name(vm) or vm in seen_vms or vm == "dom0"):
+            raise VerificationError("manifest: bad VM name")
+        if kind == "home" and vm != "dom0":
+            raise VerificationError("manifest: home archive must belong to dom0")
+        seen_members.add(member)
+        seen_vms.add(vm)
+        archive = ArchiveEntry(member, vm, kind)
+        seen_paths: set[str] = set()
+        for fel in el:
+            total_files += 1
+            if fel.tag != "file" or total_files > MAX_FILES:
+                raise VerificationError("manifest: unexpected file entry")
+            path, ftype = fel.get("path", ""), fel.get("type", "")
+            if not valid_rel_path(path) or path in seen_paths or ftype not in ("file", "dir", "symlink"):
+                raise VerificationError(f"manifest: bad file entry in {member}")
+            if kind == "vm" and (ftype != "file" or not path.startswith(VM_PATH_PREFIXES)):
+                raise VerificationError(f"manifest: bad file path in {member}")
+            if kind == "home" and not path.startswith("home/"):
+                raise VerificationError("manifest: bad home path")
+            size, stored = _int(fel, "size"), _int(fel, "data")
+            if stored > size:
+                raise VerificationError(f"manifest: stored bytes exceed the size in {member}")
+            seen_paths.add(path)
+            archive.files.append(FileEntry(path, ftype, size, stored))
+        if _int(el, "size") != archive.size or _int(el, "data") != archive.data:
+            raise VerificationError(f"manifest: sizes of {member} do not add up")
+        archives.append(archive)
+    qubes = etree.tostring(qubes_el, encoding="UTF-8")
+    return Manifest(root.get("backup-id", ""), root.get("created", ""), archives, qubes)
