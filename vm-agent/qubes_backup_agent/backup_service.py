@@ -1,0 +1,102 @@
+"""qubes.Backup: LOCATION, DATA..., COMMIT in; DONE or ERROR out.  See docs/PROTOCOL.md.
+
+The stream is stored atomically in a directory, piped into a hook command, or uploaded to S3.  Without
+COMMIT (dom0 died, the user cancelled) nothing that looks like a finished backup is left behind.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import BinaryIO
+
+from qubes_backup_protocol import frames
+from qubes_backup_protocol.frames import FrameType
+
+from . import confine
+from .common import EXIT_FAILED, EXIT_OK, install_signal_handlers, send_error, silence
+from .storage import Sink, StorageError, classify
+from .storage.command import CommandSink
+from .storage.directory import DirectorySink
+
+BACKUP_NAME_RE = re.compile(r"qubes-backup-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}")
+MAX_BACKUP_NAME = 64
+
+_LOCATION = {FrameType.LOCATION: (MAX_BACKUP_NAME, frames.MAX_LOCATION_LEN)}
+_STREAM = {FrameType.DATA: (0, frames.MAX_DATA_FRAME), FrameType.COMMIT: (0, 0)}
+
+
+class _EarlyEnd(Exception):
+    """dom0 closed the stream before COMMIT."""
+
+
+def is_backup_name(name: str) -> bool:
+    return BACKUP_NAME_RE.fullmatch(name) is not None
+
+
+def open_sink(location: str, name: str) -> Sink:
+    """Pick the storage for ``location`` (interpreted inside the VM, confined to its root)."""
+    root = confine.agent_root()
+    loc = classify(location, root, want_dir=True)
+    if loc.kind == "s3":
+        from .storage.s3 import S3Sink
+
+        return S3Sink(loc.url, name)
+    if loc.kind == "path":
+        assert loc.path is not None
+        return DirectorySink(loc.path, name, root)
+    return CommandSink(loc.argv, confine.home_dir(root), name)
+
+
+def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
+    try:
+        first = frames.read_frame(stdin, _LOCATION, is_backup_name)
+    except frames.ProtocolError as exc:
+        send_error(stdout, f"bad request: {exc}")
+        return EXIT_FAILED
+    if first is None:
+        return EXIT_FAILED
+    if not first.name:
+        send_error(stdout, "bad request: no backup name")
+        return EXIT_FAILED
+    try:
+        location = first.data.decode("utf-8")
+    except UnicodeDecodeError:
+        send_error(stdout, "bad request: location is not UTF-8")
+        return EXIT_FAILED
+    sink: Sink | None = None
+    try:
+        sink = open_sink(location, first.name)
+        while True:
+            frame = frames.read_frame(stdin, _STREAM)
+            if frame is None:
+                raise _EarlyEnd
+            if frame.type == FrameType.COMMIT:
+                break
+            sink.write(frame.data)
+        where = sink.commit()
+        sink = None
+    except _EarlyEnd:
+        print("qubes-backup-agent: stream ended before COMMIT; backup discarded", file=sys.stderr)
+        return EXIT_FAILED
+    except StorageError as exc:
+        send_error(stdout, str(exc))
+        return EXIT_FAILED
+    except frames.ProtocolError as exc:
+        send_error(stdout, f"bad request: {exc}")
+        return EXIT_FAILED
+    finally:
+        if sink is not None:
+            sink.abort()
+    try:
+        frames.write_frame(stdout, FrameType.DONE, "", where.encode("utf-8")[: frames.MAX_LOCATION_LEN])
+        stdout.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        silence(stdout)
+    return EXIT_OK
+
+
+def main(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
+    """Entry point of /etc/qubes-rpc/qubes.Backup (binary stdin/stdout carry frames)."""
+    install_signal_handlers()
+    return serve(stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)

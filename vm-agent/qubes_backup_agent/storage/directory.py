@@ -1,0 +1,92 @@
+"""Backups as files in a directory of the VM: written under a temporary name, renamed only when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO
+
+from .. import confine
+from . import StorageError
+
+
+def describe_oserror(exc: OSError, action: str, where: str) -> str:
+    """One line such as ``No space left on device writing /home/user/backups/x``."""
+    reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or type(exc).__name__
+    return f"{reason} {action} {where}"
+
+
+class DirectorySink:
+    """Writes DIR/.NAME.partial-RANDOM, fsyncs, then renames it to DIR/NAME on commit.
+
+    The temporary name never starts with ``qubes-backup-``, so an interrupted backup never looks finished.
+    """
+
+    def __init__(self, directory: Path, name: str, root: Path) -> None:
+        self.directory = directory
+        self.name = name
+        self.root = root
+        self.final = directory / name
+        self.tmp = directory / f".{name}.partial-{secrets.token_hex(6)}"
+        self.final_view = confine.vm_view(self.final, root)
+        if self.final.exists() or self.final.is_symlink():
+            raise StorageError(f"backup already exists: {self.final_view}")
+        try:
+            self.fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            where = confine.vm_view(directory, root)
+            raise StorageError(describe_oserror(exc, "creating a file in", where)) from None
+        self.created = True
+
+    def write(self, data: bytes) -> None:
+        assert self.fd is not None
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self.fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise StorageError(describe_oserror(exc, "writing", self.final_view)) from None
+
+    def commit(self) -> str:
+        assert self.fd is not None
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            if self.final.exists() or self.final.is_symlink():
+                raise StorageError(f"backup already exists: {self.final_view}")
+            os.rename(self.tmp, self.final)
+            self.created = False
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StorageError(describe_oserror(exc, "finishing", self.final_view)) from None
+        return self.final_view
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)
+            self.created = False
+
+
+def open_file(path: Path, root: Path) -> BinaryIO:
+    """Open a stored backup for reading (seekable)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StorageError(describe_oserror(exc, "opening", confine.vm_view(path, root))) from None
+    return os.fdopen(fd, "rb", buffering=1 << 16)
