@@ -44,13 +44,13 @@ def main() -> int:
 
     print("== 1. A simulated Qubes system")
     run([str(BIN / "qubes-backup-simgen"), str(src), "--scale", args.scale], env)
-    passfile = base / "passphrase"
-    passfile.write_text(PASSPHRASE + "\n")
+    # Paths given to the commands are interpreted inside the simulated dom0: -p /passphrase is DIR/dom0/passphrase.
+    (src / "dom0/passphrase").write_text(PASSPHRASE + "\n")
 
     print("\n== 2. qvm-backup into the backup VM (through the qubes.Backup agent process)")
     t0 = time.monotonic()
     out = run(
-        [str(BIN / "qvm-backup"), "-y", "-d", "backupvm", "-p", str(passfile), "/home/user/backups"],
+        [str(BIN / "qvm-backup"), "-y", "-d", "backupvm", "-p", "/passphrase", "/home/user/backups"],
         env, stdout=subprocess.PIPE,
     )  # fmt: skip
     print(out.stdout, end="")
@@ -77,6 +77,7 @@ def main() -> int:
     fresh = Collection.load(src / "dom0/var/lib/qubes/qubes.xml")
     (dst / "dom0/var/lib/qubes").mkdir(parents=True)
     (dst / "dom0/home/user").mkdir(parents=True)
+    (dst / "dom0/passphrase").write_text(PASSPHRASE + "\n")
     keep = {"dom0", "backupvm"}
     for dom in list(fresh.domains):
         if dom.name not in keep:
@@ -86,7 +87,7 @@ def main() -> int:
     os.link(backup, dst / "vms/backupvm/home/user/backups" / backup.name)
     env2 = dict(os.environ, QUBES_SIM=str(dst))
     out = run(
-        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", str(passfile),
+        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/passphrase",
          f"/home/user/backups/{backup.name}"],
         env2, stdout=subprocess.PIPE,
     )  # fmt: skip
@@ -121,15 +122,19 @@ def main() -> int:
 
 
 def _same_content(a: Path, b: Path) -> bool:
-    if a.stat().st_size != b.stat().st_size:
+    """Byte-exact comparison that reads only data: same size, same hole map, same bytes in every region."""
+    from qubes_backup_dom0.inner import scan
+
+    (size_a, regions_a), (size_b, regions_b) = scan(a), scan(b)
+    if size_a != size_b or regions_a != regions_b:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(1 << 22), fb.read(1 << 22)
-            if x != y:
-                return False
-            if not x:
-                return True
+        for offset, length in regions_a:
+            for pos in range(offset, offset + length, 1 << 22):
+                n = min(1 << 22, offset + length - pos)
+                if os.pread(fa.fileno(), n, pos) != os.pread(fb.fileno(), n, pos):
+                    return False
+    return True
 
 
 if __name__ == "__main__":

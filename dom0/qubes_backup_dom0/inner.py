@@ -30,6 +30,13 @@ entries in the expected order, and writes only under its destination directory (
 O_EXCL).  Extracted modes are ``mode & 0o777`` (set-id and sticky bits are dropped: defence in depth);
 mtimes are restored; ownership is never changed.  Directory modes/mtimes are applied in ``finish()`` so
 that read-only directories can still be filled.  Parents that are not entries are created 0o755.
+
+Validate-only mode (``Extractor(None, expected)``, used by ``qvm-backup-restore --verify-only``): the same
+parser with the same checks and the same errors, but the filesystem is never touched (nothing opened,
+created, written, chmod-ed or utime-d); entry data is consumed and dropped.  Checks that depend on what
+already exists in a destination do not apply; the lexical ones do, including the archive-internal
+conflicts (an entry below an earlier file or symlink entry, a file or symlink where an earlier entry made a
+directory), which both modes detect from the entry list before touching the disk.
 """
 
 from __future__ import annotations
@@ -395,16 +402,18 @@ def _utf8(value: bytes, what: str) -> str:
 
 
 class Extractor:
-    """Strict, bounded push parser for one inner archive, extracting into ``dest_root``.
+    """Strict, bounded push parser for one inner archive, extracting into ``dest_root`` (or, if it is None,
+    only validating: same checks and errors, nothing on disk is opened or written).
 
     Its input is already MAC-verified; this is the second line of defence, so it trusts no structure:
     only ``expected`` entries (objects with ``path``, ``type``, ``size``, ``data``), in order, with exactly
     those sizes; bounded headers and sparse maps; no path escapes; no symlink is ever followed.  Memory is
-    bounded by one pax header or one sparse map; entry data is written straight from the fed pieces.
+    bounded by one pax header or one sparse map (plus one small record per path already extracted, for
+    the lexical conflict checks); entry data is written straight from the fed pieces.
     Any violation raises :class:`VerificationError` (one line); I/O failures raise :class:`BackupError`.
     """
 
-    def __init__(self, dest_root: Path, expected: Sequence[Any], *, max_entry_header: int = 64 * 1024) -> None:
+    def __init__(self, dest_root: Path | None, expected: Sequence[Any], *, max_entry_header: int = 64 * 1024) -> None:
         seen: set[str] = set()
         for e in expected:
             err = _path_problem(e.path)
@@ -419,10 +428,15 @@ class Extractor:
             seen.add(e.path)
         self._expected = list(expected)
         self._max_header = max_entry_header
-        try:
-            self._root_fd = os.open(dest_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as e:
-            raise BackupError(f"cannot open restore area {dest_root}: {e.strerror}") from e
+        self._validate_only = dest_root is None
+        self._root_fd = -1
+        if dest_root is not None:
+            try:
+                self._root_fd = os.open(dest_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise BackupError(f"cannot open restore area {dest_root}: {e.strerror}") from e
+        # path -> is it a directory, for every path this archive has made so far (entries and implicit parents)
+        self._made: dict[str, bool] = {}
         self._index = 0
         self._state = "header"
         self._need = BLOCK
@@ -470,7 +484,7 @@ class Extractor:
                 raise VerificationError(
                     f"inner archive truncated (at entry {self._index + 1} of {len(self._expected)})"
                 )
-            for path, mode, mtime in reversed(self._dirs):
+            for path, mode, mtime in reversed(self._dirs):  # empty in validate-only mode
                 fd = self._walk(path, create=False)
                 try:
                     os.utime(fd, (mtime, mtime))
@@ -480,8 +494,7 @@ class Extractor:
         except BaseException:
             self._fail()
             raise
-        os.close(self._root_fd)
-        self._root_fd = -1
+        self.close()
         self._state = "closed"
 
     def close(self) -> None:
@@ -633,6 +646,8 @@ class Extractor:
             if mtime != 0:
                 raise self._bad("mtime in both pax and ustar header")
             mtime = _decimal(pax["mtime"], "mtime", signed=True)
+            if not -(2**63) <= mtime < 2**63:  # what utime() accepts; checked here so that both modes agree
+                raise self._bad("mtime out of range")
         self._mtime = mtime
         self._mode = _octal(h[100:108], "mode")
         linkname = h[157:257].rstrip(b"\0")
@@ -662,7 +677,8 @@ class Extractor:
             raise self._bad("directory or symlink with data")
         if exp.type == "dir":
             self._make_dir(exp.path)
-            self._dirs.append((exp.path, self._mode, mtime))
+            if not self._validate_only:
+                self._dirs.append((exp.path, self._mode, mtime))
         else:
             target = pax.get("linkpath", linkname)
             if "linkpath" in pax and linkname:
@@ -749,15 +765,16 @@ class Extractor:
     def _write_data(self, mv: memoryview) -> memoryview:
         off, length = self._regions[2 * self._reg_i], self._regions[2 * self._reg_i + 1]
         n = min(length - self._reg_done, len(mv))
-        piece = mv[:n]
-        pos = off + self._reg_done
-        try:
-            while len(piece):
-                w = os.pwrite(self._fd, piece, pos)
-                piece = piece[w:]
-                pos += w
-        except OSError as e:
-            raise BackupError(f"cannot write {self._entry.path}: {e.strerror}") from e
+        if not self._validate_only:
+            piece = mv[:n]
+            pos = off + self._reg_done
+            try:
+                while len(piece):
+                    w = os.pwrite(self._fd, piece, pos)
+                    piece = piece[w:]
+                    pos += w
+            except OSError as e:
+                raise BackupError(f"cannot write {self._entry.path}: {e.strerror}") from e
         self._reg_done += n
         self._data_left -= n
         if self._reg_done == length:
@@ -772,21 +789,42 @@ class Extractor:
 
     def _end_entry(self) -> None:
         exp = self._entry
-        try:
-            os.ftruncate(self._fd, exp.size)
-            os.fchmod(self._fd, self._mode & 0o777)
-            os.utime(self._fd, (self._mtime, self._mtime))
-        except OSError as e:
-            raise BackupError(f"cannot write {exp.path}: {e.strerror}") from e
-        finally:
-            os.close(self._fd)
-            self._fd = -1
+        if not self._validate_only:
+            try:
+                os.ftruncate(self._fd, exp.size)
+                os.fchmod(self._fd, self._mode & 0o777)
+                os.utime(self._fd, (self._mtime, self._mtime))
+            except OSError as e:
+                raise BackupError(f"cannot write {exp.path}: {e.strerror}") from e
+            finally:
+                os.close(self._fd)
+                self._fd = -1
         self._entry = None
         self._index += 1
         self._need = BLOCK
         self._state = "header"
 
     # ---- filesystem, confined to dest_root
+
+    def _claim(self, path: str, is_dir: bool) -> None:
+        """Lexical check, in both modes, before ``path`` is made: no earlier entry of this archive that is a
+        file or symlink may be one of its parents, and a file or symlink may not replace a directory made
+        earlier.  (In extract mode the filesystem would refuse these too, with the same messages; this way
+        validate-only mode refuses them as well.)  Parents are walked only up to the first known one."""
+        made = self._made
+        d = path.rpartition("/")[0]
+        new_dirs = []
+        p = d
+        while p and p not in made:
+            new_dirs.append(p)
+            p = p.rpartition("/")[0]
+        if p and not made[p]:
+            raise self._bad(f"path component of {d!r} is a symlink or not a directory")
+        if path in made and not is_dir:
+            raise self._bad("already exists in the restore area")
+        for p in new_dirs:
+            made[p] = True
+        made[path] = is_dir
 
     def _walk(self, path: str, create: bool) -> int:
         """An fd for directory ``path`` under dest_root, creating missing components if ``create``.
@@ -813,6 +851,9 @@ class Extractor:
 
     def _open_file(self) -> None:
         exp = self._entry
+        self._claim(exp.path, False)
+        if self._validate_only:
+            return
         pfd, base = self._parent(exp.path)
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -825,6 +866,9 @@ class Extractor:
             os.close(pfd)
 
     def _make_dir(self, path: str) -> None:
+        self._claim(path, True)
+        if self._validate_only:
+            return
         pfd, base = self._parent(path)
         try:
             try:
@@ -841,6 +885,9 @@ class Extractor:
             os.close(pfd)
 
     def _make_symlink(self, path: str, target: str) -> None:
+        self._claim(path, False)
+        if self._validate_only:
+            return
         pfd, base = self._parent(path)
         try:
             os.symlink(target, base, dir_fd=pfd)

@@ -180,6 +180,8 @@ class _Extraction(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.dest is not None:
+                self.dest.mkdir(mode=0o700)
             extractor = inner.Extractor(self.dest, self.archive.files)
             reader = decompressed_reader(self.compression, self.feed)
             while True:
@@ -539,7 +541,8 @@ def plan_restore(
         dom = backup.get(archive.vm)
         if dom is None:
             raise VerificationError(f"manifest: VM {archive.vm} has data but no entry in qubes.xml")
-        act = VmAction(dom.name, dom.klass, dom.template, dom.netvm, archive.size, archive)
+        act = VmAction(dom.name, dom.klass, _shown_ref(backup, dom, "template"), _shown_ref(backup, dom, "netvm"),
+                       archive.size, archive)  # fmt: skip
         actions.append(act)
         if selected is not None and dom.name not in selected:
             act.restore, act.reason = False, "not selected"
@@ -599,6 +602,14 @@ def plan_restore(
     if not any(a.restore for a in actions) and home is None and not errors:
         errors.append("nothing to restore: every VM of the backup is skipped")
     return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors)
+
+
+def _shown_ref(backup: Collection, dom: Domain, prop: str) -> str | None:
+    """The template/netvm as the table shows it: explicit, or the backed-up system's default in brackets."""
+    if dom.has_property(prop):
+        return dom.raw_property(prop) or None
+    effective = backup.effective_template(dom) if prop == "template" else backup.effective_netvm(dom)
+    return f"({effective})" if effective else None
 
 
 _DEFAULT_OF = {"template": "default_template", "netvm": "default_netvm", "default_dispvm": "default_dispvm"}
