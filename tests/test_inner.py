@@ -12,6 +12,7 @@ import random
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def assert_same_file(orig: Path, restored: Path) -> None:
     assert abs(sr.st_blocks - so.st_blocks) <= 16, (sr.st_blocks, so.st_blocks)
 
 
-def extract(dest: Path, expected: list, stream: bytes, pieces: random.Random | None = None) -> None:
+def extract(dest: Path | None, expected: list, stream: bytes, pieces: random.Random | None = None) -> None:
     ex = Extractor(dest, expected)
     try:
         if pieces is None:
@@ -125,6 +126,29 @@ def area(tmp_path: Path) -> tuple[Path, Path]:
     dest.mkdir()
     outside.mkdir()
     return dest, outside
+
+
+@pytest.fixture(params=["extract", "validate"])
+def target(request: pytest.FixtureRequest, area: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator:
+    """``(dest, outside)`` for extract mode, ``(None, outside)`` for validate-only mode.  In validate-only
+    mode the working directory is the (empty) 'outside' directory, so a stray relative write would show up
+    there, and the restore area must stay empty too."""
+    dest, outside = area
+    if request.param == "extract":
+        yield dest, outside
+        return
+    monkeypatch.chdir(outside)
+    yield None, outside
+    assert only_children(outside) == set()
+    assert only_children(dest) == set()
+
+
+def fresh(dest: Path | None) -> Path | None:
+    """Empty the restore area between two rejections in one test (no-op in validate-only mode)."""
+    if dest is not None:
+        shutil.rmtree(dest)
+        dest.mkdir()
+    return dest
 
 
 # ------------------------------------------------------------------------------------------ scan
@@ -294,7 +318,8 @@ def test_extractor_rejects_gnu_tar_archive_with_unexpected_entry(tmp_path: Path,
     expected = [InnerFile("a", None, "file", 3, 3)]
     with pytest.raises(VerificationError):
         extract(dest, expected, archive.read_bytes())
-    assert not (dest / "evil").exists()
+    if dest is not None:
+        assert not (dest / "evil").exists()
     assert only_children(outside) == set()
 
 
@@ -311,79 +336,77 @@ def baseline(tmp_path: Path) -> tuple[list[InnerFile], bytes]:
     return files, b"".join(write_archive(files))
 
 
-def test_baseline_extracts(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_baseline_extracts(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
-    dest, _ = area
-    extract(dest, files, stream)
-    assert (dest / "d/f").read_bytes() == b"f" * 1000
+    dest, _ = target
+    extract(dest, files, stream, random.Random(2))
+    if dest is not None:
+        assert (dest / "d/f").read_bytes() == b"f" * 1000
 
 
-def _reject(dest: Path, outside: Path, expected: list, stream: bytes, match: str | None = None) -> None:
+def _reject(dest: Path | None, outside: Path, expected: list, stream: bytes, match: str | None = None) -> None:
     with pytest.raises(VerificationError, match=match) as exc:
         extract(dest, expected, stream, random.Random(0))
     assert "\n" not in str(exc.value)
     assert only_children(outside) == set()
 
 
-def test_wrong_order(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_wrong_order(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
-    _reject(*area, [files[0], files[2], files[1]], stream, "expected")
+    _reject(*target, [files[0], files[2], files[1]], stream, "expected")
 
 
-def test_extra_entry(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_extra_entry(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
-    _reject(*area, files[:2], stream, "extra")
+    _reject(*target, files[:2], stream, "extra")
 
 
-def test_missing_entry(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_missing_entry(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
-    _reject(*area, [*files, InnerFile("d/g", None, "file", 1, 1)], stream, "missing")
+    _reject(*target, [*files, InnerFile("d/g", None, "file", 1, 1)], stream, "missing")
 
 
 @pytest.mark.parametrize("cut", [1024, 1025, 3000, 512 * 7 + 100])
-def test_truncated(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path], cut: int) -> None:
+def test_truncated(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path], cut: int) -> None:
     files, stream = baseline
-    _reject(*area, files, stream[:-cut], "truncated")
+    _reject(*target, files, stream[:-cut], "truncated")
 
 
-def test_trailing_garbage(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_trailing_garbage(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
-    _reject(*area, files, stream + b"\0" * 512, "after the end")
+    _reject(*target, files, stream + b"\0" * 512, "after the end")
 
 
-def test_header_checksum(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_header_checksum(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
     broken = bytearray(stream)
     broken[1024 + 5] ^= 0x01  # name field of the directory's ustar header (after pax hdr + pax data)
-    _reject(*area, files, bytes(broken), "checksum")
+    _reject(*target, files, bytes(broken), "checksum")
 
 
-def test_size_mismatch(baseline: tuple[list[InnerFile], bytes], area: tuple[Path, Path]) -> None:
+def test_size_mismatch(baseline: tuple[list[InnerFile], bytes], target: tuple[Path | None, Path]) -> None:
     files, stream = baseline
     d, s, f = files
-    _reject(*area, [d, s, InnerFile("d/f", None, "file", 999, 999)], stream, "size")
-    dest, outside = area
-    shutil.rmtree(dest)
-    dest.mkdir()
-    _reject(dest, outside, [d, InnerFile("d/s.img", None, "file", 4 * MiB, 4096), f], stream, "data bytes")
-    shutil.rmtree(dest)
-    dest.mkdir()
-    _reject(dest, outside, [d, InnerFile("d/s.img", None, "file", 5 * MiB, 8192), f], stream, "size")
+    _reject(*target, [d, s, InnerFile("d/f", None, "file", 999, 999)], stream, "size")
+    dest, outside = target
+    _reject(fresh(dest), outside, [d, InnerFile("d/s.img", None, "file", 4 * MiB, 4096), f], stream, "data bytes")
+    _reject(fresh(dest), outside, [d, InnerFile("d/s.img", None, "file", 5 * MiB, 8192), f], stream, "size")
 
 
 @pytest.mark.parametrize("path", ["../evil", "/tmp/evil", "a/../../evil", "a//b", "./a", "a\0b"])
-def test_bad_expected_paths_refused(area: tuple[Path, Path], path: str) -> None:
-    dest, _ = area
+def test_bad_expected_paths_refused(target: tuple[Path | None, Path], path: str) -> None:
+    dest, _ = target
     with pytest.raises(VerificationError):
         Extractor(dest, [InnerFile(path, None, "file", 1, 1)])
 
 
 @pytest.mark.parametrize("path", ["../evil", "/tmp/evil", "x/../../evil"])
-def test_bad_archive_paths_refused(area: tuple[Path, Path], path: str) -> None:
-    dest, outside = area
+def test_bad_archive_paths_refused(target: tuple[Path | None, Path], path: str) -> None:
+    dest, outside = target
     _reject(dest, outside, [InnerFile("evil", None, "file", 4, 4)], regular(path, b"evil") + END)
-    assert not (dest.parent / "evil").exists()
-    assert list(dest.iterdir()) == []
+    assert not (outside.parent / "evil").exists()
+    if dest is not None:
+        assert list(dest.iterdir()) == []
 
 
 def test_write_archive_refuses_bad_paths(tmp_path: Path) -> None:
@@ -405,34 +428,35 @@ def test_write_archive_refuses_bad_paths(tmp_path: Path) -> None:
         ([2_000_000], "regions"),
     ],
 )
-def test_bad_sparse_maps(area: tuple[Path, Path], nums: list[int], match: str) -> None:
+def test_bad_sparse_maps(target: tuple[Path | None, Path], nums: list[int], match: str) -> None:
     data = b"q" * 8192
     expected = [InnerFile("s.img", None, "file", MiB, 8192)]
-    _reject(*area, expected, sparse("s.img", MiB, nums, data) + END, match)
+    _reject(*target, expected, sparse("s.img", MiB, nums, data) + END, match)
 
 
-def test_good_crafted_sparse_map_accepted(area: tuple[Path, Path]) -> None:
+def test_good_crafted_sparse_map_accepted(target: tuple[Path | None, Path]) -> None:
     """The crafting helper is right, so the rejections above are about the maps themselves."""
-    dest, _ = area
+    dest, _ = target
     expected = [InnerFile("s.img", None, "file", MiB, 8192)]
     extract(dest, expected, sparse("s.img", MiB, [3, 0, 4096, 65536, 4096, MiB, 0], b"q" * 8192) + END)
-    assert scan(dest / "s.img") == (MiB, [(0, 4096), (65536, 4096)])
+    if dest is not None:
+        assert scan(dest / "s.img") == (MiB, [(0, 4096), (65536, 4096)])
 
 
-def test_oversized_pax_header(area: tuple[Path, Path]) -> None:
+def test_oversized_pax_header(target: tuple[Path | None, Path]) -> None:
     big = "p/" * 20000 + "f"
     stream = pax([("path", big.encode()), ("path2", b"y" * 30000)]) + hdr("f", b"0", 0) + END
-    _reject(*area, [InnerFile("f", None, "file", 0, 0)], stream, "pax header size")
+    _reject(*target, [InnerFile("f", None, "file", 0, 0)], stream, "pax header size")
 
 
 @pytest.mark.parametrize("key", ["uid", "atime", "GNU.sparse.map", "hdrcharset"])
-def test_unknown_pax_keys(area: tuple[Path, Path], key: str) -> None:
+def test_unknown_pax_keys(target: tuple[Path | None, Path], key: str) -> None:
     stream = pax([("path", b"f"), (key, b"0")]) + hdr("f", b"0", 0) + END
-    _reject(*area, [InnerFile("f", None, "file", 0, 0)], stream, "not allowed")
+    _reject(*target, [InnerFile("f", None, "file", 0, 0)], stream, "not allowed")
 
 
-def test_entry_without_pax_and_wrong_type(area: tuple[Path, Path]) -> None:
-    dest, outside = area
+def test_entry_without_pax_and_wrong_type(target: tuple[Path | None, Path]) -> None:
+    dest, outside = target
     _reject(dest, outside, [InnerFile("f", None, "file", 0, 0)], hdr("f", b"0", 0) + END, "without pax")
     stream = pax([("path", b"f")]) + hdr("f", b"5", 0) + END
     _reject(dest, outside, [InnerFile("f", None, "file", 0, 0)], stream, "type")
@@ -446,8 +470,8 @@ def test_symlink_component_in_dest(area: tuple[Path, Path]) -> None:
     _reject(dest, outside, [InnerFile("d/f", None, "file", 4, 4)], regular("d/f", b"evil") + END, "symlink")
 
 
-def test_archived_symlink_never_followed(area: tuple[Path, Path]) -> None:
-    dest, outside = area
+def test_archived_symlink_never_followed(target: tuple[Path | None, Path]) -> None:
+    dest, outside = target
     stream = (
         pax([("path", b"l")])
         + hdr("l", b"2", 0, link=str(outside).encode())
@@ -456,7 +480,37 @@ def test_archived_symlink_never_followed(area: tuple[Path, Path]) -> None:
     )
     expected = [InnerFile("l", None, "symlink"), InnerFile("l/f", None, "file", 4, 4)]
     _reject(dest, outside, expected, stream, "symlink")
-    assert os.readlink(dest / "l") == str(outside)
+    if dest is not None:
+        assert os.readlink(dest / "l") == str(outside)
+
+
+def test_entry_conflicts_within_archive(target: tuple[Path | None, Path]) -> None:
+    """Conflicts between the archive's own entries are found lexically, so validate-only mode sees them too:
+    an entry below an earlier file, and a file or symlink where an earlier entry needed a directory."""
+    dest, outside = target
+    stream = regular("f", b"a") + regular("f/g", b"b") + END
+    expected = [InnerFile("f", None, "file", 1, 1), InnerFile("f/g", None, "file", 1, 1)]
+    _reject(dest, outside, expected, stream, "not a directory")
+    stream = regular("a/b", b"x") + regular("a", b"y") + END
+    expected = [InnerFile("a/b", None, "file", 1, 1), InnerFile("a", None, "file", 1, 1)]
+    _reject(fresh(dest), outside, expected, stream, "already exists")
+    stream = regular("a/b", b"x") + pax([("path", b"a")]) + hdr("a", b"2", 0, link=b"x") + END
+    expected = [InnerFile("a/b", None, "file", 1, 1), InnerFile("a", None, "symlink")]
+    _reject(fresh(dest), outside, expected, stream, "already exists")
+    # a directory entry after its implicitly created parent, and a sibling below it, are fine
+    stream = regular("a/b", b"x") + pax([("path", b"a")]) + hdr("a", b"5", 0) + regular("a/c/d", b"z") + END
+    expected = [InnerFile("a/b", None, "file", 1, 1), InnerFile("a", None, "dir")]
+    expected.append(InnerFile("a/c/d", None, "file", 1, 1))
+    extract(fresh(dest), expected, stream)
+
+
+def test_pax_mtime_out_of_range(target: tuple[Path | None, Path]) -> None:
+    """An mtime utime() cannot take is refused by the parser (before: OverflowError, extract mode only)."""
+    for value in (b"%d" % 2**63, b"%d" % -(2**63 + 1), b"99999999999999999999"):
+        stream = pax([("path", b"f"), ("mtime", value)]) + hdr("f", b"0", 0) + END
+        _reject(*target, [InnerFile("f", None, "file", 0, 0)], stream, "mtime out of range")
+    stream = pax([("path", b"f"), ("mtime", b"%d" % (2**62))]) + hdr("f", b"0", 0) + END
+    extract(target[0], [InnerFile("f", None, "file", 0, 0)], stream)
 
 
 def test_existing_file_not_overwritten(area: tuple[Path, Path]) -> None:
@@ -465,14 +519,14 @@ def test_existing_file_not_overwritten(area: tuple[Path, Path]) -> None:
     _reject(dest, outside, [InnerFile("f", None, "file", 4, 4)], regular("f", b"evil") + END, "exists")
 
 
-def test_nonzero_padding_rejected(area: tuple[Path, Path]) -> None:
+def test_nonzero_padding_rejected(target: tuple[Path | None, Path]) -> None:
     stream = bytearray(regular("f", b"abc") + END)
     stream[1536 + 3 + 10] = 1  # pax hdr, pax data, ustar hdr, then "abc"
-    _reject(*area, [InnerFile("f", None, "file", 3, 3)], bytes(stream), "padding")
+    _reject(*target, [InnerFile("f", None, "file", 3, 3)], bytes(stream), "padding")
 
 
-def test_failed_extractor_stays_failed(area: tuple[Path, Path]) -> None:
-    dest, _ = area
+def test_failed_extractor_stays_failed(target: tuple[Path | None, Path]) -> None:
+    dest, _ = target
     ex = Extractor(dest, [InnerFile("f", None, "file", 3, 3)])
     with pytest.raises(VerificationError):
         ex.feed(b"\xff" * 512)
@@ -552,3 +606,124 @@ def test_huge_stored_size_uses_pax_size(tmp_path: Path) -> None:
     ex = Extractor(dest, [wrong])
     with pytest.raises(VerificationError, match="size"):
         ex.feed(head)
+
+
+# ------------------------------------------------------------------------------------------ validate-only mode
+
+_FS_CALLS = ("open", "mkdir", "symlink", "pwrite", "write", "ftruncate", "truncate", "fchmod", "chmod", "utime",
+             "rename", "replace", "unlink", "link")
+
+
+def tree(root: Path) -> list[tuple[str, int, int, int]]:
+    """Everything under ``root`` (path, mode, size, mtime_ns; symlinks not followed), for "nothing changed"."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            st_ = os.lstat(os.path.join(dirpath, name))
+            out.append((os.path.join(dirpath, name), st_.st_mode, st_.st_size, st_.st_mtime_ns))
+    return sorted(out)
+
+
+def validate_without_fs(expected: list, stream: bytes, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``extract(None, ...)`` with every os call that could open or change something made to fail loudly."""
+
+    def forbidden(*_a: object, **_k: object) -> None:
+        raise AssertionError("validate-only mode touched the filesystem")
+
+    with monkeypatch.context() as m:
+        for name in _FS_CALLS:
+            m.setattr(os, name, forbidden)
+        extract(None, expected, stream, random.Random(seed))
+
+
+def test_validate_only_round_trip_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Valid archives (sparse > 8 GiB realsize, trailing holes, dense, empty, dirs, symlinks, long paths) pass
+    validate-only mode, and nothing anywhere is created or changed: cwd stays empty, the sources' tree is
+    unchanged, and no file-creating os call is made at all."""
+    src = tmp_path / "src"
+    files = gnu_tar_fixture(src)
+    (src / "home").mkdir()
+    (src / "home" / "rc").write_text("x=1\n")
+    (src / "home" / "link").symlink_to("/nonexistent/" + "t" * 150)
+    files += [InnerFile.from_path(n, src / n) for n in ("home", "home/rc", "home/link")]
+    stream = b"".join(write_archive(files))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = tree(tmp_path)
+    for seed in range(3):
+        validate_without_fs(files, stream, seed, monkeypatch)
+        ex = Extractor(None, files)  # also with one big feed and no sabotage
+        ex.feed(stream)
+        ex.finish()
+    assert tree(tmp_path) == before
+    assert only_children(cwd) == set()
+
+
+def test_validate_only_huge_entry_header(monkeypatch: pytest.MonkeyPatch) -> None:
+    big = 9 * GiB
+    f = InnerFile("vm.img", None, "file", big, big, [(0, big)])
+    head, _ = inner._plan(f)
+    ex = Extractor(None, [f])
+    ex.feed(head)
+    ex.feed(b"x" * 4096)
+    with pytest.raises(VerificationError, match="truncated"):
+        ex.finish()
+    ex = Extractor(None, [InnerFile("vm.img", None, "file", big + 1, big + 1)])
+    with pytest.raises(VerificationError, match="size"):
+        ex.feed(head)
+
+
+def _outcome(dest: Path | None, expected: list, stream: bytes) -> str:
+    try:
+        extract(dest, expected, stream, random.Random(7))
+    except VerificationError as e:
+        return f"VerificationError: {e}"
+    return "ok"
+
+
+def test_mutations_same_verdict_in_both_modes(
+    baseline: tuple[list[InnerFile], bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Differential mutation test: corrupted archives (bit flips anywhere, overwritten header bytes,
+    truncations, inserted and deleted blocks) get exactly the same verdict, down to the message, in
+    validate-only mode as in extract mode; and the structural corruptions do fail in validate-only mode."""
+    files, stream = baseline
+    rnd = random.Random(20240611)
+    header_ends = [512, 1024, 1536, 2048, 2560, 3072]  # the dir entry's and s.img's pax/ustar headers
+    mutants: list[bytes] = []
+    for _ in range(150):
+        b = bytearray(stream)
+        pos = rnd.randrange(len(b)) if rnd.random() < 0.5 else rnd.randrange(max(header_ends))
+        b[pos] ^= 1 << rnd.randrange(8)
+        mutants.append(bytes(b))
+    for _ in range(40):
+        b = bytearray(stream)
+        pos = rnd.randrange(max(header_ends))
+        b[pos] = rnd.choice(b"\x000179 /\n\xff")
+        mutants.append(bytes(b))
+    for _ in range(20):
+        mutants.append(stream[: rnd.randrange(len(stream))])
+    for _ in range(10):
+        k = rnd.randrange(len(stream) // 512)
+        mutants.append(stream[: k * 512] + stream[(k + 1) * 512 :])
+        mutants.append(stream[: k * 512] + bytes(512) + stream[k * 512 :])
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    failed = 0
+    for i, m in enumerate(mutants):
+        dest = tmp_path / f"dest{i}"
+        dest.mkdir()
+        real = _outcome(dest, files, m)
+        validated = _outcome(None, files, m)
+        assert validated == real, (i, real, validated)
+        failed += real != "ok"
+    assert only_children(cwd) == set()
+    assert failed > len(mutants) // 2
+    # a flip inside the sparse map or a header is never silently accepted by validate-only mode
+    for pos in (600, 1536 + 520, 3072 + 3):
+        b = bytearray(stream)
+        b[pos] ^= 0x10
+        with pytest.raises(VerificationError):
+            extract(None, files, bytes(b))
