@@ -1,0 +1,66 @@
+"""The Python API: what a GUI (or a script) calls instead of the command lines.
+
+The passphrase is an argument, progress comes through a callback ``(done_bytes, total_bytes)``, and both
+operations can be cancelled from another thread (``threading.Event`` for a backup, ``Restore.cancel()``
+for a restore).  A failed or cancelled operation raises a :class:`~.errors.BackupError` and leaves nothing
+that looks like a complete backup, and dom0 as it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .backup import BackupOptions, BackupPlan, ProgressCallback, plan_backup, write_backup
+from .errors import BackupError, Cancelled, UsageError, VerificationError
+from .header import Header
+from .restore import Restore, RestoreOptions, RestorePlan, State
+from .system import System
+from .targets import AgentTarget, LocalTarget, backup_file_name
+from .transport import Transport, make_transport
+
+__all__ = [
+    "BackupError", "BackupOptions", "BackupPlan", "BackupResult", "Cancelled", "Restore", "RestoreOptions",
+    "RestorePlan", "State", "System", "UsageError", "VerificationError", "plan_backup", "run_backup",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    location: str  # where the backup is, as the user would name it (``vm:/path/name`` or a dom0 path)
+    header: Header
+    plan: BackupPlan
+
+
+def run_backup(
+    system: System,
+    location: str,
+    passphrase: bytes,
+    *,
+    plan: BackupPlan | None = None,
+    vms: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    dest_vm: str | None = None,
+    options: BackupOptions = BackupOptions(),  # noqa: B008 - frozen dataclass
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    transport: Transport | None = None,
+) -> BackupResult:
+    """Back up ``plan`` (or the VMs selected by ``vms``/``exclude``) to LOCATION, in ``dest_vm`` or dom0."""
+    if not passphrase:
+        raise UsageError("the passphrase is empty")
+    plan = plan or plan_backup(system, vms, exclude)
+    name = backup_file_name()
+    target: LocalTarget | AgentTarget
+    if dest_vm:
+        target = AgentTarget(transport or make_transport(system), dest_vm, location, name)
+    else:
+        target = LocalTarget(system, location, name)
+    try:
+        header = write_backup(plan, passphrase, target, options, progress=progress, cancel=cancel)
+        where = target.commit()
+    except BaseException:
+        target.abort()
+        raise
+    return BackupResult(where, header, plan)
