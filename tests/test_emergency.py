@@ -8,6 +8,7 @@ drifts from the format, or a format change that breaks the recipe, fails here.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -27,7 +28,7 @@ from qubes_backup_dom0.system import System
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "EMERGENCY-RESTORE.md"
 QVM_BACKUP = Path(sys.executable).parent / "qvm-backup"
-TOOLS = ("tar", "openssl", "zstd", "gzip", "od", "tail", "wc", "cut", "tr", "ls", "stat", "sed", "grep")
+TOOLS = ("tar", "openssl", "zstd", "gzip", "od", "tail", "wc", "cut", "tr", "ls", "sort", "uniq", "stat", "sed", "grep")
 # Spaces, quotes, a dollar sign, non-ASCII and a long run of one byte: the run makes `od` print "*" for
 # repeated lines unless the recipe passes -v, which is exactly the kind of slip this should catch.
 PASSPHRASE = "correct horse 'bätterÿ' $HOME " + "a" * 40
@@ -287,3 +288,19 @@ def test_more_than_1000_chunks(tmp_path: Path) -> None:
     assert res.rc == 0, res.stderr
     assert f"verified vm1: {len(chunks)} chunk(s)" in res.stdout
     assert_restored(res.target, expected_entries(sim, ["work"]))
+
+
+def test_duplicated_member_is_refused(backups: dict[str, Path], tmp_path: Path) -> None:
+    """A hostile tar repeating a member (GNU tar would let the last copy win) is refused before unpacking."""
+    damaged = tmp_path / "dup.tar"
+    shutil.copy(backups["none"], damaged)
+    with tarfile.open(backups["none"]) as tf:
+        info = tf.getmember("vm1/000000")
+        f = tf.extractfile(info)
+        assert f is not None
+        data = f.read()
+    with tarfile.open(damaged, "a", format=tarfile.USTAR_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(data))
+    res = run_recipe(tmp_path / "run", damaged)
+    assert res.rc != 0 and "duplicated members" in res.stderr
+    assert not (tmp_path / "run" / "work" / "backup-header").exists(), "nothing may be unpacked"
