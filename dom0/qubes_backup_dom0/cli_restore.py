@@ -55,7 +55,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_intermixed_args(argv)
     return run_cli(lambda: _run(args), args.debug)
 
 
@@ -100,7 +100,9 @@ def _run(args: argparse.Namespace) -> int:
         done = ", ".join(job.restored) or "no VM"
         print(f"Restored {done}; {rate}")
         if job.home_restored_to is not None:
-            print(f"dom0 home restored to {job.home_restored_to}")
+            # As a path inside dom0 (in simulation: not the host path of the simulated dom0).
+            shown = "/" / job.home_restored_to.relative_to(system.dom0_root)
+            print(f"dom0 home restored to {shown}")
     return 0
 
 
