@@ -549,7 +549,11 @@ def plan_restore(
         elif dom.name in options.exclude:
             act.restore, act.reason = False, "excluded"
         elif exists(dom.name):
-            if options.rename_conflicting:
+            if options.verify_only:
+                # Verifying writes nothing, so a VM that exists here is no conflict: its data is checked too
+                # (the common case is verifying a backup on the system that made it).
+                act.notes.append("exists here")
+            elif options.rename_conflicting:
                 act.new_name = _free_name(dom.name, exists)
                 reserved.add(act.new_name)
             elif options.skip_conflicting:
@@ -576,6 +580,9 @@ def plan_restore(
             if ref is None or ref in will_restore or current.get(ref) is not None:
                 continue
             what = f"missing {prop} {ref}"
+            if options.verify_only:  # nothing is registered, so nothing can be broken: verify it anyway
+                act.notes.append(what)
+                continue
             if options.ignore_missing:
                 default = current.global_properties.get(_DEFAULT_OF[prop]) or None
                 if prop == "template" and (default is None or current.get(default) is None):

@@ -19,6 +19,8 @@ from .errors import BackupError, UsageError
 from .system import System
 from .transport import Channel, Transport
 
+ABORT_GRACE = 5.0  # seconds an agent gets to clean up after an aborted backup before it is killed
+
 
 def backup_file_name(now: datetime | None = None) -> str:
     return (now or datetime.now()).strftime("qubes-backup-%Y-%m-%dT%H%M%S")
@@ -112,4 +114,9 @@ class AgentTarget:
         return f"{self.vm}:{safe_text(reply.data)}"
 
     def abort(self) -> None:
+        """End the stream without COMMIT and give the agent a moment to remove its partial file: killing it
+        at once (as Channel.abort does) races its clean-up and leaves ``.qubes-backup-*.partial`` behind."""
+        with contextlib.suppress(Exception):
+            self.channel.close_input()
+            self.channel.wait(timeout=ABORT_GRACE)
         self.channel.abort()
