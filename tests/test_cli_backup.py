@@ -8,6 +8,7 @@ exit and no file that looks like a finished backup.
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -241,6 +242,12 @@ def big_sim(tmp_path_factory: pytest.TempPathFactory) -> Sim:
     return new_sim(tmp_path_factory.mktemp("big") / "sim", data_mib=64, compressible=0.0)
 
 
+def _empty(directory: Path) -> None:
+    """Remove what an earlier kill -9 case left (nothing can clean up after it), so waits see only new files."""
+    for p in directory.iterdir():
+        p.unlink()
+
+
 def _wait_for_partial(directory: Path, proc: subprocess.Popen[str], minimum: int = 1 << 20) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -263,6 +270,7 @@ def _wait_for_partial(directory: Path, proc: subprocess.Popen[str], minimum: int
 def test_interrupted_backup_leaves_no_backup_file(big_sim: Sim, where: str, sig: signal.Signals) -> None:
     out = big_sim.vm_backups if where == "vm" else big_sim.dom0 / "backups"
     out.mkdir(exist_ok=True)
+    _empty(out)
     location = ["-d", "backupvm", VM_BACKUPS] if where == "vm" else ["/backups"]
     proc = big_sim.popen("qvm-backup", "-y", "-p", "/pw", "--kdf-n", "1024", "-Z", "none", *location)
     try:
@@ -284,3 +292,39 @@ def test_interrupted_backup_leaves_no_backup_file(big_sim: Sim, where: str, sig:
     assert list(out.glob("qubes-backup-*")) == []
     if clean_up:
         assert list(out.iterdir()) == []
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (the agent launcher started by qvm-backup)."""
+    out: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def test_agent_killed_mid_stream(big_sim: Sim) -> None:
+    """The backup VM dies while receiving: dom0 says so in one line and nothing looks like a backup."""
+    _empty(big_sim.vm_backups)
+    proc = big_sim.popen("qvm-backup", "-y", "-p", "/pw", "--kdf-n", "1024", "-Z", "none", "-d", "backupvm",
+                         VM_BACKUPS)  # fmt: skip
+    try:
+        _wait_for_partial(big_sim.vm_backups, proc)
+        agents = _children(proc.pid)
+        assert agents
+        for pid in agents:
+            os.kill(pid, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (0, 130)
+    assert "backupvm" in one_error_line(err)
+    assert list(big_sim.vm_backups.glob("qubes-backup-*")) == []

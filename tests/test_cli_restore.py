@@ -418,3 +418,22 @@ def test_api_cancel_leaves_dom0_unchanged(tmp_path: Path, how: str) -> None:
     assert isinstance(info.value, Cancelled) or "cancel" in str(info.value), info.value
     guard.check()
     assert sorted(Collection.load(dst.qubes_xml).names()) == ["backupvm", "dom0"]
+
+
+def test_exclude_on_restore(fresh: tuple[Sim, str]) -> None:
+    dst, location = fresh
+    r = dst.restore("-d", "backupvm", "-x", "work", "-x", "dom0", location)
+    assert r.returncode == 0, r.stderr
+    names = dst.collection().names()
+    assert "work" not in names and "personal" in names and "sys-net" in names
+    assert not (dst.qubes_root / "appvms/work").exists()
+    assert list(dst.home.iterdir()) == []
+
+
+def test_verify_only_ignores_missing_dependencies(fresh: tuple[Sim, str]) -> None:
+    """Verifying one VM needs nothing on this system: its template need not exist here."""
+    dst, location = fresh
+    guard = Unchanged(dst)
+    r = dst.restore("-d", "backupvm", "--verify-only", location, "personal")
+    assert r.returncode == 0, r.stderr
+    guard.check()

@@ -344,6 +344,10 @@ class Restore:
             frame = self._recv(0)
             if frame.type != FrameType.END:
                 raise VerificationError(f"backup has unexpected extra member {safe_text(frame.name)}")
+            # END is the last thing the agent may send: anything after it (a second END, a member) means the
+            # stream is not what a well-behaved agent produces, so it is refused like any other tampering.
+            if self.channel.read(1):
+                raise VerificationError("backup VM sent data after the end of the backup")
             self.channel.wait()
             self.state = State.VERIFIED
             if self.options.verify_only:
