@@ -182,8 +182,9 @@ def _fails_cleanly(sim: Sim, r: subprocess.CompletedProcess[str], *words: str) -
 def test_bad_input_one_line_no_file(sim: Sim, args: tuple[str, ...], words: tuple[str, ...]) -> None:
     (sim.vm_backups / "afile").write_text("not a directory\n")
     (sim.dom0 / "afile").write_text("not a directory\n")
-    r = sim.backup(*args)
+    r = sim.backup("-q", *args)
     _fails_cleanly(sim, r, *words)
+    assert len(r.stderr.splitlines()) == 1, r.stderr  # with -q nothing but the error
     assert sorted(p.name for p in sim.vm_backups.iterdir()) == ["afile"]
 
 

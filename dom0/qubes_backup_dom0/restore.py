@@ -453,6 +453,9 @@ class Restore:
         if plan.home is not None and plan.home_target is not None:
             user_dir = next(f.path for f in plan.home.files)
             home_move = (self.staging / plan.home.member / user_dir, self.system.home_dir / plan.home_target)
+        if home_move is not None and os.path.lexists(home_move[1]):
+            # Two restores within the same second, or a directory the user made: never restore over it.
+            home_move = (home_move[0], _free_path(home_move[1]))
         for _vm, _src, dst in moves:
             if dst.exists():
                 raise BackupError(f"cannot restore: {dst} appeared during the restore; nothing was changed")
@@ -507,6 +510,14 @@ def _parse_trailer(data: bytes, archive: manifest_mod.ArchiveEntry) -> tuple[int
     if m is None or len(data) > MAX_TRAILER:
         raise VerificationError(f"backup is damaged: VM {archive.vm}: malformed trailer")
     return int(m.group(1)), int(m.group(2))
+
+
+def _free_path(path: Path) -> Path:
+    for i in range(1, 1000):
+        candidate = path.with_name(f"{path.name}-{i}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise BackupError(f"no free name to restore dom0's home beside {path}")
 
 
 def _free_name(base: str, taken: Callable[[str], bool]) -> str:
