@@ -1,0 +1,1 @@
+"""Fuzzing of everything dom0 parses from the backup VM (frames, header) or after decryption (manifest)."""
