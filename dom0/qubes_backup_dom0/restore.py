@@ -288,6 +288,9 @@ class Restore:
     def open(self) -> manifest_mod.Manifest:
         """Connect, verify the header and the manifest; returns the manifest."""
         try:
+            # An interrupted earlier restore may have left staging (and unregistered files moved into place):
+            # undo it first, so that it is neither restored over nor mistaken for existing VMs.
+            cleanup_stale_staging(self.system)
             self.channel = self._connect()
             raw_header = self._expect(names.HEADER, header_mod.MAX_HEADER_SIZE)
             hdr = header_mod.parse(raw_header)  # strict grammar and ceilings, before the KDF

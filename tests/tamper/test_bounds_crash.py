@@ -134,18 +134,8 @@ def _child_restore(sim: str, location: str, point: str, k: int) -> None:
     os._exit(0)
 
 
-MID_COMMIT = pytest.mark.xfail(
-    strict=True,
-    reason="restore.py bug (issue #4 report): leftover VM dirs of a commit killed before qubes.xml was written "
-    "are seen as conflicts by plan() before run() cleans the stale staging dir; fix: cleanup_stale_staging() "
-    "at the start of Restore.open()",
-)
-
-
 @pytest.mark.parametrize(("point", "k"), [("progress", 1), ("progress", 5), ("progress", 20),
-                                          pytest.param("commit", 1, marks=MID_COMMIT),
-                                          pytest.param("commit", 3, marks=MID_COMMIT),
-                                          pytest.param("before-xml", 0, marks=MID_COMMIT)])  # fmt: skip
+                                          ("commit", 1), ("commit", 3), ("before-xml", 0)])  # fmt: skip
 def test_killed_restore_leaves_dom0_consistent_and_next_run_works(world: World, point: str, k: int) -> None:
     system = clone_target(world, f"crash-{point}-{k}")
     old_xml = system.qubes_xml.read_bytes()
