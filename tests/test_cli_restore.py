@@ -12,9 +12,11 @@ import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,19 @@ def domain_xml(sim: Sim, name: str) -> bytes:
     dom = sim.collection().get(name)
     assert dom is not None
     return etree.tostring(dom.element)
+
+
+def assert_roots_follow_templates(sim: Sim) -> None:
+    """Every AppVM's root snapshot source is its (effective) template's root volume on this system."""
+    coll = sim.collection()
+    for dom in coll.domains:
+        template = coll.get(coll.effective_template(dom) or "")
+        if dom.klass != "AppVM" or template is None:
+            continue
+        roots = (vel for vel in dom.element.iterfind("volume-config/volume") if vel.get("name") == "root")
+        sources = [vel.get("source") for vel in roots]
+        troot = [v.vid for v in template.volumes if v.name == "root"]
+        assert sources == troot, (dom.name, sources, troot)
 
 
 def fails(r: object, *words: str) -> str:
@@ -141,6 +156,7 @@ def test_b_full_restore_into_fresh_system(fresh: tuple[Sim, str], source_backup:
     assert len(homes) == 1
     assert snapshot_tree(homes[0]).keys() == snapshot_tree(src.home).keys()
     assert dst.staging_dirs() == []
+    assert_roots_follow_templates(dst)
 
 
 def test_c_old_copy_beside_current_with_rename(same: tuple[Sim, str], source_backup: tuple[Sim, Path]) -> None:
@@ -164,6 +180,7 @@ def test_c_old_copy_beside_current_with_rename(same: tuple[Sim, str], source_bac
     assert len({d.qid for d in coll.domains}) == len(coll.domains)
     assert_same_vm(src, "personal", dst, "personal1")
     assert_same_vm(src, "debian-12", dst, "debian-121")
+    assert_roots_follow_templates(dst)
     for vm, d in (("personal", "appvms"), ("debian-12", "vm-templates")):
         assert (domain_xml(dst, vm), snapshot_tree(dst.qubes_root / d / vm)) == originals[vm]
 
@@ -205,6 +222,7 @@ def test_d_skip_broken_and_ignore_missing(fresh: tuple[Sim, str], source_backup:
     personal = dst.collection().get("personal")
     assert personal is not None
     assert not personal.has_property("template") and not personal.has_property("netvm")
+    assert_roots_follow_templates(dst)
     assert_same_vm(src, "personal", dst)
 
 
@@ -390,12 +408,18 @@ def test_api_progress_and_result(fresh: tuple[Sim, str], source_backup: tuple[Si
     assert_same_vm(source_backup[0], "work", dst)
 
 
-@pytest.mark.parametrize("how", ["callback", "thread"])
-def test_api_cancel_leaves_dom0_unchanged(tmp_path: Path, how: str) -> None:
-    src = new_sim(tmp_path / "big", data_mib=48, compressible=0.0)
+@pytest.fixture(scope="module")
+def big_backup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sim, Path]:
+    """A backup with enough incompressible data in many 1 MiB chunks that a restore can be caught mid-way."""
+    src = new_sim(tmp_path_factory.mktemp("big") / "sim", data_mib=48, compressible=0.0)
     r = src.backup("--chunk-size", str(1 << 20), "-Z", "none", "-d", "backupvm", VM_BACKUPS)
     assert r.returncode == 0, r.stderr
-    backup = next(src.vm_backups.glob("qubes-backup-*"))
+    return src, next(src.vm_backups.glob("qubes-backup-*"))
+
+
+@pytest.mark.parametrize("how", ["callback", "thread"])
+def test_api_cancel_leaves_dom0_unchanged(tmp_path: Path, big_backup: tuple[Sim, Path], how: str) -> None:
+    src, backup = big_backup
     dst = make_fresh(tmp_path / "fresh", src)
     share_backup(backup, dst)
     guard = Unchanged(dst)
@@ -462,6 +486,20 @@ def test_c_rename_chain_follows_netvm_and_standalone(same: tuple[Sim, str], sour
     for name in before.names():
         assert etree.tostring(before.get(name).element) == domain_xml(dst, name)
     assert coll.global_properties == before.global_properties
+    assert_roots_follow_templates(dst)
+
+
+def test_c_renamed_template_copy_and_vm_inheriting_the_default(same: tuple[Sim, str]) -> None:
+    """vault inherits the default template; restored beside the current one together with an old copy of
+    that template (renamed), it keeps inheriting this system's default, and starts from that template's root."""
+    dst, location = same
+    r = dst.restore("-d", "backupvm", "--rename-conflicting", location, "fedora-41", "vault")
+    assert r.returncode == 0, r.stderr
+    coll = dst.collection()
+    vault1 = coll.get("vault1")
+    assert vault1 is not None and coll.get("fedora-411") is not None
+    assert coll.effective_template(vault1) == "fedora-41"
+    assert_roots_follow_templates(dst)
 
 
 def test_api_home_target_taken_is_not_overwritten(fresh: tuple[Sim, str]) -> None:
@@ -501,3 +539,37 @@ def test_passphrase_on_stdin(fresh: tuple[Sim, str]) -> None:
         env=dst.env(), input=PASSPHRASE + "\n", capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["int", "term", "kill"])
+def test_interrupted_restore_leaves_dom0_unchanged(
+    tmp_path: Path, big_backup: tuple[Sim, Path], sig: signal.Signals
+) -> None:
+    src, backup = big_backup
+    dst = make_fresh(tmp_path / "fresh", src)
+    share_backup(backup, dst)
+    guard = Unchanged(dst)
+    proc = dst.popen("qvm-backup-restore", "-y", "-p", "/pw", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}")
+    try:
+        deadline = time.monotonic() + 30
+        while not any(p.stat().st_blocks > 2048 for d in dst.staging_dirs() for p in d.rglob("*.img")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    if sig == signal.SIGKILL:
+        # Nothing runs after kill -9: the staging dir stays until the next restore removes it.
+        assert dst.qubes_xml.read_bytes() == guard.xml
+        assert len(dst.staging_dirs()) == 1
+        r = dst.restore("-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "vault")
+        assert r.returncode == 0, r.stderr
+        assert dst.staging_dirs() == []
+        assert sorted(dst.collection().names()) == ["backupvm", "dom0", "vault"]
+        return
+    assert one_error_line(err).endswith("interrupted"), err
+    guard.check()

@@ -452,6 +452,8 @@ class Restore:
         for old_name, new_name in renames.items():
             assert new_name is not None
             current.rename_references(old_name, new_name, restored_names)
+        for name in restored_names:
+            _root_follows_template(current, name)
         home_move = None
         if plan.home is not None and plan.home_target is not None:
             user_dir = next(f.path for f in plan.home.files)
@@ -645,6 +647,23 @@ def _fix_label_and_pools(current: Collection, dom: Domain) -> None:
     fix = getattr(current, "adapt_foreign_domain", None)
     if fix is not None:
         fix(dom)
+
+
+def _root_follows_template(current: Collection, name: str) -> None:
+    """An AppVM's root volume is a snapshot of its template's root.  After renames, --ignore-missing and this
+    system's defaults the template may differ from the one in the backup (a VM inheriting the default
+    template keeps inheriting it), so point the snapshot source at the template the VM really has here;
+    otherwise it would start from another template's image (e.g. a renamed copy's)."""
+    dom = current.get(name)
+    if dom is None or dom.klass != "AppVM":
+        return
+    template = current.get(current.effective_template(dom) or "")
+    root = next((v for v in template.volumes if v.name == "root"), None) if template is not None else None
+    if root is None or not root.vid:
+        return
+    for vel in dom.element.iterfind("volume-config/volume"):
+        if vel.get("name") == "root" and vel.get("source"):
+            vel.set("source", root.vid)
 
 
 def _file_moves(
