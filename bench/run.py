@@ -233,8 +233,12 @@ def data_bytes(root: Path) -> int:
     return allocated(root)
 
 
-def fresh_system(src: Path, dst: Path) -> Path:
-    """A freshly installed second system: dom0 (empty home) and backupvm only, as scripts/demo.py builds it."""
+def fresh_system(src: Path, dst: Path, keep: tuple[str, ...] = ()) -> Path:
+    """A freshly installed second system: dom0 (empty home) and backupvm only, as scripts/demo.py builds it.
+
+    ``keep`` registers more of the source's VMs (without their files): a single VM is restored into a system
+    that already has its template, as on a real system.
+    """
     if dst.exists():
         shutil.rmtree(dst)
     fresh = Collection.load(src / "dom0/var/lib/qubes/qubes.xml")
@@ -242,7 +246,7 @@ def fresh_system(src: Path, dst: Path) -> Path:
     (dst / "dom0/home/user").mkdir(parents=True)
     (dst / "dom0/pw").write_text(PASSPHRASE + "\n")
     for dom in list(fresh.domains):
-        if dom.name not in ("dom0", "backupvm"):
+        if dom.name not in ("dom0", "backupvm", *keep):
             dom.element.getparent().remove(dom.element)
     fresh.write_atomic(dst / "dom0/var/lib/qubes/qubes.xml")
     (dst / "vms/backupvm/home/user/backups").mkdir(parents=True)
@@ -348,9 +352,16 @@ class Bench:
         self.add(case)
         return backup
 
+    def template_of(self, vm: str) -> str | None:
+        """The template ``vm`` uses (explicit or the default) in the source system."""
+        collection = Collection.load(self.src / "dom0/var/lib/qubes/qubes.xml")
+        dom = collection.get(vm)
+        return collection.effective_template(dom) if dom is not None else None
+
     def restore(self, key: str, label: str, backup: Path, vms: list[str], data: int) -> Case:
         """qvm-backup-restore from ``backup`` (hard-linked into a fresh second system's backupvm)."""
-        dst = fresh_system(self.src, self.work / f"restored-{key}")
+        keep = tuple(self.template_of(vm) for vm in vms)
+        dst = fresh_system(self.src, self.work / f"restored-{key}", tuple(t for t in keep if t))
         os.link(backup, backups_in(dst) / backup.name.split(".")[0])
         argv = [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/pw",
                 f"/home/user/backups/{backup.name.split('.')[0]}", *vms]  # fmt: skip

@@ -208,15 +208,14 @@ def test_d_missing_template_is_an_error(fresh: tuple[Sim, str]) -> None:
 def test_d_skip_broken_and_ignore_missing(fresh: tuple[Sim, str], source_backup: tuple[Sim, Path]) -> None:
     src, _ = source_backup
     dst, location = fresh
-    # personal lacks its template (debian-12) and netvm here: skipped; vault needs nothing it lacks.
-    r = dst.restore("-d", "backupvm", "--skip-broken", location, "personal", "vault")
+    # personal lacks its template (debian-12) and netvm here: skipped; vault's (inherited) template fedora-41
+    # is restored with it, so vault is complete.
+    r = dst.restore("-d", "backupvm", "--skip-broken", location, "personal", "vault", "fedora-41")
     assert r.returncode == 0, r.stderr
     assert "personal" not in dst.collection().names() and "vault" in dst.collection().names()
     assert not (dst.qubes_root / "appvms/personal").exists()
-    # With --ignore-missing it is restored, its template/netvm replaced by this system's defaults.
-    # (This fresh system keeps the source's global defaults; give it a default template that exists.)
-    r = dst.restore("-d", "backupvm", "--ignore-missing", location, "fedora-41")
-    assert r.returncode == 0, r.stderr
+    # With --ignore-missing it is restored, its template/netvm replaced by this system's defaults (this fresh
+    # system keeps the source's global defaults, and its default template fedora-41 now exists).
     r = dst.restore("-d", "backupvm", "--ignore-missing", location, "personal")
     assert r.returncode == 0, r.stderr
     personal = dst.collection().get("personal")
@@ -368,10 +367,12 @@ def test_dom0_home_goes_to_new_directory(same: tuple[Sim, str]) -> None:
 
 def test_skip_dom0_home(fresh: tuple[Sim, str]) -> None:
     dst, location = fresh
-    r = dst.restore("-d", "backupvm", "--skip-dom0-home", location, "vault")
+    r = dst.restore("-d", "backupvm", "--skip-dom0-home", location, "vault", "fedora-41")
     assert r.returncode == 0, r.stderr
-    r = dst.restore("-d", "backupvm", "--skip-dom0-home", "--skip-conflicting", location, "dom0", "fedora-41")
-    assert r.returncode == 0, r.stderr
+    assert list(dst.home.iterdir()) == []
+    # Asking for dom0 explicitly while skipping its home leaves nothing to do: refused, nothing written.
+    r = dst.restore("-d", "backupvm", "--skip-dom0-home", location, "dom0")
+    assert r.returncode != 0 and "nothing to restore" in r.stderr
     assert list(dst.home.iterdir()) == []
 
 
@@ -380,7 +381,7 @@ def test_restore_from_dom0_file(tmp_path: Path, source_backup: tuple[Sim, Path])
     dst = make_fresh(tmp_path / "fresh", src)
     (dst.dom0 / "backups").mkdir()
     os.link(backup, dst.dom0 / "backups" / backup.name)
-    r = dst.restore(f"/backups/{backup.name}", "vault")
+    r = dst.restore(f"/backups/{backup.name}", "vault", "fedora-41")  # vault inherits fedora-41 as template
     assert r.returncode == 0, r.stderr
     assert_same_vm(src, "vault", dst)
 
@@ -522,8 +523,6 @@ def test_api_home_target_taken_is_not_overwritten(fresh: tuple[Sim, str]) -> Non
     assert job.home_restored_to.parent == dst.home and (job.home_restored_to / ".bashrc").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="open: a VM inheriting a default template that does not exist here is "
-                   "registered anyway (see the CLI-suite report); fresh fixtures keep the source's defaults")
 def test_d_inherited_default_template_missing_is_reported(fresh: tuple[Sim, str]) -> None:
     dst, location = fresh
     guard = Unchanged(dst)
@@ -566,10 +565,10 @@ def test_interrupted_restore_leaves_dom0_unchanged(
         # Nothing runs after kill -9: the staging dir stays until the next restore removes it.
         assert dst.qubes_xml.read_bytes() == guard.xml
         assert len(dst.staging_dirs()) == 1
-        r = dst.restore("-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "vault")
+        r = dst.restore("-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "vault", "fedora-41")
         assert r.returncode == 0, r.stderr
         assert dst.staging_dirs() == []
-        assert sorted(dst.collection().names()) == ["backupvm", "dom0", "vault"]
+        assert sorted(dst.collection().names()) == ["backupvm", "dom0", "fedora-41", "vault"]
         return
     assert one_error_line(err).endswith("interrupted"), err
     guard.check()

@@ -594,9 +594,17 @@ def plan_restore(
         dom = backup.get(act.name)
         assert dom is not None
         for prop in ("template", "netvm", "default_dispvm"):
-            if prop not in dom.properties:
-                continue  # inherits the system default of this system
-            ref = dom.properties.get(prop) or None
+            if prop in dom.properties:
+                ref = dom.properties.get(prop) or None
+            elif prop == "template" and (ref := backup.effective_template(dom)) is not None:
+                # The VM used the old system's default template; its disks belong to that template, so unless
+                # this system has the same default it is pinned to it, not left to inherit another one.
+                if ref in will_restore or current.get(ref) is not None:
+                    if current.global_properties.get("default_template") != ref:
+                        act.replace_refs[prop] = ref
+                    continue
+            else:
+                continue  # netvm/default_dispvm follow this system's defaults, as a new VM's would
             if ref is None or ref in will_restore or current.get(ref) is not None:
                 continue
             what = f"missing {prop} {ref}"

@@ -112,6 +112,9 @@ class SimTransport:
     def sandbox_argv(self, root: Path, writable: bool = True) -> list[str]:
         """bubblewrap: system dirs and the Python/agent sources read-only, the VM root read-write, no net."""
         assert self.bwrap is not None
+        # --die-with-parent: the sandboxed agent lives exactly as long as the process dom0 started, like a
+        # qrexec service. (If dom0 itself is SIGKILLed, the agent's hidden .partial file may stay behind; it is
+        # never named like a backup.)
         argv = [self.bwrap, "--unshare-all", "--die-with-parent", "--new-session"]
         for d in SANDBOX_RO_DIRS:
             if os.path.islink(d):
@@ -139,7 +142,7 @@ class SimTransport:
     def start(self, service: str, vm: str) -> subprocess.Popen[bytes]:
         root = self.system.vm_root(vm)
         if not vm or "/" in vm or vm.startswith(".") or not root.is_dir():
-            raise BackupError(f"no such VM: {vm}")
+            raise BackupError(f"no such VM: {vm} (the backup VM to run {service} in does not exist)")
         return self.launch(service, root.resolve(), writable=True)
 
     def launch(self, service: str, root: Path, writable: bool) -> subprocess.Popen[bytes]:
