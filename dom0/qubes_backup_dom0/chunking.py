@@ -14,7 +14,7 @@ from typing import Protocol
 
 import zstandard
 
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1  # zstd -1: about 30% less CPU than level 3 for ~9% larger backups; dom0 CPU is the limit
 GZIP_LEVEL = 6
 
 
@@ -24,7 +24,8 @@ class Chunker:
     def __init__(self, compression: str, chunk_size: int, threads: int | None = None) -> None:
         self.chunk_size = chunk_size
         self.compression = compression
-        self._buf = bytearray()
+        self._buf = bytearray(chunk_size if compression != "zstd" else 0)
+        self._fill = 0
         self._zstd = None
         self._gzip = None
         if compression == "zstd":
@@ -37,19 +38,21 @@ class Chunker:
             raise ValueError(f"unknown compression {compression}")
 
     def _cut(self, data: bytes | memoryview) -> Iterator[bytes | memoryview]:
+        """Cut into chunks, copying only what straddles a chunk boundary (into a preallocated buffer)."""
         view = memoryview(data)
-        if not self._buf and len(view) >= self.chunk_size:
+        if not self._fill and len(view) >= self.chunk_size:
             # Fast path: whole chunks straight out of the input, no copy.
             whole = len(view) - len(view) % self.chunk_size
             for start in range(0, whole, self.chunk_size):
                 yield view[start : start + self.chunk_size]
             view = view[whole:]
         while len(view):
-            take = min(self.chunk_size - len(self._buf), len(view))
-            self._buf += view[:take]
+            take = min(self.chunk_size - self._fill, len(view))
+            self._buf[self._fill : self._fill + take] = view[:take]
+            self._fill += take
             view = view[take:]
-            if len(self._buf) == self.chunk_size:
-                out, self._buf = self._buf, bytearray()
+            if self._fill == self.chunk_size:
+                out, self._buf, self._fill = self._buf, bytearray(self.chunk_size), 0
                 yield out
 
     def feed(self, data: bytes | memoryview) -> Iterator[bytes | memoryview]:
@@ -66,8 +69,8 @@ class Chunker:
             return
         if self._gzip is not None:
             yield from self._cut(self._gzip.flush())
-        if self._buf:
-            out, self._buf = self._buf, bytearray()
+        if self._fill:
+            out, self._fill = memoryview(self._buf)[: self._fill], 0
             yield out
 
 

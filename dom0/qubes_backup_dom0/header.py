@@ -22,7 +22,7 @@ COMPRESSIONS = ("zstd", "gzip", "none")
 DEFAULT_KDF_N = 1 << 17
 DEFAULT_KDF_R = 8
 DEFAULT_KDF_P = 1
-DEFAULT_CHUNK_SIZE = 32 << 20
+DEFAULT_CHUNK_SIZE = 16 << 20  # below glibc's mmap ceiling: chunk buffers are reused, not faulted in
 
 KDF_N_MIN, KDF_N_MAX = 1 << 10, 1 << 20
 KDF_R_MAX = 32
