@@ -572,3 +572,46 @@ def test_interrupted_restore_leaves_dom0_unchanged(
         return
     assert one_error_line(err).endswith("interrupted"), err
     guard.check()
+
+
+def test_commit_fsyncs_every_restored_file_before_qubes_xml(
+    fresh: tuple[Sim, str], source_backup: tuple[Sim, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Durability: every restored file (by inode: renames keep it) and every directory that received a
+    rename are fsynced before qubes.xml's atomic replacement, the commit point, starts."""
+    dst, location = fresh
+    synced: set[tuple[int, int]] = set()
+    at_commit: list[set[tuple[int, int]]] = []
+    real_fsync, real_write = os.fsync, Collection.write_atomic
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    def write_atomic(self: Collection, path: str | os.PathLike[str]) -> None:
+        if Path(path) == dst.system.qubes_xml:
+            at_commit.append(set(synced))
+        real_write(self, path)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Collection, "write_atomic", write_atomic)
+    job = Restore(dst.system, location, PASSPHRASE.encode(), source_vm="backupvm",
+                  options=RestoreOptions(vms=("fedora-41", "work")))  # fmt: skip
+    try:
+        job.open()
+        job.plan()
+        job.run()
+    finally:
+        job.close()
+    assert job.restored == ["fedora-41", "work"] and len(at_commit) == 1
+    before_commit = at_commit[0]
+    checked = 0
+    for name in job.restored:
+        for path in vm_files(dst, name).values():
+            st = path.stat()
+            assert (st.st_dev, st.st_ino) in before_commit, f"{path} not fsynced before the commit"
+            parent = path.parent.stat()
+            assert (parent.st_dev, parent.st_ino) in before_commit, f"{path.parent} not fsynced before the commit"
+            checked += 1
+    assert checked >= 4

@@ -20,6 +20,7 @@ import enum
 import os
 import queue
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -134,67 +135,224 @@ def _member_limits(max_data: int) -> dict[FrameType, tuple[int, int]]:
     }
 
 
+FEED_DEPTH = 2  # decrypted chunks queued per archive
+POOL_BUFFERS = 4  # plaintext buffers in flight: FEED_DEPTH queued + 1 being extracted + 1 being decrypted into
+_POLL = 0.05  # how often a blocked thread looks whether the other side gave up
+
+
+class _Stopped(Exception):
+    """The other thread of the restore failed or gave up: stop waiting."""
+
+
+class _BufferPool:
+    """A few reused plaintext buffers (fresh chunk-sized buffers are expensive: every one is page-faulted in
+    anew).  Also the bound on decrypted data in memory: the receiver takes one per chunk, the chunk feed
+    hands it back once the extraction thread has consumed it."""
+
+    def __init__(self, count: int, stop: threading.Event) -> None:
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray())
+        self._stop = stop
+
+    def get(self, size: int) -> bytearray:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                buf = self._free.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            return buf if len(buf) >= size else bytearray(size)
+
+    def put(self, buf: object) -> None:
+        if isinstance(buf, bytearray):
+            self._free.put(buf)
+
+
 class _ChunkFeed:
-    """A blocking reader over verified, decrypted chunks, consumed by the extraction thread."""
+    """A blocking reader over one archive's verified, decrypted chunks, consumed by the extraction thread.
 
-    def __init__(self, depth: int = 2) -> None:
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+    ``read`` returns memoryviews into the chunks (no copies; ``as_bytes`` for readers that need bytes); a
+    chunk's buffer goes back to ``release`` when the reader asks for more than it holds, i.e. once the
+    consumer is done with it (zstd's stream reader and the extractor never keep a piece across reads).
+    """
+
+    def __init__(
+        self,
+        depth: int = FEED_DEPTH,
+        stop: threading.Event | None = None,
+        release: Callable[[object], None] | None = None,
+        as_bytes: bool = False,
+    ) -> None:
+        self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=depth)
         self._buf = memoryview(b"")
+        self._item: bytes | memoryview | None = None
         self._eof = False
+        self._stop = stop or threading.Event()
+        self._release = release
+        self._as_bytes = as_bytes
 
-    def put(self, data: bytes | None) -> None:
-        self._q.put(data)
+    def put(self, data: bytes | memoryview | None) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._q.put(data, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
 
-    def read(self, size: int = -1) -> bytes:
+    def _get(self) -> bytes | memoryview | None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return self._q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+
+    def _done_with_item(self) -> None:
+        item, self._item = self._item, None
+        if item is not None and self._release is not None and isinstance(item, memoryview):
+            self._release(item.obj)
+
+    def read(self, size: int = -1) -> bytes | memoryview:
         while not self._buf and not self._eof:
-            item = self._q.get()
+            self._done_with_item()
+            item = self._get()
             if item is None:
                 self._eof = True
             else:
-                self._buf = memoryview(item)
+                self._item = item
+                self._buf = memoryview(item).cast("B")
         if size < 0 or size >= len(self._buf):
-            out, self._buf = bytes(self._buf), memoryview(b"")
-            return out
-        out, self._buf = bytes(self._buf[:size]), self._buf[size:]
-        return out
+            out, self._buf = self._buf, memoryview(b"")
+        else:
+            out, self._buf = self._buf[:size], self._buf[size:]
+        return bytes(out) if self._as_bytes else out
 
     def drain(self) -> None:
         """Unblock a producer after the consumer failed."""
+        self._done_with_item()
         try:
             while True:
-                self._q.get_nowait()
+                item = self._q.get_nowait()
+                if isinstance(item, memoryview) and self._release is not None:
+                    self._release(item.obj)
         except queue.Empty:
             pass
 
 
-class _Extraction(threading.Thread):
-    """Decompress and extract one archive's verified plaintext into the staging area."""
+class _Syncer(threading.Thread):
+    """fsyncs each archive's restored files (and their directories) as soon as its extraction finished,
+    while the next archive is received; the commit waits for it before anything is registered."""
 
-    def __init__(self, compression: str, dest: Path | None, archive: manifest_mod.ArchiveEntry) -> None:
-        super().__init__(name=f"extract-{archive.member}", daemon=True)
-        self.feed = _ChunkFeed()
-        self.compression = compression
-        self.dest = dest
-        self.archive = archive
-        self.error: BaseException | None = None
+    def __init__(self) -> None:
+        super().__init__(name="restore-fsync", daemon=True)
+        self._q: queue.Queue[Path | None] = queue.Queue()
+        self._halt = threading.Event()
+        self.error: OSError | None = None
+
+    def add(self, tree: Path) -> None:
+        self._q.put(tree)
+
+    def finish(self) -> None:
+        """No more trees; join() then waits for the last fsync."""
+        self._q.put(None)
+
+    def abort(self) -> None:
+        self._halt.set()
+        self._q.put(None)
 
     def run(self) -> None:
+        while (tree := self._q.get()) is not None:
+            if self.error is None and not self._halt.is_set():
+                try:
+                    _fsync_tree(tree, self._halt)
+                except OSError as e:
+                    self.error = e
+
+
+def _fsync_fd_of(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, flags | os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(tree: Path, stop: threading.Event | None = None) -> None:
+    """fsync every regular file and directory under ``tree`` (symlinks are made durable by their directory)."""
+    for dirpath, _dirnames, filenames in os.walk(tree):
+        for name in filenames:
+            if stop is not None and stop.is_set():
+                return
+            path = os.path.join(dirpath, name)
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                _fsync_fd_of(path, 0)
+        _fsync_fd_of(dirpath, os.O_DIRECTORY)
+
+
+class _Extraction(threading.Thread):
+    """The one extraction thread of a restore: decompresses and extracts the archives' verified plaintext
+    into the staging area, archive after archive, each from its own chunk feed, while the receiving thread
+    already receives the next one.  The first error stops it (``error``, ``failed_archive``)."""
+
+    def __init__(self, compression: str, syncer: _Syncer | None) -> None:
+        super().__init__(name="restore-extract", daemon=True)
+        self.compression = compression
+        self.syncer = syncer
+        self.stop = threading.Event()  # set by the first error on either side
+        self.pool = _BufferPool(POOL_BUFFERS, self.stop)
+        self._jobs: queue.Queue[tuple[Path | None, manifest_mod.ArchiveEntry, _ChunkFeed] | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self.failed_archive: manifest_mod.ArchiveEntry | None = None
+
+    def start_archive(self, dest: Path | None, archive: manifest_mod.ArchiveEntry) -> _ChunkFeed:
+        """The feed for the next archive's chunks (queued behind the archives still being extracted)."""
+        feed = _ChunkFeed(FEED_DEPTH, self.stop, self.pool.put, as_bytes=self.compression == "gzip")
+        self._jobs.put((dest, archive, feed))
+        return feed
+
+    def finish_input(self) -> None:
+        self._jobs.put(None)
+
+    def abort(self) -> None:
+        self.stop.set()
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        while (job := self._jobs.get()) is not None and not self.stop.is_set():
+            dest, archive, feed = job
+            try:
+                self._extract(dest, archive, feed)
+            except _Stopped:
+                return
+            except BaseException as e:  # reported by the receiving thread
+                self.error, self.failed_archive = e, archive
+                self.stop.set()
+                feed.drain()
+                return
+            if dest is not None and self.syncer is not None:
+                self.syncer.add(dest)
+
+    def _extract(self, dest: Path | None, archive: manifest_mod.ArchiveEntry, feed: _ChunkFeed) -> None:
+        if dest is not None:
+            dest.mkdir(mode=0o700)
+        extractor = inner.Extractor(dest, archive.files)
         try:
-            if self.dest is not None:
-                self.dest.mkdir(mode=0o700)
-            extractor = inner.Extractor(self.dest, self.archive.files)
-            reader = decompressed_reader(self.compression, self.feed)
+            reader = decompressed_reader(self.compression, feed)
             while True:
                 piece = reader.read(1 << 22)
                 if not piece:
                     break
                 extractor.feed(piece)
             extractor.finish()
-            if self.feed.read(1):
-                raise VerificationError(f"archive {self.archive.member}: data after the end of the archive")
-        except BaseException as e:  # reported by the receiving thread
-            self.error = e
-            self.feed.drain()
+        finally:
+            extractor.close()
+        if feed.read(1):
+            raise VerificationError(f"archive {archive.member}: data after the end of the archive")
 
 
 def _err_text(e: BaseException) -> str:
@@ -238,6 +396,9 @@ class Restore:
         self._cancel = threading.Event()
         self.restored: list[str] = []
         self.home_restored_to: Path | None = None
+        self._worker: _Extraction | None = None
+        self._syncer: _Syncer | None = None
+        self._sealed = bytearray()  # reused for every chunk frame (read into, verified, decrypted out of)
 
     # -- connection ----------------------------------------------------------------------------------
 
@@ -261,13 +422,13 @@ class Restore:
             channel.send(FrameType.LOCATION, "", ("/" + path.name).encode())
         return channel
 
-    def _recv(self, max_data: int) -> Frame:
+    def _recv(self, max_data: int, into: Callable[[FrameType, int], memoryview | None] | None = None) -> Frame:
         """The next frame: a MEMBER within ``max_data``, an END, or the agent's error (raised)."""
         assert self.channel is not None
         if self._cancel.is_set():
             raise Cancelled("restore cancelled")
         try:
-            frame = self.channel.recv(_member_limits(max_data), names.is_member_name)
+            frame = self.channel.recv(_member_limits(max_data), names.is_member_name, into)
         except ProtocolError as e:
             raise VerificationError(f"backup VM sent a malformed stream: {e}") from None
         if frame is None:
@@ -340,10 +501,15 @@ class Restore:
             self.channel.close_input()
             if not self.options.verify_only:
                 self.staging = _make_staging(self.system)
+                self._syncer = _Syncer()
+                self._syncer.start()
+            self._worker = _Extraction(self.header.compression, self._syncer)
+            self._worker.start()
             self.state = State.RECEIVING
             total, done = plan.data, 0
             for archive in plan.wanted:
                 done = self._receive_archive(archive, done, total)
+            self._worker.finish_input()
             frame = self._recv(0)
             if frame.type != FrameType.END:
                 raise VerificationError(f"backup has unexpected extra member {safe_text(frame.name)}")
@@ -352,6 +518,9 @@ class Restore:
             if self.channel.read(1):
                 raise VerificationError("backup VM sent data after the end of the backup")
             self.channel.wait()
+            self._worker.join()  # the last archive(s) may still be extracting
+            if self._worker.error is not None:
+                raise self._worker_failure()
             self.state = State.VERIFIED
             if self.options.verify_only:
                 self.state = State.COMMITTED
@@ -365,12 +534,33 @@ class Restore:
             if self.channel is not None:
                 self.channel.abort()
 
+    def _sealed_buffer(self, ftype: FrameType, size: int) -> memoryview | None:
+        """Where a chunk frame's data is read to (called only after its length passed the limit)."""
+        if ftype != FrameType.MEMBER:
+            return None
+        if len(self._sealed) < size:
+            self._sealed = bytearray(size)
+        return memoryview(self._sealed)[:size]
+
+    def _worker_failure(self) -> BackupError:
+        worker = self._worker
+        assert worker is not None
+        err, archive = worker.error, worker.failed_archive
+        if isinstance(err, BackupError):
+            return err
+        vm = archive.vm if archive is not None else "?"
+        text = _err_text(err) if err is not None else "extraction stopped"
+        return VerificationError(f"VM {vm}: the archive could not be extracted: {text}")
+
     def _receive_archive(self, archive: manifest_mod.ArchiveEntry, done: int, total: int) -> int:
-        assert self.header is not None and self.keys is not None
-        keys, chunk_size = self.keys, self.header.chunk_size
+        """Receive and verify one archive; its plaintext goes to the extraction thread, which may still be
+        extracting it (or an earlier one) when this returns."""
+        assert self.header is not None and self.keys is not None and self._worker is not None
+        keys, chunk_size, worker = self.keys, self.header.chunk_size, self._worker
+        if worker.error is not None:
+            raise self._worker_failure()
         dest = None if self.staging is None else self.staging / archive.member
-        worker = _Extraction(self.header.compression, dest, archive)
-        worker.start()
+        feed = worker.start_archive(dest, archive)
         index = 0
         stored = 0
         last_len = chunk_size
@@ -378,7 +568,8 @@ class Restore:
             while True:
                 expected_chunk = names.chunk_name(archive.member, index) if index < names.MAX_CHUNKS else None
                 trailer = names.trailer_name(archive.member)
-                frame = self._recv(chunk_size + crypto.IV_SIZE)
+                # Read straight into the reused buffer: the frame layer checked the length first.
+                frame = self._recv(chunk_size + crypto.IV_SIZE, self._sealed_buffer)
                 if frame.type != FrameType.MEMBER or frame.name not in (expected_chunk, trailer):
                     got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
                     raise VerificationError(
@@ -392,7 +583,7 @@ class Restore:
                     )
                 # Verified. Only now is anything of it interpreted.
                 if frame.name == trailer:
-                    count, total_stored = _parse_trailer(frame.data, archive)
+                    count, total_stored = _parse_trailer(bytes(frame.data), archive)
                     if count != index or total_stored != stored or index == 0:
                         raise VerificationError(
                             f"backup is damaged or tampered with: VM {archive.vm} has {index} chunk(s), "
@@ -401,27 +592,46 @@ class Restore:
                     break
                 if last_len != chunk_size:
                     raise VerificationError(f"backup is damaged: VM {archive.vm}: short chunk before the last")
-                plain = crypto.decrypt(keys, frame.data)
+                # A pooled buffer (blocks while the extraction thread holds them all: the memory bound).
+                out = worker.pool.get(len(frame.data) - crypto.IV_SIZE + 15)
+                plain = crypto.decrypt(keys, frame.data, out=out)
                 if not plain:
                     raise VerificationError(f"backup is damaged: VM {archive.vm}: empty chunk")
                 last_len = len(plain)
                 stored += last_len
                 index += 1
-                worker.feed.put(plain)
+                feed.put(plain)
                 if worker.error is not None:
-                    break
+                    raise self._worker_failure()
                 if self.progress is not None:  # compressed bytes against data bytes: an estimate
                     self.progress(min(done + min(stored, archive.data), total), total)
-        finally:
-            worker.feed.put(None)
-            worker.join()
-        done += archive.data
-        if worker.error is not None:
-            err = worker.error
-            if isinstance(err, BackupError):
-                raise err
-            raise VerificationError(f"VM {archive.vm}: the archive could not be extracted: {_err_text(err)}")
-        return done
+            feed.put(None)
+        except _Stopped:  # the extraction thread failed while we waited for it
+            raise self._worker_failure() from None
+        return done + archive.data
+
+    def _stop_threads(self) -> None:
+        """After a failure: stop extracting and syncing, and wait, so nothing writes into staging any more."""
+        if self._worker is not None:
+            self._worker.abort()
+            if self._worker.is_alive() and self._worker is not threading.current_thread():
+                self._worker.join()
+        if self._syncer is not None:
+            self._syncer.abort()
+            if self._syncer.is_alive():
+                self._syncer.join()
+        self._syncer = None
+
+    def _wait_durable(self) -> None:
+        """Every restored file and directory in staging is on disk (the syncer's work)."""
+        syncer, self._syncer = self._syncer, None
+        if syncer is None:
+            return
+        syncer.finish()
+        syncer.join()
+        if syncer.error is not None:
+            e = syncer.error
+            raise BackupError(f"cannot write the restored files to disk: {e.strerror or e}")
 
     # -- commit --------------------------------------------------------------------------------------
 
@@ -470,14 +680,24 @@ class Restore:
                 j.write(f"{vm}\t{os.fspath(dst)}\n")
             j.flush()
             os.fsync(j.fileno())
+        # Durability before the commit point: the images' data (fsynced by the syncer while later archives
+        # were received) and the directory entries of the renames, so that a crash right after qubes.xml is
+        # replaced never leaves a registered VM with an empty or zeroed image.
+        self._wait_durable()
+        touched: set[Path] = set()
         for _vm, src, dst in moves:
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            _make_parents(dst.parent, touched)
             os.rename(src, dst)
+        for d in sorted(touched):
+            _fsync_fd_of(d, os.O_DIRECTORY)
         current.write_atomic(self.system.qubes_xml)  # the commit point
         journal.unlink()
         if home_move is not None:
-            home_move[1].parent.mkdir(parents=True, exist_ok=True)
+            touched = set()
+            _make_parents(home_move[1].parent, touched)
             os.rename(*home_move)
+            for d in sorted(touched):
+                _fsync_fd_of(d, os.O_DIRECTORY)
             self.home_restored_to = home_move[1]
         self.restored = restored_names
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -494,6 +714,7 @@ class Restore:
         self.state = State.FAILED
         if self.channel is not None:
             self.channel.abort()
+        self._stop_threads()
         if self.staging is not None:
             _remove_staging(self.staging, self.system)
             self.staging = None
@@ -501,6 +722,7 @@ class Restore:
     def close(self) -> None:
         if self.channel is not None:
             self.channel.abort()
+        self._stop_threads()
         if self.staging is not None:
             _remove_staging(self.staging, self.system)
             self.staging = None
@@ -692,6 +914,18 @@ def _file_moves(
 
 
 # ------------------------------------------------------------------------------------------ staging area
+
+def _make_parents(path: Path, touched: set[Path]) -> None:
+    """mkdir -p ``path``; ``touched`` gets every directory whose entries changed (to fsync them)."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    path.mkdir(parents=True, exist_ok=True)
+    touched.add(path)
+    touched.update(m.parent for m in missing)
+
 
 def _make_staging(system: System) -> Path:
     root = system.qubes_root

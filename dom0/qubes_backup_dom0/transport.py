@@ -284,8 +284,14 @@ class Channel:
         """File-like read for frames.read_frame: at least one byte unless at end of stream."""
         if size == 0:
             return b""
-        if not self._buf and not self._eof:
-            self._fill(size if size > 0 else READ_PIECE)
+        if not self._buf:
+            if self._eof:
+                return b""
+            piece = self._read_piece(size if size > 0 else READ_PIECE)
+            if size < 0 or size >= len(piece):
+                return piece  # no copy through the buffer
+            self._buf += memoryview(piece)[size:]
+            return piece[:size]
         if size < 0 or size >= len(self._buf):
             out = bytes(self._buf)
             self._buf.clear()
@@ -294,7 +300,31 @@ class Channel:
         del self._buf[:size]
         return out
 
-    def _fill(self, want: int) -> None:
+    def readinto(self, view: memoryview) -> int:
+        """File-like readinto for frames.readinto_exact: the pipe is read straight into ``view`` (no
+        intermediate copies); at least one byte unless at end of stream or ``view`` is empty."""
+        want = len(view)
+        if want == 0:
+            return 0
+        if self._buf:
+            n = min(want, len(self._buf))
+            view[:n] = self._buf[:n]
+            del self._buf[:n]
+            return n
+        if self._eof:
+            return 0
+        assert self._out_fd is not None
+        while True:
+            try:
+                n = os.readv(self._out_fd, [view])
+            except BlockingIOError:
+                self._wait_for(self._out_fd, select.POLLIN)
+                continue
+            if not n:
+                self._eof = True
+            return n
+
+    def _read_piece(self, want: int) -> bytes:
         assert self._out_fd is not None
         while True:
             try:
@@ -304,19 +334,22 @@ class Channel:
                 continue
             if not piece:
                 self._eof = True
-            self._buf += piece
-            return
+            return piece
 
     def recv(
-        self, allowed: dict[FrameType, tuple[int, int]], name_ok: NameCheck | None = None
+        self,
+        allowed: dict[FrameType, tuple[int, int]],
+        name_ok: NameCheck | None = None,
+        into: frames.BufferFor | None = None,
     ) -> Frame | None:
         """One bounded frame from the agent, None at a clean end of stream.
 
         A malformed frame raises frames.ProtocolError (with the agent's stderr tail appended); a stall
-        raises BackupError after ``timeout`` seconds.
+        raises BackupError after ``timeout`` seconds.  ``into``: see frames.read_frame (data read straight
+        into a caller's buffer).
         """
         try:
-            return frames.read_frame(self, allowed, name_ok)  # type: ignore[arg-type]
+            return frames.read_frame(self, allowed, name_ok, into)  # type: ignore[arg-type]
         except frames.ProtocolError as exc:
             raise frames.ProtocolError(f"{exc}{self._tail_suffix()}") from None
 

@@ -56,7 +56,7 @@ class ProtocolError(Exception):
 class Frame:
     type: FrameType
     name: str
-    data: bytes
+    data: bytes | memoryview  # a memoryview only when the caller asked read_frame to read ``into`` a buffer
 
 
 def encode_header(ftype: FrameType, name_len: int, data_len: int) -> bytes:
@@ -92,6 +92,23 @@ def read_exact(stream: BinaryIO, size: int) -> bytes:
     return buf
 
 
+def readinto_exact(stream: BinaryIO, view: memoryview) -> None:
+    """Fill ``view`` completely from the stream (its ``readinto`` when it has one, so nothing is copied
+    twice), or raise ProtocolError on a short stream."""
+    size, pos = len(view), 0
+    readinto = getattr(stream, "readinto", None)
+    while pos < size:
+        if readinto is not None:
+            n = readinto(view[pos:])
+        else:
+            piece = stream.read(size - pos) or b""
+            n = len(piece)
+            view[pos : pos + n] = piece
+        if not n:
+            raise ProtocolError(f"stream ended inside a frame ({pos} of {size} bytes)")
+        pos += n
+
+
 def read_header(stream: BinaryIO) -> tuple[FrameType, int, int] | None:
     """Read a frame header; None on a clean end of stream before any byte."""
     raw = stream.read(HEADER_SIZE)
@@ -112,15 +129,23 @@ def read_header(stream: BinaryIO) -> tuple[FrameType, int, int] | None:
 NameCheck = Callable[[str], bool]
 
 
+BufferFor = Callable[[FrameType, int], "memoryview | None"]
+
+
 def read_frame(
     stream: BinaryIO,
     allowed: dict[FrameType, tuple[int, int]],
     name_ok: NameCheck | None = None,
+    into: BufferFor | None = None,
 ) -> Frame | None:
     """Read one frame whose type is in ``allowed``: ``{type: (max_name_len, max_data_len)}``.
 
     Lengths are checked against the limits before anything else is read.  ``name_ok`` validates the name
     (ASCII only).  Returns None on a clean end of stream.
+
+    ``into(type, data_len)`` may return a writable memoryview of exactly ``data_len`` bytes (it is only
+    called after the length passed its limit); the data is then read straight into it and ``Frame.data`` is
+    that view.  When it returns None (or is not given) the data comes back as ``bytes``.
     """
     head = read_header(stream)
     if head is None:
@@ -140,7 +165,13 @@ def read_frame(
         raise ProtocolError("frame name is not ASCII") from None
     if name_len and name_ok is not None and not name_ok(name):
         raise ProtocolError(f"malformed name {safe_text(name)!r}")
-    return Frame(ftype, name, read_exact(stream, data_len))
+    view = into(ftype, data_len) if into is not None and data_len else None
+    if view is None:
+        return Frame(ftype, name, read_exact(stream, data_len))
+    if len(view) != data_len:
+        raise ValueError("read_frame: the buffer for the frame data has the wrong size")
+    readinto_exact(stream, view)
+    return Frame(ftype, name, view)
 
 
 def safe_text(text: str | bytes, limit: int = 200) -> str:
