@@ -7,14 +7,14 @@ import signal
 import sys
 import time
 
-from .backup import BackupOptions, BackupPlan, plan_backup, write_backup
-from .cli_common import confirm, human, run_cli, table
+from .api import run_backup
+from .backup import BackupOptions, BackupPlan, plan_backup
+from .cli_common import confirm, human, raise_interrupt, run_cli, table
 from .errors import UsageError
 from .header import CHUNK_MAX, CHUNK_MIN, DEFAULT_KDF_N
 from .passphrase import read_passphrase
 from .progress import Progress
 from .system import System
-from .targets import AgentTarget, LocalTarget, backup_file_name
 from .transport import make_transport
 
 
@@ -55,10 +55,6 @@ def summary(plan: BackupPlan, verbose: bool) -> str:
     return text
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     return run_cli(lambda: _run(args), args.debug)
@@ -79,26 +75,19 @@ def _run(args: argparse.Namespace) -> int:
         log("Backup cancelled.")
         return 1
     passphrase = read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
-    name = backup_file_name()
-    if args.dest_vm:
-        transport = make_transport(system)
-        if getattr(transport, "confined", True) is False:
-            log("note: simulated backup VM agent runs unconfined (bubblewrap not found)")
-        target: LocalTarget | AgentTarget = AgentTarget(transport, args.dest_vm, args.location, name)
-    else:
-        target = LocalTarget(system, args.location, name)
+    transport = make_transport(system) if args.dest_vm else None
+    if transport is not None and getattr(transport, "confined", True) is False:
+        log("note: simulated backup VM agent runs unconfined (bubblewrap not found)")
     bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
     start = time.monotonic()
     # SIGTERM ends the backup like Ctrl-C: the partial file is removed, nothing looks complete.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        header = write_backup(plan, passphrase, target, options, progress=bar)
+        result = run_backup(system, args.location, passphrase, plan=plan, dest_vm=args.dest_vm, options=options,
+                            progress=bar, transport=transport)  # fmt: skip
+    finally:
         bar.close()
-        where = target.commit()
-    except BaseException:
-        bar.close()
-        target.abort()
-        raise
+    header, where = result.header, result.location
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
         f"Backed up {len(plan.archives)} VM(s), {human(plan.data)} of data in {elapsed:.1f} s "

@@ -35,6 +35,11 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return answer in ("y", "yes")
 
 
+def raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: end like Ctrl-C, so the same clean-up runs (no partial backup, dom0 unchanged)."""
+    raise KeyboardInterrupt
+
+
 def run_cli(body: Callable[[], int], debug: bool) -> int:
     """Run a command body: BackupError -> one line on stderr and its exit code; Ctrl-C -> 130."""
     try:

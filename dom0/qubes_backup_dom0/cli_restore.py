@@ -7,7 +7,7 @@ import signal
 import sys
 import time
 
-from .cli_common import confirm, human, run_cli, table
+from .cli_common import confirm, human, raise_interrupt, run_cli, table
 from .passphrase import read_passphrase
 from .progress import Progress
 from .restore import Restore, RestoreOptions, RestorePlan
@@ -50,10 +50,6 @@ def summary(plan: RestorePlan) -> str:
     return "\n".join(lines)
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
     return run_cli(lambda: _run(args), args.debug)
@@ -69,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
     job = Restore(system, args.location, passphrase, source_vm=args.source_vm, options=options)
     try:
         job.open()
