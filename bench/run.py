@@ -682,13 +682,14 @@ def table(report: Report) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in report.cases:
+        label = c.label.replace("|", "\\|")  # pipeline labels contain '|': escape it for markdown tables
         if c.skipped:
-            lines.append(f"| {c.label} | skipped: {c.skipped} | | | | | | | |")
+            lines.append(f"| {label} | skipped: {c.skipped} | | | | | | | |")
             continue
         rel = f"{c.mbps / base.mbps:.2f}x" if base and base.mbps and c.data == base.data else ""
         scaled = " (scaled)" if c.scaled_from else ""
         lines.append(
-            f"| {c.label} | {c.wall:.2f}{scaled} | {c.mbps:,.0f} | {c.cpu:.1f} | {fmt_mib(c.dom0_rss)} "
+            f"| {label} | {c.wall:.2f}{scaled} | {c.mbps:,.0f} | {c.cpu:.1f} | {fmt_mib(c.dom0_rss)} "
             f"| {fmt_mib(c.agent_rss)} | {fmt_mib(c.temp_disk)} | {fmt_mib(c.output)} | {rel} |"
         )
     lines += ["", "| target | wanted | measured | verdict |", "|---|---|---|---|"]
