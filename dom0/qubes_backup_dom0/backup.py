@@ -25,6 +25,7 @@ from .manifest import ArchiveEntry, FileEntry, Manifest
 from .outer import OuterWriter, Sink
 from .qubesxml import Collection, Domain
 from .system import System
+from .text import has_unsafe_chars
 
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total), data bytes (holes excluded)
 
@@ -51,6 +52,7 @@ class BackupPlan:
     system: System
     collection: Collection
     archives: list[PlannedArchive] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files whose names cannot be stored safely
 
     @property
     def data(self) -> int:
@@ -115,7 +117,9 @@ def _restore_order(collection: Collection, selected: list[Domain]) -> list[Domai
     return ordered
 
 
-def _vm_files(system: System, collection: Collection, dom: Domain) -> list[inner.InnerFile]:
+def _vm_files(
+    system: System, collection: Collection, dom: Domain, skipped: list[str]
+) -> list[inner.InnerFile]:
     root = system.qubes_root
     files: list[inner.InnerFile] = []
     volume_paths: set[Path] = set()
@@ -145,20 +149,27 @@ def _vm_files(system: System, collection: Collection, dom: Domain) -> list[inner
                 path = Path(dirpath) / fname
                 if path in volume_paths or ".img" in fname or path.is_symlink() or not path.is_file():
                     continue  # other volumes (root/volatile snapshots, revisions) are not backed up
+                if has_unsafe_chars(fname):
+                    skipped.append(str(path))
+                    continue
                 files.append(inner.InnerFile.from_path(path.relative_to(root).as_posix(), path))
     if not files:
         raise BackupError(f"cannot back up {dom.name}: nothing to back up in {vm_dir}")
     return files
 
 
-def _home_files(system: System) -> list[inner.InnerFile]:
+def _home_files(system: System, skipped: list[str]) -> list[inner.InnerFile]:
     home = system.home_dir
     if not home.is_dir():
         raise BackupError(f"cannot back up dom0: home directory {home} is missing")
     files = [inner.InnerFile.from_path(home.relative_to(system.dom0_root).as_posix(), home)]
     for dirpath, dirnames, filenames in os.walk(home):
         dirnames.sort()
-        entries = sorted(dirnames + filenames)
+        # Names with control characters are not stored (a restore refuses them): listed as skipped instead.
+        unsafe = {n for n in dirnames + filenames if has_unsafe_chars(n)}
+        skipped.extend(str(Path(dirpath) / n) for n in sorted(unsafe))
+        dirnames[:] = [d for d in dirnames if d not in unsafe]
+        entries = sorted(dirnames + [f for f in filenames if f not in unsafe])
         for name in entries:
             path = Path(dirpath) / name
             if path.is_symlink() or path.is_dir() or path.is_file():
@@ -190,12 +201,11 @@ def plan_backup(
     chosen_doms = [d for d in chosen if d is not None]
     plan = BackupPlan(system, collection)
     if any(d.klass == "AdminVM" for d in chosen_doms):
-        plan.archives.append(PlannedArchive("vm0", "dom0", "home", "AdminVM", _home_files(system)))
+        plan.archives.append(PlannedArchive("vm0", "dom0", "home", "AdminVM", _home_files(system, plan.skipped)))
     vms = [d for d in chosen_doms if d.klass != "AdminVM"]
     for number, dom in enumerate(_restore_order(collection, vms), start=1):
-        plan.archives.append(
-            PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, _vm_files(system, collection, dom))
-        )
+        files = _vm_files(system, collection, dom, plan.skipped)
+        plan.archives.append(PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, files))
     if not plan.archives:
         raise UsageError("nothing to back up: no VM selected")
     return plan

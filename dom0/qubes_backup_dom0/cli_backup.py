@@ -7,6 +7,8 @@ import signal
 import sys
 import time
 
+from qubes_backup_protocol.frames import safe_text
+
 from .api import run_backup
 from .backup import BackupOptions, BackupPlan, plan_backup
 from .cli_common import confirm, human, raise_interrupt, run_cli, table
@@ -49,6 +51,8 @@ def summary(plan: BackupPlan, verbose: bool) -> str:
     rows = [[a.vm, a.klass, human(a.size), human(a.data)] for a in plan.archives]
     rows.append(["Total", "", human(plan.size), human(plan.data)])
     text = table(["VM", "class", "size", "to back up"], rows)
+    for path in plan.skipped:
+        text += f"\nskipped (control characters in the file name): {safe_text(path)}"
     if verbose:
         text += "\n" + "\n".join(f"  {f.path} ({human(f.size)}, {human(f.data)} data)" for a in plan.archives
                                  for f in a.files)  # fmt: skip

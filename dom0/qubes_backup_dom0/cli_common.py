@@ -7,6 +7,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from .errors import BackupError
+from .text import printable
 
 
 def human(n: int) -> str:
@@ -19,6 +20,8 @@ def human(n: int) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table; cells may come from a backup, so control characters are neutralised."""
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = "-+-".join("-" * w for w in widths)
     out = [" | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
@@ -47,7 +50,7 @@ def run_cli(body: Callable[[], int], debug: bool) -> int:
     except BackupError as e:
         if debug:
             traceback.print_exc()
-        print(f"{prog()}: error: {e}", file=sys.stderr)
+        print(f"{prog()}: error: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"{prog()}: interrupted", file=sys.stderr)
@@ -55,7 +58,8 @@ def run_cli(body: Callable[[], int], debug: bool) -> int:
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"{prog()}: internal error: {type(e).__name__}: {e} (run with --debug for details)", file=sys.stderr)
+        print(f"{prog()}: internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for details)",
+              file=sys.stderr)  # fmt: skip
         return 1
 
 

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from qubes_backup_dom0.errors import BackupError, VerificationError
+from qubes_backup_dom0.text import has_unsafe_chars
 
 BLOCK = 512
 _ZEROS = bytes(BLOCK)
@@ -166,6 +167,8 @@ def _path_problem(path: str) -> str | None:
         return "empty path"
     if "\0" in path:
         return "NUL in path"
+    if has_unsafe_chars(path):
+        return "control character in path"
     if path.startswith("/"):
         return "absolute path"
     try:

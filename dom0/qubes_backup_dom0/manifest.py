@@ -13,6 +13,7 @@ from lxml import etree
 from qubes_backup_protocol import names
 
 from .errors import VerificationError
+from .text import has_unsafe_chars
 
 MAX_MANIFEST_SIZE = 16 << 20
 MAX_ARCHIVES = 10_000
@@ -82,8 +83,8 @@ def valid_vm_name(name: str) -> bool:
 
 
 def valid_rel_path(path: str) -> bool:
-    """A relative POSIX path without ``.``/``..`` components, NULs or empty components."""
-    if not path or path.startswith("/") or len(path) > 4096:
+    """A relative POSIX path without ``.``/``..`` components, empty components or control characters."""
+    if not path or path.startswith("/") or len(path) > 4096 or has_unsafe_chars(path):
         return False
     return all(_PATH_COMPONENT_RE.fullmatch(c) and c not in (".", "..") for c in path.split("/"))
 

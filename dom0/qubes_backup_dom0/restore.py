@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import queue
+import re
+import shlex
 import shutil
 import stat
 import threading
@@ -42,7 +45,7 @@ from . import header as header_mod
 from . import manifest as manifest_mod
 from .chunking import decompressed_reader
 from .errors import BackupError, Cancelled, UsageError, VerificationError
-from .qubesxml import Collection, Domain
+from .qubesxml import FILE_DRIVERS, Collection, Domain
 from .system import System
 from .transport import Channel, Transport, make_transport
 
@@ -283,15 +286,26 @@ def _fsync_fd_of(path: str | os.PathLike[str], flags: int) -> None:
 
 
 def _fsync_tree(tree: Path, stop: threading.Event | None = None) -> None:
-    """fsync every regular file and directory under ``tree`` (symlinks are made durable by their directory)."""
-    for dirpath, _dirnames, filenames in os.walk(tree):
+    """fsync every regular file and directory under ``tree`` (symlinks are made durable by their directory).
+
+    Walks with directory fds (no path-length limit, no symlink followed) and fails on any unreadable
+    directory instead of silently skipping it: a restore is durable or it fails.
+    """
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    for _dirpath, _dirnames, filenames, dirfd in os.fwalk(tree, onerror=fail):
         for name in filenames:
             if stop is not None and stop.is_set():
                 return
-            path = os.path.join(dirpath, name)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                _fsync_fd_of(path, 0)
-        _fsync_fd_of(dirpath, os.O_DIRECTORY)
+            if stat.S_ISREG(os.lstat(name, dir_fd=dirfd).st_mode):
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        os.fsync(dirfd)
 
 
 class _Extraction(threading.Thread):
@@ -419,7 +433,7 @@ class Restore:
 
             transport = self.transport or LocalFileTransport(path.parent)
             channel = Channel(transport.start("qubes.Restore", "dom0"))
-            channel.send(FrameType.LOCATION, "", ("/" + path.name).encode())
+            channel.send(FrameType.LOCATION, "", shlex.quote("/" + path.name).encode())  # one word, spaces too
         return channel
 
     def _recv(self, max_data: int, into: Callable[[FrameType, int], memoryview | None] | None = None) -> Frame:
@@ -641,6 +655,7 @@ class Restore:
         root = self.system.qubes_root
         current = Collection.load(self.system.qubes_xml)
         moves: list[tuple[str, Path, Path]] = []
+        seen: set[Path] = set()
         for action in plan.vms:
             if not action.restore or action.archive is None:
                 continue
@@ -652,10 +667,16 @@ class Restore:
                     new_dom.remove_property(prop)
                 else:
                     new_dom.set_property(prop, value)
-            _fix_label_and_pools(current, new_dom)
+            vm_dir = (root / _confine_volumes(current, new_dom)).resolve()
             for f in _file_moves(plan.backup, old, new_dom, current, action.archive):
                 src = self.staging / action.archive.member / f[0]
-                moves.append((action.target_name, src, root / f[1]))
+                dst = Path(os.path.normpath(root / f[1]))
+                # Every restored file lands inside its VM's new directory, once: nothing else is touched.
+                if vm_dir not in dst.parents or root.resolve() not in vm_dir.parents or dst in seen:
+                    raise VerificationError(f"manifest: file {safe_text(f[0])} of VM {action.target_name} "
+                                            "has no valid place on this system")  # fmt: skip
+                seen.add(dst)
+                moves.append((action.target_name, src, dst))
         # Renamed VMs: dependants restored with them follow the new names.
         renames = {a.name: a.new_name for a in plan.vms if a.restore and a.new_name}
         restored_names = [a.target_name for a in plan.vms if a.restore and a.archive is not None]
@@ -677,7 +698,8 @@ class Restore:
         journal = self.staging / JOURNAL
         with open(journal, "w", encoding="utf-8") as j:
             for vm, _src, dst in moves:
-                j.write(f"{vm}\t{os.fspath(dst)}\n")
+                # JSON lines: no name or path can forge another entry (json.dumps escapes every control char).
+                j.write(json.dumps({"vm": vm, "path": os.fspath(dst)}) + "\n")
             j.flush()
             os.fsync(j.fileno())
         # Durability before the commit point: the images' data (fsynced by the syncer while later archives
@@ -731,8 +753,6 @@ class Restore:
 # ------------------------------------------------------------------------------------------- plan helpers
 
 def _parse_trailer(data: bytes, archive: manifest_mod.ArchiveEntry) -> tuple[int, int]:
-    import re
-
     m = re.fullmatch(rb"chunks=(0|[1-9][0-9]{0,6})\nstored=(0|[1-9][0-9]{0,18})\n", data)
     if m is None or len(data) > MAX_TRAILER:
         raise VerificationError(f"backup is damaged: VM {archive.vm}: malformed trailer")
@@ -872,11 +892,32 @@ def _shown_ref(backup: Collection, dom: Domain, prop: str) -> str | None:
 _DEFAULT_OF = {"template": "default_template", "netvm": "default_netvm", "default_dispvm": "default_dispvm"}
 
 
-def _fix_label_and_pools(current: Collection, dom: Domain) -> None:
-    """Labels and pools are looked up in this system, not the one the backup came from."""
-    fix = getattr(current, "adapt_foreign_domain", None)
-    if fix is not None:
-        fix(dom)
+_VOLUME_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+
+
+def _confine_volumes(current: Collection, dom: Domain) -> str:
+    """Every volume of a restored VM lives in the VM's own new directory, in a file pool of this system.
+
+    The backup's qubes.xml chose pools and vids; left alone, a renamed copy would share the original's
+    non-file (e.g. LVM) volumes, and a crafted one could point a volume or a snapshot ``source`` at another
+    VM's data.  Returns the VM's directory (relative to the Qubes root).
+    """
+    vm_dir = Collection.default_vm_dir(dom.name, dom.klass)
+    file_pool = next((n for n, a in current.pools.items() if a.get("driver") in FILE_DRIVERS), None)
+    for vel in dom.element.iterfind("volume-config/volume"):
+        name = vel.get("name", "")
+        if current.pools.get(vel.get("pool", ""), {}).get("driver") == "linux-kernel":
+            continue  # the kernel "volume" names a kernel of this system, no data
+        if not _VOLUME_NAME_RE.fullmatch(name):
+            raise VerificationError(f"VM {dom.name}: bad volume name {safe_text(name)!r}")
+        if file_pool is None:
+            raise BackupError("this system has no file pool to restore VM volumes into")
+        if current.pools.get(vel.get("pool", ""), {}).get("driver") not in FILE_DRIVERS:
+            vel.set("pool", file_pool)
+        vel.set("vid", f"{vm_dir}/{name}")
+        if name != "root":
+            vel.attrib.pop("source", None)  # only an AppVM's root is a snapshot (of its template's root)
+    return vm_dir
 
 
 def _root_follows_template(current: Collection, name: str) -> None:
@@ -901,7 +942,7 @@ def _file_moves(
 ) -> Iterable[tuple[str, str]]:
     """(path in the archive, path under the Qubes root) for each restored file."""
     old_dir = old.features.get("backup-path") or backup.vm_dir(old)
-    new_dir = current.vm_dir(new)
+    new_dir = Collection.default_vm_dir(new.name, new.klass)
     new_vids = {v.name: v.vid for v in new.volumes}
     by_file = {f"{v.vid}.img": new_vids.get(v.name) for v in old.volumes if v.save_on_stop}
     for f in archive.files:
@@ -943,11 +984,20 @@ def _remove_staging(staging: Path, system: System) -> None:
         # Interrupted between moving files into place and writing qubes.xml: files of VMs that did not get
         # registered are removed again (their names did not exist before the restore).
         registered = set(Collection.load(system.qubes_xml).names()) if system.qubes_xml.is_file() else set()
-        root = system.qubes_root
-        for line in journal.read_text(encoding="utf-8").splitlines():
-            vm, _, raw = line.partition("\t")
-            dst = Path(raw)
-            if vm in registered or root not in dst.parents:
+        root = system.qubes_root.resolve()
+        for line in journal.read_text(encoding="utf-8").split("\n"):
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+                vm, dst = entry["vm"], Path(os.path.normpath(entry["path"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line: what it named was never moved
+            # Only files inside the unregistered VM's own directory (appvms/VM/..., vm-templates/VM/...).
+            if not isinstance(vm, str) or vm in registered or root not in dst.parents:
+                continue
+            parts = dst.relative_to(root).parts
+            if len(parts) < 3 or parts[1] != vm or dst.is_symlink() or not dst.is_file():
                 continue
             dst.unlink(missing_ok=True)
             with contextlib.suppress(OSError):

@@ -70,9 +70,20 @@ class DirectorySink:
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = None
-            if self.final.exists() or self.final.is_symlink():
-                raise StorageError(f"backup already exists: {self.final_view}")
-            os.rename(self.tmp, self.final)
+            # link + unlink instead of rename: fails if a file of that name appeared meanwhile (never replaces).
+            # Filesystems without hard links (vfat/exfat USB sticks) fall back to check-then-rename.
+            try:
+                os.link(self.tmp, self.final, follow_symlinks=False)
+            except FileExistsError:
+                raise StorageError(f"backup already exists: {self.final_view}") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+                    raise
+                if self.final.exists() or self.final.is_symlink():
+                    raise StorageError(f"backup already exists: {self.final_view}") from None
+                os.rename(self.tmp, self.final)
+            else:
+                os.unlink(self.tmp)
             self.created = False
             dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
