@@ -127,3 +127,28 @@ def test_restore_from_dom0_file_whose_name_has_a_space(tmp_path: Path, source_ba
     assert r.returncode == 0, r.stderr
     assert same_content(src.qubes_root / "appvms/vault/private.img", dst.qubes_root / "appvms/vault/private.img")
 
+
+
+def test_slow_drip_agent_cannot_keep_a_frame_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent that sends one byte every 0.2 s never stalls for the 1 s timeout, yet the frame must end."""
+    import subprocess
+    import sys
+
+    from qubes_backup_dom0.transport import Channel
+    from qubes_backup_protocol import frames
+
+    drip = (
+        "import sys, time\n"
+        "from qubes_backup_protocol import frames\n"
+        "data = frames.encode(frames.FrameType.MEMBER, 'backup-header', b'x' * 4000)\n"
+        "for b in data:\n"
+        "    sys.stdout.buffer.write(bytes([b])); sys.stdout.buffer.flush(); time.sleep(0.2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", drip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    channel = Channel(proc, timeout=1.0)
+    try:
+        with pytest.raises(BackupError, match="too slowly"):
+            channel.recv({frames.FrameType.MEMBER: (64, 4096)})
+    finally:
+        channel.close()

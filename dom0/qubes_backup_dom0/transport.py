@@ -33,6 +33,7 @@ PIPE_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 300.0
 STDERR_TAIL = 4096
 READ_PIECE = 1 << 20
+MIN_RATE = 256 << 10  # bytes/s a frame from the agent must average once it is due (beyond the stall timeout)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -227,11 +228,17 @@ class Channel:
             if fd is not None:
                 os.set_blocking(fd, False)
         self._buf = bytearray()
+        self._frame_deadline: float | None = None
+        self._too_slow = False
         self._eof = False
         self._err = bytearray()
 
     # -- waiting -------------------------------------------------------------------------------------
     def _stalled(self) -> BackupError:
+        if self._too_slow:
+            return BackupError(
+                f"{self.vm} sends too slowly (under {MIN_RATE >> 10} KiB/s for a whole frame){self._tail_suffix()}"
+            )
         secs = f"{self.timeout:g}"
         return BackupError(f"{self.vm} did not answer for {secs} s{self._tail_suffix()}")
 
@@ -318,7 +325,7 @@ class Channel:
             try:
                 n = os.readv(self._out_fd, [view])
             except BlockingIOError:
-                self._wait_for(self._out_fd, select.POLLIN)
+                self._wait_for(self._out_fd, select.POLLIN, self._read_limit())
                 continue
             if not n:
                 self._eof = True
@@ -330,7 +337,7 @@ class Channel:
             try:
                 piece = os.read(self._out_fd, min(max(want, 65536), READ_PIECE))
             except BlockingIOError:
-                self._wait_for(self._out_fd, select.POLLIN)
+                self._wait_for(self._out_fd, select.POLLIN, self._read_limit())
                 continue
             if not piece:
                 self._eof = True
@@ -348,10 +355,25 @@ class Channel:
         raises BackupError after ``timeout`` seconds.  ``into``: see frames.read_frame (data read straight
         into a caller's buffer).
         """
+        # A whole frame must arrive within the stall timeout plus its largest allowed size at MIN_RATE: a VM
+        # that sends a byte now and then cannot keep dom0 waiting without end.
+        largest = frames.HEADER_SIZE + max(n + d for n, d in allowed.values())
+        self._frame_deadline = time.monotonic() + self.timeout + largest / MIN_RATE
         try:
             return frames.read_frame(self, allowed, name_ok, into)  # type: ignore[arg-type]
         except frames.ProtocolError as exc:
             raise frames.ProtocolError(f"{exc}{self._tail_suffix()}") from None
+        finally:
+            self._frame_deadline = None
+
+    def _read_limit(self) -> float:
+        """When the current wait for agent output must end: the stall timeout, or the frame's deadline."""
+        limit = time.monotonic() + self.timeout
+        if self._frame_deadline is not None and self._frame_deadline < limit:
+            self._too_slow = True
+            return self._frame_deadline
+        self._too_slow = False
+        return limit
 
     # -- writing -------------------------------------------------------------------------------------
     def send(self, ftype: FrameType, name: str = "", data: bytes | memoryview = b"") -> None:
