@@ -8,6 +8,7 @@ would reach the CLI as an "internal error" instead of a clear message, so it is 
 
 from __future__ import annotations
 
+import collections
 import io
 
 from qubes_backup_dom0 import header as header_mod
@@ -39,8 +40,13 @@ class CountingReader(io.BytesIO):
         return super().read(size)
 
 
+#: Inputs each target has been run on in this process (printed at the end of ``make test``).
+RUNS: collections.Counter[str] = collections.Counter()
+
+
 def fuzz_frames(data: bytes) -> int:
     """Read frames until the stream ends or is refused; returns how many frames were accepted."""
+    RUNS["frames"] += 1
     stream = CountingReader(data)
     count = 0
     bound = frames.HEADER_SIZE + max(n + d for n, d in MEMBER_LIMITS.values())
@@ -61,6 +67,7 @@ def fuzz_frames(data: bytes) -> int:
 
 def fuzz_header(data: bytes) -> None:
     """header.parse either returns a header within the ceilings or raises VerificationError."""
+    RUNS["header"] += 1
     try:
         hdr = header_mod.parse(data)
     except BackupError:
@@ -73,6 +80,7 @@ def fuzz_header(data: bytes) -> None:
 
 def fuzz_manifest(data: bytes) -> None:
     """manifest.parse either returns a structurally checked manifest or raises a BackupError."""
+    RUNS["manifest"] += 1
     try:
         m = manifest_mod.parse(data)
     except BackupError:
