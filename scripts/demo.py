@@ -64,6 +64,7 @@ def main() -> int:
     lines = listing.splitlines()
     print("\n".join(lines[:8] + (["..."] if len(lines) > 10 else []) + lines[-2:]))
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "dom0"))
+    from qubes_backup_dom0.inner import same_content
     from qubes_backup_dom0.qubesxml import Collection
 
     names = Collection.load(src / "dom0/var/lib/qubes/qubes.xml").names()
@@ -104,7 +105,7 @@ def main() -> int:
         if vm is None or restored.get(vm) is None or vm == "backupvm":
             continue
         other = qroot_dst / rel
-        same = other.is_file() and _same_content(path, other)
+        same = other.is_file() and same_content(path, other)
         compared += 1
         bad += not same
         total_apparent += path.stat().st_size
@@ -119,22 +120,6 @@ def main() -> int:
     homes = list((dst / "dom0/home/user").glob("home-restore-*"))
     print(f"dom0 home restored to: {homes[0].relative_to(dst) if homes else 'not restored'}")
     return 1 if bad or not compared else 0
-
-
-def _same_content(a: Path, b: Path) -> bool:
-    """Byte-exact comparison that reads only data: same size, same hole map, same bytes in every region."""
-    from qubes_backup_dom0.inner import scan
-
-    (size_a, regions_a), (size_b, regions_b) = scan(a), scan(b)
-    if size_a != size_b or regions_a != regions_b:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for offset, length in regions_a:
-            for pos in range(offset, offset + length, 1 << 22):
-                n = min(1 << 22, offset + length - pos)
-                if os.pread(fa.fileno(), n, pos) != os.pread(fb.fileno(), n, pos):
-                    return False
-    return True
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from qubes_backup_dom0 import simgen
-from qubes_backup_dom0.inner import scan
+from qubes_backup_dom0.inner import same_content
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
 
@@ -128,23 +128,6 @@ def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest() if st.st_size <= SMALL_FILE else ""
                 out[rel] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, st.st_blocks, digest)
     return out
-
-
-def same_content(a: Path, b: Path) -> bool:
-    """Byte-exact comparison reading only data regions of ``a`` (the original) and the same ranges of ``b``;
-    the sizes must match and ``b`` must hold zeros wherever ``a`` has a hole (checked via b's own regions)."""
-    size_a, regions_a = scan(a)
-    size_b, regions_b = scan(b)
-    if size_a != size_b:
-        return False
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        for regions in (regions_a, regions_b):
-            for offset, length in regions:
-                for pos in range(offset, offset + length, 1 << 22):
-                    n = min(1 << 22, offset + length - pos)
-                    if os.pread(fa.fileno(), n, pos) != os.pread(fb.fileno(), n, pos):
-                        return False
-    return True
 
 
 def allocated(path: Path) -> int:
