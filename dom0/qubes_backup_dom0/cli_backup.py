@@ -81,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     passphrase = read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
     transport = make_transport(system) if args.dest_vm else None
     if transport is not None and getattr(transport, "confined", True) is False:
-        log("note: simulated backup VM agent runs unconfined (bubblewrap not found)")
+        log("note: simulated backup VM agent runs unconfined (bubblewrap not found or QUBES_SIM_SANDBOX=0)")
     bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
     start = time.monotonic()
     # SIGTERM ends the backup like Ctrl-C: the partial file is removed, nothing looks complete.

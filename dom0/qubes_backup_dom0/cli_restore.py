@@ -69,6 +69,8 @@ def _run(args: argparse.Namespace) -> int:
     job = Restore(system, args.location, passphrase, source_vm=args.source_vm, options=options)
     try:
         job.open()
+        if not job.confined:
+            log("note: the process reading the backup runs unconfined (bubblewrap not found or QUBES_SIM_SANDBOX=0)")
         plan = job.plan()
         log(summary(plan))
         if plan.errors:

@@ -410,6 +410,7 @@ class Restore:
         self._cancel = threading.Event()
         self.restored: list[str] = []
         self.home_restored_to: Path | None = None
+        self.confined = True  # False: the process reading the backup's tar runs without a sandbox
         self._worker: _Extraction | None = None
         self._syncer: _Syncer | None = None
         self._sealed = bytearray()  # reused for every chunk frame (read into, verified, decrypted out of)
@@ -421,6 +422,7 @@ class Restore:
             raise UsageError("backup location is too long or contains a newline")
         if self.source_vm:
             transport = self.transport or make_transport(self.system)
+            self.confined = getattr(transport, "confined", True)
             channel = Channel(transport.start("qubes.Restore", self.source_vm))
             channel.send(FrameType.LOCATION, "", self.location.encode())
         else:
@@ -432,6 +434,7 @@ class Restore:
             from .transport import LocalFileTransport
 
             transport = self.transport or LocalFileTransport(path.parent)
+            self.confined = getattr(transport, "confined", True)
             channel = Channel(transport.start("qubes.Restore", "dom0"))
             channel.send(FrameType.LOCATION, "", shlex.quote("/" + path.name).encode())  # one word, spaces too
         return channel
@@ -443,8 +446,14 @@ class Restore:
             raise Cancelled("restore cancelled")
         try:
             frame = self.channel.recv(_member_limits(max_data), names.is_member_name, into)
-        except ProtocolError as e:
-            raise VerificationError(f"backup VM sent a malformed stream: {e}") from None
+        except (ProtocolError, BackupError, OSError) as e:
+            if self._cancel.is_set():  # the agent was killed by cancel(): that is why the stream broke
+                raise Cancelled("restore cancelled") from None
+            if isinstance(e, ProtocolError):
+                raise VerificationError(f"backup VM sent a malformed stream: {e}") from None
+            raise
+        if self._cancel.is_set():
+            raise Cancelled("restore cancelled")
         if frame is None:
             raise VerificationError("the backup ends too early (truncated, or the backup VM stopped)")
         if frame.type == FrameType.ERROR:
@@ -728,9 +737,16 @@ class Restore:
     # -- failure and cancellation ----------------------------------------------------------------------
 
     def cancel(self) -> None:
+        """Ask a running restore to stop (from any thread); it then fails with Cancelled, dom0 unchanged.
+
+        Only signals are sent from here: closing the channel's descriptors under the thread that is reading
+        them could make it read a recycled descriptor.  Killing the agent wakes that thread at once.
+        """
         self._cancel.set()
-        if self.channel is not None:
-            self.channel.abort()
+        channel = self.channel
+        if channel is not None and channel.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                channel.proc.kill()
 
     def _fail(self) -> None:
         self.state = State.FAILED

@@ -229,6 +229,7 @@ class Channel:
                 os.set_blocking(fd, False)
         self._buf = bytearray()
         self._frame_deadline: float | None = None
+        self._frame_budget: float | None = None
         self._too_slow = False
         self._eof = False
         self._err = bytearray()
@@ -289,6 +290,11 @@ class Channel:
     # -- reading -------------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
         """File-like read for frames.read_frame: at least one byte unless at end of stream."""
+        out = self._read(size)
+        self._got(len(out))
+        return out
+
+    def _read(self, size: int) -> bytes:
         if size == 0:
             return b""
         if not self._buf:
@@ -310,6 +316,9 @@ class Channel:
     def readinto(self, view: memoryview) -> int:
         """File-like readinto for frames.readinto_exact: the pipe is read straight into ``view`` (no
         intermediate copies); at least one byte unless at end of stream or ``view`` is empty."""
+        return self._got(self._readinto(view))
+
+    def _readinto(self, view: memoryview) -> int:
         want = len(view)
         if want == 0:
             return 0
@@ -355,16 +364,24 @@ class Channel:
         raises BackupError after ``timeout`` seconds.  ``into``: see frames.read_frame (data read straight
         into a caller's buffer).
         """
-        # A whole frame must arrive within the stall timeout plus its largest allowed size at MIN_RATE: a VM
-        # that sends a byte now and then cannot keep dom0 waiting without end.
+        # Once a frame has begun, all of it must arrive within the stall timeout plus its largest allowed size
+        # at MIN_RATE: a VM that sends a byte now and then cannot keep dom0 waiting without end.  (Before its
+        # first byte, only the stall timeout applies.)
         largest = frames.HEADER_SIZE + max(n + d for n, d in allowed.values())
-        self._frame_deadline = time.monotonic() + self.timeout + largest / MIN_RATE
+        self._frame_budget = self.timeout + largest / MIN_RATE
+        self._frame_deadline = None
         try:
             return frames.read_frame(self, allowed, name_ok, into)  # type: ignore[arg-type]
         except frames.ProtocolError as exc:
             raise frames.ProtocolError(f"{exc}{self._tail_suffix()}") from None
         finally:
-            self._frame_deadline = None
+            self._frame_budget = self._frame_deadline = None
+
+    def _got(self, n: int) -> int:
+        """Bookkeeping for every byte handed to the frame reader: the first one starts the frame's clock."""
+        if n and self._frame_budget is not None and self._frame_deadline is None:
+            self._frame_deadline = time.monotonic() + self._frame_budget
+        return n
 
     def _read_limit(self) -> float:
         """When the current wait for agent output must end: the stall timeout, or the frame's deadline."""
