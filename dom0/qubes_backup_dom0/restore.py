@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import json
 import os
 import queue
@@ -25,7 +26,7 @@ import shlex
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -548,7 +549,8 @@ class Restore:
             if self.options.verify_only:
                 self.state = State.COMMITTED
                 return
-            self._commit(plan)
+            with _collection_lock(self.system):
+                self._commit(plan)
             self.state = State.COMMITTED
         except BaseException:
             self._fail()
@@ -971,6 +973,18 @@ def _file_moves(
 
 
 # ------------------------------------------------------------------------------------------ staging area
+
+@contextlib.contextmanager
+def _collection_lock(system: System) -> Iterator[None]:
+    """Serialise commits of concurrent restores: each reads qubes.xml and replaces it, so without the lock
+    one of two restores at the same moment would lose the other's registrations."""
+    fd = os.open(system.qubes_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # a lock that leaves no file
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
 
 def _make_parents(path: Path, touched: set[Path]) -> None:
     """mkdir -p ``path``; ``touched`` gets every directory whose entries changed (to fsync them)."""

@@ -185,9 +185,23 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _freeze_when_written(proc: subprocess.Popen[bytes], dest: Path, at_least: int) -> bool:
+    """SIGSTOP qvm-backup as soon as the agent's partial file holds ``at_least`` bytes (mid-stream, however
+    fast the machine); False if the backup finished first."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.poll() is None:
+        for p in dest.glob(".qubes-backup-*"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_size >= at_least:
+                    proc.send_signal(signal.SIGSTOP)
+                    return True
+        time.sleep(0.001)
+    return False
+
+
 @pytest.mark.parametrize("side", ["dom0", "agent"])
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.6])
-def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, delay: float) -> None:
+@pytest.mark.parametrize("delay", [0, 16 << 10, 128 << 10], ids=["start", "16KiB", "128KiB"])
+def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, delay: int) -> None:
     dest = world.src.vm_root(VM) / "home/user" / f"killed-{side}-{delay}"
     dest.mkdir()
     env = world.env(world.src, QUBES_BACKUP_TIMEOUT="5")
@@ -195,13 +209,15 @@ def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, dela
         [str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--chunk-size", str(CHUNK),
          f"/home/user/{dest.name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    time.sleep(delay)
+    frozen = _freeze_when_written(proc, dest, delay)  # ``delay``: bytes the backup VM got before the kill
     if side == "dom0":
         proc.send_signal(signal.SIGKILL)
     else:
         for pid in _children(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        if frozen:
+            proc.send_signal(signal.SIGCONT)
     proc.communicate(timeout=30)
     for _ in range(20):  # the agent notices dom0's death (EOF) and removes its partial file
         if not any(p.name.startswith("qubes-backup-") for p in dest.iterdir()):
@@ -209,7 +225,7 @@ def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, dela
         time.sleep(0.1)
     finished = [p for p in dest.iterdir() if p.name.startswith("qubes-backup-")]
     if proc.returncode == 0:
-        pytest.skip(f"the backup finished within {delay} s: nothing to kill")
+        pytest.skip(f"the backup finished before {delay} bytes reached the backup VM: nothing to kill")
     for path in finished:
         # Killed after COMMIT went out: the agent may legitimately have completed the backup.  Then the file
         # must be a complete, verifying backup, never a partial one with a finished name.
