@@ -130,7 +130,7 @@ def test_restore_from_dom0_file_whose_name_has_a_space(tmp_path: Path, source_ba
 
 
 def test_slow_drip_agent_cannot_keep_a_frame_open(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An agent that sends one byte every 0.2 s never stalls for the 1 s timeout, yet the frame must end."""
+    """An agent that sends one byte every 0.2 s never stalls for the 2 s timeout, yet the frame must end."""
     import subprocess
     import sys
 
@@ -146,7 +146,7 @@ def test_slow_drip_agent_cannot_keep_a_frame_open(monkeypatch: pytest.MonkeyPatc
     )
     proc = subprocess.Popen([sys.executable, "-c", drip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
-    channel = Channel(proc, timeout=1.0)
+    channel = Channel(proc, timeout=2.0)  # generous for start-up; the drip (0.2 s) never stalls that long
     try:
         with pytest.raises(BackupError, match="too slowly"):
             channel.recv({frames.FrameType.MEMBER: (64, 4096)})
