@@ -16,12 +16,16 @@ $(VENV)/.installed: protocol/pyproject.toml dom0/pyproject.toml vm-agent/pyproje
 	$(BIN)/pip install -q -e protocol -e dom0 -e vm-agent -r requirements-dev.txt
 	touch $@
 
+TYPED := dom0/qubes_backup_dom0 protocol/qubes_backup_protocol vm-agent/qubes_backup_agent
+
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy --ignore-missing-imports $(TYPED)
 	$(BIN)/pytest -q tests
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy --ignore-missing-imports $(TYPED)
 
 demo: venv
 	$(BIN)/python scripts/demo.py --sim $(SIM)

@@ -67,14 +67,15 @@ class BackupPlan:
             ArchiveEntry(a.member, a.vm, a.kind, [FileEntry(f.path, f.type, f.size, f.data) for f in a.files])
             for a in self.archives
         ]
-        backed_up = {}
+        backed_up: dict[str, tuple[str, int]] = {}
         for a in self.archives:
             if a.kind == "home":
-                backed_up["dom0"] = (f"dom0-home/{self.system.user}", str(a.size))
+                backed_up["dom0"] = (f"dom0-home/{self.system.user}", a.size)
             else:
                 dom = self.collection.get(a.vm)
-                assert dom is not None
-                backed_up[a.vm] = (self.collection.vm_dir(dom), str(a.size))
+                vm_dir = self.collection.vm_dir(dom) if dom is not None else None
+                assert dom is not None and vm_dir is not None  # planned from this collection; not dom0
+                backed_up[a.vm] = (vm_dir, a.size)
         vm_names = [a.vm for a in self.archives if a.kind == "vm"]
         deps = self.collection.dependencies(vm_names)
         qubes = self.collection.subset(backed_up, deps).to_bytes()
@@ -141,7 +142,7 @@ def _vm_files(
             raise BackupError(f"cannot back up {dom.name}: volume file {path} is missing")
         volume_paths.add(path)
         files.append(inner.InnerFile.from_path(rel.as_posix(), path))
-    vm_dir = root / collection.vm_dir(dom)
+    vm_dir = root / (collection.vm_dir(dom) or collection.default_vm_dir(dom.name, dom.klass))
     if vm_dir.is_dir():
         for dirpath, dirnames, filenames in os.walk(vm_dir):
             dirnames.sort()
@@ -217,7 +218,9 @@ class _Stop:
     pass
 
 
-def _encrypt_and_mac(keys: crypto.Keys, name: str, plaintext: bytes | memoryview) -> tuple[str, memoryview, bytes]:
+def _encrypt_and_mac(
+    keys: crypto.Keys, name: str, plaintext: bytes | bytearray | memoryview
+) -> tuple[str, memoryview, bytes]:
     sealed = crypto.encrypt(keys, plaintext)
     return name, sealed, crypto.mac_member(keys, name, sealed)
 
@@ -282,7 +285,7 @@ def write_backup(
                 index = 0
                 stored = 0
 
-                def submit(chunk: bytes | memoryview, archive: PlannedArchive = archive) -> None:
+                def submit(chunk: bytes | bytearray | memoryview, archive: PlannedArchive = archive) -> None:
                     nonlocal index, stored
                     name = names.chunk_name(archive.member, index)
                     index += 1

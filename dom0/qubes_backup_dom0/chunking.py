@@ -37,7 +37,7 @@ class Chunker:
         elif compression != "none":
             raise ValueError(f"unknown compression {compression}")
 
-    def _cut(self, data: bytes | memoryview) -> Iterator[bytes | memoryview]:
+    def _cut(self, data: bytes | memoryview) -> Iterator[bytes | bytearray | memoryview]:
         """Cut into chunks, copying only what straddles a chunk boundary (into a preallocated buffer)."""
         view = memoryview(data)
         if not self._fill and len(view) >= self.chunk_size:
@@ -55,7 +55,7 @@ class Chunker:
                 out, self._buf, self._fill = self._buf, bytearray(self.chunk_size), 0
                 yield out
 
-    def feed(self, data: bytes | memoryview) -> Iterator[bytes | memoryview]:
+    def feed(self, data: bytes | memoryview) -> Iterator[bytes | bytearray | memoryview]:
         if self._zstd is not None:
             yield from self._zstd.compress(data)
         elif self._gzip is not None:
@@ -63,7 +63,7 @@ class Chunker:
         else:
             yield from self._cut(data)
 
-    def finish(self) -> Iterator[bytes | memoryview]:
+    def finish(self) -> Iterator[bytes | bytearray | memoryview]:
         if self._zstd is not None:
             yield from self._zstd.finish()
             return
@@ -75,7 +75,7 @@ class Chunker:
 
 
 class RawReader(Protocol):
-    def read(self, size: int = -1) -> bytes: ...
+    def read(self, size: int = -1) -> bytes | memoryview: ...
 
 
 def decompressed_reader(compression: str, raw: RawReader) -> RawReader:
@@ -85,9 +85,11 @@ def decompressed_reader(compression: str, raw: RawReader) -> RawReader:
     decompresses a thousandfold.
     """
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20, read_across_frames=True)
+        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
+            raw, read_size=1 << 20, read_across_frames=True  # type: ignore[arg-type]
+        )
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type]
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[arg-type, call-overload]
     if compression == "none":
         return raw
     raise ValueError(f"unknown compression {compression}")

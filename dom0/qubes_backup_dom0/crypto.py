@@ -89,7 +89,7 @@ def verify_member(keys: Keys, name: str, data: bytes | memoryview, mac_line: byt
     return len(mac_line) == MAC_HEX_SIZE and hmac.compare_digest(mac_member(keys, name, data), mac_line)
 
 
-def encrypt(keys: Keys, plaintext: bytes | memoryview, iv: bytes | None = None) -> memoryview:
+def encrypt(keys: Keys, plaintext: bytes | bytearray | memoryview, iv: bytes | None = None) -> memoryview:
     """``IV || AES-256-CTR(plaintext)`` with a fresh random IV (the full 16-byte initial counter).
 
     Encrypts straight into one preallocated buffer: chunks are tens of MiB and this is the hot path.

@@ -104,7 +104,7 @@ def parse(data: bytes) -> Manifest:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as e:
         raise VerificationError(f"manifest is not well-formed XML: {e}") from None
-    if root.getroottree().docinfo.doctype:
+    if root.getroottree().docinfo.doctype:  # type: ignore[union-attr]
         raise VerificationError("manifest must not have a DOCTYPE")
     if root.tag != "qubes-backup-manifest" or root.get("version") != "1":
         raise VerificationError("manifest: unsupported version")

@@ -77,7 +77,7 @@ def parse_xml(data: bytes, max_bytes: int = MAX_XML_BYTES) -> etree._Element:
     except etree.XMLSyntaxError as e:
         raise QubesXmlError(f"malformed XML: {e}") from None
     docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:  # type: ignore[union-attr]
         raise QubesXmlError("XML with a DOCTYPE is refused")
     for node in root.iter():
         if isinstance(node, etree._Entity | etree._ProcessingInstruction):
@@ -114,7 +114,7 @@ class Volume:
 
     @classmethod
     def from_element(cls, el: etree._Element) -> Volume:
-        a = dict(el.attrib)
+        a: dict[str, str] = {str(k): str(v) for k, v in el.attrib.items()}
         size_text = a.get("size")
         try:
             size = int(size_text) if size_text not in (None, "") else None
@@ -214,7 +214,9 @@ class Domain:
         """Drop a property so it falls back to the system default."""
         el = self._prop_el(name)
         if el is not None:
-            el.getparent().remove(el)
+            parent = el.getparent()
+            if parent is not None:
+                parent.remove(el)
 
     def set_feature(self, name: str, value: object) -> None:
         feats = self._section("features", create=True)
@@ -408,9 +410,16 @@ class Collection:
             os.close(dfd)
 
     # -- reading -----------------------------------------------------------------------------------------
+    def _child(self, tag: str) -> etree._Element:
+        """A top-level section; ``__init__`` creates every missing one, so it always exists."""
+        el = self.root.find(tag)
+        if el is None:
+            raise QubesXmlError(f"qubes.xml has no <{tag}>")
+        return el
+
     @property
     def _domains_el(self) -> etree._Element:
-        return self.root.find("domains")
+        return self._child("domains")
 
     @property
     def domains(self) -> list[Domain]:
@@ -437,22 +446,23 @@ class Collection:
     @property
     def labels(self) -> dict[str, str]:
         """label id (``label-N``) -> label name."""
-        return {el.get("id", ""): el.text or "" for el in self.root.find("labels").findall("label")}
+        return {el.get("id", ""): el.text or "" for el in self._child("labels").findall("label")}
 
     def label_id(self, name: str) -> str | None:
         return next((lid for lid, lname in self.labels.items() if lname == name), None)
 
     @property
     def pools(self) -> dict[str, dict[str, str]]:
-        return {el.get("name", ""): dict(el.attrib) for el in self.root.find("pools").findall("pool")}
+        pools = self._child("pools").findall("pool")
+        return {el.get("name", ""): {str(k): str(v) for k, v in el.attrib.items()} for el in pools}
 
     @property
     def global_properties(self) -> dict[str, str]:
-        props = self.root.find("properties")
+        props = self._child("properties")
         return {p.get("name", ""): p.text or "" for p in props.findall("property")}
 
     def set_global_property(self, name: str, value: object) -> None:
-        props = self.root.find("properties")
+        props = self._child("properties")
         for p in props.findall("property"):
             if p.get("name") == name:
                 p.text = _to_text(value)

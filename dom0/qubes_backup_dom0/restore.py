@@ -466,7 +466,7 @@ class Restore:
         if frame.type != FrameType.MEMBER or frame.name != name:
             got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
             raise VerificationError(f"backup is damaged or tampered with: expected {name}, got {safe_text(got)}")
-        return frame.data
+        return bytes(frame.data)  # no copy: without ``into`` frame data is already bytes
 
     # -- header and manifest -------------------------------------------------------------------------
 
@@ -489,7 +489,7 @@ class Restore:
             mac = self._expect(names.mac_name(names.MANIFEST), crypto.MAC_HEX_SIZE)
             if not crypto.verify_member(keys, names.MANIFEST, sealed, mac):
                 raise VerificationError("the backup manifest failed verification (tampered with or damaged)")
-            self.manifest = manifest_mod.parse(crypto.decrypt(keys, sealed))
+            self.manifest = manifest_mod.parse(bytes(crypto.decrypt(keys, sealed)))  # bytes already: no copy
             if self.manifest.backup_id != hdr.backup_id.hex():
                 raise VerificationError("the manifest belongs to another backup")
             self.state = State.MANIFEST
@@ -933,8 +933,8 @@ def _confine_volumes(current: Collection, dom: Domain) -> str:
         if current.pools.get(vel.get("pool", ""), {}).get("driver") not in FILE_DRIVERS:
             vel.set("pool", file_pool)
         vel.set("vid", f"{vm_dir}/{name}")
-        if name != "root":
-            vel.attrib.pop("source", None)  # only an AppVM's root is a snapshot (of its template's root)
+        if name != "root" and "source" in vel.attrib:  # only an AppVM's root is a snapshot (of its template's)
+            del vel.attrib["source"]
     return vm_dir
 
 
@@ -959,7 +959,7 @@ def _file_moves(
     backup: Collection, old: Domain, new: Domain, current: Collection, archive: manifest_mod.ArchiveEntry
 ) -> Iterable[tuple[str, str]]:
     """(path in the archive, path under the Qubes root) for each restored file."""
-    old_dir = old.features.get("backup-path") or backup.vm_dir(old)
+    old_dir = old.features.get("backup-path") or backup.vm_dir(old) or ""
     new_dir = Collection.default_vm_dir(new.name, new.klass)
     new_vids = {v.name: v.vid for v in new.volumes}
     by_file = {f"{v.vid}.img": new_vids.get(v.name) for v in old.volumes if v.save_on_stop}
@@ -1037,7 +1037,7 @@ def _remove_staging(staging: Path, system: System) -> None:
 
 def cleanup_stale_staging(system: System) -> list[Path]:
     """Remove what an interrupted restore left behind (run at the start of every restore)."""
-    removed = []
+    removed: list[Path] = []
     root = system.qubes_root
     if not root.is_dir():
         return removed

@@ -174,9 +174,9 @@ def read_frame(
     return Frame(ftype, name, view)
 
 
-def safe_text(text: str | bytes, limit: int = 200) -> str:
+def safe_text(text: str | bytes | memoryview, limit: int = 200) -> str:
     """Printable ASCII rendering of peer-supplied text, for one-line error messages (no escapes)."""
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", "replace")
+    if not isinstance(text, str):
+        text = bytes(text).decode("utf-8", "replace")
     out = "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
     return out if len(out) <= limit else out[:limit] + "..."

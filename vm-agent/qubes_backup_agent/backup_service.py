@@ -60,7 +60,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         send_error(stdout, "bad request: no backup name")
         return EXIT_FAILED
     try:
-        location = first.data.decode("utf-8")
+        location = bytes(first.data).decode("utf-8")
     except UnicodeDecodeError:
         send_error(stdout, "bad request: location is not UTF-8")
         return EXIT_FAILED
@@ -73,7 +73,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
                 raise _EarlyEnd
             if frame.type == FrameType.COMMIT:
                 break
-            sink.write(frame.data)
+            sink.write(bytes(frame.data))  # bytes already (read_frame without ``into``): no copy
         where = sink.commit()
         sink = None
     except _EarlyEnd:

@@ -87,7 +87,7 @@ def stream_members(tar: tarfile.TarFile, stdin: BinaryIO, stdout: BinaryIO) -> N
         member = tar.next()
         if member is None:
             break
-        tar.members.clear()  # tarfile remembers every member; we never look back
+        tar.members.clear()  # type: ignore[attr-defined]  # tarfile remembers every member; we never look back
         check_member(member)
         if wanted is not None:
             archive = names.archive_of(member.name)
@@ -110,7 +110,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     if first is None:
         return EXIT_FAILED
     try:
-        location = first.data.decode("utf-8")
+        location = bytes(first.data).decode("utf-8")
     except UnicodeDecodeError:
         send_error(stdout, "bad request: location is not UTF-8")
         return EXIT_FAILED

@@ -86,7 +86,7 @@ class CommandSource:
         self.argv = list(argv)
         self.proc = _spawn(self.argv, cwd, dict(os.environ), reading=True)
         assert self.proc.stdout is not None
-        self.stdout: BinaryIO = self.proc.stdout
+        self.stdout: BinaryIO = self.proc.stdout  # type: ignore[assignment]  # Popen's pipe is binary
 
     def finish(self) -> None:
         """Drain what follows the tar's end (bounded), then require exit status 0."""
