@@ -21,7 +21,7 @@ from . import crypto, inner
 from .chunking import Chunker
 from .errors import BackupError, Cancelled, UsageError
 from .header import DEFAULT_CHUNK_SIZE, DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, Header, now_utc
-from .manifest import ArchiveEntry, FileEntry, Manifest
+from .manifest import ArchiveEntry, ArchiveSizes, FileEntry, Manifest
 from .outer import OuterWriter, Sink
 from .qubesxml import Collection, Domain
 from .system import System
@@ -31,20 +31,12 @@ ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total), data
 
 
 @dataclass
-class PlannedArchive:
+class PlannedArchive(ArchiveSizes):
     member: str
     vm: str
     kind: str  # vm | home
     klass: str
     files: list[inner.InnerFile]
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-    @property
-    def data(self) -> int:
-        return sum(f.data for f in self.files)
 
 
 @dataclass

@@ -7,7 +7,9 @@ hardened XML parser, bounded counts, strict names and paths.  The restore plan i
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lxml import etree
 from qubes_backup_protocol import names
@@ -32,12 +34,19 @@ class FileEntry:
     data: int
 
 
-@dataclass
-class ArchiveEntry:
-    member: str  # vmN
-    vm: str
-    kind: str  # vm | home
-    files: list[FileEntry] = field(default_factory=list)
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def data(self) -> int: ...
+
+
+class ArchiveSizes:
+    """An archive's apparent size and stored (non-hole) bytes: the sums over its files.  Shared by the
+    manifest's entries and the backup plan's archives."""
+
+    files: Sequence[_Sized]
 
     @property
     def size(self) -> int:
@@ -46,6 +55,14 @@ class ArchiveEntry:
     @property
     def data(self) -> int:
         return sum(f.data for f in self.files)
+
+
+@dataclass
+class ArchiveEntry(ArchiveSizes):
+    member: str  # vmN
+    vm: str
+    kind: str  # vm | home
+    files: list[FileEntry] = field(default_factory=list)
 
 
 @dataclass
