@@ -91,6 +91,8 @@ def _run(args: argparse.Namespace) -> int:
         elapsed = max(time.monotonic() - start, 1e-9)
     finally:
         job.close()
+    for warning in job.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({plan.data / elapsed / 1e6:.0f} MB/s)"
     if args.verify_only:
         print(f"Backup verified: {len(plan.wanted)} archive(s), {rate}; nothing was written")

@@ -47,10 +47,10 @@ import os
 import re
 import stat
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.text import has_unsafe_chars
@@ -407,6 +407,20 @@ def _utf8(value: bytes, what: str) -> str:
 WRITEBACK_BYTES = 64 << 20  # start writeback of restored data every 64 MiB (Extractor._start_writeback)
 
 
+class FileSink(Protocol):
+    """Where a file entry's bytes go instead of a file under ``dest_root`` (e.g. a volume import).  Data
+    comes in ascending, non-overlapping pieces; ``finish(size)`` ends the entry (the rest is a hole)."""
+
+    def write_at(self, offset: int, data: memoryview) -> None: ...
+
+    def finish(self, size: int) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+SinkChooser = Callable[[Any], "FileSink | None"]
+
+
 class Extractor:
     """Strict, bounded push parser for one inner archive, extracting into ``dest_root`` (or, if it is None,
     only validating: same checks and errors, nothing on disk is opened or written).
@@ -419,7 +433,14 @@ class Extractor:
     Any violation raises :class:`VerificationError` (one line); I/O failures raise :class:`BackupError`.
     """
 
-    def __init__(self, dest_root: Path | None, expected: Sequence[Any], *, max_entry_header: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        dest_root: Path | None,
+        expected: Sequence[Any],
+        *,
+        max_entry_header: int = 64 * 1024,
+        sinks: SinkChooser | None = None,
+    ) -> None:
         seen: set[str] = set()
         for e in expected:
             err = _path_problem(e.path)
@@ -435,6 +456,8 @@ class Extractor:
         self._expected = list(expected)
         self._max_header = max_entry_header
         self._validate_only = dest_root is None
+        self._sinks = sinks  # file entries it returns a sink for are streamed there instead of extracted
+        self._sink: FileSink | None = None
         self._root_fd = -1
         if dest_root is not None:
             try:
@@ -507,6 +530,9 @@ class Extractor:
 
     def close(self) -> None:
         """Release file descriptors after an error or when giving up (idempotent)."""
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.abort()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -773,7 +799,9 @@ class Extractor:
     def _write_data(self, mv: memoryview) -> memoryview:
         off, length = self._regions[2 * self._reg_i], self._regions[2 * self._reg_i + 1]
         n = min(length - self._reg_done, len(mv))
-        if not self._validate_only:
+        if self._sink is not None:
+            self._sink.write_at(off + self._reg_done, mv[:n])
+        elif not self._validate_only:
             piece = mv[:n]
             pos = off + self._reg_done
             start = pos
@@ -814,7 +842,10 @@ class Extractor:
 
     def _end_entry(self) -> None:
         exp = self._entry
-        if not self._validate_only:
+        if self._sink is not None:
+            sink, self._sink = self._sink, None
+            sink.finish(exp.size)
+        elif not self._validate_only:
             self._start_writeback()
             try:
                 os.ftruncate(self._fd, exp.size)
@@ -878,6 +909,10 @@ class Extractor:
     def _open_file(self) -> None:
         exp = self._entry
         self._claim(exp.path, False)
+        if self._sinks is not None:
+            self._sink = self._sinks(exp)
+            if self._sink is not None:
+                return
         if self._validate_only:
             return
         pfd, base = self._parent(exp.path)

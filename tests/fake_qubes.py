@@ -1,0 +1,154 @@
+"""An in-memory stand-in for the ``Qubes`` system interface, as strict as qubesd where the restore relies on
+it, recording every call: for unit tests of the apply step (tests/test_apply.py).  The socket-level fakes
+(tests/fakes/) and the simulated qubesd test the same code end to end."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from qubes_backup_dom0.errors import BackupError
+
+REFS = ("template", "netvm", "default_dispvm")
+
+
+class FakeQubesdError(BackupError):
+    pass
+
+
+@dataclass
+class FakeVm:
+    klass: str
+    label: str
+    props: dict[str, str] = field(default_factory=dict)
+    features: dict[str, str] = field(default_factory=dict)
+    tags: set[str] = field(default_factory=set)
+    devices: list[tuple[str, str, str, dict[str, str]]] = field(default_factory=list)
+    firewall: list[str] = field(default_factory=list)
+    notes: str = ""
+    volumes: dict[str, bytes] = field(default_factory=dict)
+
+
+class FakeImport:
+    def __init__(self, owner: FakeQubes, vm: str, volume: str, size: int) -> None:
+        self.owner, self.vm, self.volume, self.size = owner, vm, volume, size
+        self.data = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.data += data
+
+    def write_zeros(self, n: int) -> None:
+        self.data += bytes(n)
+
+    def finish(self) -> None:
+        if len(self.data) != self.size:
+            raise FakeQubesdError(f"import of {self.vm}:{self.volume}: {len(self.data)} of {self.size} bytes")
+        self.owner._call("import-end", self.vm, self.volume)
+        self.owner.vms[self.vm].volumes[self.volume] = bytes(self.data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeQubes:
+    def __init__(self, vms: Mapping[str, FakeVm], defaults: Mapping[str, str] | None = None) -> None:
+        self.vms: dict[str, FakeVm] = {"dom0": FakeVm("AdminVM", "black"), **vms}
+        self.defaults = dict(defaults or {})
+        self.calls: list[tuple[str, ...]] = []
+        self.fail_on: tuple[str, ...] | None = None  # a call prefix that raises
+        self.imports: list[FakeImport] = []
+        self.created: set[str] = set()
+
+    def _call(self, *call: str) -> None:
+        self.calls.append(call)
+        if self.fail_on is not None and call[: len(self.fail_on)] == self.fail_on:
+            raise FakeQubesdError(f"injected failure at {' '.join(call)}")
+
+    def _vm(self, name: str) -> FakeVm:
+        if name not in self.vms:
+            raise FakeQubesdError(f"No such domain: {name!r}")
+        return self.vms[name]
+
+    def _write(self, name: str, *call: str) -> FakeVm:
+        """A write to a VM: a VM this restore created must carry the in-progress tag first."""
+        vm = self._vm(name)
+        if name in self.created and "backup-restore-in-progress" not in vm.tags:
+            raise AssertionError(f"write {call} to {name} before it was tagged backup-restore-in-progress")
+        self._call(*call, name)
+        return vm
+
+    # reading
+    def vm_list(self) -> dict[str, tuple[str, str]]:
+        return {n: (v.klass, "Halted") for n, v in self.vms.items()}
+
+    def global_property(self, name: str) -> str | None:
+        return self.defaults.get(name)
+
+    def labels(self) -> list[str]:
+        return ["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
+
+    def tags(self, vm: str) -> list[str]:
+        return sorted(self._vm(vm).tags)
+
+    # writes
+    def create_vm(self, klass: str, name: str, label: str, template: str | None, pool: str | None = None) -> None:
+        self._call("create", klass, name, template or "")
+        if name in self.vms:
+            raise FakeQubesdError(f"VM {name} already exists")
+        if template is not None and template not in self.vms:
+            raise FakeQubesdError(f"No such domain: {template!r}")
+        vm = FakeVm(klass, label, tags={"created-by-dom0"})
+        if template:
+            vm.props["template"] = template
+        self.vms[name] = vm
+        self.created.add(name)
+
+    def set_property(self, vm: str, prop: str, value: str) -> None:
+        v = self._write(vm, "property", prop, value)
+        if prop in REFS and value and value not in self.vms:
+            raise FakeQubesdError(f"No such domain: {value!r}")
+        v.props[prop] = value
+
+    def reset_property(self, vm: str, prop: str) -> None:
+        self._write(vm, "reset", prop).props.pop(prop, None)
+
+    def set_feature(self, vm: str, name: str, value: str) -> None:
+        self._write(vm, "feature", name, value).features[name] = value
+
+    def set_tag(self, vm: str, tag: str) -> None:
+        if tag.startswith("created-by-"):
+            raise FakeQubesdError("created-by-* tags are set by qubesd")
+        if tag == "backup-restore-in-progress":
+            self._call("tag", tag, vm)
+            self._vm(vm).tags.add(tag)
+            return
+        self._write(vm, "tag", tag).tags.add(tag)
+
+    def remove_tag(self, vm: str, tag: str) -> None:
+        self._call("untag", tag, vm)
+        self._vm(vm).tags.discard(tag)
+
+    def attach_device(self, vm: str, devclass: str, backend: str, ident: str, options: Mapping[str, str]) -> None:
+        self._write(vm, "attach", devclass, f"{backend}+{ident}").devices.append((devclass, backend, ident,
+                                                                               dict(options)))  # fmt: skip
+
+    def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
+        self._write(vm, "firewall").firewall = list(rules)
+
+    def set_notes(self, vm: str, text: str) -> None:
+        self._write(vm, "notes").notes = text
+
+    def import_volume(self, vm: str, volume: str, size: int) -> FakeImport:
+        self._write(vm, "import", volume, str(size))
+        imp = FakeImport(self, vm, volume, size)
+        self.imports.append(imp)
+        return imp
+
+    def remove_vm(self, vm: str) -> None:
+        self._call("remove", vm)
+        self._vm(vm)
+        for other, v in self.vms.items():
+            if other != vm and vm in (v.props.get(r) for r in REFS):
+                raise FakeQubesdError(f"VM {vm} is used by {other}")
+        del self.vms[vm]

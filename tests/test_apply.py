@@ -1,0 +1,195 @@
+"""The apply step of a restore (apply.py) against an in-memory, strict stand-in for qubesd (fake_qubes.py):
+creation order and tags, references mapped through one rename map, volume data byte-exact with holes,
+firewall rules, rollback at every step, leftovers of a killed restore."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from fake_qubes import FakeQubes, FakeVm
+from qubes_backup_dom0 import apply, firewall, inner
+from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.header import Header
+from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
+from qubes_backup_dom0.restore_plan import RestoreOptions, TargetSystem, plan_restore
+
+MiB = 1 << 20
+Backup = tuple[Manifest, dict[str, list[inner.InnerFile]]]
+
+
+def _domain(qid: int, klass: str, name: str, props: dict[str, str], vols: list[str]) -> str:
+    p = "".join(f'<property name="{k}">{v}</property>' for k, v in {"name": name, "qid": str(qid),
+                                                                    "label": "label-1", **props}.items())  # fmt: skip
+    v = "".join(f'<volume name="{n}" pool="lvm" vid="qubes_dom0/vm-{name}-{n}" save_on_stop="True" size="{4 * MiB}"/>'
+                for n in vols)  # fmt: skip
+    opt = '<option name="no-strict-reset">True</option>'
+    d = f'<devices class="pci"><device backend-domain="dom0" id="00_14.3">{opt}</device></devices>'
+    d = d if name == "sys-net" else ""
+    feats = '<feature name="backup-content">True</feature><feature name="gui">1</feature>'
+    tags = '<tag name="created-by-dom0"/><tag name="mine"/>'
+    return (f'<domain id="domain-{qid}" class="{klass}"><properties>{p}</properties><features>{feats}</features>'
+            f'{d}<tags>{tags}</tags><volume-config>{v}</volume-config></domain>')
+
+
+BACKUP_XML = (
+    '<qubes><labels><label id="label-1" color="0xcc0000">red</label></labels><pools>'
+    '<pool name="lvm" driver="lvm_thin" volume_group="qubes_dom0" thin_pool="vm-pool"/></pools>'
+    '<properties><property name="default_template">fedora</property>'
+    '<property name="default_netvm">sys-firewall</property></properties><domains>'
+    '<domain id="domain-0" class="AdminVM"><properties><property name="label">label-1</property></properties></domain>'
+    + _domain(1, "TemplateVM", "fedora", {}, ["root", "private"])
+    + _domain(2, "AppVM", "sys-net", {"netvm": "", "provides_network": "True", "virt_mode": "hvm"}, ["private"])
+    + _domain(3, "AppVM", "sys-firewall", {"netvm": "sys-net", "provides_network": "True"}, ["private"])
+    + _domain(4, "AppVM", "sys-firewall1", {"netvm": "sys-net", "provides_network": "True"}, ["private"])
+    + _domain(5, "AppVM", "work", {"netvm": "sys-firewall", "memory": "800"}, ["private"])
+    + _domain(6, "AppVM", "work2", {"netvm": "sys-firewall1"}, ["private"])
+    + "</domains></qubes>"
+)
+ORDER = ["fedora", "sys-net", "sys-firewall", "sys-firewall1", "work", "work2"]
+
+
+@pytest.fixture
+def backup(tmp_path: Path) -> Backup:
+    """A manifest and, per VM, the files of its archive (volumes with holes, firewall.xml)."""
+    files: dict[str, list[inner.InnerFile]] = {}
+    archives = []
+    for i, name in enumerate(ORDER, 1):
+        d = ("vm-templates/" if name == "fedora" else "appvms/") + name
+        vm_files = []
+        for vol in ["root", "private"] if name == "fedora" else ["private"]:
+            src = tmp_path / f"{name}-{vol}.img"
+            with open(src, "wb") as f:
+                f.truncate(4 * MiB)
+                f.seek(MiB + 3)
+                f.write(f"{name}/{vol}".encode() * 1000)
+            vm_files.append(inner.InnerFile.from_path(f"{d}/{vol}.img", src))
+        fw = tmp_path / f"{name}-firewall.xml"
+        fw.write_bytes(firewall.rules_to_xml([f"action=accept dsthost={name}.example", "action=drop"]))
+        vm_files.append(inner.InnerFile.from_path(f"{d}/firewall.xml", fw))
+        files[name] = vm_files
+        entries = [FileEntry(f.path, f.type, f.size, f.data) for f in vm_files]
+        archives.append(ArchiveEntry(f"vm{i}", name, "vm", entries))
+    return Manifest("00" * 16, "2026-12-01T10:00:00Z", archives, BACKUP_XML.encode()), files
+
+
+def _header() -> Header:
+    from qubes_backup_dom0 import crypto
+
+    return Header(bytes(16), "2026-12-01T10:00:00Z", crypto.KdfParams(bytes(16), 1024, 8, 1), "none", 1 << 20)
+
+
+def _target(fq: FakeQubes) -> TargetSystem:
+    defaults = {k: fq.global_property(k) for k in ("default_template", "default_netvm", "default_dispvm")}
+    return TargetSystem(frozenset(fq.vm_list()), defaults)
+
+
+def _system_with(*names: str) -> FakeQubes:
+    vms = {n: FakeVm("TemplateVM" if n == "fedora" else "AppVM", "red") for n in names}
+    return FakeQubes(vms, {"default_template": "fedora", "default_netvm": "sys-firewall"} if "fedora" in names else {})
+
+
+def _restore(fq: FakeQubes, backup: Backup, **opts: object) -> apply.Applier:
+    manifest, files = backup
+    plan = plan_restore(_target(fq), _header(), manifest, RestoreOptions(**opts))  # type: ignore[arg-type]
+    assert not plan.errors, plan.errors
+    applier = apply.Applier(fq, plan, Path("/nonexistent-home"))  # type: ignore[arg-type]
+    try:
+        applier.create_all()
+        for archive in plan.wanted:
+            target = applier.target_for(archive)
+            ex = inner.Extractor(None, archive.files, sinks=target.sinks)
+            for piece in inner.write_archive(files[archive.vm]):
+                ex.feed(piece)
+            ex.finish()
+            assert target.done is not None
+            target.done()
+        applier.commit()
+    except BaseException:
+        applier.rollback()
+        raise
+    return applier
+
+
+def test_full_restore_creates_tags_first_then_commits(backup: Backup) -> None:
+    fq = FakeQubes({})
+    applier = _restore(fq, backup)
+    assert [c[2] for c in fq.calls if c[0] == "create"] == ORDER  # templates first, dependencies before users
+    for name in ORDER:
+        vm = fq.vms[name]
+        assert "backup-restore-in-progress" not in vm.tags and not any(t.startswith("qubes-backup-") for t in vm.tags)
+        assert vm.tags == {"created-by-dom0", "mine"}
+        assert vm.features == {"gui": "1"}  # backup-* markers are not restored
+        assert vm.firewall == [f"action=accept dsthost={name}.example", "action=drop"]
+        for f in backup[1][name]:
+            if f.path.endswith(".img"):
+                assert vm.volumes[Path(f.path).stem] == Path(str(f.source)).read_bytes()  # byte-exact, holes zero
+    assert fq.vms["work"].props == {"template": "fedora", "netvm": "sys-firewall", "memory": "800"}
+    assert fq.vms["sys-net"].props["netvm"] == "" and fq.vms["sys-net"].props["virt_mode"] == "hvm"
+    assert fq.vms["sys-net"].devices == [("pci", "dom0", "00_14.3", {"no-strict-reset": "True"})]
+    # netvm is set in the last pass, after every VM has its data; the in-progress tags go last of all.
+    calls = fq.calls
+    last_import = max(i for i, c in enumerate(calls) if c[0] == "import-end")
+    netvm_sets = [i for i, c in enumerate(calls) if c[:2] == ("property", "netvm")]
+    untags = [i for i, c in enumerate(calls) if c[:2] == ("untag", "backup-restore-in-progress")]
+    assert min(netvm_sets) > last_import and min(untags) > max(netvm_sets)
+    assert applier.committed
+
+
+def test_rename_map_applied_at_once(backup: Backup) -> None:
+    """sys-firewall exists here; the backup's own sys-firewall1 keeps its name or moves, but a VM whose netvm
+    was sys-firewall ends up on the copy of sys-firewall, and one on sys-firewall1 on that one's copy."""
+    fq = _system_with("fedora", "sys-net", "sys-firewall")
+    _restore(fq, backup, rename_conflicting=True, vms=("sys-firewall", "sys-firewall1", "work", "work2"))
+    created = [c[2] for c in fq.calls if c[0] == "create"]
+    copy_of_fw = created[0]
+    assert copy_of_fw not in ("sys-firewall", "sys-firewall1") and created[1] == "sys-firewall1"
+    assert fq.vms["work"].props["netvm"] == copy_of_fw
+    assert fq.vms["work2"].props["netvm"] == "sys-firewall1"
+
+
+@pytest.mark.parametrize("step", [("create", "AppVM", "work"), ("property", "memory"), ("import", "private"),
+                                  ("import-end", "sys-firewall1"), ("firewall",), ("property", "netvm"),
+                                  ("untag", "backup-restore-in-progress")])  # fmt: skip
+def test_failure_at_any_step_removes_what_was_created(
+    backup: Backup, step: tuple[str, ...]
+) -> None:
+    fq = _system_with("fedora")
+    before = set(fq.vm_list())
+    fq.fail_on = step
+    with pytest.raises(BackupError):
+        _restore(fq, backup, vms=("sys-net", "sys-firewall", "sys-firewall1", "work", "work2"))
+    if step[0] != "untag":
+        assert set(fq.vm_list()) == before
+        assert any(c[0] == "remove" for c in fq.calls)
+
+
+def test_leftovers_of_a_killed_restore(backup: Backup) -> None:
+    fq = _system_with("fedora")
+    dead = f"{apply.OWNER_PREFIX}999999999-1-deadbeef"
+    fq.vms["half"] = FakeVm("AppVM", "red", tags={"backup-restore-in-progress", dead})
+    fq.vms["half2"] = FakeVm("AppVM", "red", props={"netvm": "half"}, tags={"backup-restore-in-progress", dead})
+    committing = f"{apply.OWNER_PREFIX}999999998-1-cafe0000"
+    fq.vms["done1"] = FakeVm("AppVM", "red", tags={committing})
+    fq.vms["done2"] = FakeVm("AppVM", "red", tags={"backup-restore-in-progress", committing})
+    live = apply.new_owner_tag()  # a restore of this process that is still running: left alone
+    fq.vms["running"] = FakeVm("AppVM", "red", tags={"backup-restore-in-progress", live})
+    fq.vms["qubes-own"] = FakeVm("AppVM", "red", tags={"backup-restore-in-progress"})  # Qubes' tool's: not ours
+    assert sorted(apply.cleanup_leftovers(fq)) == ["half", "half2"]  # type: ignore[arg-type]
+    assert "half" not in fq.vms and "half2" not in fq.vms
+    assert fq.vms["done1"].tags == set() and fq.vms["done2"].tags == set()  # commit finished
+    assert "running" in fq.vms and "qubes-own" in fq.vms
+    apply.release_owner_tag(live)
+    assert apply.cleanup_leftovers(fq) == ["running"]  # type: ignore[arg-type]
+
+
+def test_home_staging_of_a_live_restore_is_kept(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    live = apply._make_home_staging(home)
+    stale = home / f"{apply.STAGING_PREFIX}999999999-1-deadbeef"
+    stale.mkdir()
+    assert apply.cleanup_home_staging(home) == [stale]
+    assert live.is_dir() and not stale.exists()
+    os.rmdir(live)
