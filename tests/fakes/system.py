@@ -63,9 +63,10 @@ def install(
     vms: list[FakeVM],
     pools: dict[str, dict[str, str]],
     global_props: dict[str, tuple[bool, str, str]] | None = None,
+    dom0: FakeVM | None = None,
 ) -> None:
     """Register replies for every read a backup makes, and accept backup_timestamp writes."""
-    dom0 = FakeVM("dom0", "AdminVM", "Running", "black", 0, tags=[], firewall=[])
+    dom0 = dom0 or FakeVM("dom0", "AdminVM", "Running", "black", 0, tags=[], firewall=[])
     everything = [dom0, *vms]
     fq.add("admin.vm.List", reply=ok("".join(f"{v.name} class={v.klass} state={v.state}\n" for v in everything)))
     fq.add("admin.label.List", reply=ok(names(list(LABELS))))
