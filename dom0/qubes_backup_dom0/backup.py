@@ -104,27 +104,30 @@ class BackupOptions:
 # ---------------------------------------------------------------------------------------------- planning
 
 def _dependencies(collection: Collection, dom: Domain) -> list[tuple[str, bool]]:
-    """(name, hard) for what ``dom`` depends on, implied defaults counted; only the template is hard."""
+    """(name, strong) for what ``dom`` depends on, implied defaults counted: template and netvm are strong
+    (Qubes allows no cycles through them), default_dispvm is weak (a template's default disposable VM is
+    usually based on that template)."""
     deps = [
         (collection.effective_template(dom), True),
-        (collection.effective_netvm(dom), False),
+        (collection.effective_netvm(dom), True),
         (collection.effective_default_dispvm(dom), False),
     ]
-    return [(n, hard) for n, hard in deps if n and n != dom.name]
+    return [(n, strong) for n, strong in deps if n and n != dom.name]
 
 
 def restore_order(collection: Collection, selected: list[Domain]) -> list[Domain]:
     """The restore order of the backed-up VMs (docs/FORMAT.md section 6).
 
     Ranks: TemplateVMs, then VMs with template_for_dispvms, then the rest, by name within a rank; each VM comes
-    after the backed-up VMs it depends on (template, netvm, default_dispvm; an absent property means the
-    global default), recursively.  A netvm/default_dispvm dependency is ignored when the VM it names depends
-    (directly or not) on the VM itself: such cycles exist (a template whose default_dispvm is based on it).
+    after the backed-up VMs it depends on -- template, netvm, default_dispvm, an absent property meaning the
+    global default -- recursively.  A default_dispvm dependency is ignored when that VM itself depends on
+    this one through template/netvm chains; a cycle left through default_dispvm alone is broken where the
+    walk meets it.
     """
     by_name = {d.name: d for d in selected}
-    edges = {d.name: [(n, hard) for n, hard in _dependencies(collection, d) if n in by_name] for d in selected}
+    edges = {d.name: [(n, s) for n, s in _dependencies(collection, d) if n in by_name] for d in selected}
 
-    def reaches(src: str, target: str) -> bool:
+    def strongly_reaches(src: str, target: str) -> bool:
         seen: set[str] = set()
         todo = [src]
         while todo:
@@ -133,7 +136,7 @@ def restore_order(collection: Collection, selected: list[Domain]) -> list[Domain
                 return True
             if name not in seen:
                 seen.add(name)
-                todo.extend(n for n, _ in edges[name])
+                todo.extend(n for n, strong in edges[name] if strong)
         return False
 
     ordered: list[Domain] = []
@@ -141,10 +144,10 @@ def restore_order(collection: Collection, selected: list[Domain]) -> list[Domain
 
     def visit(name: str) -> None:
         if state.get(name):
-            return  # done, or in progress (only through a soft edge that closes a cycle)
+            return  # done, or in progress (a cycle through default_dispvm edges only)
         state[name] = 1
-        for dep, hard in edges[name]:
-            if hard or not reaches(dep, name):
+        for dep, strong in edges[name]:
+            if strong or not strongly_reaches(dep, name):
                 visit(dep)
         state[name] = 2
         ordered.append(by_name[name])
