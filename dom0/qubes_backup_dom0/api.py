@@ -9,8 +9,9 @@ that looks like a complete backup, and dom0 as it was.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .backup import BackupOptions, BackupPlan, ProgressCallback, plan_backup, write_backup
 from .errors import BackupError, Cancelled, UsageError, VerificationError
@@ -31,6 +32,7 @@ class BackupResult:
     location: str  # where the backup is, as the user would name it (``vm:/path/name`` or a dom0 path)
     header: Header
     plan: BackupPlan
+    warnings: list[str] = field(default_factory=list)  # e.g. a backup_timestamp that could not be recorded
 
 
 def run_backup(
@@ -57,10 +59,11 @@ def run_backup(
         target = AgentTarget(transport or make_transport(system), dest_vm, location, name)
     else:
         target = LocalTarget(system, location, name)
+    started = int(time.time())
     try:
         header = write_backup(plan, passphrase, target, options, progress=progress, cancel=cancel)
         where = target.commit()
     except BaseException:
         target.abort()
         raise
-    return BackupResult(where, header, plan)
+    return BackupResult(where, header, plan, plan.record_backup_timestamps(started))

@@ -7,22 +7,25 @@ work and dom0 memory stays bounded by a few chunks whatever the size of the back
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qubes_backup_protocol import names
 
-from . import crypto, inner
+from . import crypto, firewall, inner, pools
 from .chunking import Chunker
 from .errors import BackupError, Cancelled, UsageError
 from .header import DEFAULT_CHUNK_SIZE, DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, Header, now_utc
 from .manifest import ArchiveEntry, ArchiveSizes, FileEntry, Manifest
 from .outer import OuterWriter, Sink
+from .qubes import Qubes
 from .qubesxml import Collection, Domain
 from .system import System
 from .text import has_unsafe_chars
@@ -37,6 +40,7 @@ class PlannedArchive(ArchiveSizes):
     kind: str  # vm | home
     klass: str
     files: list[inner.InnerFile]
+    volumes: list[PlannedVolume] = field(default_factory=list)  # the files read from pools
 
 
 @dataclass
@@ -45,6 +49,22 @@ class BackupPlan:
     collection: Collection
     archives: list[PlannedArchive] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files whose names cannot be stored safely
+    qubes: Qubes | None = None
+
+    def record_backup_timestamps(self, when: int) -> list[str]:
+        """After a successful backup, as Qubes does: backup_timestamp on each backed-up VM (the only write
+        a backup makes).  Returns warnings for VMs where that failed (the backup itself is complete)."""
+        if self.qubes is None:
+            return []
+        warnings: list[str] = []
+        for a in self.archives:
+            if a.kind != "vm":
+                continue
+            try:
+                self.qubes.set_backup_timestamp(a.vm, when)
+            except BackupError as exc:
+                warnings.append(f"could not record backup_timestamp of {a.vm}: {exc}")
+        return warnings
 
     @property
     def data(self) -> int:
@@ -64,10 +84,7 @@ class BackupPlan:
             if a.kind == "home":
                 backed_up["dom0"] = (f"dom0-home/{self.system.user}", a.size)
             else:
-                dom = self.collection.get(a.vm)
-                vm_dir = self.collection.vm_dir(dom) if dom is not None else None
-                assert dom is not None and vm_dir is not None  # planned from this collection; not dom0
-                backed_up[a.vm] = (vm_dir, a.size)
+                backed_up[a.vm] = (self.collection.default_vm_dir(a.vm, a.klass), a.size)
         vm_names = [a.vm for a in self.archives if a.kind == "vm"]
         deps = self.collection.dependencies(vm_names)
         qubes = self.collection.subset(backed_up, deps).to_bytes()
@@ -86,69 +103,117 @@ class BackupOptions:
 
 # ---------------------------------------------------------------------------------------------- planning
 
-def _restore_order(collection: Collection, selected: list[Domain]) -> list[Domain]:
-    """Templates first, then every VM after the backed-up VMs it depends on (template, netvm, dispvm)."""
+def _dependencies(collection: Collection, dom: Domain) -> list[tuple[str, bool]]:
+    """(name, strong) for what ``dom`` depends on, implied defaults counted: template and netvm are strong
+    (Qubes allows no cycles through them), default_dispvm is weak (a template's default disposable VM is
+    usually based on that template)."""
+    deps = [
+        (collection.effective_template(dom), True),
+        (collection.effective_netvm(dom), True),
+        (collection.effective_default_dispvm(dom), False),
+    ]
+    return [(n, strong) for n, strong in deps if n and n != dom.name]
+
+
+def restore_order(collection: Collection, selected: list[Domain]) -> list[Domain]:
+    """The restore order of the backed-up VMs (docs/FORMAT.md section 6).
+
+    Ranks: TemplateVMs, then VMs with template_for_dispvms, then the rest, by name within a rank; each VM comes
+    after the backed-up VMs it depends on -- template, netvm, default_dispvm, an absent property meaning the
+    global default -- recursively.  A default_dispvm dependency is ignored when that VM itself depends on
+    this one through template/netvm chains; a cycle left through default_dispvm alone is broken where the
+    walk meets it.
+    """
     by_name = {d.name: d for d in selected}
+    edges = {d.name: [(n, s) for n, s in _dependencies(collection, d) if n in by_name] for d in selected}
+
+    def strongly_reaches(src: str, target: str) -> bool:
+        seen: set[str] = set()
+        todo = [src]
+        while todo:
+            name = todo.pop()
+            if name == target:
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo.extend(n for n, strong in edges[name] if strong)
+        return False
+
     ordered: list[Domain] = []
     state: dict[str, int] = {}
 
-    def visit(d: Domain) -> None:
-        if state.get(d.name) == 2:
-            return
-        if state.get(d.name) == 1:  # a dependency cycle (netvm loops are possible): break it here
-            return
-        state[d.name] = 1
-        for dep in sorted(d.dependency_names()):
-            if dep in by_name:
-                visit(by_name[dep])
-        state[d.name] = 2
-        ordered.append(d)
+    def visit(name: str) -> None:
+        if state.get(name):
+            return  # done, or in progress (a cycle through default_dispvm edges only)
+        state[name] = 1
+        for dep, strong in edges[name]:
+            if strong or not strongly_reaches(dep, name):
+                visit(dep)
+        state[name] = 2
+        ordered.append(by_name[name])
 
-    rank = {"TemplateVM": 0, "StandaloneVM": 1}
-    for d in sorted(selected, key=lambda d: (rank.get(d.klass, 2), d.name)):
-        visit(d)
+    def rank(d: Domain) -> int:
+        if d.klass == "TemplateVM":
+            return 0
+        return 1 if d.raw_property("template_for_dispvms") == "True" else 2
+
+    for d in sorted(selected, key=lambda d: (rank(d), d.name)):
+        visit(d.name)
     return ordered
 
 
+@dataclass
+class PlannedVolume:
+    """A volume scanned while planning; read again (through a fresh reader) when its archive is written."""
+
+    ref: pools.VolumeRef
+    file: inner.InnerFile
+    identity: pools.Identity
+
+
 def _vm_files(
-    system: System, collection: Collection, dom: Domain, skipped: list[str]
-) -> list[inner.InnerFile]:
-    root = system.qubes_root
+    system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int
+) -> tuple[list[inner.InnerFile], list[PlannedVolume]]:
+    """DIR/VOL.img for each save_on_stop volume, DIR/firewall.xml, DIR/notes.txt (when there are notes)."""
+    vm_dir = collection.default_vm_dir(dom.name, dom.klass)
     files: list[inner.InnerFile] = []
-    volume_paths: set[Path] = set()
+    volumes: list[PlannedVolume] = []
     for vol in dom.volumes:
         if not vol.save_on_stop:
             continue
-        path = collection.volume_path(vol, root)
-        if path is None:
-            pool = collection.pools.get(vol.pool, {}).get("driver", vol.pool)
-            raise BackupError(
-                f"cannot back up {dom.name}: volume '{vol.name}' is in pool '{vol.pool}' ({pool}); "
-                "only file pools are supported"
-            )
+        pool_info = collection.pools.get(vol.pool)
+        if pool_info is None:
+            raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
+        ref = pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
+        with pools.committed(system, ref) as c:  # scanned now, released at once: one VM's volumes at a time
+            f = inner.InnerFile.from_fd(f"{vm_dir}/{vol.name}.img", c.fd, c.size, ref.label, mtime)
+            volumes.append(PlannedVolume(ref, f, c.identity))
+        files.append(f)
+    rules = qubes.firewall_rules(dom.name)
+    files.append(inner.InnerFile.from_bytes(f"{vm_dir}/firewall.xml", firewall.rules_to_xml(rules), 0o644, mtime))
+    notes = qubes.notes(dom.name)
+    if notes:
+        files.append(inner.InnerFile.from_bytes(f"{vm_dir}/notes.txt", notes.encode(), 0o644, mtime))
+    return files, volumes
+
+
+@contextlib.contextmanager
+def attached_volumes(system: System, archive: PlannedArchive) -> Iterator[None]:
+    """Open the committed state of the archive's volumes right before it is read; release right after."""
+    with contextlib.ExitStack() as stack:
         try:
-            rel = path.relative_to(root)
-        except ValueError:
-            raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is outside the Qubes root") from None
-        if not path.is_file():
-            raise BackupError(f"cannot back up {dom.name}: volume file {path} is missing")
-        volume_paths.add(path)
-        files.append(inner.InnerFile.from_path(rel.as_posix(), path))
-    vm_dir = root / (collection.vm_dir(dom) or collection.default_vm_dir(dom.name, dom.klass))
-    if vm_dir.is_dir():
-        for dirpath, dirnames, filenames in os.walk(vm_dir):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                path = Path(dirpath) / fname
-                if path in volume_paths or ".img" in fname or path.is_symlink() or not path.is_file():
-                    continue  # other volumes (root/volatile snapshots, revisions) are not backed up
-                if has_unsafe_chars(fname):
-                    skipped.append(str(path))
-                    continue
-                files.append(inner.InnerFile.from_path(path.relative_to(root).as_posix(), path))
-    if not files:
-        raise BackupError(f"cannot back up {dom.name}: nothing to back up in {vm_dir}")
-    return files
+            for pv in archive.volumes:
+                c = stack.enter_context(pools.committed(system, pv.ref))
+                if c.identity != pv.identity or c.size != pv.file.size:
+                    raise BackupError(
+                        f"{pv.ref.label} changed since the backup was planned (the VM was started, shut down "
+                        "or its volume replaced); run the backup again"
+                    )
+                pv.file.fd = c.fd
+            yield
+        finally:
+            for pv in archive.volumes:
+                pv.file.fd = None
 
 
 def _home_files(system: System, skipped: list[str]) -> list[inner.InnerFile]:
@@ -173,32 +238,35 @@ def _home_files(system: System, skipped: list[str]) -> list[inner.InnerFile]:
 
 
 def plan_backup(
-    system: System, vm_names: Iterable[str] = (), exclude: Iterable[str] = ()
+    system: System, vm_names: Iterable[str] = (), exclude: Iterable[str] = (), qubes: Qubes | None = None
 ) -> BackupPlan:
-    """Decide what goes into the backup: named VMs, or every VM with include_in_backups."""
-    if not system.qubes_xml.is_file():
-        raise BackupError(f"no Qubes collection at {system.qubes_xml}")
-    collection = Collection.load(system.qubes_xml)
+    """Decide what goes into the backup: named VMs, or every VM with include_in_backups (asked of qubesd)."""
+    qubes = qubes if qubes is not None else Qubes(system)
+    vm_states = qubes.vm_list()
     exclude = set(exclude)
     for name in exclude:
-        if collection.get(name) is None:
+        if name not in vm_states:
             raise UsageError(f"no such VM to exclude: {name}")
     requested = list(dict.fromkeys(vm_names))
+    for name in requested:
+        if name not in vm_states:
+            raise UsageError(f"no such VM: {name}")
+    collection = qubes.collection()
     if requested:
-        for name in requested:
-            if collection.get(name) is None:
-                raise UsageError(f"no such VM: {name}")
-        chosen = [collection.get(n) for n in requested if n not in exclude]
+        chosen = [collection[n] for n in requested if n not in exclude]
     else:
         chosen = [d for d in collection.domains if d.include_in_backups and d.name not in exclude]
-    chosen_doms = [d for d in chosen if d is not None]
-    plan = BackupPlan(system, collection)
-    if any(d.klass == "AdminVM" for d in chosen_doms):
+    plan = BackupPlan(system, collection, qubes=qubes)
+    if any(d.klass == "AdminVM" for d in chosen):
         plan.archives.append(PlannedArchive("vm0", "dom0", "home", "AdminVM", _home_files(system, plan.skipped)))
-    vms = [d for d in chosen_doms if d.klass != "AdminVM"]
-    for number, dom in enumerate(_restore_order(collection, vms), start=1):
-        files = _vm_files(system, collection, dom, plan.skipped)
-        plan.archives.append(PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, files))
+    vms = [d for d in chosen if d.klass != "AdminVM"]
+    if any(p.get("driver") == "lvm_thin" for p in collection.pools.values()):
+        pools.remove_leftover_snapshots(system)  # of a killed earlier run
+    mtime = int(time.time())
+    for number, dom in enumerate(restore_order(collection, vms), start=1):
+        files, volumes = _vm_files(system, qubes, collection, dom, vm_states[dom.name][1], mtime)
+        archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, files, volumes)
+        plan.archives.append(archive)
     if not plan.archives:
         raise UsageError("nothing to back up: no VM selected")
     return plan
@@ -215,6 +283,34 @@ def _encrypt_and_mac(
 ) -> tuple[str, memoryview, bytes]:
     sealed = crypto.encrypt(keys, plaintext)
     return name, sealed, crypto.mac_member(keys, name, sealed)
+
+
+def _stream_archive(
+    archive: PlannedArchive,
+    options: BackupOptions,
+    report: Callable[[int], None],
+    submit_chunk: Callable[[str, bytes | bytearray | memoryview], None],
+) -> bytes:
+    """Compress and cut one archive's tar stream into chunks (handed to ``submit_chunk``); the trailer."""
+    chunker = Chunker(options.compression, options.chunk_size, threads=options.workers)
+    index = 0
+    stored = 0
+
+    def submit(chunk: bytes | bytearray | memoryview) -> None:
+        nonlocal index, stored
+        submit_chunk(names.chunk_name(archive.member, index), chunk)
+        index += 1
+        stored += len(chunk)
+
+    for piece in inner.write_archive(archive.files):
+        for chunk in chunker.feed(piece):
+            submit(chunk)
+        report(len(piece))
+    for chunk in chunker.finish():
+        submit(chunk)
+    if index == 0:  # cannot happen: a tar stream is never empty; refuse rather than write it
+        raise BackupError(f"internal error: archive of {archive.vm} produced no data")
+    return f"chunks={index}\nstored={stored}\n".encode()
 
 
 def write_backup(
@@ -270,35 +366,26 @@ def write_backup(
     done = 0
     wthread = threading.Thread(target=writer, name="backup-writer", daemon=True)
     wthread.start()
+
+    def report(n: int) -> None:
+        nonlocal done
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("backup cancelled")
+        if writer_error:
+            raise writer_error[0]
+        done += n
+        if progress is not None:
+            progress(min(done, total), total)
+
     try:
         with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="seal") as pool:
             for archive in plan.archives:
-                chunker = Chunker(options.compression, options.chunk_size, threads=options.workers)
-                index = 0
-                stored = 0
 
-                def submit(chunk: bytes | bytearray | memoryview, archive: PlannedArchive = archive) -> None:
-                    nonlocal index, stored
-                    name = names.chunk_name(archive.member, index)
-                    index += 1
-                    stored += len(chunk)
+                def seal(name: str, chunk: bytes | bytearray | memoryview) -> None:
                     pending.put(pool.submit(_encrypt_and_mac, keys, name, chunk))
 
-                for piece in inner.write_archive(archive.files):
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled("backup cancelled")
-                    if writer_error:
-                        raise writer_error[0]
-                    for chunk in chunker.feed(piece):
-                        submit(chunk)
-                    done += len(piece)
-                    if progress is not None:
-                        progress(min(done, total), total)
-                for chunk in chunker.finish():
-                    submit(chunk)
-                if index == 0:  # cannot happen: a tar stream is never empty; refuse rather than write it
-                    raise BackupError(f"internal error: archive of {archive.vm} produced no data")
-                trailer = f"chunks={index}\nstored={stored}\n".encode()
+                with attached_volumes(plan.system, archive):  # snapshots live while this archive is read
+                    trailer = _stream_archive(archive, options, report, seal)
                 tname = names.trailer_name(archive.member)
                 pending.put(done_future((tname, trailer, crypto.mac_member(keys, tname, trailer))))
     finally:

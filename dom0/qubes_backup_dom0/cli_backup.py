@@ -92,6 +92,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     header, where = result.header, result.location
+    for warning in result.warnings:
+        print(f"qvm-backup: warning: {safe_text(warning, limit=400)}", file=sys.stderr)
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
         f"Backed up {len(plan.archives)} VM(s), {human(plan.data)} of data in {elapsed:.1f} s "

@@ -122,6 +122,53 @@ def scan(path: Path) -> tuple[int, list[tuple[int, int]]]:
         os.close(fd)
 
 
+ZERO_GRANULE = 64 * 1024  # all-zero runs this long (aligned) become holes
+SCAN_READ = 4 * 1024 * 1024  # a multiple of ZERO_GRANULE
+_ZERO_GRANULE = memoryview(bytes(ZERO_GRANULE))
+_ZERO_READ = memoryview(bytes(SCAN_READ))
+
+
+def _add_run(out: list[tuple[int, int]], start: int, length: int) -> None:
+    if out and out[-1][0] + out[-1][1] == start:
+        out[-1] = (out[-1][0], out[-1][1] + length)
+    else:
+        out.append((start, length))
+
+
+def _nonzero_runs(buf: bytearray, n: int, base: int, out: list[tuple[int, int]]) -> None:
+    """Append the non-zero granules of ``buf[:n]`` (file offset ``base``) to ``out``: whole blocks compared
+    against a zero buffer (memcmp speed), never a loop over bytes."""
+    if buf.startswith(_ZERO_READ[:n]):
+        return
+    pos, end = base, base + n
+    while pos < end:
+        gend = min((pos // ZERO_GRANULE + 1) * ZERO_GRANULE, end)
+        if not buf.startswith(_ZERO_GRANULE[: gend - pos], pos - base):
+            _add_run(out, pos, gend - pos)
+        pos = gend
+
+
+def scan_zeros(fd: int, size: int, what: str = "volume") -> list[tuple[int, int]]:
+    """Data regions of an open file or block device of apparent ``size``: the SEEK_DATA/SEEK_HOLE map (a block
+    device reports all data), then all-zero runs inside it (``ZERO_GRANULE`` granularity) become holes."""
+    out: list[tuple[int, int]] = []
+    buf = bytearray(SCAN_READ)
+    view = memoryview(buf)
+    try:
+        for off, length in _scan_fd(fd, size):
+            pos, end = off, off + length
+            while pos < end:
+                n = min(end, (pos // SCAN_READ + 1) * SCAN_READ) - pos
+                got = os.preadv(fd, [view[:n]], pos)
+                if got != n:
+                    raise BackupError(f"cannot read {what}: short read at offset {pos + max(got, 0)}")
+                _nonzero_runs(buf, n, pos, out)
+                pos += n
+    except OSError as e:
+        raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+    return out
+
+
 # --------------------------------------------------------------------------------------------- entries
 
 
@@ -139,6 +186,29 @@ class InnerFile:
     mode: int = 0o644
     mtime: int = 0
     link: str | None = None
+    content: bytes | None = None  # in-memory source (a generated firewall.xml, notes.txt)
+    fd: int | None = None  # an open source (a volume's committed state), attached right before it is read
+    label: str = ""  # what to name in errors when there is no source path
+
+    @classmethod
+    def from_bytes(cls, path_in_archive: str, data: bytes, mode: int = 0o644, mtime: int = 0) -> InnerFile:
+        """A regular file with the given content (no holes)."""
+        err = _path_problem(path_in_archive)
+        if err:
+            raise BackupError(f"cannot archive {path_in_archive!r}: {err}")
+        regions = [(0, len(data))] if data else []
+        return cls(path_in_archive, None, "file", len(data), len(data), regions, mode, mtime, content=bytes(data))
+
+    @classmethod
+    def from_fd(cls, path_in_archive: str, fd: int, size: int, label: str, mtime: int = 0) -> InnerFile:
+        """A volume read through ``fd`` (apparent ``size``), scanned for holes and all-zero runs.  The returned
+        entry has no source: the backup attaches an fd of the same immutable state (``fd``) before writing."""
+        err = _path_problem(path_in_archive)
+        if err:
+            raise BackupError(f"cannot back up {label}: archive path {path_in_archive!r}: {err}")
+        regions = scan_zeros(fd, size, label)
+        data = sum(n for _, n in regions)
+        return cls(path_in_archive, None, "file", size, data, regions, 0o600, mtime, label=label)
 
     @classmethod
     def from_path(cls, path_in_archive: str, source: Path) -> InnerFile:
@@ -313,9 +383,42 @@ def archive_size(files: Iterable[InnerFile]) -> int:
     return total
 
 
+def _read_content(f: InnerFile, read_size: int) -> Iterator[bytes]:
+    assert f.content is not None
+    if len(f.content) != f.size:
+        raise BackupError(f"internal error: content of {f.path} does not match its size")
+    for off, length in f.regions:
+        for pos in range(off, off + length, read_size):
+            yield f.content[pos : min(pos + read_size, off + length)]
+
+
+def _read_fd(f: InnerFile, read_size: int) -> Iterator[bytes]:
+    """Regions of an attached fd (an immutable snapshot: no re-scan, but every read must be complete)."""
+    assert f.fd is not None
+    what = f.label or f.path
+    try:
+        for off, length in f.regions:
+            end = off + length
+            while off < end:
+                piece = os.pread(f.fd, min(read_size, end - off), off)
+                if not piece:
+                    raise BackupError(f"cannot read {what}: short read at offset {off} (did its size change?)")
+                off += len(piece)
+                yield piece
+    except OSError as e:
+        raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+
+
 def _read_regions(f: InnerFile, read_size: int) -> Iterator[bytes]:
     """The bytes of ``f``'s regions, in big pieces; raises BackupError if the file changed since scanning."""
-    assert f.source is not None
+    if f.content is not None:
+        yield from _read_content(f, read_size)
+        return
+    if f.fd is not None:
+        yield from _read_fd(f, read_size)
+        return
+    if f.source is None:
+        raise BackupError(f"internal error: {f.label or f.path} has no source attached")
     try:
         fd = os.open(f.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:

@@ -186,7 +186,10 @@ class QrexecTransport:
     confined = True
 
     def start(self, service: str, vm: str) -> subprocess.Popen[bytes]:
-        return _popen(["qvm-run", "--pass-io", "--no-gui", "--service", "--", vm, service], None, None)
+        qvm_run = shutil.which("qvm-run")
+        if qvm_run is None:
+            raise BackupError("qvm-run not found on PATH (needed to reach the backup VM)")
+        return _popen([qvm_run, "--pass-io", "--no-gui", "--service", "--", vm, service], None, None)
 
 
 def make_transport(system: System) -> Transport:

@@ -1,0 +1,280 @@
+"""The qubesd client (wire protocol, strict reply parsing), the Qubes interface over it, firewall.xml."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+from fakes.qubesd import FakeQubesd, error, ok
+from fakes.system import FakeVM, install, volume_info
+from hypothesis import given
+from hypothesis import strategies as st
+from qubes_backup_dom0 import adminapi, firewall
+from qubes_backup_dom0.adminapi import AdminAPI, AdminAPIError, PolicyDenied, QubesdError
+from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.qubes import Qubes
+from qubes_backup_dom0.system import System
+
+
+@pytest.fixture
+def fq(tmp_path: Path):
+    with FakeQubesd(tmp_path / "qubesd.sock") as server:
+        yield server
+
+
+def test_request_wire_format_and_ok_reply(fq: FakeQubesd) -> None:
+    fq.add("admin.vm.feature.Set", "work", "gui", b"1", reply=ok(b""))
+    fq.add("admin.vm.List", reply=ok(b"dom0 class=AdminVM state=Running\n"))
+    api = AdminAPI(fq.path, timeout=5)
+    assert api.call("admin.vm.feature.Set", "work", "gui", b"1") == b""
+    assert api.call("admin.vm.List") == b"dom0 class=AdminVM state=Running\n"
+    assert fq.requests == [("admin.vm.feature.Set", "work", "gui", b"1"), ("admin.vm.List", "dom0", "", b"")]
+    assert not fq.malformed
+
+
+def test_error_reply_is_one_line_with_message(fq: FakeQubesd) -> None:
+    fq.add("admin.vm.property.Get", "nope", "label", reply=error("QubesVMNotFoundError", "No such domain: 'nope'"))
+    with pytest.raises(QubesdError) as ei:
+        AdminAPI(fq.path).call("admin.vm.property.Get", "nope", "label")
+    assert ei.value.exc_type == "QubesVMNotFoundError"
+    assert ei.value.message == "No such domain: 'nope'"
+    assert str(ei.value) == "qubesd: admin.vm.property.Get on nope failed: No such domain: 'nope'"
+    assert isinstance(ei.value, BackupError)
+
+
+def test_empty_reply_is_policy_denied(fq: FakeQubesd) -> None:
+    fq.add("admin.vm.Start", "work", reply=b"")
+    with pytest.raises(PolicyDenied):
+        AdminAPI(fq.path).call("admin.vm.Start", "work")
+
+
+def test_unexpected_request_is_recorded(fq: FakeQubesd) -> None:
+    with pytest.raises(QubesdError):
+        AdminAPI(fq.path).call("admin.vm.Remove", "work")
+    assert fq.unexpected == [("admin.vm.Remove", "work", "", b"")]
+
+
+def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(AdminAPIError, match=r"^cannot reach qubesd at .*nothing\.sock: "):
+        AdminAPI(tmp_path / "nothing.sock").call("admin.vm.List")
+
+
+def test_oversized_request_refused_before_sending(fq: FakeQubesd) -> None:
+    with pytest.raises(AdminAPIError, match="too large"):
+        AdminAPI(fq.path).call("admin.vm.notes.Set", "work", "", b"x" * 70000)
+    assert fq.requests == []
+
+
+@pytest.mark.parametrize("bad", ["with space", "a\0b", "new\nline", ""])
+def test_bad_tokens_refused(fq: FakeQubesd, bad: str) -> None:
+    with pytest.raises(AdminAPIError):
+        AdminAPI(fq.path).call("admin.vm.List", bad)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"1\0x", b"0", b"2\0Exc\0\0msg", b"2\0Exc\0tb\0msg\0extra\0", b"2\0bad type\0\0m\0", b"garbage", b"2\0"],
+)
+def test_malformed_replies(raw: bytes) -> None:
+    with pytest.raises(AdminAPIError, match="malformed reply"):
+        adminapi.parse_reply(raw, "admin.vm.List", "dom0")
+
+
+def test_error_message_control_chars_neutralised() -> None:
+    with pytest.raises(QubesdError) as ei:
+        adminapi.parse_reply(b"2\0QubesException\0\0line1\nline2\x1b[31m\0", "m", "d")
+    assert "\n" not in str(ei.value) and "\x1b" not in str(ei.value)
+
+
+def test_reply_bound(tmp_path: Path) -> None:
+    with FakeQubesd(tmp_path / "s") as server:
+        server.add("admin.vm.List", reply=ok(b"x" * (adminapi.MAX_REPLY + 10)))
+        with pytest.raises(AdminAPIError, match="exceeds"):
+            AdminAPI(server.path).call("admin.vm.List")
+
+
+# -- parsers --------------------------------------------------------------------------------------------
+
+_values = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@given(_values)
+def test_getall_escaping_round_trip(value: str) -> None:
+    line = f"description default=False type=str {value.replace(chr(92), chr(92) * 2).replace(chr(10), chr(92) + 'n')}\n"
+    props = adminapi.parse_properties(line.encode())
+    assert props["description"] == adminapi.Property(False, "str", value)
+
+
+@given(st.binary(max_size=200))
+def test_parsers_never_crash(data: bytes) -> None:
+    for parse in (adminapi.parse_properties, adminapi.parse_kv, adminapi.parse_names, adminapi.parse_vm_list,
+                  adminapi.parse_devices, adminapi.parse_property):  # fmt: skip
+        with contextlib.suppress(AdminAPIError):
+            parse(data)  # type: ignore[operator]
+
+
+def test_property_lines() -> None:
+    props = adminapi.parse_properties(b"netvm default=True type=vm \nmemory default=False type=int 400\n"
+                                      b"debug default=False type=bool True\n")  # fmt: skip
+    assert props["netvm"] == adminapi.Property(True, "vm", "")
+    assert props["memory"].value == "400" and props["debug"].value == "True"
+    for bad in (b"x default=Maybe type=str v\n", b"x default=True type=bool yes\n", b"x default=True type=int 1.5\n",
+                b"x default=True\n", b"x default=True type=str a\nx default=True type=str b\n",
+                b"x default=True type=str a", b"x default=True type=str bad\\escape\n", b"\n"):  # fmt: skip
+        with pytest.raises(AdminAPIError):
+            adminapi.parse_properties(bad)
+    assert adminapi.parse_property(b"default=False type=label red") == adminapi.Property(False, "label", "red")
+
+
+def test_kv_names_vmlist_devices() -> None:
+    assert adminapi.parse_kv(b"pool=lvm\nvid=qubes_dom0/vm-a-private\nsource=\n") == {
+        "pool": "lvm", "vid": "qubes_dom0/vm-a-private", "source": ""}  # fmt: skip
+    with pytest.raises(AdminAPIError):
+        adminapi.parse_kv(b"pool=a\npool=b\n")
+    assert adminapi.parse_names(b"") == []
+    assert adminapi.parse_names(b"a\nb\n") == ["a", "b"]
+    with pytest.raises(AdminAPIError):
+        adminapi.parse_names(b"a b\n")
+    assert adminapi.parse_vm_list(b"dom0 class=AdminVM state=Running\nwork class=AppVM state=Halted\n") == {
+        "dom0": ("AdminVM", "Running"), "work": ("AppVM", "Halted")}  # fmt: skip
+    with pytest.raises(AdminAPIError):
+        adminapi.parse_vm_list(b"work class=AppVM\n")
+    devs = adminapi.parse_devices(b"dom0+00_14.0 persistent=yes no-strict-reset=True\nsys-usb+2-1 persistent=no\n")
+    assert devs[0] == adminapi.DeviceAssignment("dom0", "00_14.0", True, {"no-strict-reset": "True"})
+    assert not devs[1].persistent
+    with pytest.raises(AdminAPIError):
+        adminapi.parse_devices(b"nobackend persistent=yes\n")
+
+
+# -- the Qubes interface ----------------------------------------------------------------------------------
+
+def _qubes(fq: FakeQubesd) -> Qubes:
+    return Qubes(System(None, Path("/"), "user"), AdminAPI(fq.path, timeout=5))
+
+
+def test_collection_from_api_answers(fq: FakeQubesd) -> None:
+    tpl = FakeVM("fedora", "TemplateVM", qid=2, label="black", volumes={
+        "root": volume_info("lvm", "qubes_dom0/vm-fedora-root", 1 << 30, True),
+        "volatile": volume_info("lvm", "qubes_dom0/vm-fedora-volatile", 1 << 30, False)})  # fmt: skip
+    work = FakeVM(
+        "work", qid=3, label="blue", features={"gui": "1", "service.cups": ""}, tags=["created-by-dom0", "mine"],
+        props={"template": (False, "vm", "fedora"), "netvm": (False, "vm", ""),
+               "description": (False, "str", "two\nlines \\ here")},
+        devices={"pci": ["dom0+00_14.0 persistent=yes no-strict-reset=True", "dom0+00_15.0 persistent=no"]},
+        volumes={"private": volume_info("lvm", "qubes_dom0/vm-work-private", 2 << 30, True),
+                 "root": volume_info("lvm", "qubes_dom0/vm-work-root", 1 << 30, False,
+                                     source="qubes_dom0/vm-fedora-root", rw="False")},
+    )  # fmt: skip
+    install(fq, [tpl, work], {"lvm": {"driver": "lvm_thin", "volume_group": "qubes_dom0", "thin_pool": "vm-pool"}})
+    col = _qubes(fq).collection()
+    assert col.names() == ["dom0", "fedora", "work"]
+    assert col.labels["label-6"] == "blue"
+    assert col.pools == {"lvm": {"name": "lvm", "driver": "lvm_thin", "volume_group": "qubes_dom0",
+                                 "thin_pool": "vm-pool"}}  # fmt: skip
+    assert col.global_properties == {"default_template": "fedora"}  # the default default_netvm is not stored
+    w = col["work"]
+    assert w.properties == {"name": "work", "label": "label-6", "qid": "3",
+                            "uuid": "00000000-0000-0000-0000-000000000003",
+                            "template": "fedora", "netvm": "", "description": "two\nlines \\ here"}  # fmt: skip
+    assert w.label == "blue" and w.netvm is None and w.has_property("netvm")
+    assert w.features == {"gui": "1", "service.cups": ""}
+    assert w.tags == ["created-by-dom0", "mine"]
+    devs = w.element.findall("devices")
+    assert [d.get("class") for d in devs] == ["pci", "usb", "block", "mic"]
+    pci = devs[0].findall("device")
+    assert [(d.get("backend-domain"), d.get("id")) for d in pci] == [("dom0", "00_14.0")]  # only persistent
+    assert pci[0].find("option").get("name") == "no-strict-reset"
+    vols = {v.name: v for v in w.volumes}
+    assert vols["private"].save_on_stop and vols["private"].rw and vols["private"].size == 2 << 30
+    assert vols["root"].source == "qubes_dom0/vm-fedora-root" and not vols["root"].rw
+    assert col["dom0"].volumes == []
+    assert not fq.writes() and not fq.unexpected
+    sub = _qubes(fq).collection(["work"])
+    assert sub.names() == ["dom0", "work"]
+
+
+def test_collection_unknown_vm(fq: FakeQubesd) -> None:
+    install(fq, [FakeVM("work")], {})
+    with pytest.raises(BackupError, match="no such VM: ghost"):
+        _qubes(fq).collection(["ghost"])
+
+
+def test_notes_absent_on_r42_and_present(fq: FakeQubesd) -> None:
+    install(fq, [FakeVM("a", notes=None), FakeVM("b", qid=2, notes="hello\n")], {})
+    q = _qubes(fq)
+    assert q.notes("a") is None
+    assert q.notes("b") == "hello\n"
+    fq.add("admin.vm.notes.Get", "a", reply=error("QubesException", "unknown method admin.vm.notes.Get"))
+    assert q.notes("a") is None
+
+
+def test_restore_writes_send_exact_requests(fq: FakeQubesd) -> None:
+    for key in [("admin.vm.Create.AppVM", "dom0", "fedora", b"name=work label=red"),
+                ("admin.vm.CreateInPool.TemplateVM", "dom0", "", b"name=t label=black pool=lvm"),
+                ("admin.vm.property.Set", "work", "memory", b"800"),
+                ("admin.vm.property.Reset", "work", "netvm", b""),
+                ("admin.vm.feature.Set", "work", "gui", b"1"),
+                ("admin.vm.tag.Set", "work", "backup-restore-in-progress", b""),
+                ("admin.vm.tag.Remove", "work", "backup-restore-in-progress", b""),
+                ("admin.vm.device.pci.Attach", "work", "dom0+00_14.0", b"persistent=True no-strict-reset=True"),
+                ("admin.vm.firewall.Set", "work", "", b"action=accept proto=tcp dstports=443-443\naction=drop\n"),
+                ("admin.vm.notes.Set", "work", "", b"n"),
+                ("admin.vm.Remove", "work", "", b"")]:  # fmt: skip
+        fq.add(*key, reply=ok())
+    q = _qubes(fq)
+    q.create_vm("AppVM", "work", "red", "fedora")
+    q.create_vm("TemplateVM", "t", "black", None, pool="lvm")
+    q.set_property("work", "memory", "800")
+    q.reset_property("work", "netvm")
+    q.set_feature("work", "gui", "1")
+    q.set_tag("work", "backup-restore-in-progress")
+    q.remove_tag("work", "backup-restore-in-progress")
+    q.attach_device("work", "pci", "dom0", "00_14.0", {"no-strict-reset": "True"})
+    q.set_firewall("work", ["action=accept proto=tcp dstports=443-443", "action=drop"])
+    q.set_notes("work", "n")
+    q.remove_vm("work")
+    assert not fq.unexpected and len(fq.requests) == 11
+
+
+# -- firewall.xml -----------------------------------------------------------------------------------------
+
+RULES = ["action=accept proto=tcp dsthost=example.com dstports=443-443",
+         "action=accept specialtarget=dns", "action=accept proto=icmp icmptype=8",
+         "action=accept dst4=10.0.0.0/8 comment=office network, all ports", "action=drop"]  # fmt: skip
+
+
+def test_firewall_round_trip() -> None:
+    xml = firewall.rules_to_xml(RULES)
+    assert xml.startswith(b"<?xml") and b'<firewall version="2">' in xml
+    assert b'<property name="action">accept</property>' in xml
+    assert firewall.xml_to_rules(xml) == RULES
+    assert firewall.xml_to_rules(firewall.rules_to_xml([])) == []
+
+
+@pytest.mark.parametrize("rule", ["proto=tcp", "action=allow", "action=accept bogus=1", "action=accept action=drop",
+                                  "action=accept dsthost=a;b", "action=accept comment=a\x1bb", "noequals"])  # fmt: skip
+def test_firewall_bad_rules(rule: str) -> None:
+    with pytest.raises(firewall.FirewallError):
+        firewall.rules_to_xml([rule])
+
+
+@pytest.mark.parametrize("doc", [
+    b"<firewall><rules/></firewall>",
+    b'<firewall version="1"><rules/></firewall>',
+    b'<firewall version="2"><rules><rule><properties><property name="x">1</property></properties></rule></rules>'
+    b"</firewall>",
+    b'<firewall version="2"><rules><rule><properties/><properties/></rule></rules></firewall>',
+    b'<firewall version="2"><rules><rule>text<properties/></rule></rules></firewall>',
+    b'<firewall version="2"><other/></firewall>',
+    b'<!DOCTYPE x [<!ENTITY e "a">]><firewall version="2"><rules/></firewall>',
+    b"<firewall",
+])  # fmt: skip
+def test_firewall_xml_strict(doc: bytes) -> None:
+    with pytest.raises(firewall.FirewallError):
+        firewall.xml_to_rules(doc)
+
+
+@given(st.lists(st.sampled_from(RULES), max_size=8))
+def test_firewall_round_trip_property(rules: list[str]) -> None:
+    assert firewall.xml_to_rules(firewall.rules_to_xml(rules)) == rules
