@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "dom0"))
 sys.path.insert(0, str(REPO / "protocol"))
 
-from qubes_backup_dom0 import simgen  # noqa: E402
 from qubes_backup_dom0.qubesxml import Collection  # noqa: E402
+from qubes_backup_sim import simgen  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "bench passphrase: correct horse battery staple"

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import simgen
 from qubes_backup_dom0.inner import same_content
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"

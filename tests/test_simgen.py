@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import simgen
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
 
 MiB = 1024 * 1024
 

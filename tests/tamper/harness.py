@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qubes_backup_dom0 import crypto, inner, restore, simgen
+from qubes_backup_dom0 import crypto, inner, restore
 from qubes_backup_dom0 import manifest as manifest_mod
 from qubes_backup_dom0.errors import BackupError
 from qubes_backup_dom0.qubesxml import Collection
@@ -31,6 +31,7 @@ from qubes_backup_dom0.restore import Restore, RestoreOptions
 from qubes_backup_dom0.system import System
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
+from qubes_backup_sim import simgen
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = b"tamper suite passphrase"

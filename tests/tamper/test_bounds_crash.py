@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import restore, simgen
+from qubes_backup_dom0 import restore
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.restore import Restore, RestoreOptions
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
 
 from .harness import BIN, CHUNK, PASSPHRASE, VM, World, clone_target, run_restore, snapshot
 

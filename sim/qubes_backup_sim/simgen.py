@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
+from qubes_backup_dom0.qubesxml import Collection
 
-from .qubesxml import Collection
+from .store import write_atomic
 
 BLOCK = 4096
 MiB = 1024 * 1024
@@ -417,7 +418,7 @@ def generate(
     qroot.mkdir(parents=True)
     (qroot / "vm-kernels" / KERNEL).mkdir(parents=True)
     coll = _build_xml(sizes, rng)
-    coll.write_atomic(qroot / "qubes.xml")
+    write_atomic(coll, qroot / "qubes.xml")
 
     colors = dict(LABELS)
     for spec in VMS:
