@@ -451,7 +451,7 @@ def notes_set(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 
 # -- volumes, pools -------------------------------------------------------------------------------------------
-@api("admin.vm.volume.List", admin_dest=False)
+@api("admin.vm.volume.List")
 def volume_list(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     return _lines(sorted(v.name for v in dom.volumes))
 

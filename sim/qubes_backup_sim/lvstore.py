@@ -85,7 +85,7 @@ class LvStore:
         return LvInfo(vg, lv, str(raw.get("thin_pool", DEFAULT_THIN_POOL)), str(raw.get("origin", "")),
                       [str(t) for t in raw.get("tags", [])], bool(raw.get("readonly", False)))  # fmt: skip
 
-    def _write_meta(self, info: LvInfo) -> None:
+    def write_meta(self, info: LvInfo) -> None:
         meta = self._meta(info.vg, info.name)
         meta.parent.mkdir(parents=True, exist_ok=True)
         tmp = meta.with_name(f".{meta.name}.tmp")
@@ -107,7 +107,7 @@ class LvStore:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        self._write_meta(LvInfo(vg, lv, thin_pool, "", list(tags), False))
+        self.write_meta(LvInfo(vg, lv, thin_pool, "", list(tags), False))
         return path
 
     def snapshot(self, vg: str, origin: str, new: str, *, tags: tuple[str, ...] = (),
@@ -117,7 +117,7 @@ class LvStore:
         if dst.exists():
             raise LvError(f'  Logical Volume "{new}" already exists in volume group "{vg}"')
         clone_file(self.path(vg, origin), dst)
-        self._write_meta(LvInfo(vg, new, src_info.thin_pool, origin, list(tags), readonly))
+        self.write_meta(LvInfo(vg, new, src_info.thin_pool, origin, list(tags), readonly))
         return dst
 
     def remove(self, vg: str, lv: str) -> None:
@@ -137,7 +137,7 @@ class LvStore:
             raise LvError(f'  Logical Volume "{new}" already exists in volume group "{vg}"')
         info = self.info(vg, old)
         info.name = new
-        self._write_meta(info)
+        self.write_meta(info)
         os.replace(src, dst)
         with contextlib.suppress(FileNotFoundError):
             self._meta(vg, old).unlink()

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a malformed qubes.xml (QubesXmlError) -- one line, no traceback
         print(f"qubes_backup_sim.qubesd: {e}", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))  # so the socket file is removed
     server.serve()
     return 0
 
