@@ -407,11 +407,13 @@ class Summary:
 
 
 def summarize(sim_dir: Path) -> Summary:
-    """Apparent vs allocated size of all images and LVs in a simulation (what a sparse-aware backup must keep)."""
+    """Apparent vs allocated size of the committed images and LVs in a simulation (what a sparse-aware backup
+    must keep; a running VM's -snap / -dirty data is not counted)."""
     qroot = Path(sim_dir) / "dom0/var/lib/qubes"
     coll = Collection.load(qroot / "qubes.xml")
     lvs = LvStore(Path(sim_dir) / "dom0/dev")
     files = sorted(qroot.rglob("*.img")) + [lvs.path(i.vg, i.name) for i in lvs.lvs()]
+    files = [f for f in files if not f.name.removesuffix(".img").endswith(("-snap", "-dirty", "-import", "-back"))]
     apparent = allocated = 0
     for img in files:
         st = img.stat()
