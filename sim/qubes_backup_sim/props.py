@@ -296,7 +296,8 @@ def check_vm_value(coll: Collection, dom: Domain, prop: Prop, text: str, running
             raise prop_value_error("netvm: a VM cannot be its own netvm")
         if value_text(coll, target, "provides_network") != "True":
             raise prop_value_error(f"netvm: {text!r} does not provide network")
-        seen, cur = {dom.name}, target
+        seen: set[str] = {dom.name}
+        cur: Domain | None = target
         while cur is not None and not cur.is_admin:
             if cur.name in seen:
                 raise prop_value_error("netvm: loop in netvm chain")
