@@ -10,13 +10,13 @@ FUZZ_SECONDS ?= 600
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: protocol/pyproject.toml dom0/pyproject.toml vm-agent/pyproject.toml requirements-dev.txt
+$(VENV)/.installed: protocol/pyproject.toml dom0/pyproject.toml vm-agent/pyproject.toml sim/pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e protocol -e dom0 -e vm-agent -r requirements-dev.txt
+	$(BIN)/pip install -q -e protocol -e dom0 -e vm-agent -e sim -r requirements-dev.txt
 	touch $@
 
-TYPED := dom0/qubes_backup_dom0 protocol/qubes_backup_protocol vm-agent/qubes_backup_agent
+TYPED := dom0/qubes_backup_dom0 protocol/qubes_backup_protocol vm-agent/qubes_backup_agent sim/qubes_backup_sim
 
 test: venv
 	$(BIN)/ruff check .

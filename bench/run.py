@@ -38,8 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "dom0"))
 sys.path.insert(0, str(REPO / "protocol"))
 
-from qubes_backup_dom0 import simgen  # noqa: E402
 from qubes_backup_dom0.qubesxml import Collection  # noqa: E402
+from qubes_backup_sim import simgen  # noqa: E402
+from qubes_backup_sim.store import write_atomic  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "bench passphrase: correct horse battery staple"
@@ -248,7 +249,7 @@ def fresh_system(src: Path, dst: Path, keep: tuple[str, ...] = ()) -> Path:
     for dom in list(fresh.domains):
         if dom.name not in ("dom0", "backupvm", *keep):
             dom.element.getparent().remove(dom.element)
-    fresh.write_atomic(dst / "dom0/var/lib/qubes/qubes.xml")
+    write_atomic(fresh, dst / "dom0/var/lib/qubes/qubes.xml")
     (dst / "vms/backupvm/home/user/backups").mkdir(parents=True)
     return dst
 

@@ -66,6 +66,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "dom0"))
     from qubes_backup_dom0.inner import same_content
     from qubes_backup_dom0.qubesxml import Collection
+    from qubes_backup_sim.store import write_atomic
 
     names = Collection.load(src / "dom0/var/lib/qubes/qubes.xml").names()
     header = subprocess.run(["tar", "-xOf", str(backup), "backup-header"], check=True, stdout=subprocess.PIPE).stdout
@@ -83,7 +84,7 @@ def main() -> int:
     for dom in list(fresh.domains):
         if dom.name not in keep:
             dom.element.getparent().remove(dom.element)
-    fresh.write_atomic(dst / "dom0/var/lib/qubes/qubes.xml")
+    write_atomic(fresh, dst / "dom0/var/lib/qubes/qubes.xml")
     (dst / "vms/backupvm/home/user/backups").mkdir(parents=True)
     os.link(backup, dst / "vms/backupvm/home/user/backups" / backup.name)
     env2 = dict(os.environ, QUBES_SIM=str(dst))

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import simgen
 from qubes_backup_dom0.inner import same_content
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
+from qubes_backup_sim.store import write_atomic
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"
@@ -151,7 +152,7 @@ def make_fresh(base: Path, source: Sim, keep: tuple[str, ...] = ("dom0", "backup
             dom.element.getparent().remove(dom.element)
     fresh.qubes_root.mkdir(parents=True)
     fresh.home.mkdir(parents=True)
-    coll.write_atomic(fresh.qubes_xml)
+    write_atomic(coll, fresh.qubes_xml)
     (fresh.dom0 / "pw").write_text(PASSPHRASE + "\n")
     fresh.vm_backups.mkdir(parents=True)
     return fresh

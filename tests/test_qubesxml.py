@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import stat
 import uuid
 from pathlib import Path
 
@@ -284,35 +282,3 @@ def test_rename_references(coll: Collection) -> None:
     assert coll["test-work"].template == "fedora-25"  # not in the list
     coll.rename_references("sys-firewall", "sys-fw2")
     assert coll["personal"].netvm == "sys-fw2"
-
-
-def test_write_atomic(coll: Collection, tmp_path: Path) -> None:
-    target = tmp_path / "qubes.xml"
-    coll.write_atomic(target)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o664
-    assert os.listdir(tmp_path) == ["qubes.xml"]
-    again = Collection.load(target)
-    assert _canon(again.root) == _canon(coll.root)
-    # an existing file keeps its mode; the content is replaced
-    target.chmod(0o640)
-    again["vault"].set_property("memory", 999)
-    again.write_atomic(target)
-    assert stat.S_IMODE(target.stat().st_mode) == 0o640
-    assert Collection.load(target)["vault"].properties["memory"] == "999"
-    assert os.listdir(tmp_path) == ["qubes.xml"]
-
-
-def test_write_atomic_failure_leaves_old_file(coll: Collection, tmp_path: Path, monkeypatch) -> None:
-    target = tmp_path / "qubes.xml"
-    coll.write_atomic(target)
-    old = target.read_bytes()
-
-    def boom(*a: object) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", boom)
-    coll["vault"].set_property("memory", 1)
-    with pytest.raises(OSError, match="disk full"):
-        coll.write_atomic(target)
-    assert target.read_bytes() == old
-    assert os.listdir(tmp_path) == ["qubes.xml"]

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from conftest import Sim, make_fresh, new_sim, one_error_line
-from qubes_backup_dom0 import simgen
+from qubes_backup_sim import simgen
 from test_cli_restore import assert_same_vm
 
 try:

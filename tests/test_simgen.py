@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import simgen
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
 
 MiB = 1024 * 1024
 
@@ -188,3 +188,50 @@ def test_bench_scale_hits_totals(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert 10 * MiB <= s.allocated <= 14 * MiB
     out = capsys.readouterr().out
     assert "apparent" in out and "allocated" in out
+
+
+def _lv(sim: Path, name: str) -> Path:
+    return sim / "dom0/dev/qubes_dom0" / name
+
+
+def test_lvm_thin_like_a_fresh_install(tmp_path: Path) -> None:
+    d = tmp_path / "lvm"
+    assert simgen.main([str(d), "--scale", "small"]) == 0  # the command's defaults: lvm_thin, sys-firewall running
+    coll = Collection.load(d / "dom0/var/lib/qubes/qubes.xml")
+    pools = coll.pools
+    assert pools["lvm"] == {"driver": "lvm_thin", "name": "lvm", "revisions_to_keep": "1",
+                            "thin_pool": "vm-pool", "volume_group": "qubes_dom0"}  # fmt: skip
+    assert pools["varlibqubes"]["driver"] == "file" and "linux-kernel" in pools
+    assert coll.global_properties["default_pool"] == "lvm"
+    priv = coll["work"].volume("private")
+    root = coll["work"].volume("root")
+    assert priv is not None and root is not None
+    assert (priv.pool, priv.vid, priv.save_on_stop) == ("lvm", "qubes_dom0/vm-work-private", True)
+    assert root.snap_on_start and root.source == "qubes_dom0/vm-fedora-41-root"
+    lv = _lv(d, "vm-work-private")
+    assert lv.stat().st_size == priv.size and lv.stat().st_blocks * 512 < lv.stat().st_size // 4
+    assert (d / "dom0/dev/qubes_dom0/.lvm/vm-work-private.json").is_file()
+    assert not (d / "dom0/var/lib/qubes/appvms/work/private.img").exists()
+    assert (d / "dom0/var/lib/qubes/appvms/work/firewall.xml").is_file()
+    # sys-firewall runs: its -snap differs from the committed LV, root-snap is the template's root
+    assert _lv(d, "vm-sys-firewall-private-snap").read_bytes() != _lv(d, "vm-sys-firewall-private").read_bytes()
+    assert _lv(d, "vm-sys-firewall-root-snap").read_bytes() == _lv(d, "vm-fedora-41-root").read_bytes()
+    assert not _lv(d, "vm-work-private-snap").exists()
+    state = (d / "dom0/var/run/qubes-sim/state.json").read_text()
+    assert '"sys-firewall"' in state
+
+
+def test_file_reflink_and_running(tmp_path: Path) -> None:
+    d = tmp_path / "reflink"
+    simgen.generate(d, "small", pool="file-reflink", running=["work", "fedora-41"])
+    coll = Collection.load(d / "dom0/var/lib/qubes/qubes.xml")
+    assert coll.pools["varlibqubes"]["driver"] == "file-reflink"
+    appvms = d / "dom0/var/lib/qubes/appvms"
+    assert (appvms / "work/private-dirty.img").read_bytes() != (appvms / "work/private.img").read_bytes()
+    tpl = d / "dom0/var/lib/qubes/vm-templates/fedora-41"
+    assert (tpl / "root-dirty.img").stat().st_size == (tpl / "root.img").stat().st_size
+    assert not (appvms / "vault/private-dirty.img").exists()
+    with pytest.raises(ValueError):
+        simgen.generate(tmp_path / "x", "small", running=["disp1234"])
+    with pytest.raises(ValueError):
+        simgen.generate(tmp_path / "y", "small", pool="zfs")

@@ -26,9 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qubes_backup_dom0 import backup, crypto, simgen
+from qubes_backup_dom0 import backup, crypto
 from qubes_backup_dom0.header import Header
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors"
 

@@ -8,12 +8,9 @@ this module never loses what a newer Qubes wrote.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import re
-import stat
-import tempfile
 import uuid as uuidlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -377,37 +374,6 @@ class Collection:
 
     def to_bytes(self) -> bytes:
         return etree.tostring(self.root, pretty_print=True, encoding="UTF-8", xml_declaration=True)
-
-    def write_atomic(self, path: str | os.PathLike[str]) -> None:
-        """Replace ``path`` so readers see the old or the new file, never a torn one, even after a crash."""
-        path = Path(path)
-        data = self.to_bytes()
-        mode, owner = 0o664, None
-        try:
-            st = os.stat(path)
-            mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-        except FileNotFoundError:
-            pass
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fchmod(f.fileno(), mode)
-                if owner is not None and owner != (os.getuid(), os.getgid()):
-                    with contextlib.suppress(PermissionError):
-                        os.fchown(f.fileno(), *owner)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     # -- reading -----------------------------------------------------------------------------------------
     def _child(self, tag: str) -> etree._Element:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qubes_backup_dom0 import crypto, inner, restore, simgen
+from qubes_backup_dom0 import crypto, inner, restore
 from qubes_backup_dom0 import manifest as manifest_mod
 from qubes_backup_dom0.errors import BackupError
 from qubes_backup_dom0.qubesxml import Collection
@@ -31,6 +31,8 @@ from qubes_backup_dom0.restore import Restore, RestoreOptions
 from qubes_backup_dom0.system import System
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
+from qubes_backup_sim import simgen
+from qubes_backup_sim.store import write_atomic
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = b"tamper suite passphrase"
@@ -108,7 +110,7 @@ def build_world(base: Path) -> World:
             dom.element.getparent().remove(dom.element)
     target.qubes_root.mkdir(parents=True)
     target.home_dir.mkdir(parents=True)
-    fresh.write_atomic(target.qubes_xml)
+    write_atomic(fresh, target.qubes_xml)
     (target.dom0_root / "pw").write_bytes(PASSPHRASE + b"\n")
     backups = target.vm_root(VM) / "home/user/backups"
     backups.mkdir(parents=True)

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import restore, simgen
+from qubes_backup_dom0 import restore
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.restore import Restore, RestoreOptions
 from qubes_backup_dom0.system import System
+from qubes_backup_sim import simgen
+from qubes_backup_sim.store import write_atomic
 
 from .harness import BIN, CHUNK, PASSPHRASE, VM, World, clone_target, run_restore, snapshot
 
@@ -80,7 +82,7 @@ def test_dom0_peak_rss_bounded(tmp_path: Path) -> None:
             dom.element.getparent().remove(dom.element)
     (dst / "dom0/var/lib/qubes").mkdir(parents=True)
     (dst / "dom0/home/user").mkdir(parents=True)
-    fresh.write_atomic(dst / "dom0/var/lib/qubes/qubes.xml")
+    write_atomic(fresh, dst / "dom0/var/lib/qubes/qubes.xml")
     (dst / "dom0/pw").write_bytes(PASSPHRASE + b"\n")
     (dst / "vms" / VM / "home/user/backups").mkdir(parents=True)
     os.link(backup, dst / "vms" / VM / "home/user/backups" / backup.name)

@@ -6,7 +6,11 @@ and in a hole, VMs whose template/netvm/default_dispvm come from the global defa
 a StandaloneVM, a DispVM, and a backup VM.  Everything is deterministic from ``--seed``.
 
 Layout (see docs/SIMULATION.md): dom0's root is ``DIR/dom0`` (Qubes root ``DIR/dom0/var/lib/qubes``, home
-``DIR/dom0/home/user``), VM NAME's root is ``DIR/vms/NAME``.
+``DIR/dom0/home/user``), VM NAME's root is ``DIR/vms/NAME``.  Pools (``--pool``): ``lvm_thin`` (a fresh R4.2
+install: pool ``lvm`` on VG qubes_dom0, LVs are files under ``DIR/dom0/dev/qubes_dom0``, plus ``varlibqubes``
+as a ``file`` pool), ``file-reflink`` (a btrfs install: ``varlibqubes``), or ``file`` (legacy; what this
+generator made before it knew pools, and still the default of ``generate()``).  ``--running VM`` marks a VM as
+running: its save_on_stop volumes then have diverging -snap LVs / -dirty images.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
+from qubes_backup_dom0.qubesxml import Collection
 
-from .qubesxml import Collection
+from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
+from .store import save_run_state, write_atomic
 
 BLOCK = 4096
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 KERNEL = "6.6.48-1"
 FILE_POOL = "varlibqubes"
+LVM_POOL = "lvm"
+POOL_KINDS = ("lvm_thin", "file-reflink", "file")
 USER = "user"
 
 LABELS = [
@@ -92,13 +100,14 @@ GLOBAL_PROPS = (
     ("default_dispvm", "fedora-41-dvm"),
     ("default_kernel", KERNEL),
     ("default_netvm", "sys-firewall"),
-    ("default_pool", FILE_POOL),
     ("default_template", "fedora-41"),
     ("updatevm", "sys-firewall"),
 )
 
 # Scales: (apparent divisor, data divisor) applied to DEFAULT sizes; BENCH scales to totals instead.
-SCALES = {"small": (128, 40), "default": (1, 1)}
+# The default scale halves the apparent sizes (a restore pushes a volume's whole apparent size through the
+# import pipe, holes as zeros), keeping the data amounts.
+SCALES = {"small": (128, 40), "default": (2, 1)}
 BENCH_DATA_MIB = 1800
 BENCH_APPARENT_GIB = 7.0
 
@@ -229,28 +238,43 @@ def _vm_dir(spec: VmSpec) -> str:
     return Collection.default_vm_dir(spec.name, spec.klass)
 
 
-def _volumes(spec: VmSpec, sizes: dict[str, int]) -> list[dict[str, str]]:
-    """The R4 volume-config of a VM of this class, with file-pool vids in the VM's directory."""
-    d = _vm_dir(spec)
+def _vid(pool_kind: str, name: str, klass: str, vol: str) -> str:
+    if pool_kind == "lvm_thin":
+        return f"{DEFAULT_VG}/vm-{name}-{vol}"
+    return f"{Collection.default_vm_dir(name, klass)}/{vol}"
+
+
+def _spec(name: str) -> VmSpec:
+    return next(s for s in VMS if s.name == name)
+
+
+def _volumes(spec: VmSpec, sizes: dict[str, int], pool_kind: str = "file") -> list[dict[str, str]]:
+    """The R4 volume-config of a VM of this class, in the default pool (file pools: the VM's directory)."""
+    pool = LVM_POOL if pool_kind == "lvm_thin" else FILE_POOL
+
+    def vid(name: str, vol: str) -> str:
+        return _vid(pool_kind, name, _spec(name).klass, vol)
+
     tpl = dict(spec.props).get("template", "fedora-41")
     own_root = spec.root is not None
-    root: dict[str, str] = {"name": "root", "pool": FILE_POOL, "revisions_to_keep": "0",
-                            "size": str(sizes.get("root", 10 * GiB)), "vid": f"{d}/root"}  # fmt: skip
+    root: dict[str, str] = {"name": "root", "pool": pool, "revisions_to_keep": "0",
+                            "size": str(sizes.get("root", 10 * GiB)), "vid": vid(spec.name, "root")}  # fmt: skip
     if own_root:
         root.update(rw="True", save_on_stop="True", revisions_to_keep="1")
     elif spec.klass == "DispVM":
         # A DispVM's template is its dvm template (an AppVM); the root snapshot is that one's template's.
-        root.update(snap_on_start="True", source=f"vm-templates/{_template_of(tpl)}/root")
+        root.update(snap_on_start="True", source=vid(_template_of(tpl), "root"))
     else:
-        root.update(snap_on_start="True", source=f"vm-templates/{tpl}/root")
-    private: dict[str, str] = {"name": "private", "pool": FILE_POOL, "revisions_to_keep": "1", "rw": "True",
-                               "size": str(sizes.get("private", 2 * GiB)), "vid": f"{d}/private"}  # fmt: skip
+        root.update(snap_on_start="True", source=vid(tpl, "root"))
+    private: dict[str, str] = {"name": "private", "pool": pool, "revisions_to_keep": "1", "rw": "True",
+                               "size": str(sizes.get("private", 2 * GiB)),
+                               "vid": vid(spec.name, "private")}  # fmt: skip
     if spec.klass == "DispVM":
-        private.update(snap_on_start="True", source=f"appvms/{tpl}/private", revisions_to_keep="0")
+        private.update(snap_on_start="True", source=vid(tpl, "private"), revisions_to_keep="0")
     else:
         private["save_on_stop"] = "True"
-    volatile = {"name": "volatile", "pool": FILE_POOL, "revisions_to_keep": "0", "rw": "True",
-                "size": str(10 * GiB), "vid": f"{d}/volatile"}  # fmt: skip
+    volatile = {"name": "volatile", "pool": pool, "revisions_to_keep": "0", "rw": "True",
+                "size": str(10 * GiB), "vid": vid(spec.name, "volatile")}  # fmt: skip
     kernel = {"name": "kernel", "pool": "linux-kernel", "revisions_to_keep": "0",
               "vid": "" if dict(spec.props).get("kernel") == "" else KERNEL}  # fmt: skip
     return [root, private, volatile, kernel]
@@ -289,7 +313,9 @@ def _sizes(
     return out
 
 
-def _build_xml(sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random) -> Collection:
+def _build_xml(
+    sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random, pool_kind: str = "file"
+) -> Collection:
     root = etree.Element("qubes")
     labels = etree.SubElement(root, "labels")
     label_ids = {}
@@ -299,10 +325,15 @@ def _build_xml(sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random
     pools = etree.SubElement(root, "pools")
     etree.SubElement(pools, "pool", dir_path="/var/lib/qubes/vm-kernels", driver="linux-kernel",
                      name="linux-kernel")  # fmt: skip
-    etree.SubElement(pools, "pool", dir_path="/var/lib/qubes", driver="file", name=FILE_POOL,
+    if pool_kind == "lvm_thin":
+        etree.SubElement(pools, "pool", driver="lvm_thin", name=LVM_POOL, revisions_to_keep="1",
+                         thin_pool=DEFAULT_THIN_POOL, volume_group=DEFAULT_VG)  # fmt: skip
+    file_driver = "file-reflink" if pool_kind == "file-reflink" else "file"
+    etree.SubElement(pools, "pool", dir_path="/var/lib/qubes", driver=file_driver, name=FILE_POOL,
                      revisions_to_keep="1")  # fmt: skip
     props = etree.SubElement(root, "properties")
-    for k, v in GLOBAL_PROPS:
+    default_pool = LVM_POOL if pool_kind == "lvm_thin" else FILE_POOL
+    for k, v in sorted([*GLOBAL_PROPS, ("default_pool", default_pool)]):
         etree.SubElement(props, "property", name=k).text = v
     domains = etree.SubElement(root, "domains")
     dom0 = etree.SubElement(domains, "domain", id="domain-0")
@@ -332,7 +363,7 @@ def _build_xml(sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random
         etree.SubElement(tags, "tag", name="created-by-dom0")
         vc = etree.SubElement(el, "volume-config")
         vsz = {vol: sizes[(spec.name, vol)][0] for vol in ("private", "root") if (spec.name, vol) in sizes}
-        for attrs in _volumes(spec, vsz):
+        for attrs in _volumes(spec, vsz, pool_kind):
             etree.SubElement(vc, "volume", {k: attrs[k] for k in sorted(attrs)})
     return Collection(root)
 
@@ -376,16 +407,84 @@ class Summary:
 
 
 def summarize(sim_dir: Path) -> Summary:
-    """Apparent vs allocated size of all images in a simulation (what a sparse-aware backup must keep)."""
+    """Apparent vs allocated size of the committed images and LVs in a simulation (what a sparse-aware backup
+    must keep; a running VM's -snap / -dirty data is not counted)."""
     qroot = Path(sim_dir) / "dom0/var/lib/qubes"
     coll = Collection.load(qroot / "qubes.xml")
-    apparent = allocated = images = 0
-    for img in sorted(qroot.rglob("*.img")):
+    lvs = LvStore(Path(sim_dir) / "dom0/dev")
+    files = sorted(qroot.rglob("*.img")) + [lvs.path(i.vg, i.name) for i in lvs.lvs()]
+    files = [f for f in files if not f.name.removesuffix(".img").endswith(("-snap", "-dirty", "-import", "-back"))]
+    apparent = allocated = 0
+    for img in files:
         st = img.stat()
         apparent += st.st_size
         allocated += st.st_blocks * 512
-        images += 1
-    return Summary(len(coll.domains) - 1, images, apparent, allocated)
+    return Summary(len(coll.domains) - 1, len(files), apparent, allocated)
+
+
+def _clear(dir: Path, force: bool) -> None:
+    if dir.exists() and any(dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"{dir} is not empty (use --force to replace the simulation in it)")
+        for sub in ("dom0", "vms"):
+            if (dir / sub).is_symlink() or (dir / sub).is_file():
+                (dir / sub).unlink()
+            elif (dir / sub).exists():
+                shutil.rmtree(dir / sub)
+    dir.mkdir(parents=True, exist_ok=True)
+
+
+class _Volumes:
+    """Where a volume's data goes for the chosen pool kind (LV files with metadata, or images)."""
+
+    def __init__(self, dir: Path, pool_kind: str) -> None:
+        self.kind = pool_kind
+        self.qroot = dir / "dom0/var/lib/qubes"
+        self.lvs = LvStore(dir / "dom0/dev")
+        if pool_kind == "lvm_thin":
+            self.lvs.init_vg(DEFAULT_VG)
+
+    def path(self, spec: VmSpec, vol: str, suffix: str = "") -> Path:
+        if self.kind == "lvm_thin":
+            return self.lvs.path(DEFAULT_VG, f"vm-{spec.name}-{vol}{suffix}")
+        return self.qroot / _vm_dir(spec) / f"{vol}{suffix}.img"
+
+    def written(self, spec: VmSpec, vol: str, suffix: str = "", origin: str = "") -> None:
+        """Record LV metadata for a data file just written (no-op for file pools)."""
+        if self.kind == "lvm_thin":
+            lv = f"vm-{spec.name}-{vol}{suffix}"
+            self.lvs.write_meta(LvInfo(DEFAULT_VG, lv, DEFAULT_THIN_POOL, origin))
+
+
+def _write_volumes(vols: _Volumes, sizes: dict[tuple[str, str], tuple[int, int]], seed: int, compressible: float,
+                   running: set[str]) -> None:  # fmt: skip
+    for spec in VMS:
+        for vol in ("private", "root"):
+            if (spec.name, vol) not in sizes:
+                continue
+            apparent, data = sizes[(spec.name, vol)]
+            # work's private ends in data, every other image ends in a hole; roots start with a "label".
+            img = Image("", apparent, data, ends_in_data=(spec.name, vol) == ("work", "private"),
+                        data_at_start=vol == "root")  # fmt: skip
+            img_rng = random.Random(f"qubes-backup-simgen:{seed}:{spec.name}:{vol}")
+            write_sparse_image(vols.path(spec, vol), img, img_rng, compressible)
+            vols.written(spec, vol)
+            if spec.name in running and vols.kind != "file":
+                # what the running VM wrote since its start: the -snap LV / -dirty image differs
+                suffix = "-snap" if vols.kind == "lvm_thin" else "-dirty"
+                run_rng = random.Random(f"qubes-backup-simgen:{seed}:{spec.name}:{vol}:running")
+                write_sparse_image(vols.path(spec, vol, suffix), img, run_rng, compressible)
+                vols.written(spec, vol, suffix, origin=f"vm-{spec.name}-{vol}")
+    for name in sorted(running):
+        spec = _spec(name)
+        if spec.root is None and spec.klass == "AppVM" and vols.kind != "file":
+            # snap_on_start root: a snapshot of the template's root taken at start
+            tpl = _spec(dict(spec.props).get("template", "fedora-41"))
+            suffix = "-snap" if vols.kind == "lvm_thin" else "-dirty"
+            dst = vols.path(spec, "root", suffix)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            clone_file(vols.path(tpl, "root"), dst)
+            vols.written(spec, "root", suffix, origin=f"vm-{tpl.name}-root")
 
 
 def generate(
@@ -397,27 +496,30 @@ def generate(
     data_mib: float | None = None,
     apparent_gib: float | None = None,
     compressible: float = 0.5,
+    pool: str = "file",
+    running: tuple[str, ...] | list[str] = (),
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
-    ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched)."""
+    ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched).
+
+    ``pool``: lvm_thin, file-reflink or file (the default here, as older versions built; the command line
+    defaults to lvm_thin); ``running``: VMs to mark as running."""
     scale = scale.lower()
+    if pool not in POOL_KINDS:
+        raise ValueError(f"unknown pool kind {pool!r} ({', '.join(POOL_KINDS)})")
+    runnable = {s.name for s in VMS if s.klass != "DispVM"}
+    bad = [n for n in running if n not in runnable]
+    if bad:
+        raise ValueError(f"cannot mark {bad[0]!r} as running (one of: {', '.join(sorted(runnable))})")
     sizes = _sizes(scale, data_mib, apparent_gib)
     dir = Path(dir)
-    if dir.exists() and any(dir.iterdir()):
-        if not force:
-            raise FileExistsError(f"{dir} is not empty (use --force to replace the simulation in it)")
-        for sub in ("dom0", "vms"):
-            if (dir / sub).is_symlink() or (dir / sub).is_file():
-                (dir / sub).unlink()
-            elif (dir / sub).exists():
-                shutil.rmtree(dir / sub)
-    dir.mkdir(parents=True, exist_ok=True)
+    _clear(dir, force)
     rng = random.Random(f"qubes-backup-simgen:{seed}")
     qroot = dir / "dom0/var/lib/qubes"
     qroot.mkdir(parents=True)
     (qroot / "vm-kernels" / KERNEL).mkdir(parents=True)
-    coll = _build_xml(sizes, rng)
-    coll.write_atomic(qroot / "qubes.xml")
+    coll = _build_xml(sizes, rng, pool)
+    write_atomic(coll, qroot / "qubes.xml")
 
     colors = dict(LABELS)
     for spec in VMS:
@@ -427,20 +529,8 @@ def generate(
         if spec.klass != "DispVM":
             _write(vdir / "firewall.xml", FIREWALL_XML.format(host=f"{spec.name}.example.org"))
             _write(vdir / "notes.txt", f"{spec.name}: {spec.klass}, simulated by qubes-backup-simgen\n")
-        for vol in ("private", "root"):
-            if (spec.name, vol) not in sizes:
-                continue
-            apparent, data = sizes[(spec.name, vol)]
-            img = Image(
-                f"{_vm_dir(spec)}/{vol}.img",
-                apparent,
-                data,
-                # work's private ends in data, every other image ends in a hole; roots start with a "label".
-                ends_in_data=(spec.name, vol) == ("work", "private"),
-                data_at_start=vol == "root",
-            )
-            img_rng = random.Random(f"qubes-backup-simgen:{seed}:{spec.name}:{vol}")
-            write_sparse_image(qroot / img.rel, img, img_rng, compressible)
+    _write_volumes(_Volumes(dir, pool), sizes, seed, compressible, set(running))
+    save_run_state(dir / "dom0", set(running))
 
     _make_home(dir / "dom0/home" / USER, rng)
     (dir / "vms/backupvm/home/user/backups").mkdir(parents=True)
@@ -457,10 +547,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--compressible", type=float, default=0.5, help="fraction of data extents that compress")
     ap.add_argument("--force", action="store_true", help="replace an existing simulation in DIR")
+    ap.add_argument("--pool", choices=POOL_KINDS, default="lvm_thin",
+                    help="storage of the VMs' volumes (default lvm_thin, as a fresh R4.2 install)")  # fmt: skip
+    ap.add_argument("--running", action="append", metavar="VM",
+                    help="mark VM as running (repeatable; default: sys-firewall; 'none' for none)")  # fmt: skip
     args = ap.parse_args(argv)
+    running = [r for r in (args.running or ["sys-firewall"]) if r != "none"]
     try:
         generate(args.dir, args.scale, args.seed, force=args.force, data_mib=args.data_mib,
-                 apparent_gib=args.apparent_gib, compressible=args.compressible)  # fmt: skip
+                 apparent_gib=args.apparent_gib, compressible=args.compressible, pool=args.pool,
+                 running=running)  # fmt: skip
     except (FileExistsError, ValueError) as e:
         print(f"qubes-backup-simgen: {e}", file=sys.stderr)
         return 2
