@@ -23,6 +23,7 @@ import struct
 import sys
 import uuid
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -498,12 +499,15 @@ def generate(
     compressible: float = 0.5,
     pool: str = "file",
     running: tuple[str, ...] | list[str] = (),
+    keep: Iterable[str] | None = None,
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
     ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched).
 
     ``pool``: lvm_thin, file-reflink or file (the default here, as older versions built; the command line
-    defaults to lvm_thin); ``running``: VMs to mark as running."""
+    defaults to lvm_thin); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
+    a freshly installed system to restore into; references to the others are dropped, as they would not
+    exist there."""
     scale = scale.lower()
     if pool not in POOL_KINDS:
         raise ValueError(f"unknown pool kind {pool!r} ({', '.join(POOL_KINDS)})")
@@ -512,6 +516,8 @@ def generate(
     if bad:
         raise ValueError(f"cannot mark {bad[0]!r} as running (one of: {', '.join(sorted(runnable))})")
     sizes = _sizes(scale, data_mib, apparent_gib)
+    kept = {s.name for s in VMS} if keep is None else set(keep)
+    sizes = {k: v for k, v in sizes.items() if k[0] in kept}
     dir = Path(dir)
     _clear(dir, force)
     rng = random.Random(f"qubes-backup-simgen:{seed}")
@@ -519,10 +525,12 @@ def generate(
     qroot.mkdir(parents=True)
     (qroot / "vm-kernels" / KERNEL).mkdir(parents=True)
     coll = _build_xml(sizes, rng, pool)
+    if keep is not None:
+        _reduce(coll, kept)
     write_atomic(coll, qroot / "qubes.xml")
 
     colors = dict(LABELS)
-    for spec in VMS:
+    for spec in (s for s in VMS if s.name in kept):
         vdir = qroot / _vm_dir(spec)
         vdir.mkdir(parents=True, exist_ok=True)
         _write(vdir / "icon.png", _png(colors[spec.label]))
@@ -532,8 +540,29 @@ def generate(
     _write_volumes(_Volumes(dir, pool), sizes, seed, compressible, set(running))
     save_run_state(dir / "dom0", set(running))
 
-    _make_home(dir / "dom0/home" / USER, rng)
+    if keep is None:
+        _make_home(dir / "dom0/home" / USER, rng)
+    else:  # a fresh install: an empty home
+        (dir / "dom0/home" / USER).mkdir(parents=True)
     (dir / "vms/backupvm/home/user/backups").mkdir(parents=True)
+
+
+def _reduce(coll: Collection, kept: set[str]) -> None:
+    """Only the kept VMs (and dom0); what referred to the others falls back to none."""
+    for dom in list(coll.domains):
+        if not dom.is_admin and dom.name not in kept:
+            dom.element.getparent().remove(dom.element)  # type: ignore[union-attr]
+    names = set(coll.names())
+    for dom in coll.domains:
+        for prop in ("template", "netvm", "default_dispvm"):
+            if dom.raw_property(prop) and dom.raw_property(prop) not in names:
+                dom.set_property(prop, None)
+    props = coll.root.find("properties")
+    assert props is not None
+    for el in list(props):
+        if el.get("name") in ("clockvm", "default_dispvm", "default_netvm", "default_template", "updatevm",
+                              "default_guivm", "default_audiovm", "management_dispvm") and el.text not in names:
+            props.remove(el)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,14 +578,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing simulation in DIR")
     ap.add_argument("--pool", choices=POOL_KINDS, default="lvm_thin",
                     help="storage of the VMs' volumes (default lvm_thin, as a fresh R4.2 install)")  # fmt: skip
+    ap.add_argument("--only", action="append", metavar="VM",
+                    help="build only these VMs (repeatable): a freshly installed system to restore into")  # fmt: skip
     ap.add_argument("--running", action="append", metavar="VM",
                     help="mark VM as running (repeatable; default: sys-firewall; 'none' for none)")  # fmt: skip
     args = ap.parse_args(argv)
-    running = [r for r in (args.running or ["sys-firewall"]) if r != "none"]
+    default_running = ["sys-firewall"] if args.only is None or "sys-firewall" in args.only else []
+    running = [r for r in (args.running or default_running) if r != "none"]
     try:
         generate(args.dir, args.scale, args.seed, force=args.force, data_mib=args.data_mib,
                  apparent_gib=args.apparent_gib, compressible=args.compressible, pool=args.pool,
-                 running=running)  # fmt: skip
+                 running=running, keep=args.only)  # fmt: skip
     except (FileExistsError, ValueError) as e:
         print(f"qubes-backup-simgen: {e}", file=sys.stderr)
         return 2
