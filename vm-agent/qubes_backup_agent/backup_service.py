@@ -1,6 +1,6 @@
 """qubes.Backup: LOCATION, DATA..., COMMIT in; DONE or ERROR out.  See docs/PROTOCOL.md.
 
-The stream is stored atomically in a directory, piped into a hook command, or uploaded to S3.  Without
+The stream is stored atomically in a directory or over ssh, piped into a hook command, or uploaded to S3.  Without
 COMMIT (dom0 died, the user cancelled) nothing that looks like a finished backup is left behind.
 """
 
@@ -42,6 +42,10 @@ def open_sink(location: str, name: str) -> Sink:
         from .storage.s3 import S3Sink
 
         return S3Sink(loc.url, name)
+    if loc.kind == "ssh":
+        from .storage.ssh import SshSink
+
+        return SshSink(loc.url, name, root)
     if loc.kind == "path":
         assert loc.path is not None
         return DirectorySink(loc.path, name, root)

@@ -1,7 +1,8 @@
 """qubes.Restore: LOCATION in; MEMBER... (pause for WANT... WANT_END after manifest.hmac) ... END out.
 
 The VM may parse tar (it is the untrusted side anyway); dom0 parses only frames.  Unwanted archives are
-skipped at the source: seeks over a file or an S3 object, reading through only for a hook's stream.
+skipped at the source: seeks over a file, an S3 object or an ssh file (ranged reads), reading through only
+for a hook's stream.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
             from .storage.s3 import open_object
 
             fileobj, mode = open_object(loc.url), "r:"
+        elif loc.kind == "ssh":
+            from .storage.ssh import open_remote
+
+            fileobj, mode = open_remote(loc.url, root), "r:"
         else:
             assert loc.path is not None
             fileobj, mode = open_file(loc.path, root), "r:"

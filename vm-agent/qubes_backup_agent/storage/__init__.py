@@ -1,4 +1,4 @@
-"""Where a backup stream goes to or comes from: a directory, a hook command or S3.
+"""Where a backup stream goes to or comes from: a directory, a hook command, S3 or ssh.
 
 ``classify`` decides which, from the location string alone, without a shell.
 """
@@ -33,7 +33,7 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class Location:
-    kind: Literal["path", "command", "s3"]
+    kind: Literal["path", "command", "s3", "ssh"]
     path: Path | None = None
     argv: tuple[str, ...] = ()
     url: str = ""
@@ -44,13 +44,15 @@ def _looks_like_path(token: str) -> bool:
 
 
 def classify(location: str, root: Path, want_dir: bool) -> Location:
-    """Directory/file path, S3 URL or command.  ``want_dir``: backup (a directory) vs restore (a file).
+    """Directory/file path, S3 or ssh URL, or command.  ``want_dir``: backup (a directory) vs restore (a file).
 
     A single token that resolves to an existing directory (backup) or file (restore) is a path; a single
     token that looks like a path but does not exist is an error; everything else is a command line.
     """
     if location.startswith("s3://"):
         return Location("s3", url=location)
+    if location.startswith("ssh://"):
+        return Location("ssh", url=location)
     try:
         argv = shlex.split(location)
     except ValueError as exc:
