@@ -56,7 +56,7 @@ sys.exit(main())
 SERVICE = '''#!{python} -s
 """{name} qrexec service of qubes-backup (`make install-vm`, docs/INSTALL.md).
 
-qrexec finds it here before Qubes' own /etc/qubes-rpc/{name}, to which it hands requests in Qubes' protocol.
+qrexec finds it before Qubes' own /etc/qubes-rpc/{name}; requests in Qubes' protocol are handed to that one.
 """
 
 import os
