@@ -3,10 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SIM    ?= demo-sim
-PREFIX ?= /usr
 FUZZ_SECONDS ?= 600
 
-.PHONY: venv test demo lint bench bench-smoke fuzz install-dom0 install-vm clean
+.PHONY: venv test demo lint bench bench-smoke fuzz install-dom0 install-vm uninstall-dom0 uninstall-vm clean
 
 venv: $(VENV)/.installed
 
@@ -40,16 +39,34 @@ fuzz: venv
 	$(BIN)/pip install -q atheris || { echo "atheris does not install here"; exit 1; }
 	$(BIN)/python tests/fuzz/atheris_frames.py -max_total_time=$(FUZZ_SECONDS)
 
-# On a real Qubes system: `make install-vm` in the template, `make install-dom0` in dom0.
-install-vm:
-	$(PYTHON) -m pip install ./protocol ./vm-agent
-	install -d $(DESTDIR)/etc/qubes-rpc
-	install -m 0755 rpc-policy/qubes.Backup rpc-policy/qubes.Restore $(DESTDIR)/etc/qubes-rpc/
+# On a real Qubes system (docs/INSTALL.md): `make install-dom0` in dom0, `make install-vm` in the backup VM.
+# Nothing is installed over a file of Qubes' own packages (/usr/bin/qvm-backup*, /etc/qubes-rpc/qubes.*), nothing
+# goes through pip or the network, DESTDIR and PREFIX apply to every file; scripts/install.py keeps a manifest
+# (LIBDIR/installed-SIDE.manifest) of what it wrote, and `make uninstall-*` removes exactly that.
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+LIBDIR     ?= $(PREFIX)/lib/qubes-backup
+# qrexec looks for a service in /run/qubes-rpc (R4.3+, volatile), /usr/local/etc/qubes-rpc (R4.1+), then
+# /etc/qubes-rpc, first match wins: QREXEC_SERVICE_PATH in qubes-core-qrexec's libqrexec/qrexec.h, used by
+# find_qrexec_service() in libqrexec/exec.c (also lib/qubes-rpc-multiplexer).  Not under PREFIX on purpose.
+SERVICEDIR ?= /usr/local/etc/qubes-rpc
+POLICYDIR  ?= /etc/qubes/policy.d
+# The interpreter the installed commands and services run with (dependencies from the system's packages).
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL = $(PYTHON) scripts/install.py --destdir "$(DESTDIR)" --bindir "$(BINDIR)" --libdir "$(LIBDIR)" \
+	--servicedir "$(SERVICEDIR)" --policydir "$(POLICYDIR)" --python "$(INSTALL_PYTHON)"
 
 install-dom0:
-	$(PYTHON) -m pip install ./protocol ./dom0
-	install -d $(DESTDIR)/etc/qubes/policy.d
-	install -m 0644 rpc-policy/50-qubes-backup.policy $(DESTDIR)/etc/qubes/policy.d/
+	$(INSTALL) install dom0
+
+install-vm:
+	$(INSTALL) install vm
+
+uninstall-dom0:
+	$(INSTALL) uninstall dom0
+
+uninstall-vm:
+	$(INSTALL) uninstall vm
 
 clean:
 	rm -rf $(VENV) $(SIM) bench-out .pytest_cache .ruff_cache

@@ -8,8 +8,10 @@ import sys
 import time
 
 from .cli_common import confirm, human, raise_interrupt, run_cli, table
+from .header import QubesFormatBackup
 from .passphrase import read_passphrase
 from .progress import Progress
+from .qubes_tools import run_qubes_restore
 from .restore import Restore, RestoreOptions, RestorePlan
 from .system import System
 
@@ -52,7 +54,15 @@ def summary(plan: RestorePlan) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_intermixed_args(argv)
-    return run_cli(lambda: _run(args), args.debug)
+    return run_cli(lambda: _run_or_hand_over(args, sys.argv[1:] if argv is None else argv), args.debug)
+
+
+def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
+    """A backup in Qubes OS' own format goes to Qubes' own qvm-backup-restore (qubes_tools.py)."""
+    try:
+        return _run(args)
+    except QubesFormatBackup as exc:
+        return run_qubes_restore(exc, argv)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .crypto import KdfParams
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 
 FORMAT_NAME = "qubes-backup"
 VERSION = 1
@@ -52,6 +52,40 @@ _VALUE_RE = {
     "chunk-size": _INT,
 }
 _LINE_RE = re.compile(rb"([a-z-]{1,16})=([ -~]{1,64})")
+
+# Qubes OS' own backup-header (qubesadmin/backup/restore.py, BackupHeader): ``version=N`` first, then known
+# keys, values [A-Za-z0-9-].  Recognised only to say which tool restores the backup: it is unauthenticated.
+_QUBES_KEYS = frozenset(
+    ("version", "encrypted", "compressed", "compression-filter", "crypto-algorithm", "hmac-algorithm", "backup-id")
+)
+_QUBES_LINE_RE = re.compile(rb"([a-z-]{1,32})=([A-Za-z0-9-]{1,64})")
+
+
+class QubesFormatBackup(UsageError):
+    """The backup was made by Qubes OS' own qvm-backup (its format, not ours): Qubes' tool restores it."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"this is a backup in Qubes OS' own format (version {version}), not a qubes-backup one")
+        self.version = version
+
+
+def qubes_format_version(data: bytes) -> int | None:
+    """The format version if ``data`` is, strictly, a Qubes v2-v4 backup-header; else None."""
+    if len(data) > MAX_HEADER_SIZE or not data.startswith(b"version=") or not data.endswith(b"\n"):
+        return None
+    lines = data[:-1].split(b"\n")
+    if len(lines) > len(_QUBES_KEYS):
+        return None
+    seen: set[bytes] = set()
+    for line in lines:
+        m = _QUBES_LINE_RE.fullmatch(line)
+        if m is None or m.group(1).decode() not in _QUBES_KEYS or m.group(1) in seen:
+            return None
+        seen.add(m.group(1))
+    version = lines[0].removeprefix(b"version=")
+    if version not in (b"2", b"3", b"4") or b"hmac-algorithm" not in seen:
+        return None
+    return int(version)
 
 
 @dataclass(frozen=True)
@@ -110,6 +144,9 @@ def check_chunk_size(size: int) -> None:
 def parse(data: bytes) -> Header:
     """Strictly parse an unauthenticated header; any deviation from the grammar is an error."""
     bad = "the backup header is malformed (not a qubes-backup v1 backup, or damaged)"
+    qubes_version = qubes_format_version(data)
+    if qubes_version is not None:
+        raise QubesFormatBackup(qubes_version)
     if len(data) > MAX_HEADER_SIZE or not data.endswith(b"\n"):
         raise VerificationError(bad)
     lines = data[:-1].split(b"\n")
