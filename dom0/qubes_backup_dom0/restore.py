@@ -15,6 +15,7 @@ the frame layer (qubes_backup_protocol.frames) with lengths bounded per state.
 from __future__ import annotations
 
 import enum
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -212,12 +213,18 @@ class Restore:
                 self._worker.join()
 
     def _fail(self) -> None:
+        """Undo everything after a failure (called while its exception is being handled, which is re-raised;
+        if the rollback itself fails, the error says both)."""
+        original = sys.exc_info()[1]
         self.state = State.FAILED
         self.receiver.abort()
         self._stop_worker()
         if self.applier is not None and not self.applier.committed:
             applier, self.applier = self.applier, None
-            applier.rollback()
+            try:
+                applier.rollback()
+            except BackupError as e:
+                raise BackupError(f"{original}; {e}" if original is not None else str(e)) from None
 
     def close(self) -> None:
         self.receiver.abort()
