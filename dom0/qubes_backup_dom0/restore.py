@@ -77,6 +77,7 @@ class RestoreOptions:
     skip_conflicting: bool = False
     rename_conflicting: bool = False
     skip_dom0_home: bool = False
+    backup_id: str | None = None  # 32 lowercase hex digits: refuse any other backup (enforced by the restore)
 
 
 @dataclass
