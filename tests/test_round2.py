@@ -297,3 +297,45 @@ def test_frame_deadline_starts_when_dom0_starts_waiting() -> None:
     finally:
         channel.close()
     assert time.monotonic() - start < 4.5  # 3 s + 4170 bytes at 256 KiB/s; it was 2 s + 3 s + ...
+
+
+# --------------------------------------------------------------- item 4: the API's cancel against a slow VM
+
+def test_api_cancel_stops_a_backup_to_a_slow_reader(sim: Sim, tmp_path: Path) -> None:
+    """``cancel`` set while the writer thread is blocked on a backup VM that reads 4 KiB every 1.8 s (the
+    tamper suite's slow agent): run_backup raises Cancelled within seconds, nothing named like a backup."""
+    import threading
+
+    from qubes_backup_dom0.backup import BackupOptions
+    from qubes_backup_dom0.errors import Cancelled
+    from qubes_backup_dom0.transport import SimTransport
+    from tamper.test_round2 import SLOW_AGENT
+
+    rpc = tmp_path / "rpc"
+    rpc.mkdir()
+    (rpc / "qubes.Backup").write_text(SLOW_AGENT)
+    cancel = threading.Event()
+    outcome: list[BaseException | api.BackupResult] = []
+
+    def run() -> None:
+        try:
+            outcome.append(api.run_backup(sim.system, VM_BACKUPS, PASSPHRASE.encode(), dest_vm="backupvm",
+                                          options=BackupOptions(kdf_n=1024), cancel=cancel,
+                                          transport=SimTransport(sim.system, rpc=rpc)))  # fmt: skip
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not any(p.name.startswith(".qubes-backup-") for p in sim.vm_backups.iterdir()):
+        assert time.monotonic() < deadline and thread.is_alive(), outcome
+        time.sleep(0.05)
+    time.sleep(1.0)
+    cancel.set()
+    start = time.monotonic()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert time.monotonic() - start < 8
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled), outcome
+    assert [p.name for p in sim.vm_backups.iterdir() if p.name.startswith("qubes-backup-")] == []
