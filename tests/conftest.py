@@ -24,7 +24,7 @@ from qubes_backup_sim.store import write_atomic
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"
-KDF = ["--kdf-n", "1024"]  # the KDF is not under test here; keep every backup fast
+KDF = ["--kdf-n", "1024", "--weak-kdf-ok"]  # the KDF is not under test here; keep every backup fast
 VM_BACKUPS = "/home/user/backups"  # the backup directory inside backupvm
 STAGING_PREFIX = ".qubes-backup-restore-"
 SMALL_FILE = 1 << 20  # snapshot hashes files up to this size; larger ones by size/mtime/blocks

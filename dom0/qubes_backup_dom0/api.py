@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from .backup import BackupOptions, BackupPlan, ProgressCallback, plan_backup, write_backup
 from .errors import BackupError, Cancelled, UsageError, VerificationError
-from .header import Header
+from .header import Header, format_created
 from .restore import Restore, RestoreOptions, RestorePlan, State
 from .system import System
-from .targets import AgentTarget, LocalTarget, backup_file_name
+from .targets import AgentTarget, LocalTarget, backup_file_name, check_location
 from .transport import Transport, make_transport
 
 __all__ = [
@@ -29,10 +30,23 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackupResult:
+    """What a finished backup is: dom0's own account (never the backup VM's words)."""
+
     location: str  # where the backup is, as the user would name it (``vm:/path/name`` or a dom0 path)
     header: Header
     plan: BackupPlan
+    size: int = 0  # bytes of the backup stream dom0 wrote
     warnings: list[str] = field(default_factory=list)  # e.g. a backup_timestamp that could not be recorded
+
+    @property
+    def backup_id(self) -> str:
+        """The backup's id (32 hex digits): pin it at restore time (``--backup-id``) to refuse any other."""
+        return self.header.backup_id.hex()
+
+    @property
+    def created(self) -> str:
+        """The authenticated creation time, ``YYYY-MM-DDTHH:MM:SSZ`` (UTC); the file name carries the same."""
+        return self.header.created
 
 
 def run_backup(
@@ -52,8 +66,12 @@ def run_backup(
     """Back up ``plan`` (or the VMs selected by ``vms``/``exclude``) to LOCATION, in ``dest_vm`` or dom0."""
     if not passphrase:
         raise UsageError("the passphrase is empty")
+    check_location(location)
     plan = plan or plan_backup(system, vms, exclude)
-    name = backup_file_name()
+    # One instant for the file name and the authenticated creation time: a restore can then tell when a
+    # file's name does not belong to the backup inside it (naming.name_time_mismatch).
+    now = datetime.now(UTC).replace(microsecond=0)
+    name = backup_file_name(now)
     target: LocalTarget | AgentTarget
     if dest_vm:
         target = AgentTarget(transport or make_transport(system), dest_vm, location, name)
@@ -61,9 +79,10 @@ def run_backup(
         target = LocalTarget(system, location, name)
     started = int(time.time())
     try:
-        header = write_backup(plan, passphrase, target, options, progress=progress, cancel=cancel)
+        header = write_backup(plan, passphrase, target, options, progress=progress, cancel=cancel,
+                              created=format_created(now))  # fmt: skip
         where = target.commit()
     except BaseException:
         target.abort()
         raise
-    return BackupResult(where, header, plan, plan.record_backup_timestamps(started))
+    return BackupResult(where, header, plan, target.sent, plan.record_backup_timestamps(started))

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from qubes_backup_protocol import names
 
@@ -320,10 +321,19 @@ def write_backup(
     options: BackupOptions = BackupOptions(),
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    created: str | None = None,
 ) -> Header:
-    """Stream the whole backup into ``sink`` (a file or the agent channel).  Returns the header written."""
+    """Stream the whole backup into ``sink`` (a file or the agent channel).  Returns the header written.
+
+    ``created``: the creation time to record (``header.now_utc()`` format; default now), so that a caller
+    can name the backup after the very instant its authenticated header states.
+
+    Stops within moments when ``cancel`` is set or the calling thread gets KeyboardInterrupt (SIGINT, and
+    SIGTERM in the CLI): queued chunks are dropped, not drained through a slow backup VM, and a sink with an
+    ``interrupt()`` method (targets.AgentTarget) has its writer thread's wait broken at once.
+    """
     kdf = crypto.KdfParams(crypto.random_bytes(16), options.kdf_n, options.kdf_r, options.kdf_p)
-    header = Header(crypto.random_bytes(16), now_utc(), kdf, options.compression, options.chunk_size)
+    header = Header(crypto.random_bytes(16), created or now_utc(), kdf, options.compression, options.chunk_size)
     header_bytes = header.render()  # checks our own parameters against the restore-side ceilings
     keys = crypto.keys_from_passphrase(passphrase, kdf, header.backup_id)
     outer = OuterWriter(sink)
@@ -335,10 +345,10 @@ def write_backup(
     outer.add(names.mac_name(names.MANIFEST), crypto.mac_member(keys, names.MANIFEST, sealed))
 
     # In flight at once: `workers` chunks being sealed plus a couple queued for the writer.
-    pending: queue.Queue[Future[tuple[str, memoryview | bytes, bytes]] | _Stop] = queue.Queue(
-        maxsize=options.workers + 1
-    )
+    Item = Future[tuple[str, memoryview | bytes, bytes]] | _Stop
+    pending: queue.Queue[Item] = queue.Queue(maxsize=options.workers + 1)
     writer_error: list[BaseException] = []
+    stop = threading.Event()  # set when the backup fails or is interrupted: the writer writes nothing more
 
     def writer() -> None:
         try:
@@ -346,6 +356,8 @@ def write_backup(
                 item = pending.get()
                 if isinstance(item, _Stop):
                     return
+                if stop.is_set():
+                    continue  # failing: drop what is queued, never drain it into the sink
                 name, data, mac = item.result()
                 outer.add(name, data)
                 if mac:
@@ -356,6 +368,22 @@ def write_backup(
                 item = pending.get()
                 if isinstance(item, _Stop):
                     return
+
+    def check() -> None:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("backup cancelled")
+        if writer_error:
+            raise writer_error[0]
+
+    def put(item: Item) -> None:
+        """Queue for the writer; waits in short steps so that a cancel or a writer failure is seen."""
+        while True:
+            check()
+            try:
+                pending.put(item, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
 
     def done_future(value: tuple[str, memoryview | bytes, bytes]) -> Future[tuple[str, memoryview | bytes, bytes]]:
         f: Future[tuple[str, memoryview | bytes, bytes]] = Future()
@@ -369,10 +397,7 @@ def write_backup(
 
     def report(n: int) -> None:
         nonlocal done
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("backup cancelled")
-        if writer_error:
-            raise writer_error[0]
+        check()
         done += n
         if progress is not None:
             progress(min(done, total), total)
@@ -382,18 +407,42 @@ def write_backup(
             for archive in plan.archives:
 
                 def seal(name: str, chunk: bytes | bytearray | memoryview) -> None:
-                    pending.put(pool.submit(_encrypt_and_mac, keys, name, chunk))
+                    put(pool.submit(_encrypt_and_mac, keys, name, chunk))
 
                 with attached_volumes(plan.system, archive):  # snapshots live while this archive is read
                     trailer = _stream_archive(archive, options, report, seal)
                 tname = names.trailer_name(archive.member)
-                pending.put(done_future((tname, trailer, crypto.mac_member(keys, tname, trailer))))
-    finally:
-        pending.put(_Stop())
-        wthread.join()
+                put(done_future((tname, trailer, crypto.mac_member(keys, tname, trailer))))
+        put(_Stop())
+        while wthread.is_alive():  # in steps: Ctrl-C, SIGTERM and cancel are seen while the VM reads
+            wthread.join(_POLL)
+            check()
+    except BaseException:
+        _stop_writer(stop, sink, pending, wthread)
+        raise
     if writer_error:
         raise writer_error[0]
     outer.close()
     if progress is not None:
         progress(total, total)
     return header
+
+
+_POLL = 0.1  # seconds between checks for cancel / writer failure while waiting on the writer
+WRITER_GRACE = 5.0  # seconds a failing backup waits for its writer thread to notice (it is a daemon thread)
+
+
+def _stop_writer(stop: threading.Event, sink: Sink, pending: queue.Queue[Any], wthread: threading.Thread) -> None:
+    """The backup failed or was interrupted: the writer must stop now, not after draining the queue."""
+    stop.set()
+    interrupt = getattr(sink, "interrupt", None)
+    if interrupt is not None:
+        interrupt()  # breaks the writer's wait on a slow backup VM at once
+    while True:
+        try:
+            pending.get_nowait()
+        except queue.Empty:
+            break
+    with contextlib.suppress(queue.Full):  # only this thread puts, and the queue was just emptied
+        pending.put_nowait(_Stop())
+    wthread.join(WRITER_GRACE)

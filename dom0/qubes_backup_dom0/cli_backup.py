@@ -9,15 +9,25 @@ import time
 
 from qubes_backup_protocol.frames import safe_text
 
-from .api import run_backup
+from .api import BackupResult, run_backup
 from .backup import BackupOptions, BackupPlan, plan_backup
-from .cli_common import confirm, human, raise_interrupt, run_cli, table
+from .cli_common import check_text_arg, confirm, human, raise_interrupt, run_cli, table
 from .errors import UsageError
-from .header import CHUNK_MAX, CHUNK_MIN, DEFAULT_KDF_N
+from .header import (
+    CHUNK_MAX,
+    CHUNK_MIN,
+    DEFAULT_KDF_N,
+    DEFAULT_KDF_P,
+    DEFAULT_KDF_R,
+    KDF_MEMORY_MAX,
+    KDF_N_MAX,
+    KDF_N_MIN,
+    KDF_WORK_MAX,
+)
 from .passphrase import read_passphrase
 from .progress import Progress
 from .system import System
-from .transport import make_transport
+from .transport import make_transport, stall_timeout
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +49,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--kdf-n", type=int, default=DEFAULT_KDF_N, metavar="N",
-        help=f"scrypt cost N, a power of two (default {DEFAULT_KDF_N})",
+        help=f"scrypt cost N, a power of two (default {DEFAULT_KDF_N}); below the default needs --weak-kdf-ok",
+    )  # fmt: skip
+    p.add_argument(
+        "--weak-kdf-ok", action="store_true",
+        help="accept --kdf-n below the default: it makes guessing the passphrase cheaper for anyone who gets "
+        "a copy of this backup (and the passphrase is shared by all your backups)",
     )  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION", help="directory (in the backup VM with -d), or a command")
@@ -64,7 +79,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _run(args), args.debug)
 
 
+def check_kdf_n(n: int, weak_ok: bool) -> None:
+    """``--kdf-n``: a power of two within the restore-side ceilings; below the default only when asked."""
+    if n < 1 or n & (n - 1) or not KDF_N_MIN <= n <= KDF_N_MAX or 128 * n * DEFAULT_KDF_R > KDF_MEMORY_MAX \
+            or n * DEFAULT_KDF_R * DEFAULT_KDF_P > KDF_WORK_MAX:  # fmt: skip
+        top = min(KDF_N_MAX, KDF_MEMORY_MAX // (128 * DEFAULT_KDF_R), KDF_WORK_MAX // (DEFAULT_KDF_R * DEFAULT_KDF_P))
+        raise UsageError(f"--kdf-n must be a power of two from {KDF_N_MIN} to {top}: {n}")
+    if n < DEFAULT_KDF_N and not weak_ok:
+        raise UsageError(
+            f"--kdf-n {n} is below the default {DEFAULT_KDF_N}: it makes guessing the passphrase cheaper for "
+            "anyone holding this backup; add --weak-kdf-ok to accept that"
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
+    check_text_arg(args.location, "LOCATION")
+    if args.dest_vm is not None:
+        check_text_arg(args.dest_vm, "the backup VM name")
+    check_kdf_n(args.kdf_n, args.weak_kdf_ok)
+    stall_timeout()  # a bad QUBES_BACKUP_TIMEOUT is a usage error before anything is asked or written
     system = System.from_env()
     compression = args.compress_filter or ("none" if args.no_compress else "zstd")
     options = BackupOptions(compression=compression, kdf_n=args.kdf_n)
@@ -76,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     if not confirm("Do you want to proceed with the backup?", args.yes):
-        log("Backup cancelled.")
+        print("Backup cancelled.", file=sys.stderr)
         return 1
     passphrase = read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
     transport = make_transport(system) if args.dest_vm else None
@@ -91,16 +124,24 @@ def _run(args: argparse.Namespace) -> int:
                             progress=bar, transport=transport)  # fmt: skip
     finally:
         bar.close()
-    header, where = result.header, result.location
     for warning in result.warnings:
         print(f"qvm-backup: warning: {safe_text(warning, limit=400)}", file=sys.stderr)
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
         f"Backed up {len(plan.archives)} VM(s), {human(plan.data)} of data in {elapsed:.1f} s "
-        f"({plan.data / elapsed / 1e6:.0f} MB/s); backup id {header.backup_id.hex()}"
+        f"({plan.data / elapsed / 1e6:.0f} MB/s); {human(result.size)} sent"
     )
-    print(f"Backup written to: {where}")
+    # Always printed (also with -q): dom0's own account of the backup.  The id and creation time are what a
+    # restore shows and what `qvm-backup-restore --backup-id` pins (docs/SECURITY.md section 5).
+    print(result_line(result))
     return 0
+
+
+def result_line(result: BackupResult) -> str:
+    return (
+        f"Backup written to: {result.location} (backup id {result.backup_id}, created {result.created}, "
+        f"{result.size} bytes)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from .errors import BackupError
+from .errors import BackupError, UsageError
 from .text import printable
 
 
@@ -30,12 +30,26 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def confirm(question: str, assume_yes: bool) -> bool:
+    """Ask; anything but y/yes is no, and so is Ctrl-D (end of input) at the prompt."""
     if assume_yes:
         return True
     if not sys.stdin.isatty():
         raise BackupError("confirmation needed but there is no terminal: add -y")
-    answer = input(f"{question} [y/N] ").strip().lower()
+    try:
+        answer = input(f"{question} [y/N] ").strip().lower()
+    except EOFError:
+        print(file=sys.stderr)  # the prompt's line was not ended by the user
+        return False
     return answer in ("y", "yes")
+
+
+def check_text_arg(value: str, what: str) -> str:
+    """A command-line argument that is sent to a VM or into a backup must be valid UTF-8 (usage error)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} is not valid UTF-8 text") from None
+    return value
 
 
 def raise_interrupt(signum: int, frame: object) -> None:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import sys
 import time
 
-from .cli_common import confirm, human, raise_interrupt, run_cli, table
+from .cli_common import check_text_arg, confirm, human, raise_interrupt, run_cli, table
 from .header import QubesFormatBackup
 from .passphrase import read_passphrase
 from .progress import Progress
 from .qubes_tools import run_qubes_restore
 from .restore import Restore, RestoreOptions, RestorePlan
 from .system import System
+from .transport import stall_timeout
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,12 +34,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-conflicting", action="store_true", help="skip VMs that already exist")
     p.add_argument("--rename-conflicting", action="store_true", help="restore existing VMs under a new name")
     p.add_argument("--skip-dom0-home", action="store_true", help="do not restore dom0's home directory")
+    p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
+                   help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION", help="backup file (in the backup VM with -d) or command")
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
+
+
+def backup_id_arg(value: str) -> str:
+    """``--backup-id``: 32 hex digits (case-insensitive), normalised to lowercase."""
+    if re.fullmatch(r"[0-9a-fA-F]{32}", value) is None:
+        raise argparse.ArgumentTypeError("a backup id is 32 hexadecimal digits, as qvm-backup printed it")
+    return value.lower()
 
 
 def summary(plan: RestorePlan) -> str:
@@ -66,12 +77,14 @@ def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_text_arg(args.location, "LOCATION")
+    stall_timeout()  # a bad QUBES_BACKUP_TIMEOUT is a usage error before anything is asked
     system = System.from_env()
     options = RestoreOptions(
         vms=tuple(args.vms), exclude=tuple(args.exclude), verify_only=args.verify_only,
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
         skip_conflicting=args.skip_conflicting, rename_conflicting=args.rename_conflicting,
-        skip_dom0_home=args.skip_dom0_home,
+        skip_dom0_home=args.skip_dom0_home, backup_id=args.backup_id,
     )  # fmt: skip
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)

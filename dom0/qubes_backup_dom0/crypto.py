@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from .errors import BackupError
+
 IV_SIZE = 16
 MAC_HEX_SIZE = 65  # 64 hex digits and "\n"
 MAC_PREFIX = b"qubes-backup-v1\n"
@@ -45,8 +47,18 @@ class Keys:
 
 
 def derive_master(passphrase: bytes, kdf: KdfParams) -> bytes:
-    """Run scrypt once; the caller must have checked the parameters against the ceilings."""
-    return Scrypt(salt=kdf.salt, length=32, n=kdf.n, r=kdf.r, p=kdf.p).derive(passphrase)
+    """Run scrypt once; the caller must have checked the parameters against the ceilings.
+
+    A dom0 short of memory gets one clear line (BackupError), not a MemoryError from deep inside.
+    """
+    try:
+        return Scrypt(salt=kdf.salt, length=32, n=kdf.n, r=kdf.r, p=kdf.p).derive(passphrase)
+    except MemoryError:
+        need = (128 * kdf.n * kdf.r) >> 20
+        raise BackupError(
+            f"not enough memory for the key derivation (scrypt N={kdf.n}, r={kdf.r}, p={kdf.p} needs about "
+            f"{max(need, 1)} MiB): free some memory and try again"
+        ) from None
 
 
 def derive_keys(master: bytes, backup_id: bytes) -> Keys:

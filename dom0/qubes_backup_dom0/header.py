@@ -24,11 +24,15 @@ DEFAULT_KDF_R = 8
 DEFAULT_KDF_P = 1
 DEFAULT_CHUNK_SIZE = 16 << 20  # below glibc's mmap ceiling: chunk buffers are reused, not faulted in
 
+# Ceilings on what the *unauthenticated* header may make dom0 spend before the passphrase is checked
+# (docs/FORMAT.md section 2, docs/SECURITY.md section 3): any backup VM can hand dom0 such a header.
+# Memory 128*N*r at most 256 MiB (2x the default's 128 MiB); work N*r*p at most 2^22 (4x the default's
+# 2^20: the default costs ~0.4 s, so a hostile header costs a restore attempt at most ~2 s and 256 MiB).
 KDF_N_MIN, KDF_N_MAX = 1 << 10, 1 << 20
 KDF_R_MAX = 32
 KDF_P_MAX = 16
-KDF_MEMORY_MAX = 1 << 30  # 128 * N * r bytes
-KDF_WORK_MAX = 1 << 24  # N * r * p
+KDF_MEMORY_MAX = 256 << 20  # 128 * N * r bytes
+KDF_WORK_MAX = 1 << 22  # N * r * p
 CHUNK_MIN, CHUNK_MAX, CHUNK_ALIGN = 1 << 16, 256 << 20, 1 << 16
 
 _KEYS = (
@@ -119,11 +123,19 @@ class Header:
 
     @property
     def created_datetime(self) -> datetime:
-        return datetime.strptime(self.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return datetime.strptime(self.created, CREATED_FORMAT).replace(tzinfo=UTC)
+
+
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_created(when: datetime) -> str:
+    """The header's ``created`` value for an aware datetime (converted to UTC)."""
+    return when.astimezone(UTC).strftime(CREATED_FORMAT)
 
 
 def now_utc() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_created(datetime.now(UTC))
 
 
 def check_kdf(n: int, r: int, p: int) -> None:

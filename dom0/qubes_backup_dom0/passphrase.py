@@ -6,7 +6,7 @@ from __future__ import annotations
 import getpass
 import sys
 
-from .errors import UsageError
+from .errors import BackupError, UsageError
 
 MAX_PASSPHRASE = 1024
 
@@ -31,9 +31,12 @@ def read_passphrase(source: str | None, *, confirm: bool, system_path=None) -> b
     else:
         if not sys.stdin.isatty():
             raise UsageError("no terminal to ask for the passphrase: use -p FILE or -p -")
-        typed = getpass.getpass("Enter passphrase: ")
-        if confirm and getpass.getpass("Verify passphrase: ") != typed:
-            raise UsageError("passphrases do not match")
+        try:
+            typed = getpass.getpass("Enter passphrase: ")
+            if confirm and getpass.getpass("Verify passphrase: ") != typed:
+                raise UsageError("passphrases do not match")
+        except EOFError:  # Ctrl-D at the prompt
+            raise BackupError("aborted: no passphrase entered") from None
         phrase = typed.encode("utf-8")
     if not phrase:
         raise UsageError("the passphrase is empty")

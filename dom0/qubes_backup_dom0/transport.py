@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import select
 import shutil
@@ -24,16 +25,17 @@ from pathlib import Path
 from typing import Protocol
 
 from qubes_backup_protocol import frames
-from qubes_backup_protocol.frames import Frame, FrameType, NameCheck
+from qubes_backup_protocol.frames import Frame, FrameType, NameCheck, safe_text
 
-from .errors import BackupError
+from .errors import BackupError, Cancelled, UsageError
 from .system import System
 
 PIPE_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 300.0
 STDERR_TAIL = 4096
 READ_PIECE = 1 << 20
-MIN_RATE = 256 << 10  # bytes/s a frame from the agent must average once it is due (beyond the stall timeout)
+MIN_RATE = 256 << 10  # bytes/s: a frame (either direction) gets the stall timeout plus its size at this rate
+MAX_TIMEOUT = 86400.0  # QUBES_BACKUP_TIMEOUT above one day is refused (and inf, nan, 0, negative)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -197,12 +199,30 @@ def make_transport(system: System) -> Transport:
 
 
 def stall_timeout() -> float:
+    """``QUBES_BACKUP_TIMEOUT`` in seconds (default 300): a finite number in (0, 86400], else a usage error."""
     raw = os.environ.get("QUBES_BACKUP_TIMEOUT")
+    if not raw:
+        return DEFAULT_TIMEOUT
     try:
-        value = float(raw) if raw else DEFAULT_TIMEOUT
+        value = float(raw)
     except ValueError:
-        raise BackupError(f"QUBES_BACKUP_TIMEOUT is not a number: {raw}") from None
-    return value if value > 0 else DEFAULT_TIMEOUT
+        value = math.nan
+    if not (0 < value <= MAX_TIMEOUT):  # also false for nan
+        shown = safe_text(raw, limit=40)
+        raise UsageError(
+            f"QUBES_BACKUP_TIMEOUT must be a number of seconds above 0 and at most {MAX_TIMEOUT:g}: {shown}"
+        )
+    return value
+
+
+def frame_budget(timeout: float, frame_bytes: int) -> float:
+    """Seconds one frame may take, in either direction, from the moment dom0 starts reading or writing it:
+    the stall timeout plus the frame's (largest allowed) size at MIN_RATE."""
+    return timeout + frame_bytes / MIN_RATE
+
+
+class ChannelInterrupted(Cancelled):
+    """``Channel.interrupt()`` was called (from another thread) while this one waited on the agent."""
 
 
 class ChannelClosed(BackupError, BrokenPipeError):
@@ -231,20 +251,40 @@ class Channel:
             if fd is not None:
                 os.set_blocking(fd, False)
         self._buf = bytearray()
-        self._frame_deadline: float | None = None
-        self._frame_budget: float | None = None
+        self._frame_deadline: float | None = None  # when the frame being read must be complete
         self._too_slow = False
+        self._writing = False  # what the last wait was for (the wording of a stall error)
         self._eof = False
         self._err = bytearray()
+        # interrupt(): another thread wakes a wait at once through this pipe (a backup's SIGTERM, cancel()).
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._interrupted = False
 
     # -- waiting -------------------------------------------------------------------------------------
     def _stalled(self) -> BackupError:
         if self._too_slow:
+            verb = "accepts the backup" if self._writing else "sends"
             return BackupError(
-                f"{self.vm} sends too slowly (under {MIN_RATE >> 10} KiB/s for a whole frame){self._tail_suffix()}"
+                f"{self.vm} {verb} too slowly (under {MIN_RATE >> 10} KiB/s for a whole frame){self._tail_suffix()}"
             )
         secs = f"{self.timeout:g}"
         return BackupError(f"{self.vm} did not answer for {secs} s{self._tail_suffix()}")
+
+    def interrupt(self) -> None:
+        """Make the current and every later wait on the agent raise ChannelInterrupted at once.
+
+        Safe to call from another thread (only a flag and one byte into a pipe): this is how a backup's
+        writer thread, blocked on a backup VM that reads slowly, is stopped within moments.
+        """
+        self._interrupted = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _check_interrupted(self) -> None:
+        if self._interrupted:
+            raise ChannelInterrupted(f"{self.vm}: interrupted")
 
     def _tail_suffix(self) -> str:
         tail = self.stderr_tail()
@@ -273,17 +313,29 @@ class Channel:
         self._err_fd = None
 
     def _wait_for(self, fd: int, event: int, deadline: float | None = None) -> None:
-        """Block until ``fd`` is ready for ``event``, draining stderr meanwhile; raise on a stall."""
-        limit = time.monotonic() + self.timeout if deadline is None else deadline
+        """Block until ``fd`` is ready for ``event``, draining stderr meanwhile; raise on a stall, when the
+        frame's ``deadline`` passed, or when interrupt() was called."""
+        self._writing = event == select.POLLOUT
+        limit = time.monotonic() + self.timeout  # no progress for the stall timeout: stalled
+        self._too_slow = deadline is not None and deadline < limit
+        if deadline is not None and self._too_slow:
+            limit = deadline  # the frame as a whole is due earlier: too slow
         while True:
+            self._check_interrupted()
             poller = select.poll()
             poller.register(fd, event)
+            poller.register(self._wake_r, select.POLLIN)
             if self._err_fd is not None:
                 poller.register(self._err_fd, select.POLLIN)
             left = limit - time.monotonic()
             if left <= 0:
                 raise self._stalled()
-            for ready_fd, ev in poller.poll(left * 1000):
+            ready = poller.poll(math.ceil(left * 1000))
+            if not ready and time.monotonic() >= limit:
+                raise self._stalled()
+            for ready_fd, ev in ready:
+                if ready_fd == self._wake_r:
+                    self._check_interrupted()
                 if ready_fd == fd and ev:
                     self._drain_stderr()
                     return
@@ -293,9 +345,7 @@ class Channel:
     # -- reading -------------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
         """File-like read for frames.read_frame: at least one byte unless at end of stream."""
-        out = self._read(size)
-        self._got(len(out))
-        return out
+        return self._read(size)
 
     def _read(self, size: int) -> bytes:
         if size == 0:
@@ -319,7 +369,7 @@ class Channel:
     def readinto(self, view: memoryview) -> int:
         """File-like readinto for frames.readinto_exact: the pipe is read straight into ``view`` (no
         intermediate copies); at least one byte unless at end of stream or ``view`` is empty."""
-        return self._got(self._readinto(view))
+        return self._readinto(view)
 
     def _readinto(self, view: memoryview) -> int:
         want = len(view)
@@ -337,7 +387,7 @@ class Channel:
             try:
                 n = os.readv(self._out_fd, [view])
             except BlockingIOError:
-                self._wait_for(self._out_fd, select.POLLIN, self._read_limit())
+                self._wait_for(self._out_fd, select.POLLIN, self._frame_deadline)
                 continue
             if not n:
                 self._eof = True
@@ -349,7 +399,7 @@ class Channel:
             try:
                 piece = os.read(self._out_fd, min(max(want, 65536), READ_PIECE))
             except BlockingIOError:
-                self._wait_for(self._out_fd, select.POLLIN, self._read_limit())
+                self._wait_for(self._out_fd, select.POLLIN, self._frame_deadline)
                 continue
             if not piece:
                 self._eof = True
@@ -367,50 +417,60 @@ class Channel:
         raises BackupError after ``timeout`` seconds.  ``into``: see frames.read_frame (data read straight
         into a caller's buffer).
         """
-        # Once a frame has begun, all of it must arrive within the stall timeout plus its largest allowed size
-        # at MIN_RATE: a VM that sends a byte now and then cannot keep dom0 waiting without end.  (Before its
-        # first byte, only the stall timeout applies.)
+        # The whole frame, from this call on, must arrive within the stall timeout plus its largest allowed
+        # size at MIN_RATE (frame_budget): a VM that sends a byte now and then cannot keep dom0 waiting
+        # without end.  The clock starts here, not at the frame's first byte, so one frame costs at most one
+        # timeout (docs/SECURITY.md section 5 states the worst case per chunk).
         largest = frames.HEADER_SIZE + max(n + d for n, d in allowed.values())
-        self._frame_budget = self.timeout + largest / MIN_RATE
-        self._frame_deadline = None
+        self._frame_deadline = time.monotonic() + frame_budget(self.timeout, largest)
         try:
             return frames.read_frame(self, allowed, name_ok, into)  # type: ignore[arg-type]
         except frames.ProtocolError as exc:
             raise frames.ProtocolError(f"{exc}{self._tail_suffix()}") from None
         finally:
-            self._frame_budget = self._frame_deadline = None
-
-    def _got(self, n: int) -> int:
-        """Bookkeeping for every byte handed to the frame reader: the first one starts the frame's clock."""
-        if n and self._frame_budget is not None and self._frame_deadline is None:
-            self._frame_deadline = time.monotonic() + self._frame_budget
-        return n
-
-    def _read_limit(self) -> float:
-        """When the current wait for agent output must end: the stall timeout, or the frame's deadline."""
-        limit = time.monotonic() + self.timeout
-        if self._frame_deadline is not None and self._frame_deadline < limit:
-            self._too_slow = True
-            return self._frame_deadline
-        self._too_slow = False
-        return limit
+            self._frame_deadline = None
 
     # -- writing -------------------------------------------------------------------------------------
-    def send(self, ftype: FrameType, name: str = "", data: bytes | memoryview = b"") -> None:
-        raw_name = name.encode("ascii")
-        self._write(frames.encode_header(ftype, len(raw_name), len(data)) + raw_name)
-        if len(data):
-            self._write(data)
+    def send(
+        self, ftype: FrameType, name: str = "", data: bytes | memoryview = b"", deadline: float | None = None
+    ) -> None:
+        """One frame.  It must be accepted within frame_budget() of its size (or by ``deadline``, which a
+        caller sending several frames as one unit gives them all): a VM that reads a few bytes now and then
+        cannot keep dom0 (and the user's backup) waiting without end."""
+        self.send_parts(ftype, name, (data,), deadline)
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def send_parts(
+        self,
+        ftype: FrameType,
+        name: str,
+        parts: tuple[bytes | bytearray | memoryview, ...],
+        deadline: float | None = None,
+    ) -> None:
+        """One frame whose data is the concatenation of ``parts`` (written one after another, not copied)."""
+        raw_name = name.encode("ascii")
+        size = sum(len(p) for p in parts)
+        head = frames.encode_header(ftype, len(raw_name), size) + raw_name
+        if deadline is None:
+            deadline = self.send_deadline(len(head) + size)
+        self._write(head, deadline)
+        for part in parts:
+            if len(part):
+                self._write(part, deadline)
+
+    def send_deadline(self, nbytes: int) -> float:
+        """When ``nbytes`` that dom0 starts writing now must have been accepted by the agent."""
+        return time.monotonic() + frame_budget(self.timeout, nbytes)
+
+    def _write(self, data: bytes | bytearray | memoryview, deadline: float | None = None) -> None:
         if self._in_fd is None:
             raise ChannelClosed(f"{self.vm}: input already closed")
         view = memoryview(data).cast("B")
         while view:
+            self._check_interrupted()
             try:
                 written = os.write(self._in_fd, view)
             except BlockingIOError:
-                self._wait_for(self._in_fd, select.POLLOUT)
+                self._wait_for(self._in_fd, select.POLLOUT, deadline)
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 raise ChannelClosed(f"{self.vm} stopped reading{self._tail_suffix()}") from None
@@ -467,6 +527,10 @@ class Channel:
                 pipe.close()
         self._out_fd = None
         self._err_fd = None
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     abort = close
 
