@@ -10,6 +10,7 @@ import time
 
 from .cli_common import check_text_arg, confirm, human, raise_interrupt, run_cli, table
 from .header import QubesFormatBackup
+from .naming import name_time_mismatch
 from .passphrase import read_passphrase
 from .progress import Progress
 from .qubes_tools import run_qubes_restore
@@ -96,6 +97,9 @@ def _run(args: argparse.Namespace) -> int:
             log("note: the process reading the backup runs unconfined (bubblewrap not found or QUBES_SIM_SANDBOX=0)")
         plan = job.plan()
         log(summary(plan))
+        mismatch = name_time_mismatch(args.location, plan.header.created)
+        if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
+            print(f"warning: {mismatch}", file=sys.stderr)
         if plan.errors:
             from .errors import BackupError
 
@@ -117,11 +121,12 @@ def _run(args: argparse.Namespace) -> int:
     for warning in job.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({plan.data / elapsed / 1e6:.0f} MB/s)"
+    which = f"backup {plan.header.backup_id.hex()}, created {plan.header.created}"
     if args.verify_only:
-        print(f"Backup verified: {len(plan.wanted)} archive(s), {rate}; nothing was written")
+        print(f"Backup verified ({which}): {len(plan.wanted)} archive(s), {rate}; nothing was written")
     else:
         done = ", ".join(job.restored) or "no VM"
-        print(f"Restored {done}; {rate}")
+        print(f"Restored {done} from {which}; {rate}")
         if job.home_restored_to is not None:
             # As a path inside dom0 (in simulation: not the host path of the simulated dom0).
             shown = "/" / job.home_restored_to.relative_to(system.dom0_root)
