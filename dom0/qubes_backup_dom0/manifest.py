@@ -2,6 +2,10 @@
 
 It is parsed only after its MAC verified and it was decrypted, and even then it is checked as if hostile:
 hardened XML parser, bounded counts, strict names and paths.  The restore plan is derived from it alone.
+
+Its plaintext is padded with spaces to a size bucket (:func:`padded_size`), so that the length of the
+encrypted member, which the backup VM sees, does not give away the number of files (one empty file adds
+about 100 bytes): multiples of 4 KiB up to 64 KiB, then powers of two up to 16 MiB.
 """
 
 from __future__ import annotations
@@ -14,10 +18,14 @@ from typing import Protocol
 from lxml import etree
 from qubes_backup_protocol import names
 
-from .errors import VerificationError
+from .errors import BackupError, VerificationError
 from .text import has_unsafe_chars
 
 MAX_MANIFEST_SIZE = 16 << 20
+PAD_STEP = 4096  # buckets: multiples of PAD_STEP up to PAD_LINEAR_MAX, then powers of two
+PAD_LINEAR_MAX = 65536
+PAD_BYTE = b" "
+DOC_END = b"</qubes-backup-manifest>\n"  # the document ends so; only PAD_BYTEs may follow
 MAX_ARCHIVES = 10_000
 MAX_FILES = 1_000_000
 MAX_SIZE = 1 << 62
@@ -86,7 +94,19 @@ class Manifest:
             for f in a.files:
                 etree.SubElement(el, "file", path=f.path, type=f.type, size=str(f.size), data=str(f.data))
         root.append(etree.fromstring(self.qubes, _parser()))
-        return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+        doc = etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True)
+        assert doc.endswith(DOC_END)
+        if len(doc) > MAX_MANIFEST_SIZE:
+            raise BackupError(f"the manifest would be {len(doc)} bytes, more than a restore accepts: too many files")
+        return doc + PAD_BYTE * (padded_size(len(doc)) - len(doc))
+
+
+def padded_size(n: int) -> int:
+    """The size bucket of an ``n``-byte manifest: the smallest multiple of 4 KiB >= n (at least 4 KiB) up
+    to 64 KiB, above that the smallest power of two >= n."""
+    if n <= PAD_LINEAR_MAX:
+        return max(PAD_STEP, -(-n // PAD_STEP) * PAD_STEP)
+    return 1 << (n - 1).bit_length()
 
 
 def _parser() -> etree.XMLParser:
@@ -117,6 +137,9 @@ def parse(data: bytes) -> Manifest:
     """Parse a verified, decrypted manifest and check its structure."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise VerificationError("manifest too large")
+    body = data.rstrip(PAD_BYTE)
+    if not body.endswith(DOC_END) or len(data) != padded_size(len(body)):
+        raise VerificationError("manifest: not padded to its size bucket")
     try:
         root = etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as e:
