@@ -25,6 +25,7 @@ from helpers_agent import (
     write_tar,
 )
 from qubes_backup_agent import confine, restore_service
+from qubes_backup_agent.outer_tar import OuterReader
 from qubes_backup_agent.storage import StorageError
 from qubes_backup_agent.storage.directory import DirectorySink
 from qubes_backup_dom0.system import System
@@ -388,8 +389,8 @@ def test_restore_skips_unwanted_data_without_reading_it(tmp_path: Path) -> None:
 
     stdin = io.BytesIO(frames.encode(FrameType.WANT, "vm1") + frames.encode(FrameType.WANT_END))
     stdout = io.BytesIO()
-    with Counting(tar_path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        restore_service.stream_members(tar, stdin, stdout)
+    with Counting(tar_path) as raw:
+        restore_service.stream_members(OuterReader(raw, seekable=True), stdin, stdout)
     assert Counting.read_bytes < (1 << 20)
     stdout.seek(0)
     got = []
@@ -439,3 +440,68 @@ def test_restore_large_member_in_pieces(system: System) -> None:
         got = finish_restore(ch, ["vm1"])
         assert ch.wait(10) == 0
     assert got == members[4:]
+
+
+# -- the strict outer tar reader (FORMAT.md section 1) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["backup-header", "manifest.hmac", "vm0/000000", "vm99999/trailer.hmac"])
+@pytest.mark.parametrize("size", [0, 1, 65, 511, 512, 513, (256 << 20) + 16])
+def test_outer_reader_header_is_the_writers(name: str, size: int) -> None:
+    """The one header the reader accepts is byte-identical to what dom0's outer writer emits."""
+    from qubes_backup_agent.outer_tar import member_header
+    from qubes_backup_dom0.outer import member_header as writer_header
+
+    assert member_header(name, size) == writer_header(name, size)
+
+
+def test_outer_reader_stream_skips_and_checks_padding() -> None:
+    """A non-seekable stream: unwanted members are read through, wanted ones copied, the end marker ends it
+    and nothing after it is read."""
+    members = outer_members({"vm1": 2, "vm2": 1})
+    from qubes_backup_dom0.outer import OuterWriter
+
+    buf = io.BytesIO()
+    writer = OuterWriter(buf)
+    for name, data in members:
+        writer.add(name, data)
+    writer.close()
+    raw = buf.getvalue() + b"junk after the end marker"
+
+    class Stream(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b):  # type: ignore[no-untyped-def, override]
+            n = min(len(b), 100, len(raw) - self.pos)  # short reads
+            b[:n] = raw[self.pos : self.pos + n]
+            self.pos += n
+            return n
+
+    src = Stream()
+    stdin = io.BytesIO(frames.encode(FrameType.WANT, "vm2") + frames.encode(FrameType.WANT_END))
+    stdout = io.BytesIO()
+    restore_service.stream_members(OuterReader(src, seekable=False), stdin, stdout)  # type: ignore[arg-type]
+    assert src.pos <= len(raw) - len(b"junk after the end marker")
+    stdout.seek(0)
+    got = []
+    while (frame := frames.read_frame(stdout, RESTORE_REPLY)) is not None:
+        got.append((frame.name, bytes(frame.data)) if frame.type == FrameType.MEMBER else frame.type.name)
+    assert got == [m for m in members if not m[0].startswith("vm1/")] + ["END"]
+
+
+def test_agent_caps_its_memory_when_reading_a_file(system: System) -> None:
+    """Reading a stored file, the agent runs with RLIMIT_AS = MEMORY_LIMIT (bubblewrap or not)."""
+    members = outer_members({"vm1": 1})
+    write_tar(vm_home(system) / "b.tar", members)
+    with open_channel(system, "qubes.Restore", sandbox=False) as ch:
+        ch.send(FrameType.LOCATION, "", b"b.tar")
+        restore_until_manifest(ch, members)  # the agent now waits for WANT_END
+        limits = Path(f"/proc/{ch.proc.pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max address space"))
+        assert line.split()[3:5] == [str(restore_service.MEMORY_LIMIT)] * 2, line
+        assert finish_restore(ch, ["vm1"]) == members[4:]
+        assert ch.wait(10) == 0

@@ -92,8 +92,11 @@ def hdr(name: str, typeflag: bytes, size: int, mode: int = 0o644, mtime: int = 0
 
 
 def pax(records: list[tuple[str, bytes]]) -> bytes:
+    """A pax header named as the writer names it (DIR/PaxHeaders.0/BASENAME of the real path)."""
     body = b"".join(inner._pax_record(k, v) for k, v in records)
-    return hdr("PaxHeaders.0/x", b"x", len(body)) + body + bytes(-len(body) % 512)
+    real = dict(records).get("GNU.sparse.name", dict(records).get("path", b"x")).decode("utf-8", "replace")
+    d, _, b = real.rpartition("/")
+    return hdr(f"{d + '/' if d else ''}PaxHeaders.0/{b}", b"x", len(body)) + body + bytes(-len(body) % 512)
 
 
 def regular(path: str, data: bytes) -> bytes:

@@ -135,8 +135,8 @@ def test_c_chunk(vec: dict[str, Any], openssl: str) -> None:
     assert ossl_mac(openssl, k["mac_key"], k["backup_id"], v["name"], member).decode() == v["hmac"]
 
 
-def test_generator_reproduces_a_to_c(vec: dict[str, Any], tmp_path: Path) -> None:
-    """The committed (a)-(c) are exactly what tools/make_vectors.py makes from its fixed inputs."""
+def test_generator_reproduces_a_to_c_e_f(vec: dict[str, Any], tmp_path: Path) -> None:
+    """The committed (a)-(c), (e), (f) are exactly what tools/make_vectors.py makes from its fixed inputs."""
     spec = importlib.util.spec_from_file_location("make_vectors", GENERATOR)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -146,7 +146,8 @@ def test_generator_reproduces_a_to_c(vec: dict[str, Any], tmp_path: Path) -> Non
     assert module.main([str(tmp_path)]) == 0
     regenerated = json.loads((tmp_path / "vectors.json").read_text(encoding="utf-8"))
     assert regenerated == vec
-    for name in ("backup-header", "backup-header.hmac", "chunk-plaintext.bin", "chunk-member.bin"):
+    for name in ("backup-header", "backup-header.hmac", "chunk-plaintext.bin", "chunk-member.bin",
+                 "inner-archive.tar", "manifest-plaintext.xml"):  # fmt: skip
         assert (tmp_path / name).read_bytes() == (VECTORS / name).read_bytes(), name
 
 
@@ -249,3 +250,89 @@ def test_d_tiny_backup_openssl_and_tar(vec: dict[str, Any], openssl: str, tmp_pa
     out.mkdir()
     subprocess.run([tar, "-xf", "-", "-C", str(out)], input=stream, check=True, timeout=60)
     check_restored(out, t["files"])
+
+
+# ------------------------------------------------------------------------------------------- (e)
+
+
+def _inner_expected(v: dict[str, Any]) -> list[inner.InnerFile]:
+    return [inner.InnerFile(e["path"], None, e["type"], e["size"], e["data"]) for e in v["entries"]]
+
+
+def _check_inner_restored(root: Path, v: dict[str, Any], modes: bool) -> None:
+    for e in v["entries"]:
+        path = root / e["path"]
+        if e["type"] == "symlink":
+            assert os.readlink(path) == e["link"]
+            continue
+        st = path.lstat()
+        assert st.st_mtime == e["mtime"], e["path"]
+        if modes:
+            assert st.st_mode & 0o7777 == e["mode"] & 0o777, e["path"]  # set-id bits stored, not restored
+        if e["type"] == "file":
+            assert st.st_size == e["size"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == e["sha256"], e["path"]
+            assert data_regions(path) == e["regions"], f"{e['path']}: holes not restored"
+
+
+def test_e_inner_archive_fields(vec: dict[str, Any]) -> None:
+    """The cases FORMAT.md section 8 spells out, seen in the committed bytes."""
+    v = vec["inner_archive"]
+    data = (VECTORS / v["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == v["sha256"]
+    assert data.endswith(bytes(1024)) and len(data) % 512 == 0
+    long_name = bytes.fromhex(v["sparse_ustar_name_hex"])
+    assert len(long_name) == 100 and long_name[-1] == 0xC3  # cut inside a two-byte character
+    with pytest.raises(UnicodeDecodeError):
+        long_name.decode("utf-8")
+    at = data.find(long_name + b"0000600\0")
+    assert at > 0 and at % 512 == 0 and data[at + 156 : at + 157] == b"0"  # sparse: typeflag 0
+    assert data[at + 345 : at + 500] == bytes(155)  # empty prefix
+    assert b"GNU.sparse.name=" + v["entries"][1]["path"].encode() + b"\n" in data
+    assert b"linkpath=" + v["entries"][3]["link"].encode() + b"\n" in data
+    assert b" mtime=-1\n" in data  # a negative mtime goes to pax
+    assert b"%d\n0\n" % v["entries"][2]["size"] in data  # the final zero-length region of a trailing hole
+    assert b"0004755\0" in data  # mode keeps the set-uid bit
+
+
+@pytest.mark.parametrize("mode", ["extract", "validate"])
+def test_e_inner_archive_implementation(vec: dict[str, Any], tmp_path: Path, mode: str) -> None:
+    v = vec["inner_archive"]
+    dest = None if mode == "validate" else tmp_path / "out"
+    if dest is not None:
+        dest.mkdir()
+    ex = inner.Extractor(dest, _inner_expected(v))
+    data = (VECTORS / v["file"]).read_bytes()
+    for i in range(0, len(data), 333):  # odd-sized pieces
+        ex.feed(data[i : i + 333])
+    ex.finish()
+    ex.close()
+    if dest is not None:
+        _check_inner_restored(dest, v, modes=True)
+
+
+def test_e_inner_archive_gnu_tar(vec: dict[str, Any], tmp_path: Path) -> None:
+    tar = shutil.which("tar")
+    if tar is None:
+        pytest.fail("the vector test needs GNU tar")
+    v = vec["inner_archive"]
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run([tar, "-xf", str(VECTORS / v["file"]), "-C", str(out)], check=True, timeout=60)
+    _check_inner_restored(out, v, modes=False)
+
+
+# ------------------------------------------------------------------------------------------- (f)
+
+
+def test_f_padded_manifest(vec: dict[str, Any]) -> None:
+    v = vec["manifest"]
+    data = (VECTORS / v["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == v["sha256"]
+    assert len(data) == v["length"] == manifest.padded_size(v["unpadded_length"])
+    body, pad = data[: v["unpadded_length"]], data[v["unpadded_length"] :]
+    assert body.endswith(b"</qubes-backup-manifest>\n") and pad == b" " * len(pad) and pad
+    m = manifest.parse(data)
+    assert {a.member: a.vm for a in m.archives} == v["archives"]
+    with pytest.raises(manifest.VerificationError):
+        manifest.parse(body)

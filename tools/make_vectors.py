@@ -3,7 +3,8 @@
 
 Why: a stranger implementing a reader needs known answers for each layer (KDF, header, MAC, encryption,
 a whole backup) to debug against, and the test suite needs them to notice when the implementation drifts
-from the committed format.  Every input is fixed here, so (a)-(c) regenerate byte for byte.
+from the committed format.  Every input is fixed here, so (a)-(c) and (e) regenerate byte for byte ((e) on
+a filesystem that keeps 64 KiB-aligned holes) and (f) as long as lxml serializes the same way.
 
 (d), the tiny complete backup, is made by the real backup pipeline (``backup.write_backup``) with its
 randomness (salt, backup id, IVs) and clock replaced by fixed values.  Its bytes also depend on the
@@ -193,6 +194,117 @@ def vector_tiny(out: Path) -> dict[str, Any]:
     }
 
 
+# (e) an inner archive with the entries that are easy to get wrong (FORMAT.md section 8)
+INNER_MTIME = 1767225600
+INNER_LONG = "home/user/x" + "\u00e9" * 40  # its GNUSparseFile.0 name is cut at byte 100 inside an e-acute
+INNER_TARGET = "../" * 10 + "t" * 120  # a symlink target > 100 bytes: pax linkpath
+INNER_SPECS: list[dict[str, Any]] = [
+    {"path": "home/user", "type": "dir", "mode": 0o700},
+    {"path": INNER_LONG, "type": "file", "mode": 0o600, "size": 262144, "regions": [[65536, 65536], [196608, 65536]]},
+    {"path": "home/user/tail-hole.img", "type": "file", "mode": 0o644, "size": 1 << 20, "regions": [[0, 65536]]},
+    {"path": "home/user/link", "type": "symlink", "link": INNER_TARGET},
+    {"path": "home/user/suid", "type": "file", "mode": 0o4755, "size": 5, "regions": [[0, 5]], "mtime": -1},
+]
+
+
+def _inner_bytes(path: str, offset: int, length: int) -> bytes:
+    seed = hashlib.sha256(f"inner:{path}:{offset}".encode()).digest()
+    return (seed * (length // 32 + 1))[:length]
+
+
+def _make_inner_files(root: Path) -> list[Any]:
+    from qubes_backup_dom0 import inner
+
+    files = []
+    for spec in INNER_SPECS:
+        src = root / spec["path"]
+        src.parent.mkdir(parents=True, exist_ok=True)
+        if spec["type"] == "dir":
+            src.mkdir(exist_ok=True)
+        elif spec["type"] == "symlink":
+            src.symlink_to(spec["link"])
+        else:
+            with src.open("wb") as f:
+                for offset, length in spec["regions"]:
+                    f.seek(offset)
+                    f.write(_inner_bytes(spec["path"], offset, length))
+                f.truncate(spec["size"])
+    for spec in reversed(INNER_SPECS):  # contents first: creating a file changes its directory's mtime
+        src = root / spec["path"]
+        if spec["type"] != "symlink":
+            os.chmod(src, spec["mode"])
+        mtime = spec.get("mtime", INNER_MTIME)
+        os.utime(src, (mtime, mtime), follow_symlinks=False)
+    for spec in INNER_SPECS:
+        f = inner.InnerFile.from_path(spec["path"], root / spec["path"])
+        if f.type == "file" and [list(r) for r in f.regions] != spec["regions"]:
+            raise RuntimeError(f"this filesystem does not keep the holes of {spec['path']}")
+        files.append(f)
+    return files
+
+
+def vector_inner(out: Path) -> dict[str, Any]:
+    """(e) an inner archive (uncompressed tar) and what extracting it must give."""
+    from qubes_backup_dom0 import inner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _make_inner_files(Path(tmp))
+        data = b"".join(inner.write_archive(files))
+    (out / "inner-archive.tar").write_bytes(data)
+    entries = []
+    for spec, f in zip(INNER_SPECS, files, strict=True):
+        e: dict[str, Any] = {"path": f.path, "type": f.type, "size": f.size, "data": f.data}
+        if f.type == "symlink":
+            e["link"] = f.link
+        else:
+            e["mode"] = f.mode
+            e["mtime"] = f.mtime
+        if f.type == "file":
+            content = bytearray(f.size)
+            for offset, length in spec["regions"]:
+                content[offset : offset + length] = _inner_bytes(f.path, offset, length)
+            e["regions"] = spec["regions"]
+            e["sha256"] = hashlib.sha256(content).hexdigest()
+        entries.append(e)
+    return {
+        "file": "inner-archive.tar",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "entries": entries,
+        "sparse_ustar_name_hex": inner._sparse_name(INNER_LONG).encode("utf-8")[:100].hex(),
+    }
+
+
+def vector_manifest(out: Path) -> dict[str, Any]:
+    """(f) a manifest plaintext with its padding (FORMAT.md section 6)."""
+    from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
+
+    qubes = (
+        b"<qubes><labels><label color=\"0x000000\" id=\"label-8\">black</label></labels><pools/><properties/>"
+        b'<domains><domain id="domain-0" class="AdminVM"><properties/><features>'
+        b'<feature name="backup-content">True</feature><feature name="backup-path">dom0-home/user</feature>'
+        b'<feature name="backup-size">4</feature></features></domain>'
+        b'<domain id="domain-1" class="AppVM"><properties><property name="name">work</property></properties>'
+        b'<features><feature name="backup-content">True</feature>'
+        b'<feature name="backup-path">appvms/work</feature><feature name="backup-size">2147483959</feature>'
+        b"</features></domain></domains></qubes>"
+    )
+    archives = [
+        ArchiveEntry("vm0", "dom0", "home", [FileEntry("home/user", "dir", 0, 0),
+                                            FileEntry("home/user/a & <b>", "file", 4, 4)]),
+        ArchiveEntry("vm1", "work", "vm", [FileEntry("appvms/work/private.img", "file", 2147483648, 52428800),
+                                           FileEntry("appvms/work/firewall.xml", "file", 311, 311)]),
+    ]  # fmt: skip
+    data = Manifest(BACKUP_ID.hex(), CREATED, archives, qubes).render()
+    (out / "manifest-plaintext.xml").write_bytes(data)
+    return {
+        "file": "manifest-plaintext.xml",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "length": len(data),
+        "unpadded_length": len(data.rstrip(b" ")),
+        "archives": {a.member: a.vm for a in archives},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="also rewrite the complete-backup vector (d)")
@@ -205,10 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         "keys": vector_keys(),
         "header": vector_header(out),
         "chunk": vector_chunk(out),
+        "inner_archive": vector_inner(out),
+        "manifest": vector_manifest(out),
     }
     old = out / "vectors.json"
     if args.tiny or not (out / "tiny-backup.tar").exists():
-        vectors["tiny_backup"] = vector_tiny(out)
+        vectors["tiny_backup"] = vector_tiny(out)  # written last: (d) after (e), (f) as before
     elif old.exists():
         vectors["tiny_backup"] = json.loads(old.read_text())["tiny_backup"]
     old.write_text(json.dumps(vectors, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -507,6 +507,36 @@ def _utf8(value: bytes, what: str) -> str:
         raise VerificationError(f"inner archive: {what} is not UTF-8") from None
 
 
+def _canonical_ustar(name: bytes, mode: int, size: int, mtime: int, typeflag: bytes, linkname: bytes) -> bytes:
+    """The one ustar header block FORMAT.md section 8 allows for these values (the reader's own statement of
+    it, independent of the writer's ``_ustar``; tests check that the two agree).  ``name`` is cut to its
+    first 100 bytes, which may end inside a UTF-8 sequence; prefix, uname, gname, devmajor and devminor are
+    NUL; numbers are zero-padded octal ending in NUL; the checksum is six octal digits, NUL, space."""
+    h = bytearray(BLOCK)
+    name = name[:100]
+    h[0 : len(name)] = name
+    h[100:108] = b"%07o\0" % mode
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"%011o\0" % mtime
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[157 : 157 + len(linkname)] = linkname
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def _canonical_record(key: str, value: bytes) -> bytes:
+    """``LEN KEY=VALUE\\n`` with the smallest LEN that counts the whole record, its own digits included."""
+    body = b" " + key.encode("ascii") + b"=" + value + b"\n"
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n = len(str(n)) + len(body)
+    return str(n).encode("ascii") + body
+
+
 WRITEBACK_BYTES = 64 << 20  # start writeback of restored data every 64 MiB (Extractor._start_writeback)
 
 
@@ -575,6 +605,8 @@ class Extractor:
         self._buf = bytearray()
         self._pax: dict[str, bytes] | None = None
         self._pax_len = 0
+        self._pax_hdr = b""  # the pax header's own ustar block, and its records, for the canonical check
+        self._pax_raw = b""
         self._zero_blocks = 0
         self._fd = -1
         self._entry: Any = None
@@ -727,6 +759,7 @@ class Extractor:
             if self._index >= len(self._expected):
                 raise VerificationError("inner archive: unexpected extra entry")
             self._pax_len = size
+            self._pax_hdr = h
             self._need = size + _pad(size)
             self._state = "pax"
             return
@@ -739,7 +772,8 @@ class Extractor:
     def _on_pax(self, chunk: bytes) -> None:
         if any(chunk[self._pax_len :]):
             raise self._bad("non-zero padding after pax header")
-        self._pax = _parse_pax(chunk[: self._pax_len])
+        self._pax_raw = chunk[: self._pax_len]
+        self._pax = _parse_pax(self._pax_raw)
         self._need = BLOCK
         self._state = "header"
 
@@ -790,6 +824,9 @@ class Extractor:
         linkname = h[157:257].rstrip(b"\0")
         if exp.type != "symlink" and (linkname or "linkpath" in pax):
             raise self._bad("link target on a non-link entry")
+        target = pax.get("linkpath", linkname) if exp.type == "symlink" else b""
+        if self._mode > 0o7777:
+            raise self._bad("mode with file-type bits")
         if exp.type == "file":
             if sparse:
                 if realsize != exp.size:
@@ -798,6 +835,7 @@ class Extractor:
                     raise self._bad("sparse entry too large")
             elif size != exp.size:
                 raise self._bad(f"size {size} where {exp.size} was expected")
+            self._check_canonical(h, size, mtime, target)
             self._stored = size
             if sparse:
                 self._map_nums = array("Q")
@@ -812,12 +850,14 @@ class Extractor:
             return
         if size != 0:
             raise self._bad("directory or symlink with data")
+        if exp.type == "symlink" and (not target or b"\0" in target or len(target) > MAX_LINK):
+            raise self._bad("bad symlink target")
+        self._check_canonical(h, size, mtime, target)
         if exp.type == "dir":
             self._make_dir(exp.path)
             if not self._validate_only:
                 self._dirs.append((exp.path, self._mode, mtime))
         else:
-            target = pax.get("linkpath", linkname)
             if "linkpath" in pax and linkname:
                 raise self._bad("link target in both pax and ustar header")
             if not target or b"\0" in target or len(target) > MAX_LINK:
@@ -827,6 +867,42 @@ class Extractor:
         self._index += 1
         self._need = BLOCK
         self._state = "header"
+
+    def _check_canonical(self, h: bytes, stored: int, mtime: int, target: bytes) -> None:
+        """The entry's pax records, the pax header's ustar block and the entry's ustar block must be exactly
+        what FORMAT.md section 8 prescribes for the expected entry with this stored size, mode, mtime and
+        link target: no other record order, optional record, field format, name cut or padding."""
+        exp = self._entry
+        sparse = _is_sparse(exp)
+        name = (_sparse_name(exp.path) if sparse else exp.path).encode("utf-8")
+        records = [_canonical_record("path", name)]
+        ustar_size, ustar_mtime = stored, mtime
+        if stored >= _OCTAL11_LIMIT:
+            records.append(_canonical_record("size", b"%d" % stored))
+            ustar_size = 0
+        if not 0 <= mtime < _OCTAL11_LIMIT:
+            records.append(_canonical_record("mtime", b"%d" % mtime))
+            ustar_mtime = 0
+        linkname = target
+        if len(target) > 100:
+            records.append(_canonical_record("linkpath", target))
+            linkname = b""
+        if sparse:
+            records += [
+                _canonical_record("GNU.sparse.major", b"1"),
+                _canonical_record("GNU.sparse.minor", b"0"),
+                _canonical_record("GNU.sparse.name", exp.path.encode("utf-8")),
+                _canonical_record("GNU.sparse.realsize", b"%d" % exp.size),
+            ]
+        if self._pax_raw != b"".join(records):
+            raise self._bad("pax records not in the canonical form (FORMAT.md section 8)")
+        d, b = _split(exp.path)
+        paxname = f"{d}{PAX_DIR}/{b}".encode()
+        if self._pax_hdr != _canonical_ustar(paxname, 0o644, len(self._pax_raw), ustar_mtime, b"x", b""):
+            raise self._bad("pax header block not in the canonical form (FORMAT.md section 8)")
+        typeflag = _TYPEFLAGS[exp.type]
+        if h != _canonical_ustar(name, self._mode, ustar_size, ustar_mtime, typeflag, linkname):
+            raise self._bad("ustar header not in the canonical form (FORMAT.md section 8)")
 
     def _on_map_block(self, block: bytes) -> None:
         """Parse the sparse map incrementally, one 512-byte block at a time (bounded memory)."""
@@ -867,8 +943,8 @@ class Extractor:
         for i in range(count):
             off, length = regions[2 * i], regions[2 * i + 1]
             last = i == count - 1
-            if off < prev_end:
-                raise self._bad("sparse map regions overlap or are unsorted")
+            if off < prev_end or (i and off == prev_end):
+                raise self._bad("sparse map regions overlap, touch or are unsorted")
             if length == 0 and not (last and off == exp.size):
                 raise self._bad("empty sparse region")
             if off + length > exp.size:

@@ -81,6 +81,15 @@ def fuzz_header(data: bytes) -> None:
 def fuzz_manifest(data: bytes) -> None:
     """manifest.parse either returns a structurally checked manifest or raises a BackupError."""
     RUNS["manifest"] += 1
+    body = data.rstrip(manifest_mod.PAD_BYTE)
+    if not body.endswith(manifest_mod.DOC_END):
+        body += manifest_mod.DOC_END
+    padded = body + manifest_mod.PAD_BYTE * (manifest_mod.padded_size(len(body)) - len(body))
+    for candidate in (data, padded):  # padded as the writer pads, or the parser stops at the padding check
+        _fuzz_manifest_one(candidate)
+
+
+def _fuzz_manifest_one(data: bytes) -> None:
     try:
         m = manifest_mod.parse(data)
     except BackupError:

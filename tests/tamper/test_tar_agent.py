@@ -7,7 +7,9 @@ test_frames.py / test_hostile.py.
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 import subprocess
 import tarfile
 import time
@@ -203,3 +205,140 @@ def test_cli_fake_agent_unknown_frame(world: World, tmp_path: Path) -> None:
 
 def test_location_with_newline_is_refused(world: World) -> None:
     assert "location" in expect_refused(world.target, "x\n")
+
+
+# ---------------------------------------------- a backup file in dom0: the tar reader's memory (issue 10/5)
+
+GIB = 1 << 30
+
+
+def _huge_header_file(path: Path, typeflag: bytes) -> None:
+    """A 4 KiB (allocated) sparse file whose first header claims a 1 GiB pax/GNU extended header: a reader
+    that takes such a header whole (Python's tarfile) allocates 1 GiB."""
+    h = bytearray(512)
+    h[0:13] = b"backup-header"
+    h[100:108] = b"0000600\0"
+    h[108:116] = h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % GIB
+    h[136:148] = b"00000000000\0"
+    h[156:157] = typeflag
+    h[257:265] = b"ustar\x0000" if typeflag != b"L" else b"ustar  \0"
+    h[148:156] = b" " * 8
+    h[148:156] = b"%06o\0 " % sum(h)
+    with path.open("wb") as f:
+        f.write(h)
+        f.truncate(512 + GIB + 4096)  # the header's "data": a hole, no disk used
+
+
+_MEASURE = """
+import json, os, sys, time
+from qubes_backup_dom0.transport import Channel, LocalFileTransport
+from qubes_backup_protocol import frames
+from qubes_backup_protocol.frames import FrameType
+folder, sandbox = sys.argv[1], sys.argv[2] == "1"
+start = time.monotonic()
+proc = LocalFileTransport(folder, sandbox=sandbox).start("qubes.Restore", "dom0")
+ch = Channel(proc, timeout=20)
+ch.send(FrameType.LOCATION, "", b"/b.tar")
+frame = ch.recv({FrameType.ERROR: (0, frames.MAX_ERROR_LEN), FrameType.MEMBER: (64, 1 << 20)})
+ch.close_input()
+_, status, usage = os.wait4(proc.pid, 0)
+print(json.dumps({"peak_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status),
+                  "seconds": time.monotonic() - start, "type": frame.type.name if frame else None,
+                  "text": bytes(frame.data).decode() if frame else ""}))
+"""
+
+
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandbox-if-installed", "unconfined"])
+@pytest.mark.parametrize("typeflag", [b"x", b"g", b"L"], ids=["pax", "pax-global", "gnu-longname"])
+def test_dom0_file_huge_extended_header_bounded_memory(tmp_path: Path, sandbox: bool, typeflag: bytes) -> None:
+    """The agent that reads a dom0 backup file refuses it quickly, with its peak RSS far below the 1 GiB the
+    header claims.  Measured by a small fresh process that starts the agent and takes its rusage with wait4
+    (which counts the agent's waited-for descendants, and the starter's few MiB before exec: not pytest's)."""
+    import json
+    import sys
+
+    folder = tmp_path / "dom0dir"
+    folder.mkdir()
+    _huge_header_file(folder / "b.tar", typeflag)
+    res = subprocess.run([sys.executable, "-c", _MEASURE, str(folder), "1" if sandbox else "0"],
+                         capture_output=True, text=True, timeout=120, env=os.environ.copy())  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    peak_mib = got["peak_kib"] / 1024  # KiB on Linux
+    assert peak_mib < 100, f"agent peak RSS {peak_mib:.0f} MiB"
+    assert got["seconds"] < 10
+    assert got["rc"] != 0
+    assert got["type"] == "ERROR" and "non-regular member" in got["text"], got
+
+
+def test_dom0_file_valid_backup_still_verifies(world: World) -> None:
+    """The same reader still reads a real backup held in dom0 (verify-only through the API, no -d)."""
+    from qubes_backup_dom0.restore import Restore, RestoreOptions
+
+    from .harness import PASSPHRASE
+
+    path = world.target.dom0_root / "home/user/dom0-copy.tar"
+    shutil.copyfile(world.a_tar, path)
+    before = snapshot(world.target)
+    try:
+        job = Restore(world.target, "/home/user/dom0-copy.tar", PASSPHRASE, options=RestoreOptions(verify_only=True))
+        try:
+            job.open()
+            job.plan()
+            job.run()
+        finally:
+            job.close()
+        assert_unchanged(world.target, before)
+    finally:
+        path.unlink()
+
+
+OUTER_DEVIATIONS = ["mode-0644", "uid-1000", "mtime-1", "uname-root", "typeflag-nul", "gnu-magic", "prefix",
+                    "base256-size", "nonzero-padding", "lone-zero-block", "no-end-marker",
+                    "half-end-marker"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", OUTER_DEVIATIONS)
+def test_outer_header_deviations_refused(world: World, case: str) -> None:
+    """FORMAT.md section 1: a member header differing from the canonical one in any byte, non-zero member
+    padding and a missing or broken end marker are refused by the agent (checksums fixed up)."""
+    raw = bytearray(_tar_bytes(world))
+    at = _offsets(world)["manifest"]
+    size = len(dict(world.a)["manifest"])
+    field = {"mode-0644": (100, b"0000644\0"), "uid-1000": (108, b"0001750\0"), "mtime-1": (136, b"00000000001\0"),
+             "uname-root": (265, b"root"), "typeflag-nul": (156, b"\0"), "gnu-magic": (257, b"ustar  \0"),
+             "prefix": (345, b"x"), "base256-size": (124, b"\x80" + bytes(7) + size.to_bytes(4, "big"))}  # fmt: skip
+    if case in field:
+        off, value = field[case]
+        raw[at + off : at + off + len(value)] = value
+        _fix_checksum(raw, at)
+    elif case == "nonzero-padding":
+        assert size % 512
+        raw[at + 512 + size + (512 - size % 512) - 1] = 1
+    else:
+        end = len(raw.rstrip(b"\0"))
+        end += -end % 512  # the end of the last member's padding: the end marker starts here
+        if case == "lone-zero-block":
+            raw[end + 512 : end + 1024] = b"\1" * 512
+        elif case == "no-end-marker":
+            del raw[end:]
+        else:
+            del raw[end + 512 :]
+    message = refuse_tar(world, raw=bytes(raw))
+    assert "tar" in message or "member" in message or "truncated" in message, message
+
+
+def test_outer_padding_after_end_marker_ignored(world: World) -> None:
+    """What follows the end marker (record padding, the rest of a block device) is not read: a backup
+    with 1 MiB of junk after its end marker still verifies."""
+    from qubes_backup_dom0.restore import RestoreOptions
+
+    from .harness import run_restore
+
+    path = world.target.vm_root(VM) / "home/user/backups/padded.tar"
+    path.write_bytes(_tar_bytes(world) + b"\0" * 9216 + os.urandom(1 << 20))
+    try:
+        run_restore(world.target, "/home/user/backups/padded.tar", options=RestoreOptions(verify_only=True))
+    finally:
+        path.unlink()

@@ -3,13 +3,18 @@
 The VM may parse tar (it is the untrusted side anyway); dom0 parses only frames.  Unwanted archives are
 skipped at the source: seeks over a file, an S3 object or an ssh file (ranged reads), reading through only
 for a hook's stream.
+
+For a backup file held in dom0 this process runs in dom0 (confined by bubblewrap only when it is
+installed), so its memory must be bounded whatever the file contains: the tar is read by the strict
+reader of ``outer_tar`` (one 512-byte header and one copy piece at a time, never a pax or GNU header),
+and when reading a file the process caps its own address space (``MEMORY_LIMIT``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import resource
 import sys
-import tarfile
 from typing import BinaryIO
 
 from qubes_backup_protocol import frames, names
@@ -17,13 +22,17 @@ from qubes_backup_protocol.frames import FrameType
 
 from . import confine
 from .common import EXIT_FAILED, EXIT_OK, install_signal_handlers, send_error, silence
+from .outer_tar import MAX_MEMBER_SIZE, Member, OuterReader, TruncatedError
 from .storage import StorageError, classify
 from .storage.command import CommandSource
 from .storage.directory import open_file
 
-# The largest member a valid backup has: a chunk of the maximal chunk size (256 MiB) plus its 16-byte IV.
-MAX_MEMBER_SIZE = (256 << 20) + 16
+__all__ = ["MAX_MEMBER_SIZE", "MEMORY_LIMIT", "main", "serve", "stream_members"]
+
 COPY_PIECE = 4 << 20
+# Address-space cap of the agent while it reads a stored file (RLIMIT_AS; defence in depth behind the
+# strict reader): the interpreter, one copy piece and the frame buffers need a few tens of MiB.
+MEMORY_LIMIT = 256 << 20
 MANIFEST_MAC = names.mac_name(names.MANIFEST)
 
 _LOCATION = {FrameType.LOCATION: (0, frames.MAX_LOCATION_LEN)}
@@ -51,45 +60,31 @@ def read_wants(stdin: BinaryIO) -> set[str]:
         wanted.add(frame.name)
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, out: BinaryIO) -> None:
-    src = tar.extractfile(member)
-    if src is None:
-        raise StorageError(f"cannot read member {member.name}")
+def _copy_member(tar: OuterReader, member: Member, out: BinaryIO) -> None:
     raw_name = member.name.encode("ascii")
     out.write(frames.encode_header(FrameType.MEMBER, len(raw_name), member.size) + raw_name)
     left = member.size
     try:
         while left:
-            piece = src.read(min(COPY_PIECE, left))
-            if not piece:
-                raise MidFrameError(f"backup truncated inside member {member.name}")
+            piece = tar.read(min(COPY_PIECE, left))
             out.write(piece)
             left -= len(piece)
-    except (tarfile.TarError, OSError, StorageError) as exc:
+    except (OSError, StorageError) as exc:
         if isinstance(exc, BrokenPipeError | ConnectionResetError):
             raise
+        if isinstance(exc, TruncatedError):
+            raise MidFrameError(str(exc)) from None
         raise MidFrameError(f"reading member {member.name} failed: {exc}") from None
+    tar.read(1)  # the frame is complete; this checks the member's padding
 
 
-def check_member(member: tarfile.TarInfo) -> None:
-    shown = frames.safe_text(member.name, limit=80)
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
-        raise StorageError(f"backup contains a non-regular member: {shown}")
-    if not names.is_member_name(member.name):
-        raise StorageError(f"backup contains an unexpected member name: {shown}")
-    if not 0 <= member.size <= MAX_MEMBER_SIZE:
-        raise StorageError(f"backup member too large: {shown} ({member.size} bytes)")
-
-
-def stream_members(tar: tarfile.TarFile, stdin: BinaryIO, stdout: BinaryIO) -> None:
+def stream_members(tar: OuterReader, stdin: BinaryIO, stdout: BinaryIO) -> None:
     """Send members in archive order; after manifest.hmac ask dom0 which archives it wants."""
     wanted: set[str] | None = None
     while True:
         member = tar.next()
         if member is None:
             break
-        tar.members.clear()  # type: ignore[attr-defined]  # tarfile remembers every member; we never look back
-        check_member(member)
         if wanted is not None:
             archive = names.archive_of(member.name)
             if archive is None or archive not in wanted:
@@ -100,6 +95,15 @@ def stream_members(tar: tarfile.TarFile, stdin: BinaryIO, stdout: BinaryIO) -> N
             wanted = read_wants(stdin)
     frames.write_frame(stdout, FrameType.END)
     stdout.flush()
+
+
+def limit_memory(limit: int = MEMORY_LIMIT) -> None:
+    """Cap this process's address space (never raise an existing lower cap)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft == resource.RLIM_INFINITY or soft > limit:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
@@ -122,26 +126,21 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         loc = classify(location, root, want_dir=False)
         if loc.kind == "command":
             source = CommandSource(loc.argv, confine.home_dir(root))
-            fileobj, mode = source.stdout, "r|"
+            fileobj, seekable = source.stdout, False
         elif loc.kind == "s3":
             from .storage.s3 import open_object
 
-            fileobj, mode = open_object(loc.url), "r:"
+            fileobj, seekable = open_object(loc.url), True
         elif loc.kind == "ssh":
             from .storage.ssh import open_remote
 
-            fileobj, mode = open_remote(loc.url, root), "r:"
+            fileobj, seekable = open_remote(loc.url, root), True
         else:
             assert loc.path is not None
-            fileobj, mode = open_file(loc.path, root), "r:"
-        try:
-            tar = tarfile.open(fileobj=fileobj, mode=mode)  # type: ignore[call-overload]  # noqa: SIM115
-        except tarfile.TarError as exc:
-            raise StorageError(f"not a readable tar archive: {location} ({exc})") from None
-        try:
-            stream_members(tar, stdin, stdout)
-        except tarfile.TarError as exc:
-            raise StorageError(f"damaged tar archive: {exc}") from None
+            fileobj, seekable = open_file(loc.path, root), True
+            # A file is read by this process alone (no hook, no boto3): its needs are known and small.
+            limit_memory()
+        stream_members(OuterReader(fileobj, seekable), stdin, stdout)  # TarError is a StorageError
         if source is not None:
             src, source = source, None
             src.finish()
@@ -161,6 +160,9 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         return EXIT_FAILED
     except OSError as exc:
         send_error(stdout, f"reading the backup failed: {exc.strerror or exc}")
+        return EXIT_FAILED
+    except MemoryError:
+        send_error(stdout, "out of memory reading the backup")
         return EXIT_FAILED
     finally:
         if source is not None:
