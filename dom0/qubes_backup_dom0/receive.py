@@ -139,8 +139,7 @@ class Receiver:
         if not crypto.verify_member(keys, names.MANIFEST, sealed, mac):
             raise VerificationError("the backup manifest failed verification (tampered with or damaged)")
         manifest = manifest_mod.parse(bytes(crypto.decrypt(keys, sealed)))  # bytes already: no copy
-        if manifest.backup_id != hdr.backup_id.hex():
-            raise VerificationError("the manifest belongs to another backup")
+        manifest_mod.check_header(manifest, hdr.backup_id.hex(), hdr.created)  # same backup id and time
         return Opened(hdr, keys, manifest)
 
     def want(self, archives: list[manifest_mod.ArchiveEntry]) -> None:
