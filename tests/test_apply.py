@@ -193,3 +193,13 @@ def test_home_staging_of_a_live_restore_is_kept(tmp_path: Path) -> None:
     assert apply.cleanup_home_staging(home) == [stale]
     assert live.is_dir() and not stale.exists()
     os.rmdir(live)
+
+
+def test_templates_are_created_first_whatever_the_manifest_order(backup: Backup) -> None:
+    manifest, files = backup
+    reordered = Manifest(manifest.backup_id, manifest.created, list(reversed(manifest.archives)), manifest.qubes)
+    fq = FakeQubes({})
+    _restore(fq, (reordered, files))
+    created = [c[2] for c in fq.calls if c[0] == "create"]
+    assert created[0] == "fedora" and sorted(created) == sorted(ORDER)
+    assert fq.vms["work"].props["template"] == "fedora"

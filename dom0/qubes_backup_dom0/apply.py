@@ -224,10 +224,20 @@ class Applier:
 
     # -- 1, 2: create
     def create_all(self) -> None:
+        """Create every restored VM: templates, then templates for disposables, then the rest (Qubes' own
+        restore order; a VM's template is thereby created before it, whatever order the manifest has)."""
         labels = set(self.qubes.labels())
-        for action in self.plan.vms:
-            if action.restore and action.archive is not None:
-                self._create(action, labels)
+        for action in sorted(self._restored(), key=self._rank):
+            self._create(action, labels)
+
+    def _restored(self) -> list[VmAction]:
+        return [a for a in self.plan.vms if a.restore and a.archive is not None]
+
+    def _rank(self, action: VmAction) -> int:
+        dom = self.plan.backup[action.name]
+        if dom.klass == "TemplateVM":
+            return 0
+        return 1 if dom.raw_property("template_for_dispvms") == "True" else 2
 
     def _create(self, action: VmAction, labels: set[str]) -> None:
         dom = self.plan.backup[action.name]
@@ -306,8 +316,7 @@ class Applier:
 
     # -- 4, 5: last pass and commit
     def commit(self) -> None:
-        restored = [a for a in self.plan.vms if a.restore and a.archive is not None]
-        for action in restored:
+        for action in self._restored():
             for prop in LAST_PASS:
                 explicit, value = self.plan.reference(action, prop)
                 if explicit:
