@@ -92,6 +92,9 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
         for src in sorted((REPO / pkg).rglob("*.py")):
             if "__pycache__" not in src.parts:
                 files[f"{lib}/{src.relative_to(REPO)}"] = (src.read_bytes(), 0o644)
+        for src in sorted((REPO / pkg / "rpc").glob("*")):  # the simulator's services (scripts, no .py)
+            if src.is_file():
+                files[f"{lib}/{src.relative_to(REPO)}"] = (src.read_bytes(), 0o755)
     for service in ("qubes.Backup", "qubes.Restore"):
         files[f"{lib}/rpc-policy/{service}"] = ((REPO / "rpc-policy" / service).read_bytes(), 0o755)
     if side == "dom0":

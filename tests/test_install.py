@@ -22,10 +22,7 @@ from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim, make_fresh
 from qubes_backup_dom0 import header
 from qubes_backup_dom0.inner import same_content
 
-try:  # the simulator moves to its own package (sim/); either place will do
-    from qubes_backup_sim import simgen  # type: ignore[import-not-found]
-except ImportError:
-    from qubes_backup_dom0 import simgen
+from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent
 PREFIX = "/usr/local"

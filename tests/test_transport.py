@@ -66,7 +66,7 @@ def test_rpc_dir_override(system: System, tmp_path: Path, monkeypatch: pytest.Mo
     assert out == b"hello"
 
 
-def test_qrexec_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_qrexec_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: list[list[str]] = []
 
     def fake_popen(argv: list[str], env: object, cwd: object) -> object:
@@ -74,8 +74,14 @@ def test_qrexec_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
         return object()
 
     monkeypatch.setattr(transport, "_popen", fake_popen)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(BackupError, match="qvm-run not found on PATH"):
+        QrexecTransport().start("qubes.Restore", "usbvm")
+    qvm_run = tmp_path / "qvm-run"  # found on PATH, as in dom0 (/usr/bin/qvm-run)
+    qvm_run.write_text("#!/bin/sh\n")
+    qvm_run.chmod(0o755)
     QrexecTransport().start("qubes.Restore", "usbvm")
-    assert seen == [["qvm-run", "--pass-io", "--no-gui", "--service", "--", "usbvm", "qubes.Restore"]]
+    assert seen == [[str(qvm_run), "--pass-io", "--no-gui", "--service", "--", "usbvm", "qubes.Restore"]]
 
 
 def test_agent_environment_and_pipes(system: System, tmp_path: Path) -> None:
