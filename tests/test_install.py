@@ -21,7 +21,6 @@ import pytest
 from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim, make_fresh
 from qubes_backup_dom0 import header
 from qubes_backup_dom0.inner import same_content
-
 from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent

@@ -54,10 +54,10 @@ from helpers_agent import (
 )
 from qubes_backup_agent.storage import StorageError, classify
 from qubes_backup_agent.storage import ssh as ssh_storage
-from qubes_backup_sim import simgen
 from qubes_backup_dom0.system import System
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType
+from qubes_backup_sim import simgen
 from test_cli_restore import assert_same_vm
 
 LOOPBACK = "127.0.0.1"
@@ -346,7 +346,8 @@ def test_cli_interrupted_backup_leaves_nothing(tmp_path: Path, sshd: SshServer, 
     (tmp_path / "sim" / "dom0" / "pw").write_text("correct horse battery staple\n")
     sim = sshsim(Sim(tmp_path / "sim"), sshd)
     remote = sshd.remote_dir(tmp_path)
-    proc = sim.popen("qvm-backup", "-y", "-q", "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok", "-d", "backupvm", sshd.url(remote))
+    proc = sim.popen("qvm-backup", "-y", "-q", "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok", "-d", "backupvm",
+                     sshd.url(remote))
     try:
         deadline = time.monotonic() + 60
         while True:  # wait until the stream is flowing into the temporary file, then stop dom0 mid-stream
