@@ -299,8 +299,8 @@ class Applier:
                     raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
                 self.qubes.set_firewall(name, rules)
             notes = files.memory.get(files.notes)
-            if notes is not None:
-                self.qubes.set_notes(name, bytes(notes.data).decode("utf-8", "replace"))
+            if notes is not None and not self.qubes.set_notes(name, bytes(notes.data).decode("utf-8", "replace")):
+                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
 
         return ArchiveTarget(sinks=sinks, done=done)
 
