@@ -136,8 +136,9 @@ class FakeQubes:
     def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
         self._write(vm, "firewall").firewall = list(rules)
 
-    def set_notes(self, vm: str, text: str) -> None:
+    def set_notes(self, vm: str, text: str) -> bool:
         self._write(vm, "notes").notes = text
+        return True
 
     def import_volume(self, vm: str, volume: str, size: int) -> FakeImport:
         self._write(vm, "import", volume, str(size))

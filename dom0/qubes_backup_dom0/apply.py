@@ -247,10 +247,13 @@ class Applier:
             self.warnings.append(f"VM {name}: label {label} does not exist here; using red")
             label = "red"
         explicit, template = self.plan.reference(action, "template")
-        if dom.klass in ("AppVM", "DispVM"):
-            self.qubes.create_vm(dom.klass, name, label, template if explicit else None)
-        else:
-            self.qubes.create_vm(dom.klass, name, label, None)
+        try:  # qubesd's error names dom0 (the call's destination), not the VM
+            if dom.klass in ("AppVM", "DispVM"):
+                self.qubes.create_vm(dom.klass, name, label, template if explicit else None)
+            else:
+                self.qubes.create_vm(dom.klass, name, label, None)
+        except BackupError as e:
+            raise BackupError(f"restoring VM {name}: cannot create it: {e}") from None
         self.created.append(name)
         self.qubes.set_tag(name, IN_PROGRESS)  # before any other write to the new VM
         self.qubes.set_tag(name, self.owner)
@@ -309,8 +312,8 @@ class Applier:
                     raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
                 self.qubes.set_firewall(name, rules)
             notes = files.memory.get(files.notes)
-            if notes is not None:
-                self.qubes.set_notes(name, bytes(notes.data).decode("utf-8", "replace"))
+            if notes is not None and not self.qubes.set_notes(name, bytes(notes.data).decode("utf-8", "replace")):
+                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
 
         return ArchiveTarget(sinks=sinks, done=done)
 

@@ -230,8 +230,15 @@ class Qubes:
     def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
         self.api.call("admin.vm.firewall.Set", vm, "", "".join(f"{r}\n" for r in rules).encode())
 
-    def set_notes(self, vm: str, text: str) -> None:
-        self.api.call("admin.vm.notes.Set", vm, "", text.encode())
+    def set_notes(self, vm: str, text: str) -> bool:
+        """False (nothing written) where the release has no notes (R4.2 and older), as ``notes()`` reads."""
+        try:
+            self.api.call("admin.vm.notes.Set", vm, "", text.encode())
+        except QubesdError as exc:
+            if exc.exc_type in _NOTES_UNSUPPORTED or "unknown method" in exc.message.lower():
+                return False
+            raise
+        return True
 
     def remove_vm(self, vm: str) -> None:
         self.api.call("admin.vm.Remove", vm)

@@ -6,6 +6,12 @@ every change) and the simulated pools, and answers qubesd's Admin API on a UNIX 
 ``DIR/dom0/var/run/qubesd.sock``) with qubesd's wire protocol: request ``METHOD+ARG SRC name DEST\\0PAYLOAD``
 (at most 64 KiB, read to EOF), reply ``0\\0DATA`` or ``2\\0EXCTYPE\\0\\0MESSAGE\\0``.  Requests are handled one
 at a time, like qubesd's single event loop.  The calls and their strictness are in ``handlers.py``.
+
+Test hook: ``QUBES_SIM_FAIL="RULE[,RULE...]"`` in the server's environment, each RULE
+``METHOD[+ARG][@DEST][#N]``, makes matching requests fail with a qubesd error reply (``QubesException``,
+message ``injected failure (RULE)``) without being executed: the request is still logged.  ARG and DEST,
+when given, must match exactly; ``#N`` fails only the N-th matching request (counted from 1 since the
+server started), otherwise every one.  Example: ``admin.vm.property.Set+memory@work``, ``admin.vm.Create.AppVM#2``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,33 @@ from .store import SOCKET, Store
 
 MAX_REQUEST = 64 * 1024
 CONN_TIMEOUT = 10.0
+FAIL_ENV = "QUBES_SIM_FAIL"
+
+
+class FailRule:
+    """One ``METHOD[+ARG][@DEST][#N]`` rule of QUBES_SIM_FAIL."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        rest, _, nth = spec.partition("#")
+        rest, at, dest = rest.partition("@")
+        self.method, plus, arg = rest.partition("+")
+        if not self.method or (at and not dest) or (nth and not nth.isdigit()):
+            raise ValueError(f"{FAIL_ENV}: malformed rule {spec!r} (METHOD[+ARG][@DEST][#N])")
+        self.arg = arg if plus else None
+        self.dest = dest if at else None
+        self.nth = int(nth) if nth else None
+        self.seen = 0
+
+    def hit(self, method: str, arg: str, dest: str) -> bool:
+        if method != self.method or self.arg not in (None, arg) or self.dest not in (None, dest):
+            return False
+        self.seen += 1
+        return self.nth is None or self.seen == self.nth
+
+
+def parse_fail_rules(text: str) -> list[FailRule]:
+    return [FailRule(spec.strip()) for spec in text.split(",") if spec.strip()]
 
 
 def parse_request(data: bytes) -> tuple[str, str, str, str, bytes]:
@@ -67,6 +100,7 @@ class Server:
         self.api = Api(Store(self.sim_dir), host_paths=host_paths, notes=notes)
         self.log = log
         self.idle = idle
+        self.fail_rules = parse_fail_rules(os.environ.get(FAIL_ENV, ""))
 
     def handle(self, data: bytes | None) -> bytes:
         if data is None:
@@ -76,6 +110,9 @@ class Server:
         except ApiError as e:
             return e.reply()
         self._log(method, arg, dest, payload)
+        for rule in self.fail_rules:
+            if rule.hit(method, arg, dest):
+                return ApiError("QubesException", f"injected failure ({rule.spec})").reply()
         try:
             return b"0\0" + self.api.call(method, arg, src, dest, payload)
         except ApiError as e:
