@@ -142,7 +142,8 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     simgen.generate(sim, "bench", seed=9, data_mib=6, apparent_gib=0.12, pool="lvm_thin", running=("work",))
     _customise(sim)
     (sim / "dom0/pw").write_text(PASSPHRASE + "\n")
-    argv = [str(BIN / "qvm-backup"), "-y", "-q", "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok", "-d", "backupvm", BACKUPS]
+    argv = [str(BIN / "qvm-backup"), "-y", "-q", "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
+            "-d", "backupvm", BACKUPS]
     proc = subprocess.run(argv, env=clean_env() | {"QUBES_SIM": str(sim)}, capture_output=True, text=True,
                           timeout=120, check=False)  # fmt: skip
     launch.stop_qubesd(sim)
