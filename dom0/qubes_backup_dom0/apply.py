@@ -6,8 +6,8 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 1. ``admin.vm.Create.CLASS`` (template given at creation), then at once the tag
    ``backup-restore-in-progress`` (Qubes refuses to start such a VM) and our owner tag;
 2. properties (except the VM references), features, tags, devices;
-3. while the archives arrive (only verified plaintext): volume data through ``admin.vm.volume.ImportWithSize``,
-   firewall rules and notes;
+3. while the archives arrive (only verified plaintext): firewall rules and notes (first in each archive),
+   then volume data through ``admin.vm.volume.ImportWithSize``;
 4. after everything verified: ``netvm``, ``default_dispvm`` and the other VM references, mapped through the
    restore's renames, in a last pass;
 5. the commit: the in-progress tags removed, then the owner tags.
@@ -27,7 +27,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
@@ -180,7 +180,6 @@ class _VmFiles:
     volumes: dict[str, str]  # path in the archive -> volume name
     firewall: str
     notes: str
-    memory: dict[str, MemorySink] = field(default_factory=dict)
 
 
 def _vm_files(plan: RestorePlan, action: VmAction) -> _VmFiles:
@@ -291,31 +290,32 @@ class Applier:
         files = _vm_files(self.plan, action)
         name = action.target_name
 
+        def set_firewall(data: bytes) -> None:
+            try:
+                rules = firewall.xml_to_rules(data)
+            except (BackupError, etree.LxmlError) as e:
+                raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
+            self.qubes.set_firewall(name, rules)
+
+        def set_notes(data: bytes) -> None:
+            if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
+                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+
         def sinks(entry: inner.InnerFile) -> inner.FileSink | None:
+            # Backups put firewall.xml and notes.txt before the volumes: they are applied as soon as they are
+            # complete (verified chunks; the VM is still tagged in progress), before the VM's data is imported.
+            if entry.path == files.firewall:
+                return MemorySink(entry.path, entry.size, MAX_FIREWALL, set_firewall)
+            if entry.path == files.notes:
+                return MemorySink(entry.path, entry.size, MAX_NOTES, set_notes)
             if entry.path in files.volumes:
                 imp = self.qubes.import_volume(name, files.volumes[entry.path], entry.size)
                 with self._lock:
                     self._imports.append(imp)
                 return ImportSink(imp)
-            if entry.path in (files.firewall, files.notes):
-                limit = MAX_FIREWALL if entry.path == files.firewall else MAX_NOTES
-                sink = files.memory[entry.path] = MemorySink(entry.path, entry.size, limit)
-                return sink
             return None  # other files of older backups (icons ...): verified, then dropped
 
-        def done() -> None:
-            fw = files.memory.get(files.firewall)
-            if fw is not None:
-                try:
-                    rules = firewall.xml_to_rules(bytes(fw.data))
-                except (BackupError, etree.LxmlError) as e:
-                    raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
-                self.qubes.set_firewall(name, rules)
-            notes = files.memory.get(files.notes)
-            if notes is not None and not self.qubes.set_notes(name, bytes(notes.data).decode("utf-8", "replace")):
-                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
-
-        return ArchiveTarget(sinks=sinks, done=done)
+        return ArchiveTarget(sinks=sinks)
 
     # -- 4, 5: last pass and commit
     def commit(self) -> None:

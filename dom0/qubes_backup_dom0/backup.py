@@ -175,9 +175,15 @@ class PlannedVolume:
 def _vm_files(
     system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int
 ) -> tuple[list[inner.InnerFile], list[PlannedVolume]]:
-    """DIR/VOL.img for each save_on_stop volume, DIR/firewall.xml, DIR/notes.txt (when there are notes)."""
+    """DIR/firewall.xml, DIR/notes.txt (when there are notes), then DIR/VOL.img for each save_on_stop volume
+    (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does)."""
     vm_dir = collection.default_vm_dir(dom.name, dom.klass)
     files: list[inner.InnerFile] = []
+    rules = qubes.firewall_rules(dom.name)
+    files.append(inner.InnerFile.from_bytes(f"{vm_dir}/firewall.xml", firewall.rules_to_xml(rules), 0o644, mtime))
+    notes = qubes.notes(dom.name)
+    if notes:
+        files.append(inner.InnerFile.from_bytes(f"{vm_dir}/notes.txt", notes.encode(), 0o644, mtime))
     volumes: list[PlannedVolume] = []
     for vol in dom.volumes:
         if not vol.save_on_stop:
@@ -190,11 +196,6 @@ def _vm_files(
             f = inner.InnerFile.from_fd(f"{vm_dir}/{vol.name}.img", c.fd, c.size, ref.label, mtime)
             volumes.append(PlannedVolume(ref, f, c.identity))
         files.append(f)
-    rules = qubes.firewall_rules(dom.name)
-    files.append(inner.InnerFile.from_bytes(f"{vm_dir}/firewall.xml", firewall.rules_to_xml(rules), 0o644, mtime))
-    notes = qubes.notes(dom.name)
-    if notes:
-        files.append(inner.InnerFile.from_bytes(f"{vm_dir}/notes.txt", notes.encode(), 0o644, mtime))
     return files, volumes
 
 

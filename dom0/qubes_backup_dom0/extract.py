@@ -213,17 +213,20 @@ class MemorySink:
     """A small file kept in memory (firewall rules, notes), bounded: the manifest says its size, and
     anything above ``limit`` is refused before a byte is buffered."""
 
-    def __init__(self, path: str, size: int, limit: int) -> None:
+    def __init__(self, path: str, size: int, limit: int, on_finish: Callable[[bytes], None] | None = None) -> None:
         if size > limit:
             raise VerificationError(f"{path}: {size} bytes, more than the {limit} this file may have")
         self.path = path
         self.data = bytearray(size)
+        self.on_finish = on_finish  # gets the whole file once the entry is complete
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self.data[offset : offset + len(data)] = data
 
     def finish(self, size: int) -> None:
         del self.data[size:]
+        if self.on_finish is not None:
+            self.on_finish(bytes(self.data))
 
     def abort(self) -> None:
         self.data = bytearray()
