@@ -278,3 +278,22 @@ def test_firewall_xml_strict(doc: bytes) -> None:
 @given(st.lists(st.sampled_from(RULES), max_size=8))
 def test_firewall_round_trip_property(rules: list[str]) -> None:
     assert firewall.xml_to_rules(firewall.rules_to_xml(rules)) == rules
+
+
+def test_device_options_cannot_smuggle_words(tmp_path: Path) -> None:
+    """A device option from a backup is one KEY=VALUE word: a value with a space (``x persistent=False``) or a
+    key that is not a plain name is refused before anything is sent."""
+    from qubes_backup_dom0.adminapi import AdminAPIError
+    from qubes_backup_dom0.qubes import Qubes
+    from qubes_backup_dom0.system import System
+
+    class NoCalls:
+        socket_path = str(tmp_path / "none")
+
+        def call(self, *a: object) -> bytes:
+            raise AssertionError(f"sent {a}")
+
+    q = Qubes(System(None, Path("/"), "user"), api=NoCalls())  # type: ignore[arg-type]
+    for devclass, options in (("pci", {"x": "1 persistent=False"}), ("pci", {"A B": "1"}), ("pci.Detach", {})):
+        with pytest.raises(AdminAPIError):
+            q.attach_device("vm", devclass, "dom0", "00_14.3", options)

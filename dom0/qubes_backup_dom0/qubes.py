@@ -32,6 +32,8 @@ POOL_STATS = frozenset({"size", "usage", "usage_details"})
 VOLUME_ATTRS = ("pool", "vid", "size", "revisions_to_keep", "source")
 VOLUME_BOOLS = ("rw", "snap_on_start", "save_on_stop", "ephemeral")
 _DEVCLASS_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+_OPTION_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_OPTION_VALUE_RE = re.compile(r"^[\x21-\x7e]{0,256}$")  # printable ASCII, no space
 _NOTES_UNSUPPORTED = frozenset({"QubesDaemonNoResponseError", "ProtocolError", "QubesNotImplementedError"})
 MAX_NOTES = 256 * 1024
 IMPORT_SERVICE = "admin.vm.volume.ImportWithSize"
@@ -224,6 +226,11 @@ class Qubes:
         self.api.call("admin.vm.tag.Remove", vm, tag)
 
     def attach_device(self, vm: str, devclass: str, backend: str, ident: str, options: Mapping[str, str]) -> None:
+        if not _DEVCLASS_RE.match(devclass):
+            raise AdminAPIError(f"bad device class {devclass[:40]!r}")
+        for key, value in options.items():  # one KEY=VALUE word each: nothing can add or override an option
+            if not _OPTION_KEY_RE.match(key) or not _OPTION_VALUE_RE.match(value):
+                raise AdminAPIError(f"bad option {key[:40]!r} of {devclass} device {backend}:{ident}")
         payload = " ".join(["persistent=True", *(f"{k}={v}" for k, v in options.items())])
         self.api.call(f"admin.vm.device.{devclass}.Attach", vm, f"{backend}+{ident}", payload.encode())
 
