@@ -6,7 +6,7 @@ of our own, LIBDIR (default /usr/local/lib/qubes-backup), laid out like this rep
 LIBDIR/dom0, LIBDIR/vm-agent, LIBDIR/rpc-policy), so the dom0 code finds the agent for a restore from a dom0
 file exactly as it does in the source tree.  The commands (BINDIR) and the qrexec services (SERVICEDIR) are
 small generated wrappers that find LIBDIR relative to themselves, so an install under DESTDIR works from there
-too.  Dependencies (construct, cryptography, lxml, zstandard, tqdm) come from the system's own packages.
+too.  Dependencies (construct, cryptography, lxml, zstandard, yaml) come from the system's own packages.
 
 Every file written is listed in LIBDIR/installed-SIDE.manifest (with the directories the install created);
 uninstall removes exactly those.  An install never replaces a file it did not install itself (neither side's
@@ -35,9 +35,10 @@ QUBES_OWNED = frozenset(
 )
 POLICY = "50-qubes-backup.policy"  # no Qubes package ships a policy of this name (they use 35-90 + Qubes names)
 DEPENDENCIES = {
-    "dom0": ("construct", "cryptography", "lxml", "zstandard", "tqdm"),
+    "dom0": ("construct", "cryptography", "lxml", "zstandard", "yaml"),
     "vm": ("construct",),
 }
+RPM_NAMES = {"yaml": "python3-pyyaml"}  # the module a package provides, where the names differ
 
 COMMAND = '''#!{python} -s
 """{name} of qubes-backup (`make install-dom0`, docs/INSTALL.md); Qubes' own is /usr/bin/{name}."""
@@ -190,7 +191,7 @@ def check_dependencies(side: str, python: str) -> None:
         if r.returncode:
             missing.append(mod)
     if missing:
-        rpms = " ".join(f"python3-{m}" for m in missing)
+        rpms = " ".join(RPM_NAMES.get(m, f"python3-{m}") for m in missing)
         print(f"warning: {python} cannot import {', '.join(missing)}: install {rpms} (docs/INSTALL.md)",
               file=sys.stderr)  # fmt: skip
 

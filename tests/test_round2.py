@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import select
 import subprocess
 import sys
 import tarfile
@@ -176,9 +177,21 @@ def _on_a_terminal(sim: Sim, *args: str, keys: bytes) -> subprocess.CompletedPro
                             stderr=subprocess.PIPE, text=True, preexec_fn=child)  # fmt: skip
     os.close(slave)
     try:
-        time.sleep(1.0)  # let it reach the prompt (the keys would wait in the terminal anyway)
+        # Type only once a prompt is shown: getpass flushes what was typed before it (TCSAFLUSH).  The
+        # passphrase prompt goes to the terminal, the confirmation question to stderr.
+        assert proc.stderr is not None
+        seen, err_head = b"", b""
+        deadline = time.monotonic() + 60
+        while b"passphrase" not in seen and b"[y/N]" not in err_head and time.monotonic() < deadline:
+            for fd in select.select([master, proc.stderr], [], [], 0.1)[0]:
+                if fd == master:
+                    seen += os.read(master, 65536)
+                else:
+                    err_head += os.read(proc.stderr.fileno(), 65536)
+        time.sleep(0.2)
         os.write(master, keys)
         out, err = proc.communicate(timeout=60)
+        err = err_head.decode() + err
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -304,10 +304,9 @@ def _stream_archive(
         index += 1
         stored += len(chunk)
 
-    for piece in inner.write_archive(archive.files):
+    for piece in inner.write_archive(archive.files, counted=report):  # progress counts data bytes
         for chunk in chunker.feed(piece):
             submit(chunk)
-        report(len(piece))
     for chunk in chunker.finish():
         submit(chunk)
     if index == 0:  # cannot happen: a tar stream is never empty; refuse rather than write it

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from qubes_backup_protocol.frames import safe_text
 
+from . import report
 from .api import BackupResult, run_backup
-from .backup import BackupOptions, BackupPlan, plan_backup
-from .cli_common import check_text_arg, confirm, human, raise_interrupt, run_cli, table
+from .backup import BackupOptions, BackupPlan, PlannedArchive, plan_backup
+from .cli_common import ArgumentParser, check_text_arg, confirm, emit_json, human, raise_interrupt, run_cli, table
 from .errors import UsageError
 from .header import (
     CHUNK_MAX,
@@ -24,19 +29,29 @@ from .header import (
     KDF_N_MIN,
     KDF_WORK_MAX,
 )
-from .passphrase import read_passphrase
+from .listing import check_directory
+from .passphrase import MAX_PASSPHRASE, read_passphrase
+from .profile import PLAINTEXT_WARNING, PROFILE_DIR, Profile, load_profile, passphrase_from_vm, resolve, save_profile
 from .progress import Progress
+from .qubes import Qubes
 from .system import System
 from .transport import make_transport, stall_timeout
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="qvm-backup",
-        description="Back up VMs, encrypted and authenticated in dom0, into a backup VM or a dom0 directory.",
+        description="Back up VMs, encrypted and authenticated in dom0, into a backup VM or a dom0 directory. "
+        "Backups are always encrypted (-e is accepted and changes nothing).",
     )
+    p.add_argument("--profile", metavar="NAME",
+                   help=f"run the backup described by {PROFILE_DIR}/NAME.conf (Qubes' YAML profile)")  # fmt: skip
+    p.add_argument("--save-profile", metavar="NAME",
+                   help=f"also save these options, with the passphrase, as {PROFILE_DIR}/NAME.conf")  # fmt: skip
     p.add_argument("-d", "--dest-vm", metavar="VM", help="the backup VM (default: LOCATION is in dom0)")
-    p.add_argument("-x", "--exclude", metavar="VM", action="append", default=[], help="exclude VM (repeatable)")
+    p.add_argument("-x", "--exclude", metavar="VM", action="append", default=[],
+                   help="exclude VM (repeatable; also @tag:NAME, @type:CLASS)")  # fmt: skip
+    p.add_argument("-e", "--encrypt", action="store_true", help="accepted: backups are always encrypted")
     p.add_argument("-p", "--passphrase-file", metavar="FILE", help="read the passphrase from FILE ('-': stdin)")
     comp = p.add_mutually_exclusive_group()
     comp.add_argument("-z", "--compress", action="store_true", help="compress (the default, zstd)")
@@ -46,6 +61,7 @@ def parser() -> argparse.ArgumentParser:
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and the location")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="list every file")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout (docs/JSON.md)")
     p.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--kdf-n", type=int, default=DEFAULT_KDF_N, metavar="N",
@@ -57,13 +73,15 @@ def parser() -> argparse.ArgumentParser:
         "a copy of this backup (and the passphrase is shared by all your backups)",
     )  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("location", metavar="LOCATION", help="directory (in the backup VM with -d), or a command")
-    p.add_argument("vms", metavar="VM", nargs="*", help="VMs to back up (default: all with include_in_backups)")
+    p.add_argument("location", metavar="LOCATION", nargs="?",
+                   help="directory (in the backup VM with -d), or a command; not with --profile")  # fmt: skip
+    p.add_argument("vms", metavar="VM", nargs="*",
+                   help="VMs to back up, @tag:NAME, @type:CLASS (default: all with include_in_backups)")  # fmt: skip
     return p
 
 
 def summary(plan: BackupPlan, verbose: bool) -> str:
-    rows = [[a.vm, a.klass, human(a.size), human(a.data)] for a in plan.archives]
+    rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)] for a in plan.archives]
     rows.append(["Total", "", human(plan.size), human(plan.data)])
     text = table(["VM", "class", "size", "to back up"], rows)
     for path in plan.skipped:
@@ -74,9 +92,17 @@ def summary(plan: BackupPlan, verbose: bool) -> str:
     return text
 
 
+def _shown(a: PlannedArchive) -> str:
+    return f"dom0 home ({a.files[0].path.split('/')[-1]})" if a.kind == "home" else a.vm
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)
-    return run_cli(lambda: _run(args), args.debug)
+    p = parser()
+    args_list = sys.argv[1:] if argv is None else argv
+    if "--json" in args_list:
+        p.json_command = "backup"
+    args = p.parse_intermixed_args(args_list)
+    return run_cli(lambda: _run(args), args.debug, "backup" if args.json else None)
 
 
 def check_kdf_n(n: int, weak_ok: bool) -> None:
@@ -92,27 +118,151 @@ def check_kdf_n(n: int, weak_ok: bool) -> None:
         )
 
 
+@dataclass
+class Job:
+    """What to back up, where, and where the passphrase comes from: the command line or a profile."""
+
+    vms: list[str]
+    include_given: bool
+    exclude: list[str]
+    dest_vm: str | None
+    location: str
+    compression: str
+    profile: Profile | None = None
+
+
+def _job(args: argparse.Namespace, system: System) -> Job:
+    if args.profile is None:
+        if args.location is None:
+            raise UsageError("either --profile or LOCATION is required")
+        compression = args.compress_filter or ("none" if args.no_compress else "zstd")
+        dest = None if args.dest_vm in (None, "dom0") else args.dest_vm
+        return Job(list(args.vms), bool(args.vms), list(args.exclude), dest, args.location, compression)
+    given = [opt for opt, on in (("--exclude", args.exclude), ("--passphrase-file", args.passphrase_file),
+                                 ("--compress", args.compress or args.no_compress or args.compress_filter),
+                                 ("--save-profile", args.save_profile), ("--dest-vm", args.dest_vm),
+                                 ("LOCATION", args.location), ("VM", args.vms)) if on]  # fmt: skip
+    if given:
+        raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+    prof = load_profile(system, args.profile)
+    return Job(prof.include or [], prof.include is not None, prof.exclude, prof.destination_vm,
+               prof.destination_path, prof.compression, prof)  # fmt: skip
+
+
+def _check_destination(system: System, qubes: Qubes, job: Job) -> None:
+    """Before anything is asked: the backup VM exists, a dom0 directory exists, a directory in the VM exists
+    (asked of the agent with a listing request; a command, s3:// or ssh:// location is checked by the agent
+    when the backup starts)."""
+    pvm = job.profile.passphrase_vm if job.profile is not None else None
+    if pvm is not None and job.profile is not None and (pvm == "dom0" or pvm not in qubes.vm_list()):
+        raise UsageError(f"invalid backup profile {job.profile.name}: passphrase_vm {pvm} does not exist")
+    if job.dest_vm is None:
+        path = system.dom0_path(job.location)
+        if not _is_command(job.location) and not path.is_dir():
+            raise UsageError(f"directory {job.location} does not exist in dom0")
+        return
+    if job.dest_vm not in qubes.vm_list():
+        raise UsageError(f"no such VM: {job.dest_vm} (the backup VM given with -d)")
+    if _is_path(job.location):
+        check_directory(system, job.location, job.dest_vm)
+
+
+def _is_path(location: str) -> bool:
+    try:
+        words = shlex.split(location)
+    except ValueError:
+        return False
+    return len(words) == 1 and "://" not in location and (location.startswith(("/", "~")) or "/" in location)
+
+
+def _is_command(location: str) -> bool:
+    try:
+        return len(shlex.split(location)) > 1
+    except ValueError:
+        return False
+
+
+def _check_home(system: System, job: Job, plan: BackupPlan) -> list[str]:
+    """Qubes refuses to back dom0's home up into itself; backing the backup VM up into itself is allowed,
+    with a warning (returned)."""
+    if job.dest_vm is None and any(a.kind == "home" for a in plan.archives) and not _is_command(job.location):
+        home = system.home_dir.resolve()
+        target = system.dom0_path(job.location).resolve()
+        if target == home or target.is_relative_to(home):
+            raise UsageError(
+                f"cannot back up dom0's home directory into itself ({job.location} is that directory or inside "
+                "it): choose a directory outside it, or leave dom0 out (-x dom0)"
+            )
+    if job.dest_vm is not None and any(a.kind == "vm" and a.vm == job.dest_vm for a in plan.archives):
+        return [f"the backup VM {job.dest_vm} is backed up into itself: its volumes are saved as they were "
+                "when it last shut down (without this backup); to restore it, another VM must hold a copy"]  # fmt: skip
+    return []
+
+
+def _passphrase(system: System, args: argparse.Namespace, job: Job) -> bytes:
+    prof = job.profile
+    if prof is None:
+        return read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
+    if prof.passphrase_text is not None:
+        phrase = prof.passphrase_text.encode("utf-8")
+        if not phrase or len(phrase) > MAX_PASSPHRASE or b"\n" in phrase:
+            raise UsageError(f"backup profile {prof.name}: passphrase_text must be one line, 1-{MAX_PASSPHRASE} bytes")
+        return phrase
+    assert prof.passphrase_vm is not None
+    return passphrase_from_vm(system, prof.passphrase_vm, prof.name)
+
+
+def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
+    vms = resolve(qubes, job.vms)
+    if job.include_given and not vms:
+        raise UsageError("nothing to back up: the VMs to include match no VM")
+    return plan_backup(system, vms, resolve(qubes, job.exclude), qubes=qubes)
+
+
 def _run(args: argparse.Namespace) -> int:
-    check_text_arg(args.location, "LOCATION")
-    if args.dest_vm is not None:
-        check_text_arg(args.dest_vm, "the backup VM name")
+    for text, what in ((args.location, "LOCATION"), (args.dest_vm, "the backup VM name")):
+        if text is not None:
+            check_text_arg(text, what)
     check_kdf_n(args.kdf_n, args.weak_kdf_ok)
     stall_timeout()  # a bad QUBES_BACKUP_TIMEOUT is a usage error before anything is asked or written
     system = System.from_env()
-    compression = args.compress_filter or ("none" if args.no_compress else "zstd")
-    options = BackupOptions(compression=compression, kdf_n=args.kdf_n)
+    job = _job(args, system)
+    qubes = Qubes(system)
+    _check_destination(system, qubes, job)
+    options = BackupOptions(compression=job.compression, kdf_n=args.kdf_n)
     if args.chunk_size is not None:
         if not CHUNK_MIN <= args.chunk_size <= CHUNK_MAX:
             raise UsageError("chunk size out of range")
-        options = BackupOptions(compression=compression, kdf_n=args.kdf_n, chunk_size=args.chunk_size)
-    plan = plan_backup(system, args.vms, args.exclude)
+        options = BackupOptions(compression=job.compression, kdf_n=args.kdf_n, chunk_size=args.chunk_size)
+    plan = _plan(system, qubes, job)
+    warnings = _check_home(system, job, plan)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
+    for warning in warnings:
+        print(f"qvm-backup: warning: {warning}", file=sys.stderr)
     if not confirm("Do you want to proceed with the backup?", args.yes):
         print("Backup cancelled.", file=sys.stderr)
         return 1
-    passphrase = read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
-    transport = make_transport(system) if args.dest_vm else None
+    passphrase = _passphrase(system, args, job)
+    if args.save_profile:
+        _save(system, args, job, passphrase)
+    return _execute(system, args, job, plan, options, passphrase, log)
+
+
+def _save(system: System, args: argparse.Namespace, job: Job, passphrase: bytes) -> None:
+    """--save-profile: as Qubes' qvm-backup, with the passphrase (a dom0 path is made absolute)."""
+    location = job.location
+    if job.dest_vm is None and not _is_command(location):
+        location = os.path.abspath(location)
+    prof = Profile(args.save_profile, job.vms or None, job.exclude, job.dest_vm, location, job.compression,
+                   passphrase.decode("utf-8"))  # fmt: skip
+    save_profile(system, prof)
+    print(f"qvm-backup: warning: {PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf", file=sys.stderr)
+
+
+def _execute(system: System, args: argparse.Namespace, job: Job, plan: BackupPlan, options: BackupOptions,
+             passphrase: bytes, log: Callable[..., None]) -> int:  # fmt: skip
+    transport = make_transport(system) if job.dest_vm else None
     if transport is not None and getattr(transport, "confined", True) is False:
         log("note: simulated backup VM agent runs unconfined (bubblewrap not found or QUBES_SIM_SANDBOX=0)")
     bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
@@ -120,7 +270,7 @@ def _run(args: argparse.Namespace) -> int:
     # SIGTERM ends the backup like Ctrl-C: the partial file is removed, nothing looks complete.
     signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        result = run_backup(system, args.location, passphrase, plan=plan, dest_vm=args.dest_vm, options=options,
+        result = run_backup(system, job.location, passphrase, plan=plan, dest_vm=job.dest_vm, options=options,
                             progress=bar, transport=transport)  # fmt: skip
     finally:
         bar.close()
@@ -128,13 +278,24 @@ def _run(args: argparse.Namespace) -> int:
         print(f"qvm-backup: warning: {safe_text(warning, limit=400)}", file=sys.stderr)
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
-        f"Backed up {len(plan.archives)} VM(s), {human(plan.data)} of data in {elapsed:.1f} s "
-        f"({plan.data / elapsed / 1e6:.0f} MB/s); {human(result.size)} sent"
+        f"Backed up {what_backed_up(plan)}, {human(plan.data)} of data in {elapsed:.1f} s "
+        f"({human(int(plan.data / elapsed))}/s); {human(result.size)} sent"
     )
+    if args.json:
+        emit_json(report.backup_document(result, elapsed, job.dest_vm, system.user))
+        return 0
     # Always printed (also with -q): dom0's own account of the backup.  The id and creation time are what a
     # restore shows and what `qvm-backup-restore --backup-id` pins (docs/SECURITY.md section 5).
     print(result_line(result))
     return 0
+
+
+def what_backed_up(plan: BackupPlan) -> str:
+    """``10 VMs and dom0 home``: dom0's home is not a VM."""
+    vms = sum(1 for a in plan.archives if a.kind == "vm")
+    home = any(a.kind == "home" for a in plan.archives)
+    parts = [f"{vms} VM" + ("" if vms == 1 else "s")] if vms or not home else []
+    return " and ".join(parts + (["dom0 home"] if home else []))
 
 
 def result_line(result: BackupResult) -> str:

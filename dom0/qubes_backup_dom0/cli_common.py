@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
 from .errors import BackupError, UsageError
 from .text import printable
@@ -30,17 +33,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def confirm(question: str, assume_yes: bool) -> bool:
-    """Ask; anything but y/yes is no, and so is Ctrl-D (end of input) at the prompt."""
+    """Ask on stderr (stdout may carry a JSON document); anything but y/yes is no, so is Ctrl-D."""
     if assume_yes:
         return True
     if not sys.stdin.isatty():
         raise BackupError("confirmation needed but there is no terminal: add -y")
-    try:
-        answer = input(f"{question} [y/N] ").strip().lower()
-    except EOFError:
-        print(file=sys.stderr)  # the prompt's line was not ended by the user
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:  # Ctrl-D: the prompt's line was not ended by the user
+        print(file=sys.stderr)
         return False
-    return answer in ("y", "yes")
+    return line.strip().lower() in ("y", "yes")
 
 
 def check_text_arg(value: str, what: str) -> str:
@@ -57,24 +61,60 @@ def raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_cli(body: Callable[[], int], debug: bool) -> int:
-    """Run a command body: BackupError -> one line on stderr and its exit code; Ctrl-C -> 130."""
+def emit_json(document: Mapping[str, object]) -> None:
+    """The one JSON document of ``--json`` on stdout (docs/JSON.md)."""
+    sys.stdout.write(json.dumps(document, indent=None, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def run_cli(body: Callable[[], int], debug: bool, json_command: str | None = None) -> int:
+    """Run a command body: BackupError -> one line on stderr and its exit code; Ctrl-C -> 130.
+
+    ``json_command`` (``--json``): an error is also the JSON document on stdout, with the same exit code.
+    """
     try:
         return body()
     except BackupError as e:
         if debug:
             traceback.print_exc()
-        print(f"{prog()}: error: {printable(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return _fail(printable(str(e)), e.exit_code, json_command)
     except KeyboardInterrupt:
         print(f"{prog()}: interrupted", file=sys.stderr)
+        if json_command is not None:
+            emit_json(error_document(json_command, "interrupted", 130))
         return 130
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
-        print(f"{prog()}: internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for details)",
-              file=sys.stderr)  # fmt: skip
+        text = f"internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for details)"
+        print(f"{prog()}: {text}", file=sys.stderr)
+        if json_command is not None:
+            emit_json(error_document(json_command, text, 1))
         return 1
+
+
+def _fail(message: str, code: int, json_command: str | None) -> int:
+    print(f"{prog()}: error: {message}", file=sys.stderr)
+    if json_command is not None:
+        emit_json(error_document(json_command, message, code))
+    return code
+
+
+def error_document(command: str, message: str, code: int) -> dict[str, object]:
+    return {"version": 1, "command": command, "ok": False, "error": message, "exit_code": code}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error under ``--json`` is also a JSON document on stdout (exit code 2)."""
+
+    json_command: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        if self.json_command is not None:
+            emit_json(error_document(self.json_command, printable(message), 2))
+        sys.exit(2)
 
 
 def prog() -> str:

@@ -1,4 +1,9 @@
-"""qvm-backup-restore: restore VMs from a backup, verifying every byte before it is used."""
+"""qvm-backup-restore: restore VMs from a backup, verifying every byte before it is used.
+
+Also ``--list`` (what one backup holds: authenticated, needs the passphrase), ``--list-backups`` (which
+backups a directory holds: read from their headers, NOT authenticated) and ``--json`` (one JSON document on
+stdout: docs/JSON.md).  Compatible with Qubes' own qvm-backup-restore (README: the option table).
+"""
 
 from __future__ import annotations
 
@@ -7,40 +12,76 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 
-from .cli_common import check_text_arg, confirm, human, raise_interrupt, run_cli, table
+from . import report
+from .cli_common import ArgumentParser, check_text_arg, confirm, emit_json, human, raise_interrupt, run_cli, table
+from .errors import BackupError, UsageError
 from .header import QubesFormatBackup
+from .listing import list_backups
 from .naming import name_time_mismatch
 from .passphrase import read_passphrase
 from .progress import Progress
+from .qubes import Qubes
 from .qubes_tools import run_qubes_restore
 from .restore import Restore, RestoreOptions, RestorePlan
+from .restore_plan import home_user
 from .system import System
 from .transport import stall_timeout
 
+# Qubes' options that do not apply here: the reason is the error a user sees.
+UNSUPPORTED = {
+    "compression_filter": "-Z/--compression-filter: the compression is the one the backup's authenticated "
+    "header names; it cannot be overridden",
+    "paranoid_mode": "--paranoid-mode/--plan-b is not needed and not supported: the backup's tar is parsed by "
+    "the agent (in the backup VM, or confined for a dom0 file), dom0 parses nothing before its MAC verified",
+    "location_is_service": "--location-is-service is not supported: give a command as LOCATION instead",
+}
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="qvm-backup-restore",
-        description="Restore VMs from a qubes-backup backup; every chunk is verified before it is decrypted.",
+        description="Restore VMs from a qubes-backup backup; every chunk is verified before it is decrypted. "
+        "With -p the restore starts without asking, as Qubes' own tool does.",
     )
     p.add_argument("-d", "--dest-vm", "--from-vm", dest="source_vm", metavar="VM",
                    help="the backup VM holding the backup (default: LOCATION is a file in dom0)")  # fmt: skip
-    p.add_argument("-p", "--passphrase-file", metavar="FILE", help="read the passphrase from FILE ('-': stdin)")
+    p.add_argument("-p", "--passphrase-file", metavar="FILE",
+                   help="read the passphrase from FILE ('-': stdin); then no confirmation is asked")  # fmt: skip
     p.add_argument("-x", "--exclude", metavar="VM", action="append", default=[], help="do not restore VM")
-    p.add_argument("--verify-only", action="store_true", help="verify the backup, restore nothing")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--verify-only", action="store_true", help="verify the backup, restore nothing")
+    what.add_argument("--list", action="store_true",
+                      help="show what the backup holds (id, time, VMs, sizes; -v: files)")  # fmt: skip
+    what.add_argument("--list-backups", action="store_true",
+                      help="LOCATION is a directory: show the backups in it with the id and time their headers "
+                      "claim (NOT authenticated; no passphrase)")  # fmt: skip
     p.add_argument("--skip-broken", action="store_true", help="skip VMs whose template or netvm is missing")
     p.add_argument("--ignore-missing", action="store_true",
                    help="restore VMs with a missing template/netvm using the system default")  # fmt: skip
     p.add_argument("--skip-conflicting", action="store_true", help="skip VMs that already exist")
     p.add_argument("--rename-conflicting", action="store_true", help="restore existing VMs under a new name")
     p.add_argument("--skip-dom0-home", action="store_true", help="do not restore dom0's home directory")
+    p.add_argument("--ignore-username-mismatch", action="store_true",
+                   help="restore a dom0 home backed up from another user name (into a new directory)")  # fmt: skip
     p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
                    help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="also list every file of the backup")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout (docs/JSON.md)")
+    p.add_argument("--ignore-size-limit", action="store_true",
+                   help="accepted for Qubes' compatibility; no effect (sizes are the authenticated manifest's, "
+                   "enforced exactly)")  # fmt: skip
+    p.add_argument("--auto-close", action="store_true", help="accepted for Qubes' compatibility; no effect")
+    p.add_argument("-Z", "--compression-filter", metavar="PROG", help=argparse.SUPPRESS)
+    p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("location", metavar="LOCATION", help="backup file (in the backup VM with -d) or command")
+    p.add_argument("location", metavar="LOCATION",
+                   help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
 
@@ -52,21 +93,36 @@ def backup_id_arg(value: str) -> str:
     return value.lower()
 
 
-def summary(plan: RestorePlan) -> str:
+def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> str:
     h, m = plan.header, plan.manifest
     lines = [f"Backup {h.backup_id.hex()} made {h.created} ({h.compression}, {len(m.archives)} archive(s))"]
-    rows = [[v.name, v.klass, v.template or "-", v.netvm or "-", human(v.size), v.action] for v in plan.vms]
+    heads = ["VM", "class", "template", "netvm", "size", "data"] + (["action"] if actions else [])
+    rows = []
+    for v in plan.vms:
+        data = human(v.archive.data) if v.archive is not None else "-"
+        rows.append([v.name, v.klass, v.template or "-", v.netvm or "-", human(v.size), data]
+                    + ([v.action] if actions else []))  # fmt: skip
     home = next((a for a in m.archives if a.kind == "home"), None)
     if home is not None:
         action = f"restore to ~/{plan.home_target}" if plan.home is not None else "skip"
-        rows.insert(0, ["dom0 (home)", "AdminVM", "-", "-", human(home.size), action])
-    lines.append(table(["VM", "class", "template", "netvm", "size", "action"], rows))
+        rows.insert(0, [f"dom0 home ({home_user(m) or '?'})", "-", "-", "-", human(home.size), human(home.data)]
+                    + ([action] if actions else []))  # fmt: skip
+    lines.append(table(heads, rows))
+    if verbose:
+        for a in m.archives:
+            who = "dom0 home" if a.kind == "home" else a.vm
+            lines += [f"  {who}: {f.path} ({f.type}, {human(f.size)}, {human(f.data)} data)" for f in a.files]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(argv)
-    return run_cli(lambda: _run_or_hand_over(args, sys.argv[1:] if argv is None else argv), args.debug)
+    p = parser()
+    args_list = sys.argv[1:] if argv is None else argv
+    if "--json" in args_list:
+        p.json_command = "restore"
+    args = p.parse_intermixed_args(args_list)
+    command = report.restore_command(args.verify_only, args.list, args.list_backups)
+    return run_cli(lambda: _run_or_hand_over(args, args_list), args.debug, command if args.json else None)
 
 
 def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
@@ -74,63 +130,132 @@ def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         return _run(args)
     except QubesFormatBackup as exc:
+        if args.json or args.list:
+            raise
         return run_qubes_restore(exc, argv)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
     check_text_arg(args.location, "LOCATION")
+    for option, reason in UNSUPPORTED.items():
+        if getattr(args, option):
+            raise UsageError(reason)
+    if args.source_vm is not None:
+        check_text_arg(args.source_vm, "the backup VM name")
     stall_timeout()  # a bad QUBES_BACKUP_TIMEOUT is a usage error before anything is asked
+
+
+def check_source_vm(system: System, vm: str | None) -> str | None:
+    """The backup VM exists (asked of qubesd) before anything else happens; ``-d dom0`` means a dom0 file,
+    as in Qubes."""
+    if vm is None or vm == "dom0":
+        return None
+    if vm not in Qubes(system).vm_list():
+        raise UsageError(f"no such VM: {vm} (the backup VM given with -d)")
+    return vm
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_args(args)
     system = System.from_env()
+    source_vm = check_source_vm(system, args.source_vm)
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if args.list_backups:
+        return _list_backups(system, args, source_vm)
     options = RestoreOptions(
-        vms=tuple(args.vms), exclude=tuple(args.exclude), verify_only=args.verify_only,
+        vms=tuple(args.vms), exclude=tuple(args.exclude), verify_only=args.verify_only or args.list,
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
         skip_conflicting=args.skip_conflicting, rename_conflicting=args.rename_conflicting,
-        skip_dom0_home=args.skip_dom0_home, backup_id=args.backup_id,
+        skip_dom0_home=args.skip_dom0_home, ignore_username_mismatch=args.ignore_username_mismatch,
+        backup_id=args.backup_id,
     )  # fmt: skip
-    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
-    passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
     signal.signal(signal.SIGTERM, raise_interrupt)
-    job = Restore(system, args.location, passphrase, source_vm=args.source_vm, options=options)
+    job = Restore(system, args.location, b"", source_vm=source_vm, options=options)
     try:
+        # Everything that can be found out without the passphrase first: the VM (above), the location, the
+        # agent, whether it is a backup at all (its header, still unauthenticated).
+        job.connect()
+        job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
         job.open()
         if not job.confined:
             log("note: the process reading the backup runs unconfined (bubblewrap not found or QUBES_SIM_SANDBOX=0)")
         plan = job.plan()
-        log(summary(plan))
-        mismatch = name_time_mismatch(args.location, plan.header.created)
-        if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
-            print(f"warning: {mismatch}", file=sys.stderr)
-        if plan.errors:
-            from .errors import BackupError
-
-            raise BackupError(plan.errors[0])
-        verb = "verify" if args.verify_only else "restore"
-        if not confirm(f"Do you want to {verb} the VMs above?", args.yes):
-            log("Restore cancelled.")
-            return 1
-        bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
-        job.progress = bar
-        start = time.monotonic()
-        try:
-            job.run()
-        finally:
-            bar.close()
-        elapsed = max(time.monotonic() - start, 1e-9)
+        if args.list:
+            return _show_list(args, plan)
+        return _restore(args, system, job, plan, log)
     finally:
         job.close()
+
+
+def _show_list(args: argparse.Namespace, plan: RestorePlan) -> int:
+    mismatch = name_time_mismatch(args.location, plan.header.created)
+    if args.json:
+        emit_json(report.list_document(plan, mismatch))
+        return 0
+    if mismatch is not None:
+        print(f"warning: {mismatch}", file=sys.stderr)
+    print(summary(plan, verbose=args.verbose, actions=False))
+    return 0
+
+
+Log = Callable[..., None]
+
+
+def _restore(args: argparse.Namespace, system: System, job: Restore, plan: RestorePlan, log: Log) -> int:
+    log(summary(plan, verbose=args.verbose))
+    mismatch = name_time_mismatch(args.location, plan.header.created)
+    if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
+        print(f"warning: {mismatch}", file=sys.stderr)
+    if plan.errors:
+        raise BackupError(plan.errors[0])
+    if plan.home is not None and home_user(plan.manifest) not in (None, system.user):
+        print(f"warning: the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
+              "restoring it as asked (--ignore-username-mismatch)", file=sys.stderr)  # fmt: skip
+    verb = "verify" if args.verify_only else "restore"
+    # As Qubes' own tool: a passphrase given with -p means "go ahead"; "no" is not a failure (exit 0).
+    if not confirm(f"Do you want to {verb} the VMs above?", args.yes or args.passphrase_file is not None):
+        log("Restore cancelled.")
+        if args.json:
+            emit_json(report.cancelled_document(report.restore_command(args.verify_only, False, False)))
+        return 0
+    bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
+    job.progress = bar
+    start = time.monotonic()
+    try:
+        job.run()
+    finally:
+        bar.close()
+    elapsed = max(time.monotonic() - start, 1e-9)
     for warning in job.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    rate = f"{human(plan.data)} in {elapsed:.1f} s ({plan.data / elapsed / 1e6:.0f} MB/s)"
+    if args.json:
+        emit_json(report.restore_document(job, plan, elapsed, mismatch))
+        return 0
+    rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
     which = f"backup {plan.header.backup_id.hex()}, created {plan.header.created}"
     if args.verify_only:
-        print(f"Backup verified ({which}): {len(plan.wanted)} archive(s), {rate}; nothing was written")
+        print(f"Backup verified ({which}): {report.what(plan.wanted)}, {rate}; nothing was written")
     else:
-        done = ", ".join(job.restored) or "no VM"
+        done = report.restored_text(job)
         print(f"Restored {done} from {which}; {rate}")
         if job.home_restored_to is not None:
-            # As a path inside dom0 (in simulation: not the host path of the simulated dom0).
-            shown = "/" / job.home_restored_to.relative_to(system.dom0_root)
-            print(f"dom0 home restored to {shown}")
+            print(f"dom0 home restored to {report.home_shown(system, job)}")
+    return 0
+
+
+def _list_backups(system: System, args: argparse.Namespace, source_vm: str | None) -> int:
+    found = list_backups(system, args.location, source_vm)
+    where = f"{source_vm}:{args.location}" if source_vm else args.location
+    if args.json:
+        emit_json(report.backups_document(where, found))
+        return 0
+    print(f"Backups in {where}: {len(found)} (ids and times as their headers claim them: NOT authenticated; "
+          "--list or --verify-only of one backup verifies it)")  # fmt: skip
+    rows = []
+    for f in found:
+        note = f.problem or ("name and time disagree" if f.name_mismatch else "")
+        rows.append([f.name, f.backup_id or "-", f.created or "-", f.compression or "-", note])
+    print(table(["file", "backup id (unverified)", "created (unverified)", "compression", "note"], rows))
     return 0
 
 

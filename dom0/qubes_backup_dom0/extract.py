@@ -153,6 +153,9 @@ class Extraction(threading.Thread):
         self._jobs: queue.Queue[tuple[ArchiveTarget, manifest_mod.ArchiveEntry, ChunkFeed] | None] = queue.Queue()
         self.error: BaseException | None = None
         self.failed_archive: manifest_mod.ArchiveEntry | None = None
+        # Entry data bytes extracted so far, all archives together (what the restore's progress counts:
+        # the same unit as the manifest's data sizes).  Written by this thread only, read by the receiver.
+        self.extracted = 0
 
     def start_archive(self, target: ArchiveTarget, archive: manifest_mod.ArchiveEntry) -> ChunkFeed:
         """The feed for the next archive's chunks (queued behind the archives still being extracted)."""
@@ -186,6 +189,7 @@ class Extraction(threading.Thread):
         if target.dest is not None:
             target.dest.mkdir(mode=0o700)
         extractor = inner.Extractor(target.dest, archive.files, sinks=target.sinks)
+        base = self.extracted
         try:
             reader = decompressed_reader(self.compression, feed)
             while True:
@@ -193,7 +197,9 @@ class Extraction(threading.Thread):
                 if not piece:
                     break
                 extractor.feed(piece)
+                self.extracted = base + extractor.data_done
             extractor.finish()
+            self.extracted = base + extractor.data_done
         finally:
             extractor.close()
         if feed.read(1):

@@ -445,16 +445,24 @@ def _read_regions(f: InnerFile, read_size: int) -> Iterator[bytes]:
         os.close(fd)
 
 
-def write_archive(files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE) -> Iterator[bytes]:
+def write_archive(
+    files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE, counted: Callable[[int], None] | None = None
+) -> Iterator[bytes]:
     """Yield the whole inner archive.  Data comes as fresh ``bytes`` of up to ``read_size`` (consumers may
-    keep them), headers as small ``bytes``; hole bytes are never read."""
+    keep them), headers as small ``bytes``; hole bytes are never read.  ``counted`` gets the length of each
+    data piece (not headers or padding: the unit of the manifest's data sizes, for progress)."""
     if read_size < BLOCK:
         raise ValueError("read_size too small")
     for f in files:
         head, data = _plan(f)
         yield head
         if data:
-            yield from _read_regions(f, read_size)
+            if counted is None:
+                yield from _read_regions(f, read_size)
+            else:
+                for piece in _read_regions(f, read_size):
+                    counted(len(piece))
+                    yield piece
             if _pad(data):
                 yield _ZEROS[: _pad(data)]
     yield _ZEROS + _ZEROS
@@ -626,6 +634,7 @@ class Extractor:
         self._failed = False
         # early writeback: the range of the current file written since the last hint, and how much
         self._wb_lo = self._wb_hi = self._wb_bytes = 0
+        self.data_done = 0  # entry data bytes written (or validated) so far: what progress counts
 
     # ---- public
 
@@ -1000,6 +1009,7 @@ class Extractor:
                 self._start_writeback()
         self._reg_done += n
         self._data_left -= n
+        self.data_done += n
         if self._reg_done == length:
             self._reg_i += 1
             self._reg_done = 0

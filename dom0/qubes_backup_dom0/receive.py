@@ -61,6 +61,8 @@ class Receiver:
         self.channel: Channel | None = None
         self.confined = True  # False: the process reading the backup's tar runs without a sandbox
         self._sealed = bytearray()  # reused for every chunk frame (read into, verified, decrypted out of)
+        self._raw_header: bytes | None = None
+        self._header: header_mod.Header | None = None
 
     # -- connection ----------------------------------------------------------------------------------
 
@@ -126,10 +128,21 @@ class Receiver:
 
     # -- header and manifest -------------------------------------------------------------------------
 
+    def read_header(self) -> header_mod.Header:
+        """The first member, parsed strictly (grammar and KDF/chunk ceilings) but NOT yet authenticated: its
+        MAC needs the passphrase.  Read before the passphrase is asked, so that a wrong location, a backup VM
+        that fails or a backup in Qubes' own format is reported first; nothing of it is shown or used before
+        ``open`` verified it."""
+        if self._header is None:
+            self._raw_header = self._expect(names.HEADER, header_mod.MAX_HEADER_SIZE)
+            self._header = header_mod.parse(self._raw_header)
+        return self._header
+
     def open(self, passphrase: bytes) -> Opened:
         """Verify the header, derive the keys, verify, decrypt and parse the manifest."""
-        raw_header = self._expect(names.HEADER, header_mod.MAX_HEADER_SIZE)
-        hdr = header_mod.parse(raw_header)  # strict grammar and ceilings, before the KDF
+        hdr = self.read_header()  # strict grammar and ceilings, before the KDF
+        raw_header = self._raw_header
+        assert raw_header is not None
         keys = crypto.keys_from_passphrase(passphrase, hdr.kdf, hdr.backup_id)
         mac = self._expect(names.mac_name(names.HEADER), crypto.MAC_HEX_SIZE)
         if not crypto.verify_member(keys, names.HEADER, raw_header, mac):

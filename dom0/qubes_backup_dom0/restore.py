@@ -102,6 +102,17 @@ class Restore:
 
     # -- header and manifest -------------------------------------------------------------------------
 
+    def connect(self) -> None:
+        """Start the agent and read the (not yet authenticated) header: what can fail before the passphrase
+        is needed -- no such location, the backup VM failing, not a backup, a backup in Qubes' own format."""
+        try:
+            if self.receiver.channel is None:
+                self.receiver.connect()
+            self.receiver.read_header()
+        except BaseException:
+            self._fail()
+            raise
+
     def open(self) -> manifest_mod.Manifest:
         """Connect, verify the header and the manifest; returns the manifest."""
         try:
@@ -110,7 +121,8 @@ class Restore:
                 # first, so that it is neither restored over nor mistaken for existing VMs.
                 cleanup_leftovers(self.qubes)
                 cleanup_home_staging(self.system.home_dir)
-            self.receiver.connect()
+            if self.receiver.channel is None:
+                self.receiver.connect()
             self.opened = self.receiver.open(self.passphrase)
             self.state = State.MANIFEST
             pinned = self.options.backup_id
@@ -132,7 +144,7 @@ class Restore:
         names = frozenset(self.qubes.vm_list())
         defaults = {p: self.qubes.global_property(p) or None for p in ("default_template", "default_netvm",
                                                                       "default_dispvm")}  # fmt: skip
-        return TargetSystem(names, defaults)
+        return TargetSystem(names, defaults, self.system.user)
 
     def plan(self) -> RestorePlan:
         assert self.opened is not None
@@ -161,17 +173,17 @@ class Restore:
             self._worker = Extraction(opened.header.compression)
             self._worker.start()
             self.state = State.RECEIVING
-            total, done = plan.data, 0
+            progress = self._progress(plan.data)
             for archive in plan.wanted:
                 target = self.applier.target_for(archive) if self.applier is not None else ArchiveTarget()
-                progress = self._progress(done, total, archive)
                 self.receiver.receive_archive(opened, archive, target, self._worker, progress)
-                done += archive.data
             self._worker.finish_input()
             self.receiver.finish()
             self._worker.join()  # the last archive(s) may still be extracting
             if self._worker.error is not None:
                 raise self._worker.failure()
+            if self.progress is not None:
+                self.progress(min(self._worker.extracted, plan.data), plan.data)
             self.state = State.VERIFIED
             if self.applier is not None:
                 self.applier.commit()
@@ -185,11 +197,13 @@ class Restore:
         finally:
             self.receiver.abort()
 
-    def _progress(self, done: int, total: int, archive: manifest_mod.ArchiveEntry) -> Callable[[int], None] | None:
-        progress = self.progress
-        if progress is None:
+    def _progress(self, total: int) -> Callable[[int], None] | None:
+        """Per received chunk (on this thread): the data bytes the extraction thread has extracted so far,
+        the unit of ``plan.data`` (decompressed entry data, holes excluded), so the bar ends at 100%."""
+        progress, worker = self.progress, self._worker
+        if progress is None or worker is None:
             return None
-        return lambda stored: progress(min(done + min(stored, archive.data), total), total)
+        return lambda _stored: progress(min(worker.extracted, total), total)
 
     # -- failure and cancellation ----------------------------------------------------------------------
 

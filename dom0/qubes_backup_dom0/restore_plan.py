@@ -32,6 +32,7 @@ class RestoreOptions:
     skip_conflicting: bool = False
     rename_conflicting: bool = False
     skip_dom0_home: bool = False
+    ignore_username_mismatch: bool = False  # restore dom0 home of another user (Qubes' option)
     backup_id: str | None = None  # refuse a backup with another id (rollback/substitution protection)
 
 
@@ -109,6 +110,7 @@ class TargetSystem:
 
     names: frozenset[str]
     defaults: Mapping[str, str | None]  # default_template, default_netvm, default_dispvm
+    user: str | None = None  # dom0's user (None: not checked, e.g. verify-only)
 
 
 def _free_name(base: str, taken: Callable[[str], bool]) -> str:
@@ -143,9 +145,32 @@ def plan_restore(
     if home_archive is not None and home_wanted and (not options.vms or "dom0" in options.vms):
         home = home_archive
         home_target = datetime.now().strftime("home-restore-%Y-%m-%d-%H%M%S")
+        _check_home_user(target, manifest, home_archive, options, errors)
     if not any(a.restore for a in actions) and home is None and not errors:
         errors.append("nothing to restore: every VM of the backup is skipped")
     return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors)
+
+
+def home_user(manifest: manifest_mod.Manifest) -> str | None:
+    """Whose dom0 home the backup holds: its archive holds ``home/USER`` (manifest.parse checked that it
+    agrees with ``dom0-home/USER`` of the embedded qubes.xml)."""
+    home = next((a for a in manifest.archives if a.kind == "home"), None)
+    if home is None or not home.files:
+        return None
+    parts = home.files[0].path.split("/")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _check_home_user(target: TargetSystem, manifest: manifest_mod.Manifest, home: manifest_mod.ArchiveEntry,
+                     options: RestoreOptions, errors: list[str]) -> None:  # fmt: skip
+    """Qubes refuses a dom0 home of another user unless told to go on (--ignore-username-mismatch)."""
+    user = home_user(manifest)
+    if target.user is None or user is None or user == target.user or options.ignore_username_mismatch:
+        return
+    errors.append(
+        f"the dom0 home in this backup is user {user}'s, this system's user is {target.user}: add "
+        "--skip-dom0-home, or --ignore-username-mismatch to restore it anyway (into a new directory)"
+    )
 
 
 def _decide(target: TargetSystem, backup: Collection, manifest: manifest_mod.Manifest, options: RestoreOptions,

@@ -60,6 +60,16 @@ def rpc_dir() -> Path:
     return Path(override) if override else repo_dir() / "rpc-policy"
 
 
+def sim_vm_rpc_dir() -> Path | None:
+    """Services a simulated VM offers besides the agent's (``qubes.BackupPassphrase``): the sim package's."""
+    try:
+        import qubes_backup_sim
+    except ImportError:
+        return None
+    d = Path(qubes_backup_sim.__file__).resolve().parent / "vm-rpc"
+    return d if d.is_dir() else None
+
+
 def _enlarge_pipes(proc: subprocess.Popen[bytes]) -> None:
     """Fewer wake-ups per MiB; best effort (the limit in /proc/sys/fs/pipe-max-size may refuse it)."""
     setsz = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -128,6 +138,9 @@ class SimTransport:
         repo = repo_dir()
         ro = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
         ro += [str(repo / d) for d in ("protocol", "vm-agent")] + [str(self.rpc)]
+        vm_rpc = sim_vm_rpc_dir()
+        if vm_rpc is not None:
+            ro.append(str(vm_rpc))
         ro.append(str(Path(sys.executable).resolve().parent))
         seen: set[str] = set()
         for path in ro:
@@ -150,13 +163,25 @@ class SimTransport:
 
     def launch(self, service: str, root: Path, writable: bool) -> subprocess.Popen[bytes]:
         """Run rpc-policy/SERVICE with ``root`` as the agent's filesystem root."""
-        script = self.rpc / service
-        if not script.is_file():
-            raise BackupError(f"service {service} is not installed (looked in {self.rpc})")
+        script, argument = self._script(service)
         argv = [sys.executable, str(script)]
         if self.confined:
             argv = self.sandbox_argv(root, writable) + argv
-        return _popen(argv, self.agent_env(root), root)
+        env = self.agent_env(root)
+        if argument:
+            env["QREXEC_SERVICE_ARGUMENT"] = argument
+        return _popen(argv, env, root)
+
+    def _script(self, service: str) -> tuple[Path, str]:
+        """As qrexec looks a service up: ``NAME+ARG`` first, then ``NAME`` (with the argument in
+        QREXEC_SERVICE_ARGUMENT); in the agent's directory, then among the simulated VM's own services."""
+        base, _, argument = service.partition("+")
+        dirs = [self.rpc] + ([d] if (d := sim_vm_rpc_dir()) is not None else [])
+        for directory in dirs:
+            for name in dict.fromkeys((service, base)):
+                if (directory / name).is_file():
+                    return directory / name, argument
+        raise BackupError(f"service {service} is not installed (looked in {self.rpc})")
 
 
 class LocalFileTransport(SimTransport):

@@ -32,6 +32,7 @@ class FrameType(enum.IntEnum):
     END = 17  # no more members
     ERROR = 18  # data: a short UTF-8 message
     DONE = 19  # data: where the backup was stored (qubes.Backup)
+    ENTRY = 20  # name: a backup file name; data: its backup-header member, or empty (qubes.Restore listing)
 
 
 FrameHeader = Struct(

@@ -18,6 +18,11 @@ _ARCHIVE = r"vm(?:0|[1-9][0-9]{0,4})"
 _MEMBER_RE = re.compile(rf"(?:backup-header|manifest|{_ARCHIVE}/(?:[0-9]{{6}}|trailer))(?:\.hmac)?")
 _ARCHIVE_RE = re.compile(_ARCHIVE)
 MAX_CHUNKS = 1_000_000  # six digits
+# The file name dom0 gives a backup (docs/PROTOCOL.md section 2); listing a location shows only these.
+_BACKUP_FILE_RE = re.compile(r"qubes-backup-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}")
+LIST_REQUEST = "list"  # the LOCATION frame's name that asks qubes.Restore for a listing (PROTOCOL.md 5a)
+MAX_LIST_ENTRIES = 1000  # a listing holds at most this many backups (the newest, by name)
+MAX_LIST_HEADER = 4096  # an ENTRY frame carries at most this much of a backup's header member
 
 
 def is_member_name(name: str) -> bool:
@@ -28,6 +33,11 @@ def is_member_name(name: str) -> bool:
 def is_archive_name(name: str) -> bool:
     """True if ``name`` is a well-formed archive prefix such as ``vm3``."""
     return len(name) <= MAX_NAME_LEN and _ARCHIVE_RE.fullmatch(name) is not None
+
+
+def is_backup_file_name(name: str) -> bool:
+    """True if ``name`` is a backup file name as dom0 chooses it (``qubes-backup-YYYY-MM-DDTHHMMSS``)."""
+    return _BACKUP_FILE_RE.fullmatch(name) is not None
 
 
 def archive_name(number: int) -> str:

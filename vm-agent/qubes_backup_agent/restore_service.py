@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 from qubes_backup_protocol import frames, names
@@ -35,7 +36,7 @@ COPY_PIECE = 4 << 20
 MEMORY_LIMIT = 256 << 20
 MANIFEST_MAC = names.mac_name(names.MANIFEST)
 
-_LOCATION = {FrameType.LOCATION: (0, frames.MAX_LOCATION_LEN)}
+_LOCATION = {FrameType.LOCATION: (len(names.LIST_REQUEST), frames.MAX_LOCATION_LEN)}
 _WANT = {FrameType.WANT: (names.MAX_NAME_LEN, 0), FrameType.WANT_END: (0, 0)}
 
 
@@ -108,7 +109,7 @@ def limit_memory(limit: int = MEMORY_LIMIT) -> None:
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     try:
-        first = frames.read_frame(stdin, _LOCATION)
+        first = frames.read_frame(stdin, _LOCATION, lambda n: n == names.LIST_REQUEST)
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")
         return EXIT_FAILED
@@ -120,6 +121,8 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         send_error(stdout, "bad request: location is not UTF-8")
         return EXIT_FAILED
     root = confine.agent_root()
+    if first.name == names.LIST_REQUEST:
+        return _listing(location, root, stdout)
     source: CommandSource | None = None
     fileobj: BinaryIO | None = None
     try:
@@ -170,6 +173,21 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         if fileobj is not None:
             with contextlib.suppress(OSError):
                 fileobj.close()
+
+
+def _listing(location: str, root: Path, stdout: BinaryIO) -> int:
+    from .listing import serve_listing
+
+    try:
+        limit_memory()
+        serve_listing(location, root, stdout)
+        return EXIT_OK
+    except (BrokenPipeError, ConnectionResetError):
+        silence(stdout)  # dom0 had what it needed (a location check reads one frame)
+        return EXIT_OK
+    except StorageError as exc:
+        send_error(stdout, str(exc))
+        return EXIT_FAILED
 
 
 def main(stdin: BinaryIO | None = None, stdout: BinaryIO | None = None) -> int:
