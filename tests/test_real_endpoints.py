@@ -139,6 +139,8 @@ def build(tmp: Path, fq: FakeQubesd, fvm_state: str = "Halted") -> Endpoints:
                                    path=str(reflink_dir / "appvms/rvm/private-dirty.img"))}),
         FakeVM("fvm", qid=5, label="red", state=fvm_state, volumes={
             "private": volume_info("legacy", "appvms/fvm/private", 2 * MIB, True)}),
+        FakeVM("backupvm", qid=6, label="red", state="Running",  # the backup VM: not backed up itself
+               props={"include_in_backups": (False, "bool", "False")}),
     ]  # fmt: skip
     pools = {
         "lvm": {"driver": "lvm_thin", "volume_group": VG, "thin_pool": "vm-pool"},
@@ -207,8 +209,10 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
     assert all(p.isdigit() for *_, p in writes)
     assert fq.requests[-4:] == writes
     assert {d for m, d, *_ in fq.requests if m == "admin.vm.firewall.Get"} == {"fedora", "work", "rvm", "fvm"}
-    assert json.loads((ep.vms_dir / "qvm-run.log").read_text().splitlines()[0]) == [
-        "--pass-io", "--no-gui", "--service", "--", "backupvm", "qubes.Backup"]  # fmt: skip
+    # The location is checked first (a listing through qubes.Restore, before the passphrase), then the backup.
+    assert [json.loads(line) for line in (ep.vms_dir / "qvm-run.log").read_text().splitlines()] == [
+        ["--pass-io", "--no-gui", "--service", "--", "backupvm", service]
+        for service in ("qubes.Restore", "qubes.Backup")]  # fmt: skip
 
     (backup,) = ep.backup_files()
     target = restore_with_recipe(ep.tmp, backup)

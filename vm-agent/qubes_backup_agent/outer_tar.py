@@ -13,6 +13,8 @@ block plus the piece the caller asks for.
   checksum as POSIX specifies); the name must match the member grammar; size <= MAX_MEMBER_SIZE.
 - Member data is followed by NUL padding to a multiple of 512; the padding of a member that is read is
   checked, a member that is skipped is skipped with its padding unread (a seek on a file or S3 object).
+- Exception: a *first* member named ``backup-header`` of at most 4096 bytes with any valid ustar header (a
+  tar written by Qubes OS' own backup) is passed on, so that dom0's header parser can name that format.
 - The archive ends with two zero blocks.  A lone zero block followed by anything else, or the end of the
   input before the two zero blocks, is refused.  What follows the end marker is never read (a tool or a
   block device may add padding or leave old bytes there; it is outside the archive).
@@ -33,6 +35,9 @@ _ZEROS = bytes(BLOCK)
 # The largest member a valid backup has: a chunk of the maximal chunk size (256 MiB) plus its 16-byte IV.
 MAX_MEMBER_SIZE = (256 << 20) + 16
 SKIP_PIECE = 1 << 20
+# A first member named backup-header written by another tool (Qubes' own backup) is passed on to dom0 up to
+# this size (dom0's header limit), so that dom0 can recognise that format; no other member is.
+FOREIGN_HEADER_MAX = 4096
 
 
 class TarError(StorageError):
@@ -62,6 +67,13 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
+def _checksum_ok(h: bytes) -> bool:
+    digits = h[148:156].replace(b"\0", b" ").strip()
+    return bool(digits) and all(c in b"01234567" for c in digits) and int(digits, 8) == sum(h[:148]) + 256 + sum(
+        h[156:]
+    )
+
+
 def _pad(n: int) -> int:
     return -n % BLOCK
 
@@ -82,6 +94,7 @@ class OuterReader:
         self._data_left = 0  # unread data bytes of the current member
         self._pad_left = 0  # then its padding
         self._ended = False
+        self._first = True
 
     def _read_exact(self, n: int) -> bytes:
         out = bytearray()
@@ -124,14 +137,15 @@ class OuterReader:
                                "backup truncated: incomplete end-of-archive marker")  # fmt: skip
             self._ended = True
             return None
-        member = self._parse(h)
+        member = self._parse(h, first=self._first)
+        self._first = False
         self._member = member
         self._data_left = member.size
         self._pad_left = _pad(member.size)
         return member
 
     @staticmethod
-    def _parse(h: bytes) -> Member:
+    def _parse(h: bytes, first: bool = False) -> Member:
         raw_name = h[0:100].split(b"\0", 1)[0]
         shown = frames.safe_text(raw_name.decode("latin-1"), limit=80)
         if h[156:157] != b"0":
@@ -145,6 +159,10 @@ class OuterReader:
         size = int(digits, 8)
         if size > MAX_MEMBER_SIZE:
             raise TarError(f"backup member too large: {shown} ({size} bytes)")
+        if first and name == names.HEADER and size <= FOREIGN_HEADER_MAX and _checksum_ok(h):
+            # The first member of a tar written by another tool (Qubes OS' own backup has a member of this
+            # name): passed on, bounded, so that dom0's strict header parser can say which format it is.
+            return Member(name, size)
         if h != member_header(name, size):
             raise TarError(
                 f"malformed tar header of {shown} (only plain ustar members, mode 0600, uid/gid 0, mtime 0)"
