@@ -337,7 +337,8 @@ class Bench:
     def generate(self, data_mib: float, apparent_gib: float) -> None:
         if self.src.exists():
             shutil.rmtree(self.src)
-        simgen.generate(self.src, "bench", data_mib=data_mib, apparent_gib=apparent_gib, compressible=0.5)
+        simgen.generate(self.src, "bench", data_mib=data_mib, apparent_gib=apparent_gib, compressible=0.5,
+                        pool="file")
         (self.src / "dom0/pw").write_text(PASSPHRASE + "\n")
         self.data = data_bytes(self.qroot)
 
@@ -551,7 +552,7 @@ class Bench:
         ):
             root = self.work / f"case-{key}"
             shutil.rmtree(root, ignore_errors=True)
-            simgen.generate(root, "small")
+            simgen.generate(root, "small", pool="file")
             (root / "dom0/pw").write_text(PASSPHRASE + "\n")
             img = root / "dom0/var/lib/qubes/appvms/work/private.img"
             img.unlink()

@@ -4,30 +4,50 @@ The CLI tests run ``qvm-backup`` / ``qvm-backup-restore`` from the venv as separ
 ``QUBES_SIM`` set, so they exercise argument parsing, the one-line error path and the real agent process
 exactly as a user would.  Paths given to the CLIs are inside the simulated machine: ``-p /pw`` is
 ``DIR/dom0/pw``; a LOCATION with ``-d backupvm`` is inside ``DIR/vms/backupvm``.
+
+The systems are built by simgen with the default ``lvm_thin`` pool (``POOL``); the simulated qubesd owns their
+qubes.xml and volumes, so snapshots of a system ignore its runtime files and compare qubes.xml semantically,
+and VMs are compared through qubes.xml (properties, features, tags), their firewall and notes as the sim
+qubesd serves them, and their volumes' committed data (``assert_same_vm``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from lxml import etree
 from qubes_backup_dom0.inner import same_content
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0.qubesxml import FILE_DRIVERS, Collection, Domain, Volume
 from qubes_backup_dom0.system import System
-from qubes_backup_sim import simgen
-from qubes_backup_sim.store import write_atomic
+from qubes_backup_sim import firewall as sim_firewall
+from qubes_backup_sim import launch, simgen
 
 BIN = Path(sys.executable).parent
 PASSPHRASE = "correct horse battery staple"
 KDF = ["--kdf-n", "1024", "--weak-kdf-ok"]  # the KDF is not under test here; keep every backup fast
 VM_BACKUPS = "/home/user/backups"  # the backup directory inside backupvm
-STAGING_PREFIX = ".qubes-backup-restore-"
+STAGING_PREFIX = ".qubes-backup-restore-"  # dom0 home staging (beside the home it is restored into)
+IN_PROGRESS = "backup-restore-in-progress"
 SMALL_FILE = 1 << 20  # snapshot hashes files up to this size; larger ones by size/mtime/blocks
+POOL = "lvm_thin"  # what the CLI suites run on (a fresh R4.2 install); use cases also run on the others
+POOL_KINDS = simgen.POOL_KINDS
+RUNNING_VMS = ("sys-firewall",)  # running while the session's source system is backed up
+QUBES_XML = "var/lib/qubes/qubes.xml"
+RUN_STATE = "var/run/qubes-sim/state.json"
+#: The sim qubesd's runtime files under dom0 (socket, start lock, pid, log): not part of the system's state.
+RUNTIME = ("var/run/qubesd.sock", "var/run/qubesd.lock", "var/run/qubesd-sim.pid", "var/log")
+#: Identity and bookkeeping properties: never the same on a restored VM (or set by the backup itself).
+IDENTITY = ("name", "qid", "uuid", "backup_timestamp")
+VM_REFS = ("template", "netvm", "default_dispvm")
 
 
 @dataclass
@@ -67,6 +87,52 @@ class Sim:
     def collection(self) -> Collection:
         return Collection.load(self.qubes_xml)
 
+    @property
+    def pool_kind(self) -> str:
+        """The driver of the default pool (lvm_thin, file-reflink, file): what simgen built."""
+        coll = self.collection()
+        default = coll.global_properties.get("default_pool")
+        return coll.pools[default]["driver"] if default else "file"  # R4.0-era qubes.xml: file pools
+
+    def volume_file(self, coll: Collection, vol: Volume) -> Path:
+        """The host file holding a volume's committed data (an LV file, or the clean image)."""
+        pool = coll.pools[vol.pool]
+        if pool["driver"] == "lvm_thin":
+            return self.dom0 / "dev" / vol.vid
+        assert pool["driver"] in FILE_DRIVERS, (vol, pool)
+        return self.dom0 / pool["dir_path"].lstrip("/") / f"{vol.vid}.img"
+
+    def volume_files(self, name: str) -> dict[str, Path]:
+        """Volume name -> committed data of VM ``name``'s save_on_stop volumes."""
+        coll = self.collection()
+        return {v.name: self.volume_file(coll, v) for v in coll[name].volumes if v.save_on_stop}
+
+    def all_volume_files(self) -> set[Path]:
+        """The committed data of every save_on_stop volume of every VM."""
+        coll = self.collection()
+        return {self.volume_file(coll, v) for d in coll.domains for v in d.volumes if v.save_on_stop}
+
+    def vm_dir(self, name: str) -> Path:
+        """The VM's directory in the Qubes root (firewall.xml, notes.txt; images of file pools)."""
+        coll = self.collection()
+        return self.qubes_root / (coll.vm_dir(coll[name]) or "")
+
+    def in_progress(self) -> list[str]:
+        """VMs still tagged as being restored (a restore that did not finish)."""
+        return sorted(d.name for d in self.collection().domains if IN_PROGRESS in d.tags)
+
+    def start_qubesd(self, log: Path) -> Path:
+        """Start this system's simulated qubesd with a request log (the CLIs then use that one); stops a
+        running one first, so that every request from here on is logged."""
+        launch.stop_qubesd(self.dir)
+        return launch.ensure_qubesd(self.dir, log=log, idle=300)
+
+    def set_global(self, prop: str, value: str) -> None:
+        """Change a global property through the sim qubesd (what ``qubes-prefs`` does)."""
+        from qubes_backup_dom0.adminapi import AdminAPI
+
+        AdminAPI(self.system.admin_socket()).call("admin.property.Set", "dom0", prop, value.encode())
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_")}
         env["QUBES_SIM"] = str(self.dir)
@@ -102,17 +168,24 @@ class Sim:
         return new.pop()
 
     def snapshot(self) -> dict[str, tuple[object, ...]]:
-        """State of dom0's Qubes root and home: what a failed restore must leave exactly as it was."""
-        return snapshot_tree(self.dom0 / "var/lib/qubes") | {
-            f"~/{k}": v for k, v in snapshot_tree(self.home).items()
-        }
+        """State of dom0 (Qubes root, LVs, home, everything): what a failed restore must leave as it was.
+        The sim qubesd's runtime files are left out, its run state compared by content and qubes.xml
+        semantically (the sim qubesd rewrites it after every change, a rolled-back one included)."""
+        tree = snapshot_tree(self.dom0, skip=RUNTIME)
+        del tree[QUBES_XML]
+        if RUN_STATE in tree:
+            tree[RUN_STATE] = ("run state", json.loads((self.dom0 / RUN_STATE).read_text()))
+        tree[QUBES_XML] = ("qubes.xml", canonical_xml(self.qubes_xml))
+        return tree
 
     def staging_dirs(self) -> list[Path]:
-        return sorted(self.qubes_root.glob(f"{STAGING_PREFIX}*"))
+        """dom0 home staging of restores (beside the home), and anything of ours left in the Qubes root."""
+        return sorted([*self.home.glob(f"{STAGING_PREFIX}*"), *self.qubes_root.glob(f"{STAGING_PREFIX}*")])
 
 
-def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
-    """Path -> (kind, size, mtime, blocks, hash of small files) for everything under ``root``."""
+def snapshot_tree(root: Path, skip: tuple[str, ...] = ()) -> dict[str, tuple[object, ...]]:
+    """Path -> (kind, size, mtime, blocks, hash of small files) for everything under ``root`` (except the
+    relative paths in ``skip`` and what is below them; sockets are skipped, locks are not state)."""
     out: dict[str, tuple[object, ...]] = {}
     if not root.exists():
         return out
@@ -121,6 +194,10 @@ def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
             path = Path(dirpath) / name
             st = path.lstat()
             rel = path.relative_to(root).as_posix()
+            if rel in skip or any(rel.startswith(s + "/") for s in skip) or stat.S_ISSOCK(st.st_mode):
+                continue
+            if path.name == "lock" and path.parent.name == ".lvm":
+                continue  # the sim LVM's flock file (made on first use): no state
             if path.is_symlink():
                 out[rel] = ("link", os.readlink(path))
             elif path.is_dir():
@@ -129,6 +206,21 @@ def snapshot_tree(root: Path) -> dict[str, tuple[object, ...]]:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest() if st.st_size <= SMALL_FILE else ""
                 out[rel] = ("file", st.st_mode, st.st_size, st.st_mtime_ns, st.st_blocks, digest)
     return out
+
+
+def canonical_xml(path: Path) -> bytes:
+    """qubes.xml in canonical form: the same document, however the writer laid it out."""
+    parser = etree.XMLParser(remove_blank_text=True, resolve_entities=False, no_network=True)
+    return etree.tostring(etree.parse(str(path), parser), method="c14n")
+
+
+def copy_sim(src: Path, dst: Path) -> None:
+    """Copy a simulated system (its sim qubesd's socket is not copied: the copy gets its own)."""
+
+    def sockets(dirpath: str, names: list[str]) -> list[str]:
+        return [n for n in names if stat.S_ISSOCK(os.lstat(os.path.join(dirpath, n)).st_mode)]
+
+    shutil.copytree(src, dst, symlinks=True, ignore=sockets)
 
 
 def allocated(path: Path) -> int:
@@ -142,19 +234,13 @@ def assert_restored_like(src: Path, dst: Path) -> None:
     assert abs(a - b) <= max(64 << 10, a // 20), f"{dst}: {b} bytes allocated, original {a}"
 
 
-def make_fresh(base: Path, source: Sim, keep: tuple[str, ...] = ("dom0", "backupvm")) -> Sim:
-    """A freshly installed second system: the source's qubes.xml reduced to ``keep``, empty home, and an
-    empty backupvm (see scripts/demo.py step 4)."""
+def make_fresh(base: Path, source: Sim, keep: tuple[str, ...] = ("dom0", "backupvm"), seed: int = 0) -> Sim:
+    """A freshly installed second system of the source's pool kind with only the VMs in ``keep`` (simgen
+    keep=: consistent, no global default names a VM it lacks), an empty home and an empty backupvm
+    (see scripts/demo.py).  ``seed`` other than the source's gives the kept VMs other data."""
     fresh = Sim(base)
-    coll = source.collection()
-    for dom in list(coll.domains):
-        if dom.name not in keep:
-            dom.element.getparent().remove(dom.element)
-    fresh.qubes_root.mkdir(parents=True)
-    fresh.home.mkdir(parents=True)
-    write_atomic(coll, fresh.qubes_xml)
+    simgen.generate(base, "small", seed=seed, pool=source.pool_kind, keep=[k for k in keep if k != "dom0"])
     (fresh.dom0 / "pw").write_text(PASSPHRASE + "\n")
-    fresh.vm_backups.mkdir(parents=True)
     return fresh
 
 
@@ -176,6 +262,7 @@ def one_error_line(stderr: str) -> str:
 
 
 def new_sim(path: Path, **kw: object) -> Sim:
+    kw.setdefault("pool", POOL)
     simgen.generate(path, "small", seed=0, **kw)  # type: ignore[arg-type]
     sim = Sim(path)
     (sim.dom0 / "pw").write_text(PASSPHRASE + "\n")
@@ -191,7 +278,7 @@ def sim(tmp_path: Path) -> Sim:
 @pytest.fixture(scope="session")
 def source_backup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sim, Path]:
     """One full backup of the small system, made once: restore tests treat both as read-only."""
-    src = new_sim(tmp_path_factory.mktemp("source") / "sim")
+    src = new_sim(tmp_path_factory.mktemp("source") / "sim", running=RUNNING_VMS)
     return src, src.backup_to_vm()
 
 
@@ -209,7 +296,7 @@ def fresh(tmp_path: Path, source_backup: tuple[Sim, Path]) -> tuple[Sim, str]:
 def same(tmp_path: Path, source_backup: tuple[Sim, Path]) -> tuple[Sim, str]:
     """The same system as the backup's source (regenerated from the same seed) with the backup linked in."""
     _src, backup = source_backup
-    other = new_sim(tmp_path / "same")
+    other = new_sim(tmp_path / "same", running=RUNNING_VMS)
     share_backup(backup, other)
     return other, f"{VM_BACKUPS}/{backup.name}"
 
@@ -220,11 +307,13 @@ class Unchanged:
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
         self.before = sim.snapshot()
-        self.xml = sim.qubes_xml.read_bytes()
+        self.names = sorted(sim.collection().names())
 
     def check(self) -> None:
-        assert self.sim.qubes_xml.read_bytes() == self.xml
-        assert self.sim.snapshot() == self.before
+        assert sorted(self.sim.collection().names()) == self.names
+        after = self.sim.snapshot()
+        changed = {k for k in self.before.keys() | after.keys() if self.before.get(k) != after.get(k)}
+        assert not changed, sorted(changed)
         assert self.sim.staging_dirs() == []
 
 
@@ -235,3 +324,57 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if RUNS:
         detail = ", ".join(f"{n} {name}" for name, n in sorted(RUNS.items()))
         terminalreporter.write_line(f"fuzz: {sum(RUNS.values())} generated inputs ({detail})")
+
+
+# ---------------------------------------------------------------------------------------------- comparing VMs
+
+def _devices(dom: Domain) -> list[tuple[str, ...]]:
+    out = []
+    for devs in dom.element.iterfind("devices"):
+        for dev in devs.iterfind("device"):
+            opts = tuple(sorted((o.get("name", ""), o.text or "") for o in dev.iterfind("option")))
+            out.append((devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), repr(opts)))
+    return sorted(out)
+
+
+def vm_metadata(sim: Sim, name: str, renames: dict[str, str] | None = None) -> dict[str, object]:
+    """What a restore must carry over of VM ``name``: class, label, non-default properties (VM references
+    mapped through ``renames``; the template as the effective one, since a restore pins an inherited
+    template it restores with the VM), features, tags (but Qubes' created-by-*), device assignments,
+    firewall rules and notes as the sim qubesd serves them, and each save_on_stop volume's size."""
+    renames = renames or {}
+    coll = sim.collection()
+    dom = coll[name]
+    props = {k: v for k, v in dom.properties.items() if k not in IDENTITY and k != "template"}
+    for ref in ("netvm", "default_dispvm"):
+        if props.get(ref):
+            props[ref] = renames.get(props[ref], props[ref])
+    template = coll.effective_template(dom)
+    vm_dir = sim.vm_dir(name)
+    notes = vm_dir / "notes.txt"
+    return {
+        "class": dom.klass,
+        "label": dom.label,
+        "template": renames.get(template, template) if template else None,
+        "properties": props,
+        "features": dom.features,
+        "tags": sorted(t for t in dom.tags if not t.startswith("created-by-")),
+        "devices": _devices(dom),
+        "firewall": sim_firewall.load(vm_dir / "firewall.xml"),
+        "notes": notes.read_text() if notes.is_file() else None,
+        "volumes": {v.name: v.size for v in dom.volumes if v.save_on_stop},
+    }
+
+
+def assert_same_vm(src: Sim, name: str, dst: Sim, new_name: str | None = None,
+                   renames: dict[str, str] | None = None) -> None:  # fmt: skip
+    """VM ``name`` of ``src`` is in ``dst`` (as ``new_name``): same metadata (``vm_metadata``) and every
+    save_on_stop volume's committed data byte-exact with its holes kept.  A running VM's volumes are compared
+    with its committed data (what the backup must read), never with what it wrote since it started."""
+    renames = {**(renames or {}), **({name: new_name} if new_name else {})}
+    want, got = vm_metadata(src, name, renames), vm_metadata(dst, new_name or name)
+    assert got == want, (name, {k: (want[k], got[k]) for k in want if want[k] != got[k]})
+    a, b = src.volume_files(name), dst.volume_files(new_name or name)
+    assert a.keys() == b.keys() and a, (name, a, b)
+    for vol, path in a.items():
+        assert_restored_like(path, b[vol])

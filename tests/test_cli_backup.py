@@ -8,6 +8,7 @@ exit and no file that looks like a finished backup.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, new_sim, one_error_line
+from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, assert_restored_like, new_sim, one_error_line
 from qubes_backup_dom0.manifest import Manifest
 from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.restore import Restore
@@ -153,8 +154,22 @@ def test_compression_choices_restore(sim: Sim, flags: tuple[str, ...]) -> None:
     assert f"({expected}, 1 archive(s))" in r.stderr
     r = sim.restore("-d", "backupvm", "--rename-conflicting", f"{VM_BACKUPS}/{backup.name}")
     assert r.returncode == 0, r.stderr
-    src = sim.qubes_root / "appvms/work/private.img"
-    assert src.read_bytes() == (sim.qubes_root / "appvms/work1/private.img").read_bytes()
+    assert_restored_like(sim.volume_files("work")["private"], sim.volume_files("work1")["private"])
+
+
+def test_backup_writes_nothing_but_backup_timestamp(sim: Sim, tmp_path: Path) -> None:
+    """A source system gets no write but, as Qubes' own backup, each backed-up VM's backup_timestamp (the sim
+    qubesd's request log); its volumes are read in their committed state: the running VM's (lvm_thin)
+    snapshot is removed afterwards, nothing of the backup is left in the volume group."""
+    log = tmp_path / "requests.jsonl"
+    lvs_before = sorted(p.name for p in (sim.dom0 / "dev/qubes_dom0").iterdir())
+    sim.start_qubesd(log)
+    sim.backup_to_vm("work", "vault")
+    requests = [json.loads(line) for line in log.read_text().splitlines()]
+    reads = (".List", ".Get", ".GetAll", ".Info", ".GetDefault", ".Index")
+    writes = [(q["method"], q["arg"], q["dest"]) for q in requests if not q["method"].endswith(reads)]
+    assert sorted(writes) == [("admin.vm.property.Set", "backup_timestamp", vm) for vm in ("vault", "work")]
+    assert sorted(p.name for p in (sim.dom0 / "dev/qubes_dom0").iterdir()) == lvs_before
 
 
 # ------------------------------------------------------------------------------------------ bad input

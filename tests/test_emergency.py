@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from qubes_backup_dom0.backup import plan_backup
+from qubes_backup_dom0.qubesxml import Collection
 from qubes_backup_dom0.system import System
 from qubes_backup_sim import simgen
 
@@ -111,8 +112,9 @@ def make_backup(sim: Path, name: str, *options: str, vms: tuple[str, ...] = ()) 
     return backup
 
 
-def new_sim(root: Path) -> Path:
-    simgen.generate(root, "small")
+def new_sim(root: Path, pool: str = "lvm_thin") -> Path:
+    """The small system, by default on lvm_thin with sys-firewall running (its committed data is backed up)."""
+    simgen.generate(root, "small", pool=pool, running=["sys-firewall"] if pool != "file" else [])
     (root / "dom0" / "pw").write_bytes(PASSPHRASE.encode() + b"\n")
     return root
 
@@ -131,15 +133,33 @@ def backups(sim: Path) -> dict[str, Path]:
     }
 
 
-def expected_entries(sim: Path, vms: list[str]) -> dict[str, tuple[str, Path]]:
-    """What the backup holds, from the planner: restored path -> (type, original file)."""
+def volume_file(coll: Collection, system: System, vm: str, volume: str) -> Path:
+    """The host file with a volume's committed data: an LV file (lvm_thin) or the clean image (file pools)."""
+    vol = coll[vm].volume(volume)
+    assert vol is not None and vol.save_on_stop, (vm, volume)
+    pool = coll.pools[vol.pool]
+    if pool["driver"] == "lvm_thin":
+        return system.dev_dir / vol.vid
+    return system.dom0_path(pool["dir_path"]) / f"{vol.vid}.img"
+
+
+def expected_entries(sim: Path, vms: list[str]) -> dict[str, tuple[str, Path | bytes]]:
+    """What the backup holds, from the planner: restored path -> (type, original file or content).  A VM's
+    ``DIR/VOL.img`` is the volume's committed data wherever its pool keeps it; its firewall.xml and notes.txt
+    are generated from what qubesd answers (their content)."""
     system = System.from_env({"QUBES_SIM": str(sim)})
     plan = plan_backup(system, vms)
-    out: dict[str, tuple[str, Path]] = {}
+    coll = Collection.load(system.qubes_xml)
+    out: dict[str, tuple[str, Path | bytes]] = {}
     for archive in plan.archives:
-        base = system.dom0_root if archive.kind == "home" else system.qubes_root
         for f in archive.files:
-            out[f.path] = (f.type, base / f.path)
+            if archive.kind == "home":
+                out[f.path] = (f.type, system.dom0_root / f.path)
+            elif f.content is not None:
+                out[f.path] = (f.type, f.content)
+            else:
+                assert f.path.endswith(".img"), f.path
+                out[f.path] = (f.type, volume_file(coll, system, archive.vm, Path(f.path).stem))
     return out
 
 
@@ -185,7 +205,7 @@ def same_bytes(a: Path, b: Path) -> bool:
         return True
 
 
-def assert_restored(target: Path, expected: dict[str, tuple[str, Path]]) -> None:
+def assert_restored(target: Path, expected: dict[str, tuple[str, Path | bytes]]) -> None:
     """Every entry restored exactly (bytes, symlink targets), holes kept, and nothing else written."""
     restored = {p for p in walk(target) if p != "qubes-backup.xml"}
     ancestors = {q.as_posix() for p in expected for q in Path(p).parents if q != Path(".")}
@@ -193,7 +213,9 @@ def assert_restored(target: Path, expected: dict[str, tuple[str, Path]]) -> None
     sparse_seen = 0
     for path, (kind, original) in expected.items():
         got = target / path
-        if kind == "dir":
+        if isinstance(original, bytes):
+            assert got.is_file() and not got.is_symlink() and got.read_bytes() == original, path
+        elif kind == "dir":
             assert got.is_dir() and not got.is_symlink(), path
         elif kind == "symlink":
             assert got.is_symlink() and os.readlink(got) == os.readlink(original), path
@@ -273,7 +295,7 @@ def test_flipped_bit_stops_before_restoring(sim: Path, backups: dict[str, Path],
 
 def test_more_than_1000_chunks(tmp_path: Path) -> None:
     """Chunk names must be joined in numeric order past 000999 (a naive glob or counter would break)."""
-    sim = new_sim(tmp_path / "sim")
+    sim = new_sim(tmp_path / "sim", pool="file")  # an image that can grow beyond its small-scale size
     image = sim / "dom0/var/lib/qubes/appvms/work/private.img"
     image.unlink()
     with image.open("wb") as f:  # a hole, 63 MiB of incompressible data, a hole at the end

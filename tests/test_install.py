@@ -113,7 +113,7 @@ def test_layout_stays_off_qubes_own_files(installed: tuple[Path, Path]) -> None:
 def test_backup_and_restore_through_installed_files(tmp_path: Path, installed: tuple[Path, Path]) -> None:
     dom0, vm = installed
     src = Sim(tmp_path / "src")
-    simgen.generate(src.dir, "small", seed=0)
+    simgen.generate(src.dir, "small", seed=0, pool="file")
     (src.dom0 / "pw").write_text(PASSPHRASE + "\n")
     qvm_backup = str(at(dom0, f"{PREFIX}/bin/qvm-backup"))
     qvm_restore = str(at(dom0, f"{PREFIX}/bin/qvm-backup-restore"))
@@ -230,7 +230,7 @@ def qubes_format_backup(path: Path) -> None:
 def test_qubes_format_backup_goes_to_qubes_own_restore(tmp_path: Path, installed: tuple[Path, Path]) -> None:
     dom0, _vm = installed
     sim = Sim(tmp_path / "sim")
-    simgen.generate(sim.dir, "small", seed=0)
+    simgen.generate(sim.dir, "small", seed=0, pool="file")
     (sim.dom0 / "pw").write_text(PASSPHRASE + "\n")
     qubes_format_backup(sim.dom0 / "old.tar")
     tool = tmp_path / "qubes-qvm-backup-restore"

@@ -90,7 +90,7 @@ def qd(tmp_path: Path) -> Iterator[Qd]:
 def qd_file(tmp_path: Path) -> Iterator[Qd]:
     """A system as the older simgen built it (file pool, images under var/lib/qubes/appvms)."""
     sim = tmp_path / "sim"
-    simgen.generate(sim, "small")
+    simgen.generate(sim, "small", pool="file")
     yield from _start(sim, tmp_path, host_paths=True)
 
 

@@ -17,7 +17,7 @@ MiB = 1024 * 1024
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("sim")
-    simgen.generate(d, "small", seed=7)
+    simgen.generate(d, "small", seed=7, pool="file")  # the legacy layout these tests read
     return d
 
 
@@ -164,7 +164,17 @@ def test_deterministic(tmp_path: Path) -> None:
     da, db, dc = _tree_digest(a), _tree_digest(b), _tree_digest(c)
     assert da == db
     assert da.keys() == dc.keys()
-    assert da["dom0/var/lib/qubes/appvms/work/private.img"] != dc["dom0/var/lib/qubes/appvms/work/private.img"]
+    assert da["dom0/dev/qubes_dom0/vm-work-private"] != dc["dom0/dev/qubes_dom0/vm-work-private"]
+
+
+def test_generate_defaults_to_lvm_thin_like_the_command(tmp_path: Path) -> None:
+    """generate() builds what a fresh R4.2 install has, as the command line does: VM volumes in lvm_thin."""
+    simgen.generate(tmp_path / "d", "small", keep=("backupvm",))
+    coll = Collection.load(tmp_path / "d/dom0/var/lib/qubes/qubes.xml")
+    assert coll.global_properties["default_pool"] == "lvm"
+    priv = coll["backupvm"].volume("private")
+    assert priv is not None and (priv.pool, priv.vid) == ("lvm", "qubes_dom0/vm-backupvm-private")
+    assert _lv(tmp_path / "d", "vm-backupvm-private").is_file()
 
 
 def test_refuses_non_empty_dir_unless_forced(tmp_path: Path) -> None:

@@ -67,21 +67,24 @@ def test_rpc_dir_override(system: System, tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_qrexec_command_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """qvm-run is the one found on PATH (as on dom0), started as Qubes' own restore starts services."""
     seen: list[list[str]] = []
 
     def fake_popen(argv: list[str], env: object, cwd: object) -> object:
         seen.append(argv)
         return object()
 
-    monkeypatch.setattr(transport, "_popen", fake_popen)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(BackupError, match="qvm-run not found on PATH"):
-        QrexecTransport().start("qubes.Restore", "usbvm")
-    qvm_run = tmp_path / "qvm-run"  # found on PATH, as in dom0 (/usr/bin/qvm-run)
-    qvm_run.write_text("#!/bin/sh\n")
+    qvm_run = tmp_path / "bin" / "qvm-run"
+    qvm_run.parent.mkdir()
+    qvm_run.write_text("#!/bin/sh\nexit 1\n")
     qvm_run.chmod(0o755)
+    monkeypatch.setattr(transport, "_popen", fake_popen)
+    monkeypatch.setenv("PATH", f"{qvm_run.parent}{os.pathsep}/nonexistent")
     QrexecTransport().start("qubes.Restore", "usbvm")
     assert seen == [[str(qvm_run), "--pass-io", "--no-gui", "--service", "--", "usbvm", "qubes.Restore"]]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(BackupError, match="qvm-run not found on PATH"):
+        QrexecTransport().start("qubes.Restore", "usbvm")
 
 
 def test_agent_environment_and_pipes(system: System, tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ def _tiny_image_bytes() -> Iterator[tuple[int, bytes]]:
 
 def _make_tiny_sim(root: Path) -> System:
     """The simulated system, with the one backed-up VM shrunk to a tiny sparse image and fixed mtimes."""
-    simgen.generate(root, "small")
+    simgen.generate(root, "small", pool="file")
     system = System.from_env({"QUBES_SIM": str(root)})
     image = system.qubes_root / TINY_IMAGE
     image.unlink()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import stat
 import threading
@@ -53,6 +54,7 @@ LAST_PASS = ("netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
 #: Properties whose value may not exist here (e.g. a kernel version): refused -> default, with a warning.
 SOFT_PROPERTIES = frozenset({"kernel", "kernelopts"})
 
+_VOLUME_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # Qubes' volume names: root, private, volatile, kernel
 _live_nonces: set[str] = set()  # restores of this process that are running (their VMs are not leftovers)
 _live_lock = threading.Lock()
 
@@ -187,6 +189,10 @@ def _vm_files(plan: RestorePlan, action: VmAction) -> _VmFiles:
     base = (dom.features.get("backup-path") or plan.backup.vm_dir(dom) or "").rstrip("/")
     volumes: dict[str, str] = {}
     for vol in dom.volumes:
+        if vol.save_on_stop and not _VOLUME_NAME.fullmatch(vol.name):
+            # it would be the import service's argument: a plain volume name or nothing
+            raise VerificationError(f"VM {action.name}: the backup names a volume {vol.name[:40]!r}, which is no "
+                                    "valid volume name")  # fmt: skip
         if vol.save_on_stop:
             volumes[f"{base}/{vol.name}.img"] = vol.name
             driver = plan.backup.pools.get(vol.pool, {}).get("driver")

@@ -8,9 +8,9 @@ a StandaloneVM, a DispVM, and a backup VM.  Everything is deterministic from ``-
 Layout (see docs/SIMULATION.md): dom0's root is ``DIR/dom0`` (Qubes root ``DIR/dom0/var/lib/qubes``, home
 ``DIR/dom0/home/user``), VM NAME's root is ``DIR/vms/NAME``.  Pools (``--pool``): ``lvm_thin`` (a fresh R4.2
 install: pool ``lvm`` on VG qubes_dom0, LVs are files under ``DIR/dom0/dev/qubes_dom0``, plus ``varlibqubes``
-as a ``file`` pool), ``file-reflink`` (a btrfs install: ``varlibqubes``), or ``file`` (legacy; what this
-generator made before it knew pools, and still the default of ``generate()``).  ``--running VM`` marks a VM as
-running: its save_on_stop volumes then have diverging -snap LVs / -dirty images.
+as a ``file`` pool; the default, of ``generate()`` and of the command line), ``file-reflink`` (a btrfs install:
+``varlibqubes``), or ``file`` (legacy; what this generator made before it knew pools).  ``--running VM`` marks
+a VM as running: its save_on_stop volumes then have diverging -snap LVs / -dirty images.
 """
 
 from __future__ import annotations
@@ -497,15 +497,15 @@ def generate(
     data_mib: float | None = None,
     apparent_gib: float | None = None,
     compressible: float = 0.5,
-    pool: str = "file",
+    pool: str = "lvm_thin",
     running: tuple[str, ...] | list[str] = (),
     keep: Iterable[str] | None = None,
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
     ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched).
 
-    ``pool``: lvm_thin, file-reflink or file (the default here, as older versions built; the command line
-    defaults to lvm_thin); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
+    ``pool``: lvm_thin (the default, as a fresh R4.2 install and the command line), file-reflink or file (what
+    older versions built); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
     a freshly installed system to restore into; references to the others are dropped, as they would not
     exist there."""
     scale = scale.lower()
@@ -524,6 +524,8 @@ def generate(
     qroot = dir / "dom0/var/lib/qubes"
     qroot.mkdir(parents=True)
     (qroot / "vm-kernels" / KERNEL).mkdir(parents=True)
+    for sub in ("appvms", "vm-templates"):  # there on every install, even without VMs of that kind
+        (qroot / sub).mkdir()
     coll = _build_xml(sizes, rng, pool)
     if keep is not None:
         _reduce(coll, kept)

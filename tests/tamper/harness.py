@@ -94,7 +94,7 @@ def _backup(src: System, location: str, env: dict[str, str]) -> None:
 def build_world(base: Path) -> World:
     """One small simulated system, two backups with the same passphrase, one fresh dom0 to restore into."""
     src_dir, dst_dir = base / "src", base / "dst"
-    simgen.generate(src_dir, "small")
+    simgen.generate(src_dir, "small", pool="file")
     src = System(src_dir.resolve(), src_dir.resolve() / "dom0", "user")
     (src.dom0_root / "pw").write_bytes(PASSPHRASE + b"\n")
     env = {**os.environ, "QUBES_SIM": str(src.sim_dir)}

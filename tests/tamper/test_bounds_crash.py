@@ -69,7 +69,7 @@ def test_dom0_peak_rss_bounded(tmp_path: Path) -> None:
     The multi-GiB measurement belongs to the benchmark (bench/); docs/SECURITY.md gives both.
     """
     src = tmp_path / "src"
-    simgen.generate(src, "bench", data_mib=300, apparent_gib=4)
+    simgen.generate(src, "bench", data_mib=300, apparent_gib=4, pool="file")
     (src / "dom0/pw").write_bytes(PASSPHRASE + b"\n")
     env = {**os.environ, "QUBES_SIM": str(src)}
     subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
