@@ -41,6 +41,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sim", default="demo-sim", help="directory for the simulated systems (recreated)")
     ap.add_argument("--scale", default="default", choices=("small", "default"))
+    # A restore streams every volume's full apparent size into qubesd's import (holes as zeros, which the
+    # import service writes sparsely), as Qubes' own restore does; the demo keeps the total small.
+    ap.add_argument("--apparent-gib", default="6", help="total apparent size of the VMs' volumes")
     args = ap.parse_args()
     base = Path(args.sim).absolute()
     if base.exists():
@@ -49,7 +52,7 @@ def main() -> int:
     env = dict(os.environ, QUBES_SIM=str(src))
 
     print("== 1. A simulated Qubes system (lvm_thin pool, sys-firewall running)")
-    run([str(BIN / "qubes-backup-simgen"), str(src), "--scale", args.scale], env)
+    run([str(BIN / "qubes-backup-simgen"), str(src), "--scale", args.scale, "--apparent-gib", args.apparent_gib], env)
     # Paths given to the commands are interpreted inside the simulated dom0: -p /passphrase is DIR/dom0/passphrase.
     (src / "dom0/passphrase").write_text(PASSPHRASE + "\n")
 
