@@ -102,6 +102,7 @@ def _restore_as(sim: Sim, user: str, *args: str) -> subprocess.CompletedProcess[
 
 def test_dom0_home_of_another_user_needs_ignore_username_mismatch(sim: Sim) -> None:
     location = _backup(sim, "dom0")
+    (sim.dom0 / "home/bob").mkdir(parents=True)  # bob's (empty) home exists before: the restore must not touch it
     before = Unchanged(sim)
     r = _restore_as(sim, "bob", "-d", "backupvm", location)
     assert r.returncode == 1

@@ -300,6 +300,22 @@ def test_d_skip_broken_and_ignore_missing(fresh: tuple[Sim, str], source_backup:
 
 # ---------------------------------------------------------------------------------------------- reference
 
+def _add_backup_vm(sim: Sim) -> None:
+    """The sample has no VM to back up into: add one (not backed up itself), as a user would have."""
+    from lxml import etree
+
+    tree = etree.parse(str(sim.qubes_xml))
+    domains = tree.getroot().find("domains")
+    assert domains is not None
+    dom = etree.SubElement(domains, "domain", id="domain-99")
+    dom.set("class", "AppVM")
+    props = etree.SubElement(dom, "properties")
+    for name, value in (("name", "backupvm"), ("qid", "99"), ("label", "label-1"), ("include_in_backups", "False"),
+                        ("template", "fedora-25")):  # fmt: skip
+        etree.SubElement(props, "property", name=name).text = value
+    tree.write(str(sim.qubes_xml), xml_declaration=True, encoding="UTF-8")
+
+
 def _sample_system(base: Path) -> tuple[Sim, list[str]]:
     """A Qubes root built from the reference qubes.xml: sparse images with a little data for every file-pool
     save_on_stop volume.  Returns the system and the VMs that can be backed up (no LVM volumes)."""
@@ -310,6 +326,7 @@ def _sample_system(base: Path) -> tuple[Sim, list[str]]:
     (sim.dom0 / "pw").write_text(PASSPHRASE + "\n")
     sim.vm_backups.mkdir(parents=True)
     shutil.copy(SAMPLE_XML, sim.qubes_xml)
+    _add_backup_vm(sim)
     coll = sim.collection()
     selectable = []
     for dom in coll.domains:
@@ -337,7 +354,7 @@ def test_backup_of_reference_shaped_system_restores(tmp_path: Path) -> None:
     src, selectable = _sample_system(tmp_path / "ref")
     assert len(selectable) >= 4
     backup = src.backup_to_vm(*selectable)
-    dst = make_fresh(tmp_path / "fresh", src, keep=("dom0",))
+    dst = make_fresh(tmp_path / "fresh", src, keep=("dom0", "backupvm"))
     share_backup(backup, dst)
     r = dst.restore("-d", "backupvm", "--ignore-missing", f"{VM_BACKUPS}/{backup.name}")
     assert r.returncode == 0, r.stderr

@@ -80,8 +80,8 @@ def _apply(fq: FakeQubes, manifest: Manifest, files: list[inner.InnerFile]) -> N
         for piece in inner.write_archive(files):
             ex.feed(piece)
         ex.finish()
-        assert sinks.done is not None
-        sinks.done()
+        if sinks.done is not None:
+            sinks.done()
         applier.commit()
     except BaseException:
         applier.rollback()

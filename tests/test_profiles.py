@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import stat
+import time
 
 import pytest
 import yaml
@@ -103,6 +104,7 @@ def test_save_profile_warns_and_is_reusable(sim: Sim) -> None:
     data = yaml.safe_load(path.read_text())
     assert data == {"include": ["work", "vault"], "exclude": ["vault"], "passphrase_text": PASSPHRASE,
                     "compression": "gzip", "destination_vm": "backupvm", "destination_path": VM_BACKUPS}  # fmt: skip
+    time.sleep(1.1)  # backup names have one-second resolution; the agent never replaces an existing one
     r2 = run_profile(sim, "mine", "-q")
     assert r2.returncode == 0, r2.stderr
     assert archived(read_manifest(sim, result_where(r2.stdout).split(":", 1)[1])) == {"work"}
