@@ -105,18 +105,20 @@ def cleanup_leftovers(qubes: Qubes) -> list[str]:
         for tag in tags:
             if tag.startswith(OWNER_PREFIX) and not _owner_alive(tag):
                 groups.setdefault(tag, []).append((name, IN_PROGRESS in tags))
-    removed: list[str] = []
+    doomed: list[str] = []
     for tag, vms in groups.items():
         if all(in_progress for _, in_progress in vms):
-            _remove_all(qubes, [name for name, _ in vms])
-            removed += [name for name, _ in vms]
+            doomed += [name for name, _ in vms]
         else:  # the commit had started: every VM was complete and verified
             for name, in_progress in vms:
                 if in_progress:
                     qubes.remove_tag(name, IN_PROGRESS)
             for name, _ in vms:
                 qubes.remove_tag(name, tag)
-    return removed
+    # All at once: a VM of one dead restore may use a VM of another (two restores that ran side by side) as
+    # its template or netvm, so removing restore by restore would leave the one that is still referenced.
+    left = _remove_all(qubes, doomed)
+    return [name for name in doomed if name not in left]
 
 
 def _remove_all(qubes: Qubes, names: list[str]) -> list[str]:

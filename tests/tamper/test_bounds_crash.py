@@ -1,43 +1,86 @@
-"""Resource bounds (temp space, dom0 peak RSS) and crash safety of restore and backup (issue #4, items 4-5)."""
+"""Resource bounds (dom0-home staging, memory, dom0 peak RSS) and crash safety of restore and backup (issue #4,
+items 4-5): a restore killed anywhere leaves VMs the next restore identifies (tagged in progress by a dead
+owner) and removes, or, once its commit had started, finishes committing; a dead restore's leftovers are
+removed through qubesd and dom0 is then exactly as before."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from qubes_backup_dom0 import restore
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0 import apply
+from qubes_backup_dom0.apply import IN_PROGRESS, OWNER_PREFIX, STAGING_PREFIX
+from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.qubes import Qubes
 from qubes_backup_dom0.restore import Restore, RestoreOptions
 from qubes_backup_dom0.system import System
 from qubes_backup_sim import simgen
-from qubes_backup_sim.store import write_atomic
 
-from .harness import BIN, CHUNK, PASSPHRASE, VM, World, clone_target, run_restore, snapshot
+from .harness import (
+    BIN,
+    CHUNK,
+    PASSPHRASE,
+    POOL,
+    VM,
+    StreamTransport,
+    World,
+    assert_one_line,
+    assert_unchanged,
+    backup_vm_names,
+    clone_target,
+    encode_stream,
+    fresh_target,
+    home_staging,
+    run_restore,
+    snapshot,
+    vm_state,
+)
 
 RSS_BOUND_MIB = 300
+MEMORY_GROWTH_BOUND_MIB = 64  # decrypted chunks in flight, decompressor window, extractor buffers
 
 
-def _allocated(path: Path) -> int:
+def _allocated(path: Path, skip: Callable[[Path], bool] = lambda p: False) -> int:
     total = 0
-    for dirpath, _, files in os.walk(path):
+    for dirpath, dirnames, files in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not skip(Path(dirpath) / d)]
         for f in files:
-            total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+            if not skip(Path(dirpath) / f):
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
     return total
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def test_staging_holds_restored_data_plus_a_few_chunks(world: World) -> None:
+    """VM data goes straight into volume imports: the only staging is dom0's home beside it (at most its data
+    plus a few chunks), nothing else in dom0 grows but the volumes, and memory stays bounded."""
     system = clone_target(world, "staging")
-    peaks: list[tuple[int, int]] = []
+    volumes = system.dom0_root / "dev"
+    base_other = _allocated(system.dom0_root, lambda p: p == volumes)
+    base_rss = _rss_bytes()
+    peaks: list[tuple[int, int, int]] = []
 
     def progress(done: int, total: int) -> None:
-        for st in system.qubes_root.glob(restore.STAGING_PREFIX + "*"):
-            peaks.append((_allocated(st), done))
+        staged = home_staging(system)
+        in_staging = sum(_allocated(st) for st in staged)
+        other = _allocated(system.dom0_root, lambda p: p == volumes or p in staged) - base_other
+        peaks.append((in_staging, other, _rss_bytes() - base_rss))
 
     job = Restore(system, world.a_location, PASSPHRASE, source_vm=VM, progress=progress)
     try:
@@ -46,10 +89,12 @@ def test_staging_holds_restored_data_plus_a_few_chunks(world: World) -> None:
         job.run()
     finally:
         job.close()
-    assert peaks, "the progress callback never saw the staging area"
-    worst = max(p for p, _ in peaks)
-    assert worst <= plan.data + 4 * CHUNK + (1 << 20), (worst, plan.data)
-    assert not list(system.qubes_root.glob(restore.STAGING_PREFIX + "*"))
+    assert peaks and plan.home is not None, "the progress callback never ran during a home restore"
+    assert max(p for p, _, _ in peaks) <= plan.home.data + 4 * CHUNK + (1 << 20), (peaks, plan.home.data)
+    assert max(o for _, o, _ in peaks) <= 1 << 20, f"dom0 grew outside the volumes: {peaks}"
+    assert max(m for _, _, m in peaks) <= MEMORY_GROWTH_BOUND_MIB << 20, f"memory grew: {peaks}"
+    assert not home_staging(system)
+    assert set(job.restored) == backup_vm_names(world)
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -69,26 +114,18 @@ def test_dom0_peak_rss_bounded(tmp_path: Path) -> None:
     The multi-GiB measurement belongs to the benchmark (bench/); docs/SECURITY.md gives both.
     """
     src = tmp_path / "src"
-    simgen.generate(src, "bench", data_mib=300, apparent_gib=4, pool="file")
+    simgen.generate(src, "bench", data_mib=300, apparent_gib=4, pool=POOL)
     (src / "dom0/pw").write_bytes(PASSPHRASE + b"\n")
     env = {**os.environ, "QUBES_SIM": str(src)}
-    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
+    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024",
                     "/home/user/backups"], env=env, check=True, capture_output=True, timeout=300)  # fmt: skip
     (backup,) = (src / "vms" / VM / "home/user/backups").glob("qubes-backup-*")
-    dst = tmp_path / "dst"
-    fresh = Collection.load(src / "dom0/var/lib/qubes/qubes.xml")
-    for dom in list(fresh.domains):
-        if dom.name not in ("dom0", VM):
-            dom.element.getparent().remove(dom.element)
-    (dst / "dom0/var/lib/qubes").mkdir(parents=True)
-    (dst / "dom0/home/user").mkdir(parents=True)
-    write_atomic(fresh, dst / "dom0/var/lib/qubes/qubes.xml")
-    (dst / "dom0/pw").write_bytes(PASSPHRASE + b"\n")
-    (dst / "vms" / VM / "home/user/backups").mkdir(parents=True)
-    os.link(backup, dst / "vms" / VM / "home/user/backups" / backup.name)
+    dst = fresh_target(tmp_path / "dst")
+    (dst.vm_root(VM) / "home/user/backups").mkdir(parents=True, exist_ok=True)
+    os.link(backup, dst.vm_root(VM) / "home/user/backups" / backup.name)
     proc = subprocess.Popen(
         [str(BIN / "qvm-backup-restore"), "-q", "-y", "-d", VM, "-p", "/pw", f"/home/user/backups/{backup.name}"],
-        env={**os.environ, "QUBES_SIM": str(dst)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "QUBES_SIM": str(dst.sim_dir)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     peak = 0
     while proc.poll() is None:
@@ -103,10 +140,40 @@ def test_dom0_peak_rss_bounded(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------- crash safety
 
-def _child_restore(sim: str, location: str, point: str, k: int) -> None:
-    """Runs in a forked child: a restore that dies (os._exit, like SIGKILL: no cleanup) at ``point``."""
-    system = System(Path(sim), Path(sim) / "dom0", "user")
-    if point == "progress":
+def _die(cls: Any, attr: str, k: int, when: Callable[..., bool] = lambda *a: True, before: bool = False) -> None:
+    """Make ``cls.attr`` end the process (os._exit: like SIGKILL, no cleanup) at its k-th call that ``when``
+    selects: before that call runs, or right after it returned."""
+    orig, seen = getattr(cls, attr), [0]
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hit = when(*args)
+        if hit:
+            seen[0] += 1
+        if hit and before and seen[0] >= k:
+            os._exit(9)
+        result = orig(*args, **kwargs)
+        if hit and not before and seen[0] >= k:
+            os._exit(9)
+        return result
+
+    setattr(cls, attr, wrapper)
+
+
+def _arm(point: str, k: int) -> Callable[[int, int], None] | None:
+    """Install the kill point in this (forked) process; returns the progress callback for "progress"."""
+    if point == "create":  # k VMs created and tagged (both tags)
+        _die(Qubes, "set_tag", k, lambda _q, _vm, tag: tag.startswith(OWNER_PREFIX))
+    elif point == "import":  # in the middle of a volume import (its service process running)
+        _die(apply.ImportSink, "write_at", k)
+    elif point == "last-pass":  # every VM complete, references being set, nothing committed
+        _die(apply.Applier, "_set_reference", k, before=True)
+    elif point == "commit":  # the commit started: k VMs have lost their in-progress tag
+        _die(Qubes, "remove_tag", k, lambda _q, _vm, tag: tag == IN_PROGRESS)
+    elif point == "owner-tags":  # committed, some owner tags still there
+        _die(Qubes, "remove_tag", k, lambda _q, _vm, tag: tag.startswith(OWNER_PREFIX))
+    elif point == "home":  # committed, dom0's home still in its staging directory
+        _die(apply.Applier, "_move_home", k, before=True)
+    elif point == "progress":
         calls = [0]
 
         def progress(done: int, total: int) -> None:
@@ -114,62 +181,154 @@ def _child_restore(sim: str, location: str, point: str, k: int) -> None:
             if calls[0] >= k:
                 os._exit(9)
 
-        job = Restore(system, location, PASSPHRASE, source_vm=VM, progress=progress)
-    else:
-        real_rename = os.rename
-        seen = [0]
+        return progress
+    return None
 
-        def rename(a: object, b: object) -> None:
-            real_rename(a, b)  # type: ignore[arg-type]
-            seen[0] += 1
-            if seen[0] >= k:
-                os._exit(9)
 
-        if point == "commit":
-            restore.os.rename = rename  # type: ignore[assignment]
-        else:  # "before-xml": everything moved in, qubes.xml not yet replaced
-            Collection.write_atomic = lambda self, path: os._exit(9)  # type: ignore[method-assign]
-        job = Restore(system, location, PASSPHRASE, source_vm=VM)
+def _child_restore(sim: str, location: str, point: str, k: int) -> None:
+    """Runs in a forked child: a restore that dies at ``point``."""
+    system = System(Path(sim), Path(sim) / "dom0", "user")
+    job = Restore(system, location, PASSPHRASE, source_vm=VM, progress=_arm(point, k))
     job.open()
     job.plan()
     job.run()
     os._exit(0)
 
 
-@pytest.mark.parametrize(("point", "k"), [("progress", 1), ("progress", 5), ("progress", 20),
-                                          ("commit", 1), ("commit", 3), ("before-xml", 0)])  # fmt: skip
+def _ours(tags: tuple[str, ...]) -> list[str]:
+    return [t for t in tags if t == IN_PROGRESS or t.startswith(OWNER_PREFIX)]
+
+
+def _assert_volumes_registered(system: System) -> None:
+    """Every LV and VM directory belongs to a VM qubesd lists (nothing of a removed VM is left)."""
+    names = set(vm_state(system))
+    vg = system.dom0_root / "dev/qubes_dom0"
+    for lv in (p.name for p in vg.iterdir() if p.is_file()):
+        lv_of = (re.fullmatch(rf"vm-{re.escape(n)}-(private|root|volatile)(-snap|-[0-9]+-back)?", lv) for n in names)
+        assert any(lv_of), f"LV without a VM: {lv}"
+    for d in ("appvms", "vm-templates"):
+        for vm_dir in (system.qubes_root / d).iterdir():
+            assert vm_dir.name in names, f"VM directory without a VM: {vm_dir}"
+
+
+CRASH_POINTS = [("create", 1), ("create", 4), ("progress", 1), ("progress", 5), ("progress", 20), ("import", 3),
+                ("last-pass", 1), ("commit", 1), ("commit", 4), ("owner-tags", 2), ("home", 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("point", "k"), CRASH_POINTS)
 def test_killed_restore_leaves_dom0_consistent_and_next_run_works(world: World, point: str, k: int) -> None:
     system = clone_target(world, f"crash-{point}-{k}")
-    old_xml = system.qubes_xml.read_bytes()
+    before = set(vm_state(system))
+    complete = before | backup_vm_names(world)
     ctx = multiprocessing.get_context("fork")
     child = ctx.Process(target=_child_restore, args=(str(system.sim_dir), world.a_location, point, k))
     child.start()
     child.join(60)
-    assert child.exitcode == 9, child.exitcode
-    # qubes.xml: the old bytes exactly (the commit point is its atomic rename)
-    assert system.qubes_xml.read_bytes() == old_xml
-    # The next run cleans up what the killed one left and restores everything.
-    job = run_restore(system, world.a_location)
-    assert len(job.restored) >= 3
-    left = [p for p in system.qubes_root.iterdir() if p.name.startswith(restore.STAGING_PREFIX)]
-    assert not left
-    registered = set(Collection.load(system.qubes_xml).names())
-    for d in ("appvms", "vm-templates", "servicevms"):
-        for vm_dir in (system.qubes_root / d).glob("*") if (system.qubes_root / d).is_dir() else []:
-            assert vm_dir.name in registered, f"VM directory without registration: {vm_dir}"
+    assert child.exitcode == 9, child.exitcode  # it died where it should have
+    # Every VM the killed restore left is identifiable: each one still tagged in progress carries the dead
+    # restore's owner tag; the others (commit started) are complete.
+    left = {n: t for n, (_c, _s, t) in vm_state(system).items() if n not in before}
+    owners = {t for tags in left.values() for t in tags if t.startswith(OWNER_PREFIX)}
+    assert left and len(owners) <= 1, left
+    assert all(owners and owners <= set(tags) for tags in left.values() if IN_PROGRESS in tags), left
+    commit_started = any(IN_PROGRESS not in tags for tags in left.values())
+    # The next restore's open() cleans up: the VM list is as before or, if the commit had started, complete.
+    job = Restore(system, world.a_location, PASSPHRASE, source_vm=VM)
+    try:
+        job.open()
+        state = vm_state(system)
+    finally:
+        job.close()
+    assert set(state) == (complete if commit_started else before), (point, k, sorted(state))
+    assert not any(_ours(tags) for _c, _s, tags in state.values()), state
+    assert not home_staging(system)
+    _assert_volumes_registered(system)
+    # ... and then works (restoring a second copy beside a completed one).
+    job = run_restore(system, world.a_location, options=RestoreOptions(rename_conflicting=commit_started))
+    assert len(job.restored) == len(backup_vm_names(world))
+    state = vm_state(system)
+    assert len(state) == len(complete) + (len(job.restored) if commit_started else 0)
+    assert not any(_ours(tags) for _c, _s, tags in state.values()), state
+    assert not home_staging(system) and job.home_restored_to is not None
+    _assert_volumes_registered(system)
 
 
-def test_cleanup_of_a_dead_restores_staging_dir(world: World) -> None:
-    """A staging dir of a dead pid (kill -9 mid-data) is removed by the next restore, nothing else is."""
-    system = clone_target(world, "stale")
-    stale = system.qubes_root / f"{restore.STAGING_PREFIX}999999-deadbeef"
-    (stale / "vm1").mkdir(parents=True)
-    (stale / "vm1" / "junk").write_bytes(b"x" * 1000)
+# -------------------------------------------------------------------------------- leftovers of a dead restore
+
+DEAD_OWNER = f"{OWNER_PREFIX}999999999-1-deadbeef"  # no such process
+
+
+def _own_dead_owner() -> str:
+    """This process, but a restore of it that is not running (its nonce is not registered live)."""
+    return f"{OWNER_PREFIX}{os.getpid()}-{apply._proc_start(os.getpid())}-0badc0de"
+
+
+def _leftover(q: Qubes, klass: str, name: str, template: str | None, *tags: str) -> None:
+    q.create_vm(klass, name, "red", template)
+    for tag in tags:
+        q.set_tag(name, tag)
+
+
+@contextlib.contextmanager
+def _live_process() -> Iterator[str]:
+    """Another process that is alive: an owner tag (PID-START-NONCE) naming it."""
+    proc = subprocess.Popen(["sleep", "120"])
+    try:
+        yield f"{OWNER_PREFIX}{proc.pid}-{apply._proc_start(proc.pid)}-cafef00d"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_leftover_vms_of_a_dead_restore_are_removed(world: World) -> None:
+    """VMs killed restores left (created through qubesd, tagged in progress by owners that are dead), with
+    data imported and a dom0-home staging: the next restore removes them all, even when it then fails
+    itself, and dom0 is exactly as before they were made.  Two dead restores, one's VM based on the
+    other's template (they ran side by side): removed together, whatever the order."""
+    system = clone_target(world, "leftovers")
     before = snapshot(system)
-    removed = restore.cleanup_stale_staging(system)
-    assert removed == [stale] and not stale.exists()
-    gone = {str(p.relative_to(system.dom0_root)) for p in [stale, stale / "vm1", stale / "vm1/junk"]}
-    assert set(before) - set(snapshot(system)) == gone
+    q = Qubes(system)
+    _leftover(q, "TemplateVM", "lost-tpl", None, IN_PROGRESS, DEAD_OWNER)
+    _leftover(q, "AppVM", "lost-app", "lost-tpl", IN_PROGRESS, DEAD_OWNER)  # depends on lost-tpl
+    _leftover(q, "AppVM", "lost-own", "lost-tpl", IN_PROGRESS, _own_dead_owner())
+    imp = q.import_volume("lost-tpl", "root", 3 * CHUNK)
+    imp.write(b"\x5a" * CHUNK)
+    imp.write_zeros(2 * CHUNK)
+    imp.finish()
+    stale = system.home_dir / f"{STAGING_PREFIX}999999999-1-deadbeef"
+    (stale / "vm0/home/user").mkdir(parents=True)
+    (stale / "vm0/home/user/junk").write_bytes(b"x" * 1000)
+    assert {"lost-tpl", "lost-app", "lost-own"} <= set(vm_state(system))
+    # A tampered backup: the restore fails after creating its own VMs; the leftovers go first all the same.
+    members = list(world.a)
+    i = next(i for i, (n, _) in enumerate(members) if n == "vm6/000001")
+    members[i] = (members[i][0], members[i][1][:-1] + bytes([members[i][1][-1] ^ 1]))
+    stream = world.base / "leftovers.bin"
+    stream.write_bytes(encode_stream(members))
+    with pytest.raises(BackupError) as e:
+        run_restore(system, world.a_location, StreamTransport(stream))
+    assert_one_line(str(e.value))
+    assert_unchanged(system, before)
+
+
+def test_vms_of_live_or_committing_restores_are_kept(world: World) -> None:
+    """Not leftovers: VMs of a live restore of another process (and its staging), VMs tagged in progress
+    without an owner of ours; a dead restore whose commit had started is finished, not undone."""
+    system = clone_target(world, "not-leftovers")
+    q = Qubes(system)
+    with _live_process() as live:
+        _leftover(q, "TemplateVM", "live-tpl", None, IN_PROGRESS, live)
+        live_staging = system.home_dir / (STAGING_PREFIX + live[len(OWNER_PREFIX) :])
+        (live_staging / "vm0").mkdir(parents=True)
+        _leftover(q, "TemplateVM", "foreign-tpl", None, IN_PROGRESS)  # e.g. Qubes' own restore's
+        _leftover(q, "TemplateVM", "half-tpl", None, DEAD_OWNER)  # already committed ...
+        _leftover(q, "AppVM", "half-app", "half-tpl", IN_PROGRESS, DEAD_OWNER)  # ... when it was killed
+        job = run_restore(system, world.a_location)
+        state = vm_state(system)
+        assert set(job.restored) == backup_vm_names(world)
+        assert _ours(state["live-tpl"][2]) == sorted([IN_PROGRESS, live]) and live_staging.is_dir()
+        assert state["foreign-tpl"][2].count(IN_PROGRESS) == 1
+        assert not _ours(state["half-tpl"][2]) and not _ours(state["half-app"][2])
 
 
 def _children(pid: int) -> list[int]:
@@ -208,9 +367,8 @@ def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, dela
     dest.mkdir()
     env = world.env(world.src, QUBES_BACKUP_TIMEOUT="5")
     proc = subprocess.Popen(
-        [str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
-         "--chunk-size", str(CHUNK), f"/home/user/{dest.name}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--chunk-size", str(CHUNK),
+         f"/home/user/{dest.name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     frozen = _freeze_when_written(proc, dest, delay)  # ``delay``: bytes the backup VM got before the kill
     if side == "dom0":

@@ -1,7 +1,9 @@
 """Frame-level attacks: a fake agent sends a real backup's members, bent, straight as frames.
 
-Cases are named symbolically (member kinds such as ``vm2:last``) and resolved against the real backup at
-run time, so the same list stays meaningful when the simulated system changes.
+Cases are named symbolically (member kinds such as ``vm5:last``) and resolved against the real backup at
+run time, so the same list stays meaningful when the simulated system changes.  ``vm5`` and ``vm6`` are the
+multi-chunk VM archives in the middle of the backup (the second template and the StandaloneVM, in the restore
+order of FORMAT.md section 6; ``harness.build_world`` checks they have several chunks).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from .harness import Members, OrderGuard, World, encode_stream, refuse_stream
 # Member kinds: every kind of the format, and chunks at the start, middle and end of a multi-chunk archive.
 KINDS = [
     "backup-header", "backup-header.hmac", "manifest", "manifest.hmac",
-    "vm0/000000", "vm1/000000", "vm2:mid", "vm2:last", "vm2:mid.hmac", "vm2/trailer", "vm2/trailer.hmac",
-    "vm3:last.hmac",
+    "vm0/000000", "vm1/000000", "vm5:mid", "vm5:last", "vm5:mid.hmac", "vm5/trailer", "vm5/trailer.hmac",
+    "vm6:last.hmac",
 ]  # fmt: skip
 WHERE = ["first", "middle", "last"]
 
@@ -118,40 +120,40 @@ def _archive(members: Members, archive: str) -> list[int]:
 
 @pytest.mark.parametrize(
     "case",
-    ["drop-archive-vm2", "drop-last-archive", "drop-home-archive", "archives-reordered", "archives-renamed",
-     "no-end", "end-twice", "extra-member-after-end", "chunks-of-vm2-reversed", "pair-swap-vm2",
+    ["drop-archive-vm5", "drop-last-archive", "drop-home-archive", "archives-reordered", "archives-renamed",
+     "no-end", "end-twice", "extra-member-after-end", "chunks-of-vm5-reversed", "pair-swap-vm5",
      "only-header", "empty", "end-only", "trailer-first"],
 )  # fmt: skip
 def test_archive_level(world: World, guard: OrderGuard, case: str) -> None:
     members = list(world.a)
     end = True
     extra = b""
-    if case == "drop-archive-vm2":
-        members = [m for m in members if not m[0].startswith("vm2/")]
+    if case == "drop-archive-vm5":
+        members = [m for m in members if not m[0].startswith("vm5/")]
     elif case == "drop-last-archive":
         last = members[-1][0].split("/")[0]
         members = [m for m in members if not m[0].startswith(last + "/")]
     elif case == "drop-home-archive":
         members = [m for m in members if not m[0].startswith("vm0/")]
     elif case == "archives-reordered":
-        one, two = _archive(members, "vm1"), _archive(members, "vm2")
+        one, two = _archive(members, "vm1"), _archive(members, "vm5")
         members = members[: one[0]] + [members[i] for i in two] + [members[i] for i in one] + members[two[-1] + 1 :]
-    elif case == "archives-renamed":  # vm1's members renamed vm2 and vice versa, MACs and all
-        members = [(n.replace("vm1/", "vmX/").replace("vm2/", "vm1/").replace("vmX/", "vm2/"), d) for n, d in members]
+    elif case == "archives-renamed":  # vm1's members renamed vm5 and vice versa, MACs and all
+        members = [(n.replace("vm1/", "vmX/").replace("vm5/", "vm1/").replace("vmX/", "vm5/"), d) for n, d in members]
     elif case == "no-end":
         end = False
     elif case == "end-twice":
         extra = frames.encode(FrameType.END)
     elif case == "extra-member-after-end":
         extra = frames.encode(FrameType.MEMBER, members[-2][0], members[-2][1])
-    elif case == "chunks-of-vm2-reversed":
-        idx = [i for i in _archive(members, "vm2") if not members[i][0].endswith(("trailer", "trailer.hmac"))]
+    elif case == "chunks-of-vm5-reversed":
+        idx = [i for i in _archive(members, "vm5") if not members[i][0].endswith(("trailer", "trailer.hmac"))]
         pairs = [(members[a], members[a + 1]) for a in idx[::2]][::-1]
         flat = [m for p in pairs for m in p]
         for k, i in enumerate(idx):
             members[i] = flat[k]
-    elif case == "pair-swap-vm2":  # chunk 1 and 2 exchange positions, each with its own MAC
-        a, b = index_of(members, "vm2/000001"), index_of(members, "vm2/000002")
+    elif case == "pair-swap-vm5":  # chunk 1 and 2 exchange positions, each with its own MAC
+        a, b = index_of(members, "vm5/000001"), index_of(members, "vm5/000002")
         members[a : a + 2], members[b : b + 2] = members[b : b + 2], members[a : a + 2]
     elif case == "only-header":
         members = members[:2]
@@ -170,10 +172,10 @@ def test_archive_level(world: World, guard: OrderGuard, case: str) -> None:
 # ----------------------------------------------------------------------- swaps of contents, transplants
 
 SWAPS = [
-    ("vm2/000001", "vm2/000002", False), ("vm2/000001", "vm2/000002", True),
-    ("vm1/000000", "vm2/000000", False), ("vm1/000000", "vm2/000000", True),
-    ("backup-header.hmac", "manifest.hmac", False), ("vm1/trailer", "vm2/trailer", True),
-    ("vm1/trailer", "vm3/trailer", False), ("vm0/000000", "vm3/000000", True),
+    ("vm5/000001", "vm5/000002", False), ("vm5/000001", "vm5/000002", True),
+    ("vm1/000000", "vm5/000000", False), ("vm1/000000", "vm5/000000", True),
+    ("backup-header.hmac", "manifest.hmac", False), ("vm1/trailer", "vm5/trailer", True),
+    ("vm1/trailer", "vm6/trailer", False), ("vm0/000000", "vm6/000000", True),
 ]  # fmt: skip
 
 
@@ -186,8 +188,8 @@ def test_swap_contents_keep_names(world: World, guard: OrderGuard, x: str, y: st
     refuse_members(world, members)
 
 
-TRANSPLANTS = [*KINDS, "pair=vm1/000001", "pair=vm2/trailer", "pair=manifest", "pair=backup-header",
-               "archive=vm2", "tail=manifest", "head=vm1"]  # fmt: skip
+TRANSPLANTS = [*KINDS, "pair=vm1/000001", "pair=vm5/trailer", "pair=manifest", "pair=backup-header",
+               "archive=vm5", "tail=manifest", "head=vm1"]  # fmt: skip
 
 
 @pytest.mark.parametrize("what", TRANSPLANTS)
