@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +82,13 @@ def parse_reply(data: bytes, method: str, dest: str) -> bytes:
 class AdminAPI:
     """One connection per call, as qubesadmin does; ``timeout`` bounds connecting and each read."""
 
-    def __init__(self, socket_path: str | Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, socket_path: str | Path, timeout: float = DEFAULT_TIMEOUT,
+                 restart: Callable[[], Path] | None = None) -> None:  # fmt: skip
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        # In simulation only: qubesd is started on demand and exits when idle, so a refused connection starts
+        # it again (a real qubesd is a system service: there a refused connection is an error).
+        self._restart = restart
 
     def call(self, method: str, dest: str = "dom0", arg: str = "", payload: bytes = b"") -> bytes:
         """Send one request; the reply's DATA on success."""
@@ -101,7 +106,13 @@ class AdminAPI:
         try:
             sock.settimeout(self.timeout)
             try:
-                sock.connect(self.socket_path)
+                try:
+                    sock.connect(self.socket_path)
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if self._restart is None:
+                        raise
+                    self.socket_path = str(self._restart())
+                    sock.connect(self.socket_path)
             except OSError as exc:
                 raise AdminAPIError(
                     f"cannot reach qubesd at {self.socket_path}: {exc.strerror or exc}"

@@ -45,7 +45,10 @@ _ZEROS = bytes(1 << 20)
 class Qubes:
     def __init__(self, system: System, api: AdminAPI | None = None) -> None:
         self.system = system
-        self.api = api if api is not None else AdminAPI(system.admin_socket())
+        if api is None:
+            restart = system.admin_socket if system.simulated and not system.admin_socket_override else None
+            api = AdminAPI(system.admin_socket(), restart=restart)
+        self.api = api
 
     # ------------------------------------------------------------------------------------------- reading
     def vm_list(self) -> dict[str, tuple[str, str]]:

@@ -68,6 +68,9 @@ class Api:
         self.storage = Storage(store, host_paths)
         self.notes = notes
         self.current_method = ""
+        # (vm, volume) between ImportBegin and ImportEnd: while one is open the server does not idle out (an
+        # import service writes for as long as the data takes, without talking to qubesd)
+        self.imports_open: set[tuple[str, str]] = set()
 
     @property
     def coll(self) -> Collection:
@@ -487,6 +490,7 @@ def import_begin(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     if not vol.save_on_stop:
         raise ApiError("StoragePoolException", f"Can not import into save_on_stop=False volume {dom.name}:{arg}")
     path = self.storage.import_begin(dom, vol, int(text))
+    self.imports_open.add((dom.name, arg))
     return f"{int(text)} {path}"
 
 
@@ -498,6 +502,7 @@ def import_end(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     ok = payload == b"ok"
     if not ok and not (payload == b"fail" or payload.startswith(b"fail\n")):
         raise protocol_error("ImportEnd payload must be ok or fail")
+    self.imports_open.discard((dom.name, arg))
     self.storage.import_end(dom, vol, ok)
     if not ok:
         self.store.save()

@@ -92,6 +92,9 @@ def _recv_request(conn: socket.socket) -> bytes | None:
             return None
 
 
+IMPORT_IDLE = 900.0
+
+
 class Server:
     def __init__(self, sim_dir: Path, sock_path: Path, *, host_paths: bool = False, log: Path | None = None,
                  idle: float = 15.0, notes: bool = True) -> None:  # fmt: skip
@@ -138,7 +141,10 @@ class Server:
             while True:
                 ready, _, _ = select.select([srv], [], [], 0.5)
                 if not ready:
-                    if time.monotonic() - last > self.idle or not self.sim_dir.is_dir():
+                    # An open import keeps it up (for at most IMPORT_IDLE without a request: a killed import
+                    # service never ends its import).
+                    limit = IMPORT_IDLE if self.api.imports_open else self.idle
+                    if time.monotonic() - last > limit or not self.sim_dir.is_dir():
                         return
                     continue
                 conn, _ = srv.accept()

@@ -117,7 +117,7 @@ def test_dom0_peak_rss_bounded(tmp_path: Path) -> None:
     simgen.generate(src, "bench", data_mib=300, apparent_gib=4, pool=POOL)
     (src / "dom0/pw").write_bytes(PASSPHRASE + b"\n")
     env = {**os.environ, "QUBES_SIM": str(src)}
-    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024",
+    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
                     "/home/user/backups"], env=env, check=True, capture_output=True, timeout=300)  # fmt: skip
     (backup,) = (src / "vms" / VM / "home/user/backups").glob("qubes-backup-*")
     dst = fresh_target(tmp_path / "dst")
@@ -367,8 +367,9 @@ def test_killed_backup_leaves_no_backup_named_file(world: World, side: str, dela
     dest.mkdir()
     env = world.env(world.src, QUBES_BACKUP_TIMEOUT="5")
     proc = subprocess.Popen(
-        [str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--chunk-size", str(CHUNK),
-         f"/home/user/{dest.name}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
+         "--chunk-size", str(CHUNK), f"/home/user/{dest.name}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     frozen = _freeze_when_written(proc, dest, delay)  # ``delay``: bytes the backup VM got before the kill
     if side == "dom0":

@@ -121,7 +121,7 @@ def test_rename_conflicting_keeps_references_on_the_right_copies(tmp_path: Path)
                 for name, (klass, _s) in qs.vm_list().items() if klass != "AdminVM" and name != VM}  # fmt: skip
     assert explicit["work"]["netvm"] == "sys-firewall" and explicit["personal"]["netvm"] == "sys-firewall1"
     (src.dom0_root / "pw").write_bytes(PASSPHRASE + b"\n")
-    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024",
+    subprocess.run([str(BIN / "qvm-backup"), "-q", "-y", "-d", VM, "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
                     "/home/user/backups"], env={**os.environ, "QUBES_SIM": str(src.sim_dir)}, check=True,
                    capture_output=True, timeout=120)  # fmt: skip
     (backup,) = (src.vm_root(VM) / "home/user/backups").glob("qubes-backup-*")
