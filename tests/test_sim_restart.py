@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import Sim
 from qubes_backup_dom0.qubes import Qubes
 from qubes_backup_sim import launch, simgen
-
-from conftest import Sim
 
 
 def test_qubes_survives_an_idle_exit_of_the_simulated_qubesd(tmp_path: Path) -> None:
