@@ -8,6 +8,7 @@ text), a bounded time, and nothing named like a backup left behind.
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,8 @@ from qubes_backup_dom0 import crypto
 
 from .harness import BIN, VM, OrderGuard, World, assert_one_line, encode_stream, refuse_stream
 from .test_hostile import with_header_values
+
+REPO = Path(__file__).resolve().parents[2]
 
 # ---------------------------------------------------------------------------------- the KDF ceiling (item 7)
 
@@ -91,9 +94,11 @@ COMMIT_REPLIES = {
 
 
 def fake_agent(tmp_path: Path, body: str) -> Path:
+    """A hostile qubes.Backup; qubes.Restore is the real one (qvm-backup lists the location with it first)."""
     rpc = tmp_path / "rpc"
     rpc.mkdir(exist_ok=True)
     (rpc / "qubes.Backup").write_text(body)
+    shutil.copy(REPO / "rpc-policy" / "qubes.Restore", rpc / "qubes.Restore")
     return rpc
 
 
