@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,37 @@ from .. import confine
 
 class StorageError(Exception):
     """A one-line, user-facing storage failure (sent to dom0 as an ERROR frame)."""
+
+
+class SeekableReader(io.RawIOBase):
+    """A read-only file whose reads are ranged requests (S3, ssh): ``pos`` and ``size`` kept here; a
+    subclass sets ``size`` and implements ``readinto`` at ``pos``."""
+
+    pos = 0
+    size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self.pos + offset
+        elif whence == io.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if pos < 0:
+            raise OSError("negative seek position")
+        self.pos = pos
+        return pos
 
 
 class Sink(Protocol):

@@ -11,7 +11,7 @@ import io
 import os
 from typing import Any, BinaryIO
 
-from . import StorageError
+from . import SeekableReader, StorageError
 
 PART_SIZE = 8 << 20  # S3's minimum part size is 5 MiB (except the last part)
 MIN_PART_SIZE = 5 << 20
@@ -138,7 +138,7 @@ class _ReadError(OSError):
     """A read failure that retrying cannot fix."""
 
 
-class RangeReader(io.RawIOBase):
+class RangeReader(SeekableReader):
     """A seekable read-only file over one S3 object: each read is an HTTP Range GET.
 
     tarfile in seekable mode then skips unwanted members without downloading them.
@@ -163,28 +163,6 @@ class RangeReader(io.RawIOBase):
         self.etag: str | None = head.get("ETag")
         self.pos = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self.pos + offset
-        elif whence == io.SEEK_END:
-            pos = self.size + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
-        if pos < 0:
-            raise OSError("negative seek position")
-        self.pos = pos
-        return pos
 
     def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")

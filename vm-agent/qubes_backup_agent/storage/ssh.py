@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .. import confine
-from . import StorageError
+from . import SeekableReader, StorageError
 
 SCHEME = "ssh://"
 CONFIG_ENV = "QUBES_AGENT_SSH_CONFIG"  # an ssh config file (a path inside the VM) instead of ~/.ssh/config
@@ -531,7 +531,7 @@ class _Session:
         return OSError(describe_failure(self.client.target, rc, self.tail.text(), f"reading {self.doing}"))
 
 
-class RemoteReader(io.RawIOBase):
+class RemoteReader(SeekableReader):
     """A seekable read-only file over ssh: reads are ranged requests to one remote reader (``_Session``).
 
     Each request asks for what the read that needs it wants (at least FIRST_WINDOW), twice the previous
@@ -554,28 +554,6 @@ class RemoteReader(io.RawIOBase):
         self.reply_end = 0  # ... and where it ends (equal: no reply pending)
         self.last_window = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            pos = offset
-        elif whence == io.SEEK_CUR:
-            pos = self.pos + offset
-        elif whence == io.SEEK_END:
-            pos = self.size + offset
-        else:
-            raise ValueError(f"bad whence {whence}")
-        if pos < 0:
-            raise OSError("negative seek position")
-        self.pos = pos
-        return pos
 
     def _session(self) -> _Session:
         if self.session is None:
