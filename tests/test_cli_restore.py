@@ -301,10 +301,14 @@ def test_d_skip_broken_and_ignore_missing(fresh: tuple[Sim, str], source_backup:
 # ---------------------------------------------------------------------------------------------- reference
 
 def _add_backup_vm(sim: Sim) -> None:
-    """The sample has no VM to back up into: add one (not backed up itself), as a user would have."""
+    """The sample has no VM to back up into: add one (not backed up itself), as a user would have.  Its
+    volumes shrink to 64 MiB: a restore streams every volume's full size into the import (70 GiB here)."""
     from lxml import etree
 
     tree = etree.parse(str(sim.qubes_xml))
+    for vol in tree.getroot().iter("volume"):
+        if vol.get("size"):
+            vol.set("size", str(64 << 20))
     domains = tree.getroot().find("domains")
     assert domains is not None
     dom = etree.SubElement(domains, "domain", id="domain-99")
