@@ -106,6 +106,13 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("chunk size out of range")
         options = BackupOptions(compression=compression, kdf_n=args.kdf_n, chunk_size=args.chunk_size)
     plan = plan_backup(system, args.vms, args.exclude)
+    try:  # the plan holds the volumes' snapshots from the scan until each archive is written
+        return _confirm_and_run(args, system, options, plan)
+    finally:
+        plan.close()
+
+
+def _confirm_and_run(args: argparse.Namespace, system: System, options: BackupOptions, plan: BackupPlan) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     if not confirm("Do you want to proceed with the backup?", args.yes):
