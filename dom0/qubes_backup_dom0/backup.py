@@ -32,6 +32,7 @@ from .qubesxml import Collection, Domain
 from .system import System
 from .text import has_unsafe_chars
 
+PLAN_THREADS = 2  # VMs planned at once (snapshot + scan)
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total), data bytes (holes excluded)
 
 
@@ -185,8 +186,12 @@ class PlannedVolume:
     stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the open fd at the scan
     held: contextlib.ExitStack | None = None
 
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
     def release(self) -> None:
-        held, self.held, self.fd = self.held, None, None
+        """Close the held reader (remove the snapshot); idempotent, callable from any thread."""
+        with self._lock:
+            held, self.held, self.fd = self.held, None, None
         if held is not None:
             held.close()
 
@@ -242,12 +247,16 @@ def _changed(pv: PlannedVolume) -> BackupError:
 
 
 @contextlib.contextmanager
-def attached_volumes(system: System, archive: PlannedArchive) -> Iterator[None]:
-    """Attach the archive's volumes (held since planning) while it is read; release them right after."""
+def attached_volumes(
+    system: System, archive: PlannedArchive, release: Callable[[PlannedVolume], None] | None = None
+) -> Iterator[None]:
+    """Attach the archive's volumes (held since planning) while it is read; release them right after, through
+    ``release`` when given (the backup removes snapshots on a background thread while the next archive is
+    read)."""
     with contextlib.ExitStack() as stack:
         try:
             for pv in archive.volumes:
-                stack.callback(pv.release)
+                stack.callback(release or PlannedVolume.release, pv)
                 if pv.fd is not None:
                     if _fd_stamp(pv.fd) != pv.stamp:  # an image written in place (file pool, VM started)
                         raise _changed(pv)
@@ -311,10 +320,17 @@ def plan_backup(
         pools.remove_leftover_snapshots(system)  # of a killed earlier run
     mtime = int(time.time())
     try:
-        for number, dom in enumerate(restore_order(collection, vms), start=1):
-            archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, [])
-            plan.archives.append(archive)
-            archive.files = _vm_files(system, qubes, collection, dom, vm_states[dom.name][1], mtime, archive.volumes)
+        # Two VMs at a time: one's snapshot (an lvm process, mostly waiting) overlaps the other's scan.
+        with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
+            jobs = []
+            for number, dom in enumerate(restore_order(collection, vms), start=1):
+                archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, [])
+                plan.archives.append(archive)
+                state = vm_states[dom.name][1]
+                jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
+                                                  archive.volumes)))  # fmt: skip
+            for archive, job in jobs:
+                archive.files = job.result()
         if not plan.archives:
             raise UsageError("nothing to back up: no VM selected")
     except BaseException:
@@ -483,6 +499,13 @@ def write_backup(
             progress(min(done, total), total)
 
     zstd_ctx = zstd_compressor(options.workers) if options.compression == "zstd" else None
+    # Snapshots of a written archive are removed (an lvm process each) while the next archive is read.
+    releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release")
+    released: list[Future[None]] = []
+
+    def release(pv: PlannedVolume) -> None:
+        released.append(releaser.submit(pv.release))
+
     try:
         with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="seal") as pool:
 
@@ -491,7 +514,7 @@ def write_backup(
 
             for archive in plan.archives:
                 chunker = Chunker(options.compression, options.chunk_size, pool=plain_pool, zstd_ctx=zstd_ctx)
-                with attached_volumes(plan.system, archive):  # snapshots live while this archive is read
+                with attached_volumes(plan.system, archive, release):  # snapshots live while it is read
                     trailer = _stream_archive(archive, chunker, report, seal)
                 tname = names.trailer_name(archive.member)
                 put(pool.submit(_seal_trailer, keys_future, tname, trailer))
@@ -501,7 +524,11 @@ def write_backup(
             check()
     except BaseException:
         _stop_writer(stop, sink, pending, wthread)
+        releaser.shutdown(wait=True)
         raise
+    releaser.shutdown(wait=True)
+    for f in released:
+        f.result()  # a snapshot that could not be removed fails the backup, as before
     if writer_error:
         raise writer_error[0]
     outer.close()
