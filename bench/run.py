@@ -1132,9 +1132,8 @@ def chart(report: Report) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_docs(report: Report, text: str) -> None:
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+def payload(report: Report) -> dict[str, object]:
+    return {
         "machine": report.machine,
         "dataset": report.dataset,
         "cases": [dict(asdict(c), mbps=round(c.mbps, 1)) for c in report.cases],
@@ -1142,7 +1141,11 @@ def write_docs(report: Report, text: str) -> None:
         "limits": report.limits.rates,
         "extra": report.extra,
     }
-    RESULTS_JSON.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_docs(report: Report, text: str) -> None:
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(payload(report), indent=2) + "\n")
     CHART_SVG.write_text(chart(report))
     block = f"{BEGIN}\n{text}\n\n![throughput](performance/throughput.svg)\n{END}"
     doc = PERF_MD.read_text() if PERF_MD.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
@@ -1224,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:
         written = ", ".join(str(p.relative_to(REPO)) for p in (RESULTS_JSON, CHART_SVG, PERF_MD))
         print(f"\nwritten: {written}")
     else:
-        (work / "results.json").write_text(json.dumps([asdict(c) for c in report.cases], indent=2) + "\n")
+        (work / "results.json").write_text(json.dumps(payload(report), indent=2) + "\n")
         (work / "throughput.svg").write_text(chart(report))
     stop_qubesd(bench.src)
     shutil.rmtree(bench.src, ignore_errors=True)
