@@ -10,6 +10,7 @@ import shlex
 import shutil
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -505,3 +506,51 @@ def test_agent_caps_its_memory_when_reading_a_file(system: System) -> None:
         assert line.split()[3:5] == [str(restore_service.MEMORY_LIMIT)] * 2, line
         assert finish_restore(ch, ["vm1"]) == members[4:]
         assert ch.wait(10) == 0
+
+
+def test_backup_spliced_frames_store_exact_bytes(system: System) -> None:
+    """DATA frames of every size (empty, one byte, odd, the largest) arrive in the file byte for byte, also
+    when they go from the pipe into the file with splice(2) (the entry point's stdin is spliceable)."""
+    rnd = os.urandom(frames.MAX_DATA_FRAME)
+    chunks = [b"", b"x", rnd[:65535], rnd, rnd[:3 * 65536 + 7], b"", rnd[: frames.MAX_DATA_FRAME - 1]]
+    reply, rc, err = backup(system, "/home/user/backups", chunks)
+    assert rc == 0 and reply is not None and reply.type == FrameType.DONE, err
+    assert (vm_home(system) / "backups" / BACKUP_NAME).read_bytes() == b"".join(chunks)
+
+
+def test_receive_stream_splices_after_the_buffered_part(tmp_path: Path) -> None:
+    """What the buffered reader already holds goes first, the rest is spliced: order and bytes kept; a stream
+    that ends inside a frame is an early end."""
+    from qubes_backup_agent import backup_service
+    from qubes_backup_agent.handover import _Replayed
+
+    data = [os.urandom(n) for n in (10, 200_000, 1, 70_000)]
+    raw = b"".join(frames.encode(FrameType.DATA, "", d) for d in data) + frames.encode(FrameType.COMMIT)
+    r, w = os.pipe()
+
+    def feed() -> None:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(w, view) :]
+        os.close(w)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    sink = DirectorySink(tmp_path, BACKUP_NAME, tmp_path)
+    stdin = io.BufferedReader(_Replayed(b"", r), buffer_size=1 << 16)
+    backup_service.receive_stream(stdin, sink)  # type: ignore[arg-type]
+    writer.join()
+    os.close(r)
+    sink.commit()
+    assert (tmp_path / BACKUP_NAME).read_bytes() == b"".join(data)
+    r, w = os.pipe()  # a stream that ends inside a spliced frame: refused like a short read
+    os.write(w, frames.encode(FrameType.DATA, "", bytes(100_000))[:60_000])  # fits in the pipe
+    os.close(w)
+    short = DirectorySink(tmp_path, BACKUP_NAME + "0", tmp_path)
+    with pytest.raises(frames.ProtocolError, match="stream ended inside a frame"):
+        backup_service.receive_stream(io.BufferedReader(_Replayed(b"", r)), short)  # type: ignore[arg-type]
+    short.abort()
+    os.close(r)
+    with pytest.raises(backup_service._EarlyEnd):  # no COMMIT
+        backup_service.receive_stream(io.BytesIO(frames.encode(FrameType.DATA, "", b"abc")),
+                                      DirectorySink(tmp_path, BACKUP_NAME + "1", tmp_path))  # fmt: skip

@@ -730,3 +730,25 @@ def test_mutations_same_verdict_in_both_modes(
         b[pos] ^= 0x10
         with pytest.raises(VerificationError):
             extract(None, files, bytes(b))
+
+
+def test_write_archive_reuse_gives_the_same_stream(tmp_path: Path) -> None:
+    """reuse=True (pieces are views of one buffer) yields the same bytes when each piece is used at once."""
+    from qubes_backup_dom0.inner import InnerFile
+
+    img = tmp_path / "v.img"
+    with open(img, "wb") as f:
+        f.truncate(9 << 20)
+        f.seek(1 << 20)
+        f.write(os.urandom(5 << 20) + b"tail")
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        f1 = InnerFile.from_fd("appvms/x/private.img", fd, os.fstat(fd).st_size, "x")
+        f1.fd = fd
+        plain = b"".join(write_archive([f1]))
+        reused = bytearray()
+        for piece in write_archive([f1], read_size=1 << 20, reuse=True):
+            reused += piece  # used before the next piece is asked for
+    finally:
+        os.close(fd)
+    assert bytes(reused) == plain

@@ -254,3 +254,60 @@ def test_volume_import_size_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(BackupError, match="more than"):
         VolumeImport(system, "vm1", "private", 1, "/x.sock").write(b"12")
     assert not (tmp_path / "vm1").exists()
+
+
+def test_scan_zeros_parallel_matches_serial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large regions are scanned by several threads; the runs (merged across the parts) are the serial ones."""
+    rnd = random.Random(7)
+    pieces = [(rnd.randrange(0, 40 << 20) // G * G + rnd.randrange(G), os.urandom(rnd.randrange(1, 3 * G)))
+              for _ in range(60)]  # fmt: skip
+    pieces.append(((20 << 20) - 5, os.urandom(4 * G)))  # data across a part boundary
+    src = _file(tmp_path / "v.img", 48 << 20, pieces)
+    with open(src, "r+b") as f:  # dense: written zeros between the data, no holes for SEEK_DATA to skip
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(data)
+    serial = _scan(src)
+    monkeypatch.setattr(inner, "SCAN_PARALLEL_MIN", 1 << 20)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert _scan(src) == serial
+    assert sum(n for _, n in serial) < 48 << 20
+
+
+def test_blockdev_model_reads_holes_as_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """QUBES_SIM_BLOCKDEV=1 (simulation only) skips SEEK_DATA: holes are read and found zero, same result."""
+    src = _file(tmp_path / "v.img", 16 << 20, [(3 * G + 5, b"x" * 100), ((8 << 20), os.urandom(G))])
+    expected = _scan(src)
+    calls: list[int] = []
+    real = inner._scan_fd
+    monkeypatch.setattr(inner, "_scan_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    monkeypatch.setenv("QUBES_SIM_BLOCKDEV", "1")
+    monkeypatch.delenv("QUBES_SIM", raising=False)
+    assert _scan(src) == expected and calls  # not in simulation: the variable is ignored
+    calls.clear()
+    monkeypatch.setenv("QUBES_SIM", str(tmp_path))
+    # every byte read: whole granules where the data is (SEEK_DATA's map is block-granular, finer)
+    assert _scan(src) == [(3 * G, G), (8 << 20, G)] and not calls
+
+
+def test_buffer_pool_and_chunker_copy_borrowed_input() -> None:
+    """Without compression the chunks are pooled buffers filled by copying: a reused input buffer can be
+    overwritten right after feed() without changing a chunk; buffers given back are handed out again."""
+    from qubes_backup_dom0.chunking import BufferPool, Chunker
+
+    pool = BufferPool(1 << 16, keep=2)
+    chunker = Chunker("none", 1 << 16, pool=pool)
+    buf = bytearray(40_000)
+    chunks = []
+    for i in range(5):
+        buf[:] = bytes([i]) * len(buf)
+        chunks += [bytes(c) for c in chunker.feed(memoryview(buf))]
+    chunks += [bytes(c) for c in chunker.finish()]
+    assert b"".join(chunks) == b"".join(bytes([i]) * 40_000 for i in range(5))
+    assert [len(c) for c in chunks] == [1 << 16] * 3 + [200_000 - 3 * (1 << 16)]
+    a = pool.get()
+    pool.put(memoryview(a)[:10])
+    assert pool.get() is a
+    pool.put(bytearray(5))  # not one of its size: ignored
+    pool.put(b"x" * (1 << 16))  # bytes: ignored
+    assert len(pool.get()) == 1 << 16

@@ -191,7 +191,9 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
     assert log[1] == ["lvremove", "-f", f"{VG}/{leftover_dead}"]
     creates = [a for a in log if a[0] == "lvcreate"]
     removes = [a for a in log[2:] if a[0] == "lvremove"]
-    assert [a[-1] for a in creates] == [f"{VG}/vm-fedora-root", f"{VG}/vm-work-private"] * 2  # scan, then read
+    # one snapshot per volume, held from the scan until its archive is written (read what was scanned);
+    # VMs are planned two at a time, so in either order
+    assert sorted(a[-1] for a in creates) == [f"{VG}/vm-fedora-root", f"{VG}/vm-work-private"]
     assert sorted(a[2] for a in removes) == sorted(f"{VG}/{a[7][len('--name='):]}" for a in creates)
     for a in creates:
         name = a[7][len("--name="):]
@@ -240,11 +242,11 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
 
 
 def test_lvm_failure_mid_backup_leaves_no_snapshot(ep: Endpoints) -> None:
-    proc = ep.backup(FAKE_LVM_FAIL="lvcreate:3")  # the first snapshot taken for reading (after 2 scans)
+    proc = ep.backup(FAKE_LVM_FAIL="lvcreate:2")  # the second snapshot, while the first (scanned) is held
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "fedora" in lines[0] and "root" in lines[0] and "injected failure" in lines[0]
+    assert ("work" in lines[0] or "fedora" in lines[0]) and "injected failure" in lines[0]
     assert ep.lvs() == ["vm-fedora-root", "vm-work-private"]
     assert ep.backup_files() == [] or all(p.name.startswith(".") for p in ep.backup_files())
     assert ep.fq.writes() == []  # no backup_timestamp for a failed backup
@@ -317,3 +319,24 @@ def test_qubesd_error_is_one_clear_line(ep: Endpoints) -> None:
     proc = ep.backup("work")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "qvm-backup: error: qubesd: admin.vm.firewall.Get on work failed: firewall is broken"
+
+
+def test_planned_snapshots_held_until_written_or_closed(ep: Endpoints, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan's snapshots stay until their archive is written (one lvcreate per volume); a plan that is
+    never written releases them on close(), or when it is dropped."""
+    for k, v in ep.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("QUBES_SIM", raising=False)
+    system = System.from_env()
+    plan = plan_backup(system, ["work", "fedora"])
+    assert sum(n.startswith("qbackup-") for n in ep.lvs()) == 2
+    plan.close()
+    plan.close()  # idempotent
+    assert ep.lvs() == ["vm-fedora-root", "vm-work-private"]
+    plan = plan_backup(system, ["work"])
+    assert any(n.startswith("qbackup-") for n in ep.lvs())
+    del plan
+    import gc
+
+    gc.collect()
+    assert ep.lvs() == ["vm-fedora-root", "vm-work-private"]

@@ -13,14 +13,28 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from .backup import BackupOptions, BackupPlan, ProgressCallback, plan_backup, write_backup
 from .errors import BackupError, Cancelled, UsageError, VerificationError
 from .header import Header, format_created
-from .restore import Restore, RestoreOptions, RestorePlan, State
 from .system import System
 from .targets import AgentTarget, LocalTarget, backup_file_name, check_location
 from .transport import Transport, make_transport
+
+if TYPE_CHECKING:
+    from .restore import Restore, RestoreOptions, RestorePlan, State
+
+_RESTORE_NAMES = ("Restore", "RestoreOptions", "RestorePlan", "State")
+
+
+def __getattr__(name: str) -> object:
+    """The restore side is imported on first use: a backup's start-up does not pay for it (~25 ms)."""
+    if name in _RESTORE_NAMES:
+        from . import restore
+
+        return getattr(restore, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "BackupError", "BackupOptions", "BackupPlan", "BackupResult", "Cancelled", "Restore", "RestoreOptions",
@@ -68,6 +82,23 @@ def run_backup(
         raise UsageError("the passphrase is empty")
     check_location(location)
     plan = plan or plan_backup(system, vms, exclude)
+    try:
+        return _run_planned(system, location, passphrase, plan, dest_vm, options, progress, cancel, transport)
+    finally:
+        plan.close()  # the volumes held since planning (snapshots) are released whatever happened
+
+
+def _run_planned(
+    system: System,
+    location: str,
+    passphrase: bytes,
+    plan: BackupPlan,
+    dest_vm: str | None,
+    options: BackupOptions,
+    progress: ProgressCallback | None,
+    cancel: threading.Event | None,
+    transport: Transport | None,
+) -> BackupResult:
     # One instant for the file name and the authenticated creation time: a restore can then tell when a
     # file's name does not belong to the backup inside it (naming.name_time_mismatch).
     now = datetime.now(UTC).replace(microsecond=0)

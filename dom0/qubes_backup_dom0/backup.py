@@ -12,6 +12,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from qubes_backup_protocol import names
 
 from . import crypto, firewall, inner, pools
-from .chunking import Chunker
+from .chunking import BufferPool, Chunker, zstd_compressor
 from .errors import BackupError, Cancelled, UsageError
 from .header import DEFAULT_CHUNK_SIZE, DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, Header, now_utc
 from .manifest import ArchiveEntry, ArchiveSizes, FileEntry, Manifest
@@ -31,6 +32,7 @@ from .qubesxml import Collection, Domain
 from .system import System
 from .text import has_unsafe_chars
 
+PLAN_THREADS = 2  # VMs planned at once (snapshot + scan)
 ProgressCallback = Callable[[int, int], None]  # (bytes done, bytes total), data bytes (holes excluded)
 
 
@@ -51,6 +53,13 @@ class BackupPlan:
     archives: list[PlannedArchive] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files whose names cannot be stored safely
     qubes: Qubes | None = None
+
+    def close(self) -> None:
+        """Release every volume still held since planning (snapshots removed); idempotent.  The backup
+        releases each archive's volumes right after writing it; this is for whatever was not written."""
+        for a in self.archives:
+            for pv in a.volumes:
+                pv.release()
 
     def record_backup_timestamps(self, when: int) -> list[str]:
         """After a successful backup, as Qubes does: backup_timestamp on each backed-up VM (the only write
@@ -165,18 +174,52 @@ def restore_order(collection: Collection, selected: list[Domain]) -> list[Domain
 
 @dataclass
 class PlannedVolume:
-    """A volume scanned while planning; read again (through a fresh reader) when its archive is written."""
+    """A volume scanned while planning.  Its committed state (an lvm snapshot, a reflink clone, the image)
+    stays open from the scan until its archive is written, so the bytes read are the very bytes scanned and
+    no second snapshot is taken (each lvm call costs 0.1-0.3 s; docs/PERFORMANCE.md).  Once released (a
+    plan written twice), a fresh reader is opened and its identity checked against the planned one."""
 
     ref: pools.VolumeRef
     file: inner.InnerFile
     identity: pools.Identity
+    fd: int | None = None
+    stamp: tuple[int, int] | None = None  # (size, mtime_ns) of the open fd at the scan
+    held: contextlib.ExitStack | None = None
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Close the held reader (remove the snapshot); idempotent, callable from any thread."""
+        with self._lock:
+            held, self.held, self.fd = self.held, None, None
+        if held is not None:
+            held.close()
+
+
+def _fd_stamp(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_size, st.st_mtime_ns
+
+
+def _plan_volume(system: System, ref: pools.VolumeRef, path: str, mtime: int) -> PlannedVolume:
+    """Open the committed state of ``ref``, scan it for holes and zero runs, and keep it open."""
+    stack = contextlib.ExitStack()
+    try:
+        c = stack.enter_context(pools.committed(system, ref))
+        f = inner.InnerFile.from_fd(path, c.fd, c.size, ref.label, mtime)
+        return PlannedVolume(ref, f, c.identity, c.fd, _fd_stamp(c.fd), stack)
+    except BaseException:
+        stack.close()
+        raise
 
 
 def _vm_files(
-    system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int
-) -> tuple[list[inner.InnerFile], list[PlannedVolume]]:
+    system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int,
+    volumes: list[PlannedVolume],
+) -> list[inner.InnerFile]:  # fmt: skip
     """DIR/firewall.xml, DIR/notes.txt (when there are notes), then DIR/VOL.img for each save_on_stop volume
-    (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does)."""
+    (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does).
+    The volumes are appended to ``volumes`` as soon as they are open (so a failure can release them)."""
     vm_dir = collection.default_vm_dir(dom.name, dom.klass)
     files: list[inner.InnerFile] = []
     rules = qubes.firewall_rules(dom.name)
@@ -184,7 +227,6 @@ def _vm_files(
     notes = qubes.notes(dom.name)
     if notes:
         files.append(inner.InnerFile.from_bytes(f"{vm_dir}/notes.txt", notes.encode(), 0o644, mtime))
-    volumes: list[PlannedVolume] = []
     for vol in dom.volumes:
         if not vol.save_on_stop:
             continue
@@ -192,25 +234,38 @@ def _vm_files(
         if pool_info is None:
             raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
         ref = pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
-        with pools.committed(system, ref) as c:  # scanned now, released at once: one VM's volumes at a time
-            f = inner.InnerFile.from_fd(f"{vm_dir}/{vol.name}.img", c.fd, c.size, ref.label, mtime)
-            volumes.append(PlannedVolume(ref, f, c.identity))
-        files.append(f)
-    return files, volumes
+        pv = _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime)
+        volumes.append(pv)
+        files.append(pv.file)
+    return files
+
+
+def _changed(pv: PlannedVolume) -> BackupError:
+    return BackupError(
+        f"{pv.ref.label} changed since the backup was planned (the VM was started, shut down or its volume "
+        "replaced); run the backup again"
+    )
 
 
 @contextlib.contextmanager
-def attached_volumes(system: System, archive: PlannedArchive) -> Iterator[None]:
-    """Open the committed state of the archive's volumes right before it is read; release right after."""
+def attached_volumes(
+    system: System, archive: PlannedArchive, release: Callable[[PlannedVolume], None] | None = None
+) -> Iterator[None]:
+    """Attach the archive's volumes (held since planning) while it is read; release them right after, through
+    ``release`` when given (the backup removes snapshots on a background thread while the next archive is
+    read)."""
     with contextlib.ExitStack() as stack:
         try:
             for pv in archive.volumes:
+                stack.callback(release or PlannedVolume.release, pv)
+                if pv.fd is not None:
+                    if _fd_stamp(pv.fd) != pv.stamp:  # an image written in place (file pool, VM started)
+                        raise _changed(pv)
+                    pv.file.fd = pv.fd
+                    continue
                 c = stack.enter_context(pools.committed(system, pv.ref))
                 if c.identity != pv.identity or c.size != pv.file.size:
-                    raise BackupError(
-                        f"{pv.ref.label} changed since the backup was planned (the VM was started, shut down "
-                        "or its volume replaced); run the backup again"
-                    )
+                    raise _changed(pv)
                 pv.file.fd = c.fd
             yield
         finally:
@@ -265,13 +320,31 @@ def plan_backup(
     if any(p.get("driver") == "lvm_thin" for p in collection.pools.values()):
         pools.remove_leftover_snapshots(system)  # of a killed earlier run
     mtime = int(time.time())
-    for number, dom in enumerate(restore_order(collection, vms), start=1):
-        files, volumes = _vm_files(system, qubes, collection, dom, vm_states[dom.name][1], mtime)
-        archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, files, volumes)
-        plan.archives.append(archive)
-    if not plan.archives:
-        raise UsageError("nothing to back up: no VM selected")
+    try:
+        # Two VMs at a time: one's snapshot (an lvm process, mostly waiting) overlaps the other's scan.
+        with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
+            jobs = []
+            for number, dom in enumerate(restore_order(collection, vms), start=1):
+                archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, [])
+                plan.archives.append(archive)
+                state = vm_states[dom.name][1]
+                jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
+                                                  archive.volumes)))  # fmt: skip
+            for archive, job in jobs:
+                archive.files = job.result()
+        if not plan.archives:
+            raise UsageError("nothing to back up: no VM selected")
+    except BaseException:
+        plan.close()
+        raise
+    # A plan that is dropped without being written or closed still releases its snapshots.
+    weakref.finalize(plan, _release_all, [pv for a in plan.archives for pv in a.volumes])
     return plan
+
+
+def _release_all(volumes: list[PlannedVolume]) -> None:
+    for pv in volumes:
+        pv.release()
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -280,21 +353,33 @@ class _Stop:
     pass
 
 
-def _encrypt_and_mac(
-    keys: crypto.Keys, name: str, plaintext: bytes | bytearray | memoryview
-) -> tuple[str, memoryview, bytes]:
-    sealed = crypto.encrypt(keys, plaintext)
-    return name, sealed, crypto.mac_member(keys, name, sealed)
+@dataclass
+class _Sealer:
+    """Encrypt-then-MAC of one chunk, on a worker thread, into reused buffers.
+
+    The keys come from a future: the KDF runs while the first archive is read and compressed (only sealing
+    needs them).  The plaintext buffer goes back to its pool as soon as it is encrypted; the sealed buffer
+    goes back when the writer has written it."""
+
+    keys: Future[crypto.Keys]
+    plain: BufferPool
+    sealed: BufferPool
+
+    def __call__(self, name: str, plaintext: bytes | bytearray | memoryview) -> tuple[str, memoryview, bytes]:
+        keys = self.keys.result()
+        out = self.sealed.get() if len(plaintext) + crypto.IV_SIZE + 15 <= self.sealed.size else None
+        sealed = crypto.encrypt(keys, plaintext, out=out)
+        self.plain.put(plaintext)
+        return name, sealed, crypto.mac_member(keys, name, sealed)
 
 
 def _stream_archive(
     archive: PlannedArchive,
-    options: BackupOptions,
+    chunker: Chunker,
     report: Callable[[int], None],
     submit_chunk: Callable[[str, bytes | bytearray | memoryview], None],
 ) -> bytes:
     """Compress and cut one archive's tar stream into chunks (handed to ``submit_chunk``); the trailer."""
-    chunker = Chunker(options.compression, options.chunk_size, threads=options.workers)
     index = 0
     stored = 0
 
@@ -304,7 +389,9 @@ def _stream_archive(
         index += 1
         stored += len(chunk)
 
-    for piece in inner.write_archive(archive.files, counted=report):  # progress counts data bytes
+    # reuse=True: volume data comes in one reused read buffer; the chunker copies or compresses each piece
+    # before it asks for the next.  Progress counts data bytes (not tar headers).
+    for piece in inner.write_archive(archive.files, reuse=True, counted=report):
         for chunk in chunker.feed(piece):
             submit(chunk)
     for chunk in chunker.finish():
@@ -331,18 +418,30 @@ def write_backup(
     Stops within moments when ``cancel`` is set or the calling thread gets KeyboardInterrupt (SIGINT, and
     SIGTERM in the CLI): queued chunks are dropped, not drained through a slow backup VM, and a sink with an
     ``interrupt()`` method (targets.AgentTarget) has its writer thread's wait broken at once.
+
+    Threads: this one reads and compresses (zstd adds its own workers); ``workers`` threads encrypt and MAC;
+    one writer thread writes the header and manifest (once the KDF, started first on its own thread, is
+    done), then the sealed chunks in order.  Everything the sink gets is written by the writer thread.
     """
     kdf = crypto.KdfParams(crypto.random_bytes(16), options.kdf_n, options.kdf_r, options.kdf_p)
     header = Header(crypto.random_bytes(16), created or now_utc(), kdf, options.compression, options.chunk_size)
     header_bytes = header.render()  # checks our own parameters against the restore-side ceilings
-    keys = crypto.keys_from_passphrase(passphrase, kdf, header.backup_id)
-    outer = OuterWriter(sink)
-    outer.add(names.HEADER, header_bytes)
-    outer.add(names.mac_name(names.HEADER), crypto.mac_member(keys, names.HEADER, header_bytes))
     manifest = plan.manifest(header.backup_id.hex(), header.created).render()
-    sealed = crypto.encrypt(keys, manifest)
-    outer.add(names.MANIFEST, sealed)
-    outer.add(names.mac_name(names.MANIFEST), crypto.mac_member(keys, names.MANIFEST, sealed))
+    kdf_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kdf")
+    keys_future = kdf_thread.submit(crypto.keys_from_passphrase, passphrase, kdf, header.backup_id)
+    kdf_thread.shutdown(wait=False)
+    outer = OuterWriter(sink)
+    plain_pool = BufferPool(options.chunk_size, keep=2 * options.workers + 3)
+    sealed_pool = BufferPool(options.chunk_size + crypto.IV_SIZE + 15, keep=2 * options.workers + 3)
+    sealer = _Sealer(keys_future, plain_pool, sealed_pool)
+
+    def write_head() -> None:
+        keys = keys_future.result()
+        outer.add(names.HEADER, header_bytes)
+        outer.add(names.mac_name(names.HEADER), crypto.mac_member(keys, names.HEADER, header_bytes))
+        sealed = crypto.encrypt(keys, manifest)
+        outer.add(names.MANIFEST, sealed)
+        outer.add(names.mac_name(names.MANIFEST), crypto.mac_member(keys, names.MANIFEST, sealed))
 
     # In flight at once: `workers` chunks being sealed plus a couple queued for the writer.
     Item = Future[tuple[str, memoryview | bytes, bytes]] | _Stop
@@ -352,6 +451,7 @@ def write_backup(
 
     def writer() -> None:
         try:
+            write_head()
             while True:
                 item = pending.get()
                 if isinstance(item, _Stop):
@@ -360,6 +460,7 @@ def write_backup(
                     continue  # failing: drop what is queued, never drain it into the sink
                 name, data, mac = item.result()
                 outer.add(name, data)
+                sealed_pool.put(data)
                 if mac:
                     outer.add(names.mac_name(name), mac)
         except BaseException as e:  # reported by the producer
@@ -385,11 +486,6 @@ def write_backup(
             except queue.Full:
                 continue
 
-    def done_future(value: tuple[str, memoryview | bytes, bytes]) -> Future[tuple[str, memoryview | bytes, bytes]]:
-        f: Future[tuple[str, memoryview | bytes, bytes]] = Future()
-        f.set_result(value)
-        return f
-
     total = plan.data
     done = 0
     wthread = threading.Thread(target=writer, name="backup-writer", daemon=True)
@@ -402,30 +498,48 @@ def write_backup(
         if progress is not None:
             progress(min(done, total), total)
 
+    zstd_ctx = zstd_compressor(options.workers) if options.compression == "zstd" else None
+    # Snapshots of a written archive are removed (an lvm process each) while the next archive is read.
+    releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release")
+    released: list[Future[None]] = []
+
+    def release(pv: PlannedVolume) -> None:
+        released.append(releaser.submit(pv.release))
+
     try:
         with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="seal") as pool:
+
+            def seal(name: str, chunk: bytes | bytearray | memoryview) -> None:
+                put(pool.submit(sealer, name, chunk))
+
             for archive in plan.archives:
-
-                def seal(name: str, chunk: bytes | bytearray | memoryview) -> None:
-                    put(pool.submit(_encrypt_and_mac, keys, name, chunk))
-
-                with attached_volumes(plan.system, archive):  # snapshots live while this archive is read
-                    trailer = _stream_archive(archive, options, report, seal)
+                chunker = Chunker(options.compression, options.chunk_size, pool=plain_pool, zstd_ctx=zstd_ctx)
+                with attached_volumes(plan.system, archive, release):  # snapshots live while it is read
+                    trailer = _stream_archive(archive, chunker, report, seal)
                 tname = names.trailer_name(archive.member)
-                put(done_future((tname, trailer, crypto.mac_member(keys, tname, trailer))))
+                put(pool.submit(_seal_trailer, keys_future, tname, trailer))
         put(_Stop())
         while wthread.is_alive():  # in steps: Ctrl-C, SIGTERM and cancel are seen while the VM reads
             wthread.join(_POLL)
             check()
     except BaseException:
         _stop_writer(stop, sink, pending, wthread)
+        releaser.shutdown(wait=True)
         raise
+    releaser.shutdown(wait=True)
+    for f in released:
+        f.result()  # a snapshot that could not be removed fails the backup, as before
     if writer_error:
         raise writer_error[0]
     outer.close()
     if progress is not None:
         progress(total, total)
     return header
+
+
+def _seal_trailer(keys: Future[crypto.Keys], name: str, trailer: bytes) -> tuple[str, bytes, bytes]:
+    """A trailer is stored in the clear (FORMAT.md section 5), MACed like every member."""
+    return name, trailer, crypto.mac_member(keys.result(), name, trailer)
 
 
 _POLL = 0.1  # seconds between checks for cancel / writer failure while waiting on the writer

@@ -235,6 +235,14 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("chunk size out of range")
         options = BackupOptions(compression=job.compression, kdf_n=args.kdf_n, chunk_size=args.chunk_size)
     plan = _plan(system, qubes, job)
+    try:  # the plan holds the volumes' snapshots from the scan until each archive is written
+        return _confirm_and_run(args, system, job, options, plan)
+    finally:
+        plan.close()
+
+
+def _confirm_and_run(args: argparse.Namespace, system: System, job: Job, options: BackupOptions,
+                     plan: BackupPlan) -> int:  # fmt: skip
     warnings = _check_home(system, job, plan)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))

@@ -101,21 +101,28 @@ def verify_member(keys: Keys, name: str, data: bytes | memoryview, mac_line: byt
     return len(mac_line) == MAC_HEX_SIZE and hmac.compare_digest(mac_member(keys, name, data), mac_line)
 
 
-def encrypt(keys: Keys, plaintext: bytes | bytearray | memoryview, iv: bytes | None = None) -> memoryview:
+def encrypt(
+    keys: Keys, plaintext: bytes | bytearray | memoryview, iv: bytes | None = None, out: bytearray | None = None
+) -> memoryview:
     """``IV || AES-256-CTR(plaintext)`` with a fresh random IV (the full 16-byte initial counter).
 
-    Encrypts straight into one preallocated buffer: chunks are tens of MiB and this is the hot path.
+    Encrypts straight into one buffer: ``out`` when given (at least ``IV_SIZE + len(plaintext) + 15`` bytes,
+    the slack ``update_into`` wants; the backup reuses a few), else a new one.  Chunks are tens of MiB and
+    this is the hot path.
     """
     iv = os.urandom(IV_SIZE) if iv is None else iv
     n = len(plaintext)
-    buf = bytearray(IV_SIZE + n + 15)  # update_into wants block_size - 1 bytes of slack
-    buf[:IV_SIZE] = iv
+    if out is None:
+        out = bytearray(IV_SIZE + n + 15)
+    elif len(out) < IV_SIZE + n + 15:
+        raise ValueError("encrypt: output buffer too small")
+    out[:IV_SIZE] = iv
     enc = Cipher(algorithms.AES(keys.enc_key), modes.CTR(iv)).encryptor()
-    written = enc.update_into(plaintext, memoryview(buf)[IV_SIZE:])
+    written = enc.update_into(plaintext, memoryview(out)[IV_SIZE:])
     if written != n:
         raise AssertionError("CTR mode must encrypt every byte")
     enc.finalize()
-    return memoryview(buf)[: IV_SIZE + n]
+    return memoryview(out)[: IV_SIZE + n]
 
 
 def decrypt(

@@ -125,7 +125,8 @@ def scan(path: Path) -> tuple[int, list[tuple[int, int]]]:
 ZERO_GRANULE = 64 * 1024  # all-zero runs this long (aligned) become holes
 SCAN_READ = 4 * 1024 * 1024  # a multiple of ZERO_GRANULE
 _ZERO_GRANULE = memoryview(bytes(ZERO_GRANULE))
-_ZERO_READ = memoryview(bytes(SCAN_READ))
+_ZERO_READ_BYTES = bytes(SCAN_READ)
+_ZERO_READ = memoryview(_ZERO_READ_BYTES)
 
 
 def _add_run(out: list[tuple[int, int]], start: int, length: int) -> None:
@@ -135,37 +136,129 @@ def _add_run(out: list[tuple[int, int]], start: int, length: int) -> None:
         out.append((start, length))
 
 
-def _nonzero_runs(buf: bytearray, n: int, base: int, out: list[tuple[int, int]]) -> None:
-    """Append the non-zero granules of ``buf[:n]`` (file offset ``base``) to ``out``: whole blocks compared
-    against a zero buffer (memcmp speed), never a loop over bytes."""
-    if buf.startswith(_ZERO_READ[:n]):
+def _nonzero_runs(buf: bytearray, n: int, base: int, out: list[tuple[int, int]], at: int = 0) -> None:
+    """Append the non-zero granules of ``buf[at:at + n]`` (file offset ``base``) to ``out``: whole blocks
+    compared against a zero buffer (memcmp speed), never a loop over bytes."""
+    if n == SCAN_READ and at == 0 and len(buf) == SCAN_READ:
+        if buf == _ZERO_READ_BYTES:  # the common case of a thin volume: one memcmp, no slicing
+            return
+    elif buf.startswith(_ZERO_READ[:n], at):
         return
     pos, end = base, base + n
     while pos < end:
         gend = min((pos // ZERO_GRANULE + 1) * ZERO_GRANULE, end)
-        if not buf.startswith(_ZERO_GRANULE[: gend - pos], pos - base):
+        if not buf.startswith(_ZERO_GRANULE[: gend - pos], at + pos - base):
             _add_run(out, pos, gend - pos)
         pos = gend
 
 
+BLOCKDEV_ENV = "QUBES_SIM_BLOCKDEV"
+
+
+def _model_block_device() -> bool:
+    """Simulation only: ``QUBES_SIM_BLOCKDEV=1`` (with ``QUBES_SIM`` set) makes volumes read like a real block
+    device, which reports its whole apparent size as data: no SEEK_DATA/SEEK_HOLE shortcut, every byte is
+    read and zero-scanned (docs/PERFORMANCE.md, the 64 GiB thin-volume case)."""
+    return bool(os.environ.get("QUBES_SIM")) and os.environ.get(BLOCKDEV_ENV) == "1"
+
+
+SCAN_PARALLEL_MIN = 256 * 1024 * 1024  # regions at least this large are scanned by several threads
+
+
+DIRECT_ALIGN = 4096
+
+
+def _direct_fd(fd: int) -> int | None:
+    """``fd`` opened again with O_DIRECT, or None.  A block device's scan reads its whole size, mostly the
+    zeros of unallocated thin blocks: through the page cache that costs a page allocation per 4 KiB
+    (measured 0.4 GB/s on a cold sparse file, docs/PERFORMANCE.md) and evicts everything else; O_DIRECT
+    reads them at memory speed and caches nothing."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+
+
+def _aligned(size: int) -> tuple[bytearray, int]:
+    """A buffer with ``size`` bytes starting at a DIRECT_ALIGN boundary: (buffer, offset of that start)."""
+    import ctypes
+
+    buf = bytearray(size + DIRECT_ALIGN)
+    return buf, -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % DIRECT_ALIGN
+
+
+def _scan_part(fd: int, ranges: list[tuple[int, int]], what: str, direct: int | None = None) -> list[tuple[int, int]]:
+    """The non-zero granules of ``ranges`` (offset, length), read with preadv into one reused buffer (through
+    ``direct``, an O_DIRECT descriptor of the same file, where the kernel accepts it)."""
+    out: list[tuple[int, int]] = []
+    buf, at = _aligned(SCAN_READ) if direct is not None else (bytearray(SCAN_READ), 0)
+    view = memoryview(buf)[at : at + SCAN_READ]
+    for off, length in ranges:
+        pos, end = off, off + length
+        while pos < end:
+            n = min(end, (pos // SCAN_READ + 1) * SCAN_READ) - pos
+            got = -1
+            if direct is not None and not (pos | n) % DIRECT_ALIGN:
+                try:
+                    got = os.preadv(direct, [view[:n]], pos)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    direct = None  # not possible here after all: the page cache it is
+            if got < 0:
+                got = os.preadv(fd, [view[:n]], pos)
+            if got != n:
+                raise BackupError(f"cannot read {what}: short read at offset {pos + max(got, 0)}")
+            _nonzero_runs(buf, n, pos, out, at)
+            pos += n
+    return out
+
+
+def _split_even(regions: list[tuple[int, int]], parts: int) -> list[list[tuple[int, int]]]:
+    """``regions`` cut into ``parts`` consecutive pieces of about equal bytes, at SCAN_READ boundaries."""
+    total = sum(n for _, n in regions)
+    share = -(-total // parts // SCAN_READ) * SCAN_READ
+    out: list[list[tuple[int, int]]] = [[]]
+    room = share
+    for off, length in regions:
+        while length:
+            take = min(length, room)
+            out[-1].append((off, take))
+            off, length, room = off + take, length - take, room - take
+            if room == 0 and len(out) < parts:
+                out.append([])
+                room = share
+    return [p for p in out if p]
+
+
 def scan_zeros(fd: int, size: int, what: str = "volume") -> list[tuple[int, int]]:
     """Data regions of an open file or block device of apparent ``size``: the SEEK_DATA/SEEK_HOLE map (a block
-    device reports all data), then all-zero runs inside it (``ZERO_GRANULE`` granularity) become holes."""
-    out: list[tuple[int, int]] = []
-    buf = bytearray(SCAN_READ)
-    view = memoryview(buf)
+    device reports all data), then all-zero runs inside it (``ZERO_GRANULE`` granularity) become holes.
+
+    The zero test is a memcmp per 4 MiB block (tens of GB/s); reading is what costs (preadv copies every
+    byte, also the zeros of a thin volume's unallocated blocks), so large volumes are read by one thread
+    per core (preadv and the compare run outside the GIL or briefly inside it), and a block device is read
+    with O_DIRECT (see ``_direct_fd``)."""
+    blockdev = _model_block_device() or stat.S_ISBLK(os.fstat(fd).st_mode)
+    direct = _direct_fd(fd) if blockdev else None
     try:
-        for off, length in _scan_fd(fd, size):
-            pos, end = off, off + length
-            while pos < end:
-                n = min(end, (pos // SCAN_READ + 1) * SCAN_READ) - pos
-                got = os.preadv(fd, [view[:n]], pos)
-                if got != n:
-                    raise BackupError(f"cannot read {what}: short read at offset {pos + max(got, 0)}")
-                _nonzero_runs(buf, n, pos, out)
-                pos += n
+        regions = [(0, size)] if size and _model_block_device() else _scan_fd(fd, size)
+        parts = min(os.cpu_count() or 1, 4)
+        if parts < 2 or sum(n for _, n in regions) < SCAN_PARALLEL_MIN:
+            return _scan_part(fd, regions, what, direct)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=parts, thread_name_prefix="scan") as pool:
+            results = list(pool.map(lambda r: _scan_part(fd, r, what, direct), _split_even(regions, parts)))
     except OSError as e:
         raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+    finally:
+        if direct is not None:
+            os.close(direct)
+    out: list[tuple[int, int]] = []
+    for runs in results:
+        for start, length in runs:
+            _add_run(out, start, length)
     return out
 
 
@@ -392,15 +485,24 @@ def _read_content(f: InnerFile, read_size: int) -> Iterator[bytes]:
             yield f.content[pos : min(pos + read_size, off + length)]
 
 
-def _read_fd(f: InnerFile, read_size: int) -> Iterator[bytes]:
-    """Regions of an attached fd (an immutable snapshot: no re-scan, but every read must be complete)."""
+def _read_fd(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator[bytes | memoryview]:
+    """Regions of an attached fd (an immutable snapshot: no re-scan, but every read must be complete).
+
+    With ``reuse`` the pieces are views of one buffer that the next piece overwrites (no allocation and no
+    page faults per read): only for a consumer that is done with a piece when it asks for the next."""
     assert f.fd is not None
     what = f.label or f.path
+    buf = memoryview(bytearray(read_size)) if reuse else None
     try:
         for off, length in f.regions:
             end = off + length
             while off < end:
-                piece = os.pread(f.fd, min(read_size, end - off), off)
+                want = min(read_size, end - off)
+                if buf is not None:
+                    got = os.preadv(f.fd, [buf[:want]], off)
+                    piece: bytes | memoryview = buf[:got]
+                else:
+                    piece = os.pread(f.fd, want, off)
                 if not piece:
                     raise BackupError(f"cannot read {what}: short read at offset {off} (did its size change?)")
                 off += len(piece)
@@ -409,13 +511,13 @@ def _read_fd(f: InnerFile, read_size: int) -> Iterator[bytes]:
         raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
 
 
-def _read_regions(f: InnerFile, read_size: int) -> Iterator[bytes]:
+def _read_regions(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator[bytes | memoryview]:
     """The bytes of ``f``'s regions, in big pieces; raises BackupError if the file changed since scanning."""
     if f.content is not None:
         yield from _read_content(f, read_size)
         return
     if f.fd is not None:
-        yield from _read_fd(f, read_size)
+        yield from _read_fd(f, read_size, reuse)
         return
     if f.source is None:
         raise BackupError(f"internal error: {f.label or f.path} has no source attached")
@@ -446,11 +548,14 @@ def _read_regions(f: InnerFile, read_size: int) -> Iterator[bytes]:
 
 
 def write_archive(
-    files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE, counted: Callable[[int], None] | None = None
-) -> Iterator[bytes]:
+    files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE, reuse: bool = False,
+    counted: Callable[[int], None] | None = None,
+) -> Iterator[bytes | memoryview]:
     """Yield the whole inner archive.  Data comes as fresh ``bytes`` of up to ``read_size`` (consumers may
-    keep them), headers as small ``bytes``; hole bytes are never read.  ``counted`` gets the length of each
-    data piece (not headers or padding: the unit of the manifest's data sizes, for progress)."""
+    keep them), headers as small ``bytes``; hole bytes are never read.  With ``reuse``, volume data (attached
+    fds) comes as views of one reused buffer, valid only until the next piece is asked for (the backup's
+    chunker copies or compresses each piece at once).  ``counted`` gets the length of each data piece (not
+    headers or padding: the unit of the manifest's data sizes, for progress)."""
     if read_size < BLOCK:
         raise ValueError("read_size too small")
     for f in files:
@@ -458,9 +563,9 @@ def write_archive(
         yield head
         if data:
             if counted is None:
-                yield from _read_regions(f, read_size)
+                yield from _read_regions(f, read_size, reuse)
             else:
-                for piece in _read_regions(f, read_size):
+                for piece in _read_regions(f, read_size, reuse):
                     counted(len(piece))
                     yield piece
             if _pad(data):

@@ -10,6 +10,8 @@ writes qubes.xml or a volume file itself.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import IO
 
 from lxml import etree
@@ -40,6 +43,35 @@ IMPORT_SERVICE = "admin.vm.volume.ImportWithSize"
 IMPORT_REPLY_MAX = 64 * 1024
 IMPORT_TIMEOUT = 600.0
 _ZEROS = bytes(1 << 20)
+_ZERO_FD: int | None = None  # /dev/zero, opened on first use; -1 when it cannot be spliced from
+PIPE_SIZE = 1 << 20
+
+
+def _service_argv(system: System, script: Path, volume: str) -> list[str]:
+    """How to run the import service: executed as it is (a real dom0's is a script of Qubes' own), except the
+    simulation's own (a standard-library Python script), which runs in this interpreter without site-packages
+    (``-S``): not through whatever ``python3`` is first on PATH (a pyenv shim costs ~0.1 s per volume)."""
+    if system.simulated and not system.rpc_dir_override:
+        return [sys.executable, "-S", str(script), volume]
+    return [str(script), volume] if os.access(script, os.X_OK) else [sys.executable, str(script), volume]
+
+
+def _zero_fd() -> int | None:
+    global _ZERO_FD
+    if _ZERO_FD is None:
+        try:
+            _ZERO_FD = os.open("/dev/zero", os.O_RDONLY | os.O_CLOEXEC) if hasattr(os, "splice") else -1
+        except OSError:
+            _ZERO_FD = -1
+    return _ZERO_FD if _ZERO_FD >= 0 else None
+
+
+def _enlarge_pipe(pipe: IO[bytes] | None) -> None:
+    """A 1 MiB pipe into the import service: 16 times fewer wake-ups per MiB (best effort)."""
+    if pipe is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
 
 
 class Qubes:
@@ -281,7 +313,7 @@ class VolumeImport:
         script = system.rpc_dir / IMPORT_SERVICE
         if not script.is_file():
             raise BackupError(f"cannot restore {vm}: {script} is missing")
-        argv = [str(script), volume] if os.access(script, os.X_OK) else [sys.executable, str(script), volume]
+        argv = _service_argv(system, script, volume)
         env = dict(os.environ, QREXEC_REMOTE_DOMAIN="dom0", QREXEC_REQUESTED_TARGET=vm)
         env["QUBES_ADMIN_SOCKET"] = socket_path
         self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in finish/abort
@@ -293,6 +325,7 @@ class VolumeImport:
         except OSError as exc:
             self._close_files()
             raise BackupError(f"cannot restore {vm}: cannot start {script}: {exc.strerror or exc}") from None
+        _enlarge_pipe(self.proc.stdin)
         self._send(f"{size}\n".encode())
         self.written = 0
 
@@ -316,11 +349,43 @@ class VolumeImport:
         self.written += len(data)
 
     def write_zeros(self, n: int) -> None:
+        """``n`` zero bytes (a hole): spliced from /dev/zero where the kernel allows it (no copy through
+        this process: a restore sends every hole of every volume this way), else written from a buffer."""
+        if self.written + n > self.size:
+            self.abort()
+            raise BackupError(f"import of {self._what()}: more than {self.size} bytes")
+        n -= self._splice_zeros(n)
         view = memoryview(_ZEROS)
         while n > 0:
             piece = min(n, len(_ZEROS))
             self.write(view[:piece])
             n -= piece
+
+    def _splice_zeros(self, n: int) -> int:
+        """Splice up to ``n`` zeros into the service's stdin; how many went (0: splice is not possible)."""
+        zero = _zero_fd()
+        if zero is None or self.proc.stdin is None or not n:
+            return 0
+        done = 0
+        try:
+            self.proc.stdin.flush()
+            fd = self.proc.stdin.fileno()
+            while done < n:
+                got = os.splice(zero, fd, min(n - done, 1 << 20))
+                if got <= 0:
+                    break
+                done += got
+                self.written += got
+        except (BrokenPipeError, ConnectionResetError):
+            reason = self._reason()
+            self.abort()
+            raise BackupError(f"import of {self._what()} failed: the service stopped reading{reason}") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise BackupError(f"import of {self._what()} failed: {exc.strerror or exc}") from None
+            global _ZERO_FD
+            _ZERO_FD = -1  # not spliceable here: write zeros from now on
+        return done
 
     def finish(self) -> None:
         if self.written != self.size:

@@ -73,6 +73,10 @@ class _Replayed(io.RawIOBase):
             return n
         return os.readv(self._fd, [view])
 
+    def spliceable_fd(self) -> int | None:
+        """The descriptor to splice(2) the rest from, once the replayed prefix is used up (else None)."""
+        return None if self._prefix else self._fd
+
 
 def stdin_for(service: str, entry_point: str) -> BinaryIO:
     """Our request: a binary stdin carrying it whole.  Qubes' request: exec Qubes' ``service`` (no return)."""
