@@ -78,6 +78,10 @@ def run_cli(body: Callable[[], int], debug: bool, json_command: str | None = Non
         if debug:
             traceback.print_exc()
         return _fail(printable(str(e)), e.exit_code, json_command)
+    except MemoryError:  # the environment (a dom0 short of memory), not a bug: one line, as for the KDF
+        if debug:
+            traceback.print_exc()
+        return _fail("not enough memory to continue: free some memory and try again", 1, json_command)
     except KeyboardInterrupt:
         print(f"{prog()}: interrupted", file=sys.stderr)
         if json_command is not None:
