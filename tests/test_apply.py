@@ -206,3 +206,21 @@ def test_templates_are_created_first_whatever_the_manifest_order(backup: Backup)
     created = [c[2] for c in fq.calls if c[0] == "create"]
     assert created[0] == "fedora" and sorted(created) == sorted(ORDER)
     assert fq.vms["work"].props["template"] == "fedora"
+
+
+def test_home_staging_is_removed_even_when_a_vm_cannot_be(backup: Backup, tmp_path: Path) -> None:
+    manifest, _files = backup
+    home = tmp_path / "home"
+    home.mkdir()
+    fq = FakeQubes({})
+    plan = plan_restore(_target(fq), _header(), manifest, RestoreOptions(vms=("fedora",)))
+    applier = apply.Applier(fq, plan, home)  # type: ignore[arg-type]
+    applier.create_all()
+    applier.home_staging = staging = apply._make_home_staging(home)
+    nonce = staging.name.rsplit("-", 1)[-1]
+    assert nonce in apply._live_nonces
+    fq.fail_on = ("remove",)  # qubesd refuses every removal
+    with pytest.raises(BackupError, match="could not remove"):
+        applier.rollback()
+    assert list(home.iterdir()) == []
+    assert nonce not in apply._live_nonces

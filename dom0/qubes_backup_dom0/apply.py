@@ -359,9 +359,15 @@ class Applier:
             dst = _free_path(self.home_dir / plan.home_target)
             os.rename(self.home_staging / plan.home.member / user_dir, dst)
             _fsync_dir(self.home_dir)
-        shutil.rmtree(self.home_staging, ignore_errors=True)
-        self.home_staging = None
+        self._drop_home_staging()
         self.home_restored_to = dst
+
+    def _drop_home_staging(self) -> None:
+        """Delete the home staging and forget it as a live restore's (idempotent)."""
+        if self.home_staging is not None:
+            shutil.rmtree(self.home_staging, ignore_errors=True)
+            release_owner_tag(self.home_staging.name)  # its name ends in the nonce, like an owner tag
+            self.home_staging = None
 
     # -- rollback
     def abort_imports(self) -> None:
@@ -374,6 +380,7 @@ class Applier:
     def rollback(self) -> None:
         """Remove every VM this restore created (before the commit) and the home staging."""
         self.abort_imports()
+        self._drop_home_staging()  # first: also when some VM cannot be removed
         if not self.committed and self.created:
             left = _remove_all(self.qubes, self.created)
             if left:
@@ -381,9 +388,6 @@ class Applier:
                 raise BackupError(f"could not remove VM(s) {', '.join(left)} created by this restore; "
                                   "remove them with qvm-remove")  # fmt: skip
         release_owner_tag(self.owner)
-        if self.home_staging is not None:
-            shutil.rmtree(self.home_staging, ignore_errors=True)
-            self.home_staging = None
 
 
 # --------------------------------------------------------------------------------------------- dom0 home
