@@ -8,13 +8,14 @@ Strings from a backup are JSON strings (control characters escaped by the encode
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import manifest as manifest_mod
-from .listing import Listed
-from .restore import Restore, RestorePlan
-from .restore_plan import home_user
-from .system import System
+
+if TYPE_CHECKING:  # qvm-backup imports this module: it must not pay for the restore side's imports
+    from .listing import Listed
+    from .restore import Restore, RestorePlan
+    from .system import System
 
 JSON_VERSION = 1
 
@@ -80,6 +81,8 @@ def _home(plan: RestorePlan, files: bool) -> dict[str, Any] | None:
     home = next((a for a in plan.manifest.archives if a.kind == "home"), None)
     if home is None:
         return None
+    from .restore_plan import home_user
+
     entry: dict[str, Any] = {"user": home_user(plan.manifest), "size": home.size, "data": home.data}
     if files:
         entry["files"] = _files(home)
