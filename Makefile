@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SIM    ?= demo-sim
 FUZZ_SECONDS ?= 600
 
-.PHONY: venv test demo lint bench bench-smoke fuzz install-dom0 install-vm uninstall-dom0 uninstall-vm clean
+.PHONY: venv test demo lint bench bench-smoke profile fuzz install-dom0 install-vm uninstall-dom0 uninstall-vm clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ bench: venv
 
 bench-smoke: venv
 	$(BIN)/python bench/run.py --smoke
+
+# where the CPU goes, per process and kind of work (needs perf and root): docs/PERFORMANCE.md
+profile: venv
+	$(BIN)/python bench/profile.py
 
 fuzz: venv
 	$(BIN)/pip install -q atheris || { echo "atheris does not install here"; exit 1; }
