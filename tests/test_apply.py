@@ -224,3 +224,38 @@ def test_home_staging_is_removed_even_when_a_vm_cannot_be(backup: Backup, tmp_pa
         applier.rollback()
     assert list(home.iterdir()) == []
     assert nonce not in apply._live_nonces
+
+
+def test_finisher_bounds_work_and_reports_the_first_failure() -> None:
+    """Imports finish in the background, at most FINISHING at once; a failure is raised by the next submit
+    and by wait (the commit), never lost."""
+    import threading
+    import time
+
+    fin = apply.Finisher()
+    running, peak = 0, 0
+    lock = threading.Lock()
+
+    def job() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+
+    for _ in range(6):
+        fin.submit(job)
+    fin.wait()
+    assert peak == apply.FINISHING
+
+    def fail() -> None:
+        raise BackupError("import of volume 'private' of work failed: injected")
+
+    fin.submit(fail)
+    with pytest.raises(BackupError, match="injected"):
+        fin.wait()
+    with pytest.raises(BackupError, match="injected"):
+        fin.submit(job)
+    fin.close()

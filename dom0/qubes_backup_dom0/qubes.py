@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
@@ -310,6 +311,7 @@ class VolumeImport:
         self.vm, self.volume, self.size = vm, volume, size
         self.written = 0
         self._done = False
+        self._abort_lock = threading.Lock()
         script = system.rpc_dir / IMPORT_SERVICE
         if not script.is_file():
             raise BackupError(f"cannot restore {vm}: {script} is missing")
@@ -420,10 +422,12 @@ class VolumeImport:
         return f" ({text})" if text else ""
 
     def abort(self) -> None:
-        """Kill the service (if still running), reap it, release everything; idempotent."""
-        if self._done:
-            return
-        self._done = True
+        """Kill the service (if still running), reap it, release everything; idempotent, from any thread (an
+        import finishing in the background may be aborted by a cancelled restore)."""
+        with self._abort_lock:
+            if self._done:
+                return
+            self._done = True
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
