@@ -55,7 +55,10 @@ def _allocated(path: Path, skip: Callable[[Path], bool] = lambda p: False) -> in
         dirnames[:] = [d for d in dirnames if not skip(Path(dirpath) / d)]
         for f in files:
             if not skip(Path(dirpath) / f):
-                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+                try:
+                    total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+                except FileNotFoundError:  # qubesd's atomic write of qubes.xml, renamed meanwhile
+                    continue
     return total
 
 
