@@ -62,7 +62,7 @@ class ZstdPool:
     def __init__(self, threads: int | None = None, block: int = ZSTD_BLOCK) -> None:
         self.threads = max(1, threads if threads is not None else (os.cpu_count() or 1))
         self.block = block
-        self.inflight = 2 * self.threads
+        self.inflight = self.threads + 1  # every thread busy and one frame ready to take
         self.blocks = BufferPool(block, keep=self.inflight + 1)
         self._local = threading.local()
         self._executor = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="zstd")
