@@ -588,3 +588,25 @@ def test_receive_stream_splices_after_the_buffered_part(tmp_path: Path) -> None:
     with pytest.raises(backup_service._EarlyEnd):  # no COMMIT
         backup_service.receive_stream(io.BytesIO(frames.encode(FrameType.DATA, "", b"abc")),
                                       DirectorySink(tmp_path, BACKUP_NAME + "1", tmp_path))  # fmt: skip
+
+
+def test_directory_sink_no_direct_on_tmpfs() -> None:
+    """On a tmpfs O_DIRECT would only add a copy (its pages are the file): the sink splices there."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        sink = DirectorySink(Path(d), BACKUP_NAME, Path(d))
+        try:
+            from qubes_backup_agent.storage import directory
+
+            if directory._fs_type(sink.fd or 0) != directory.TMPFS_MAGIC:
+                pytest.skip("/dev/shm is not a tmpfs here")
+            assert sink._direct is None
+            sink.write(b"abc")
+            sink.commit()
+            assert (Path(d) / BACKUP_NAME).read_bytes() == b"abc"
+        finally:
+            sink.abort()

@@ -131,9 +131,27 @@ class _DirectWriter:
             self._thread.join()
 
 
+TMPFS_MAGIC = 0x01021994
+
+
+def _fs_type(fd: int) -> int | None:
+    """statfs(2)'s f_type of ``fd``'s filesystem (Linux), None if unknown."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = (ctypes.c_long * 32)()  # struct statfs (120 bytes on 64-bit Linux), f_type first
+        if libc.fstatfs(fd, buf) != 0:
+            return None
+        return int(buf[0]) & 0xFFFFFFFF
+    except (OSError, AttributeError):
+        return None
+
+
 def _set_direct(fd: int) -> bool:
-    """Switch ``fd`` to O_DIRECT; False where the filesystem refuses it (tmpfs before Linux 6.6, FUSE...)."""
-    if not hasattr(os, "O_DIRECT"):
+    """Switch ``fd`` to O_DIRECT; False where the filesystem refuses it (tmpfs before Linux 6.6, FUSE...)
+    or where it would only add a copy (tmpfs accepts O_DIRECT but its pages are the file itself)."""
+    if not hasattr(os, "O_DIRECT") or _fs_type(fd) == TMPFS_MAGIC:
         return False
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
