@@ -170,20 +170,54 @@ def test_backup_bad_name_refused(system: System) -> None:
 
 
 def test_directory_sink_enospc_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ENOSPC cannot be provoked portably without a small filesystem: fake it at os.write."""
+    """ENOSPC cannot be provoked portably without a small filesystem: fake it at os.write and os.pwrite (the
+    O_DIRECT writer's thread).  Its writes are asynchronous: the error comes from a later write or commit."""
     sink = DirectorySink(tmp_path, BACKUP_NAME, Path("/"))
     sink.write(b"first")
 
-    def full(fd: int, data: object) -> int:
+    def full(fd: int, data: object, *offset: int) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "write", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(StorageError) as info:
-        sink.write(b"second")
+        for _ in range(4):  # more than the direct writer's buffers hold
+            sink.write(bytes(4 << 20))
+        sink.commit()
     monkeypatch.undo()
     sink.abort()
-    assert str(info.value) == f"No space left on device writing {tmp_path}/{BACKUP_NAME}"
+    assert str(info.value) in (
+        f"No space left on device writing {tmp_path}/{BACKUP_NAME}",
+        f"No space left on device finishing {tmp_path}/{BACKUP_NAME}",
+    )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("total", [0, 1, 4095, 4096, (4 << 20) - 1, 4 << 20, (4 << 20) + 1, 9_000_001])
+def test_directory_sink_direct_writes_every_byte(tmp_path: Path, total: int) -> None:
+    """Written (where the filesystem allows it) with O_DIRECT from reused buffers, whole buffers at aligned
+    offsets and the unaligned tail without O_DIRECT at commit: the file holds exactly the bytes given, by
+    write() and by splice_from() (read from a pipe into the buffers) mixed."""
+    data = os.urandom(total)
+    sink = DirectorySink(tmp_path, BACKUP_NAME, tmp_path)
+    first = min(1000, total)
+    sink.write(data[:first])
+    r, w = os.pipe()
+
+    def feed() -> None:
+        view = memoryview(data)[first:]
+        while view:
+            view = view[os.write(w, view) :]
+        os.close(w)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    assert sink.splice_from(r, total - first) == total - first
+    writer.join()
+    os.close(r)
+    sink.commit()
+    assert (tmp_path / BACKUP_NAME).read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == [BACKUP_NAME]
 
 
 def test_confine_resolve(tmp_path: Path) -> None:
@@ -554,3 +588,25 @@ def test_receive_stream_splices_after_the_buffered_part(tmp_path: Path) -> None:
     with pytest.raises(backup_service._EarlyEnd):  # no COMMIT
         backup_service.receive_stream(io.BytesIO(frames.encode(FrameType.DATA, "", b"abc")),
                                       DirectorySink(tmp_path, BACKUP_NAME + "1", tmp_path))  # fmt: skip
+
+
+def test_directory_sink_no_direct_on_tmpfs() -> None:
+    """On a tmpfs O_DIRECT would only add a copy (its pages are the file): the sink splices there."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=shm) as d:
+        sink = DirectorySink(Path(d), BACKUP_NAME, Path(d))
+        try:
+            from qubes_backup_agent.storage import directory
+
+            if directory._fs_type(sink.fd or 0) != directory.TMPFS_MAGIC:
+                pytest.skip("/dev/shm is not a tmpfs here")
+            assert sink._direct is None
+            sink.write(b"abc")
+            sink.commit()
+            assert (Path(d) / BACKUP_NAME).read_bytes() == b"abc"
+        finally:
+            sink.abort()

@@ -311,3 +311,87 @@ def test_buffer_pool_and_chunker_copy_borrowed_input() -> None:
     pool.put(bytearray(5))  # not one of its size: ignored
     pool.put(b"x" * (1 << 16))  # bytes: ignored
     assert len(pool.get()) == 1 << 16
+
+
+
+def _zstd_frames(stream: bytes) -> list[bytes]:
+    """The decoded content of each frame of a zstd stream, one by one."""
+    import zstandard
+
+    out = []
+    while stream:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        out.append(d.decompress(stream))
+        stream = d.unused_data
+    return out
+
+
+def test_chunker_zstd_frames_in_order_and_read_in_place() -> None:
+    """zstd: independent frames of fixed blocks, compressed on a thread pool, joined in order and cut into
+    chunks of exactly chunk_size; the joined chunks decode as one stream (our reader and stock zstd -dc).
+    Data read into space() and fed back is taken in place; other input is copied."""
+    import io
+    import random
+    import shutil
+    import subprocess
+
+    from qubes_backup_dom0.chunking import BufferPool, Chunker, ZstdPool, decompressed_reader
+
+    rnd = random.Random(7)
+    text = b"".join(b"line %d of some text\n" % i for i in range(20_000))
+    data = (rnd.randbytes(300_000) + text) * 3
+    block, chunk = 1 << 16, 50_000
+    with ZstdPool(threads=2, block=block) as zp:
+        for in_place in (False, True):
+            chunker = Chunker("zstd", chunk, pool=BufferPool(chunk, keep=4), zstd_pool=zp)
+            chunks: list[bytes] = []
+            pos = 0
+            while pos < len(data):
+                if in_place:
+                    room = chunker.space()
+                    n = min(len(room), 70_001, len(data) - pos)
+                    room[:n] = data[pos : pos + n]
+                    piece: bytes | memoryview = room[:n]
+                else:
+                    piece = data[pos : pos + 70_001]
+                pos += len(piece)
+                chunks += [bytes(c) for c in chunker.feed(piece)]
+            chunks += [bytes(c) for c in chunker.finish()]
+            assert all(len(c) == chunk for c in chunks[:-1]) and 0 < len(chunks[-1]) <= chunk
+            stream = b"".join(chunks)
+            frames = _zstd_frames(stream)
+            assert [len(f) for f in frames[:-1]] == [block] * (len(frames) - 1)
+            assert b"".join(frames) == data and len(frames) == -(-len(data) // block)
+            reader = decompressed_reader("zstd", io.BytesIO(stream))
+            got = b""
+            while piece := reader.read(1 << 20):
+                got += piece
+            assert got == data
+            if shutil.which("zstd"):
+                out = subprocess.run(["zstd", "-dc"], input=stream, capture_output=True, check=True).stdout
+                assert out == data
+
+
+def test_chunker_none_reads_in_place() -> None:
+    """Without compression, data read into space() becomes the chunk itself (no copy); headers fed in
+    between are copied; chunks are exactly chunk_size."""
+    from qubes_backup_dom0.chunking import BufferPool, Chunker
+
+    pool = BufferPool(1000, keep=4)
+    chunker = Chunker("none", 1000, pool=pool)
+    expected = b""
+    chunks: list[bytes] = []
+    for i in range(7):
+        room = chunker.space()
+        first = room.obj
+        n = min(len(room), 333)
+        room[:n] = bytes([i]) * n
+        out = list(chunker.feed(room[:n]))
+        if out:
+            assert out[0].obj is first  # the very buffer read into
+        chunks += [bytes(c) for c in out]
+        chunks += [bytes(c) for c in chunker.feed(b"hd")]
+        expected += bytes([i]) * n + b"hd"
+    chunks += [bytes(c) for c in chunker.finish()]
+    assert b"".join(chunks) == expected
+    assert all(len(c) == 1000 for c in chunks[:-1])

@@ -1,6 +1,6 @@
 """The backup pipeline: select VMs, then read -> compress -> chunk -> encrypt+MAC -> outer tar -> sink.
 
-Reading skips holes (inner.py), zstd compresses on its own threads, encryption and MAC run in a small
+Reading skips holes (inner.py), zstd compresses independent frames on a thread pool, encryption and MAC run in a small
 thread pool (cryptography and hashlib release the GIL), and a writer thread feeds the sink, so all cores
 work and dom0 memory stays bounded by a few chunks whatever the size of the backup.
 """
@@ -22,7 +22,7 @@ from typing import Any
 from qubes_backup_protocol import names
 
 from . import crypto, firewall, inner, pools
-from .chunking import BufferPool, Chunker, zstd_compressor
+from .chunking import BufferPool, Chunker, ZstdPool
 from .errors import BackupError, Cancelled, UsageError
 from .header import DEFAULT_CHUNK_SIZE, DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, Header, now_utc
 from .manifest import ArchiveEntry, ArchiveSizes, FileEntry, Manifest
@@ -368,9 +368,9 @@ class _Sealer:
     def __call__(self, name: str, plaintext: bytes | bytearray | memoryview) -> tuple[str, memoryview, bytes]:
         keys = self.keys.result()
         out = self.sealed.get() if len(plaintext) + crypto.IV_SIZE + 15 <= self.sealed.size else None
-        sealed = crypto.encrypt(keys, plaintext, out=out)
+        sealed, mac = crypto.seal_member(keys, name, plaintext, out=out)
         self.plain.put(plaintext)
-        return name, sealed, crypto.mac_member(keys, name, sealed)
+        return name, sealed, mac
 
 
 def _stream_archive(
@@ -389,9 +389,9 @@ def _stream_archive(
         index += 1
         stored += len(chunk)
 
-    # reuse=True: volume data comes in one reused read buffer; the chunker copies or compresses each piece
-    # before it asks for the next.  Progress counts data bytes (not tar headers).
-    for piece in inner.write_archive(archive.files, reuse=True, counted=report):
+    # into=chunker: volume data is read straight into the chunker's buffer (the chunk itself without
+    # compression, the zstd block being filled).  Progress counts data bytes (not tar headers).
+    for piece in inner.write_archive(archive.files, reuse=True, counted=report, into=chunker):
         for chunk in chunker.feed(piece):
             submit(chunk)
     for chunk in chunker.finish():
@@ -419,7 +419,7 @@ def write_backup(
     SIGTERM in the CLI): queued chunks are dropped, not drained through a slow backup VM, and a sink with an
     ``interrupt()`` method (targets.AgentTarget) has its writer thread's wait broken at once.
 
-    Threads: this one reads and compresses (zstd adds its own workers); ``workers`` threads encrypt and MAC;
+    Threads: this one reads (zstd compresses on a pool of ``workers`` threads); ``workers`` threads encrypt and MAC;
     one writer thread writes the header and manifest (once the KDF, started first on its own thread, is
     done), then the sealed chunks in order.  Everything the sink gets is written by the writer thread.
     """
@@ -498,7 +498,7 @@ def write_backup(
         if progress is not None:
             progress(min(done, total), total)
 
-    zstd_ctx = zstd_compressor(options.workers) if options.compression == "zstd" else None
+    zstd_pool = ZstdPool(options.workers) if options.compression == "zstd" else None
     # Snapshots of a written archive are removed (an lvm process each) while the next archive is read.
     releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release")
     released: list[Future[None]] = []
@@ -513,9 +513,12 @@ def write_backup(
                 put(pool.submit(sealer, name, chunk))
 
             for archive in plan.archives:
-                chunker = Chunker(options.compression, options.chunk_size, pool=plain_pool, zstd_ctx=zstd_ctx)
-                with attached_volumes(plan.system, archive, release):  # snapshots live while it is read
-                    trailer = _stream_archive(archive, chunker, report, seal)
+                chunker = Chunker(options.compression, options.chunk_size, pool=plain_pool, zstd_pool=zstd_pool)
+                try:
+                    with attached_volumes(plan.system, archive, release):  # snapshots live while it is read
+                        trailer = _stream_archive(archive, chunker, report, seal)
+                finally:
+                    chunker.close()
                 tname = names.trailer_name(archive.member)
                 put(pool.submit(_seal_trailer, keys_future, tname, trailer))
         put(_Stop())
@@ -526,6 +529,9 @@ def write_backup(
         _stop_writer(stop, sink, pending, wthread)
         releaser.shutdown(wait=True)
         raise
+    finally:
+        if zstd_pool is not None:
+            zstd_pool.close()
     releaser.shutdown(wait=True)
     for f in released:
         f.result()  # a snapshot that could not be removed fails the backup, as before

@@ -485,24 +485,39 @@ def _read_content(f: InnerFile, read_size: int) -> Iterator[bytes]:
             yield f.content[pos : min(pos + read_size, off + length)]
 
 
-def _read_fd(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator[bytes | memoryview]:
+class ReadTarget(Protocol):
+    """Where volume data may be read straight into (the backup's chunker): ``space()`` lends a writable,
+    non-empty view; the piece read into it is yielded and must be consumed before ``space()`` is asked again."""
+
+    def space(self) -> memoryview: ...
+
+
+def _read_fd(
+    f: InnerFile, read_size: int, reuse: bool = False, into: ReadTarget | None = None
+) -> Iterator[bytes | memoryview]:
     """Regions of an attached fd (an immutable snapshot: no re-scan, but every read must be complete).
 
     With ``reuse`` the pieces are views of one buffer that the next piece overwrites (no allocation and no
-    page faults per read): only for a consumer that is done with a piece when it asks for the next."""
+    page faults per read): only for a consumer that is done with a piece when it asks for the next.  With
+    ``into`` each piece is read into ``into.space()`` (at most ``read_size`` at a time) and yielded as that view."""
     assert f.fd is not None
     what = f.label or f.path
-    buf = memoryview(bytearray(read_size)) if reuse else None
+    buf = memoryview(bytearray(read_size)) if reuse and into is None else None
     try:
         for off, length in f.regions:
             end = off + length
             while off < end:
-                want = min(read_size, end - off)
-                if buf is not None:
+                if into is not None:
+                    room = into.space()
+                    want = min(read_size, len(room), end - off)
+                    got = os.preadv(f.fd, [room[:want]], off)
+                    piece: bytes | memoryview = room[:got]
+                elif buf is not None:
+                    want = min(read_size, end - off)
                     got = os.preadv(f.fd, [buf[:want]], off)
-                    piece: bytes | memoryview = buf[:got]
+                    piece = buf[:got]
                 else:
-                    piece = os.pread(f.fd, want, off)
+                    piece = os.pread(f.fd, min(read_size, end - off), off)
                 if not piece:
                     raise BackupError(f"cannot read {what}: short read at offset {off} (did its size change?)")
                 off += len(piece)
@@ -511,13 +526,15 @@ def _read_fd(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator[byte
         raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
 
 
-def _read_regions(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator[bytes | memoryview]:
+def _read_regions(
+    f: InnerFile, read_size: int, reuse: bool = False, into: ReadTarget | None = None
+) -> Iterator[bytes | memoryview]:
     """The bytes of ``f``'s regions, in big pieces; raises BackupError if the file changed since scanning."""
     if f.content is not None:
         yield from _read_content(f, read_size)
         return
     if f.fd is not None:
-        yield from _read_fd(f, read_size, reuse)
+        yield from _read_fd(f, read_size, reuse, into)
         return
     if f.source is None:
         raise BackupError(f"internal error: {f.label or f.path} has no source attached")
@@ -549,12 +566,13 @@ def _read_regions(f: InnerFile, read_size: int, reuse: bool = False) -> Iterator
 
 def write_archive(
     files: Iterable[InnerFile], read_size: int = DEFAULT_READ_SIZE, reuse: bool = False,
-    counted: Callable[[int], None] | None = None,
+    counted: Callable[[int], None] | None = None, into: ReadTarget | None = None,
 ) -> Iterator[bytes | memoryview]:
     """Yield the whole inner archive.  Data comes as fresh ``bytes`` of up to ``read_size`` (consumers may
     keep them), headers as small ``bytes``; hole bytes are never read.  With ``reuse``, volume data (attached
     fds) comes as views of one reused buffer, valid only until the next piece is asked for (the backup's
-    chunker copies or compresses each piece at once).  ``counted`` gets the length of each data piece (not
+    chunker copies or compresses each piece at once); with ``into`` they are read straight into the views
+    ``into.space()`` lends (see ReadTarget).  ``counted`` gets the length of each data piece (not
     headers or padding: the unit of the manifest's data sizes, for progress)."""
     if read_size < BLOCK:
         raise ValueError("read_size too small")
@@ -563,9 +581,9 @@ def write_archive(
         yield head
         if data:
             if counted is None:
-                yield from _read_regions(f, read_size, reuse)
+                yield from _read_regions(f, read_size, reuse, into)
             else:
-                for piece in _read_regions(f, read_size, reuse):
+                for piece in _read_regions(f, read_size, reuse, into):
                     counted(len(piece))
                     yield piece
             if _pad(data):

@@ -62,8 +62,9 @@ def receive_stream(stdin: BinaryIO, sink: Sink) -> None:
     """DATA frames into ``sink`` until COMMIT.
 
     The data is opaque here (dom0 encrypted and MACed it), so when the sink is a file and stdin a pipe it
-    goes from the pipe into the file with splice(2): one copy in the kernel instead of two through this
-    process, and no per-frame allocation.  Frame headers are still read and bounded one by one."""
+    goes from the pipe straight into the file's writer (``splice_from``: read into its O_DIRECT buffers,
+    or splice(2) where O_DIRECT is refused): one copy instead of two through this process, and no
+    per-frame allocation.  Frame headers are still read and bounded one by one."""
     splice_into = getattr(sink, "splice_from", None)
     fd = _splice_source(stdin) if splice_into is not None else None
     while True:
