@@ -156,6 +156,7 @@ def test_release_failure_is_a_warning(lvs: tuple[System, LvStore], monkeypatch: 
     monkeypatch.setenv("QUBES_SIM_THIN_FAIL", "release")
     assert thinmap.provisioned(system, "qubes_dom0", "vm-work-private", 16 << 20) is not None
     assert "warning: cannot release the metadata snapshot of thin pool qubes_dom0/vm-pool" in capsys.readouterr().err
+    assert _snap_reserved(store)  # what the warning is about: the pool still holds it
 
 
 def test_missing_tools_or_old_lvm_fall_back(lvs: tuple[System, LvStore]) -> None:
@@ -216,3 +217,67 @@ def test_blockdev_backup_reads_only_the_mapped_part(
     words = [json.loads(line)[-1] for line in log if json.loads(line)[0] == "dmsetup"]
     assert words.count("reserve_metadata_snap") == words.count("release_metadata_snap") >= 2
     assert not (sim.dom0 / "dev/qubes_dom0/.lvm/vm-pool.metasnap").exists()
+
+
+# -- fewer lvm processes: one lvremove per archive ------------------------------------------------------------
+
+
+def _record_lvm(monkeypatch: pytest.MonkeyPatch, fail_create: int = 0) -> list[list[str]]:
+    from qubes_backup_dom0 import pools
+    from qubes_backup_dom0.errors import BackupError
+
+    calls: list[list[str]] = []
+    real = pools.run_lvm
+
+    def run(system: System, args: list[str], what: str) -> str:
+        calls.append(list(args))
+        if args[0] == "lvcreate" and sum(c[0] == "lvcreate" for c in calls) == fail_create:
+            raise BackupError(f"{what}: injected")
+        return real(system, args, what)
+
+    monkeypatch.setattr(pools, "run_lvm", run)
+    return calls
+
+
+def _snapshots(sim: Sim) -> list[str]:
+    return [p.name for p in (sim.dom0 / "dev/qubes_dom0").iterdir() if p.name.startswith("qbackup-")]
+
+
+def test_snapshots_of_an_archive_removed_by_one_lvremove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = new_sim(tmp_path / "sim")
+    monkeypatch.setenv("QUBES_SIM", str(sim.dir))
+    calls = _record_lvm(monkeypatch)
+    plan = backup.plan_backup(sim.system, ["legacy-hvm"])  # a StandaloneVM: root and private
+    assert len(_snapshots(sim)) == 2
+    plan.close()
+    creates = [c[-1] for c in calls if c[0] == "lvcreate"]
+    (remove,) = [c for c in calls if c[0] == "lvremove"]
+    assert sorted(creates) == ["qubes_dom0/vm-legacy-hvm-private", "qubes_dom0/vm-legacy-hvm-root"]
+    assert remove[:2] == ["lvremove", "-f"] and len(remove) == 4 and _snapshots(sim) == []
+
+
+def test_a_failed_plan_still_removes_its_snapshots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qubes_backup_dom0.errors import BackupError
+
+    sim = new_sim(tmp_path / "sim")
+    monkeypatch.setenv("QUBES_SIM", str(sim.dir))
+    calls = _record_lvm(monkeypatch, fail_create=2)  # the second volume's snapshot fails
+    with pytest.raises(BackupError, match="injected"):
+        backup.plan_backup(sim.system, ["legacy-hvm"])
+    assert _snapshots(sim) == []
+    assert [len(c) for c in calls if c[0] == "lvremove"] == [3]  # the first volume's, once
+
+
+def test_leftovers_of_a_killed_run_go_in_one_lvremove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qubes_backup_dom0 import pools
+
+    sim = new_sim(tmp_path / "sim")
+    monkeypatch.setenv("QUBES_SIM", str(sim.dir))
+    store = LvStore(sim.dom0 / "dev")
+    dead = [f"qbackup-999999-0000000{i}-{i}" for i in (1, 2)]
+    for name in dead:
+        store.snapshot("qubes_dom0", "vm-work-private", name, tags=(pools.SNAPSHOT_TAG,), readonly=True)
+    calls = _record_lvm(monkeypatch)
+    assert sorted(pools.remove_leftover_snapshots(sim.system)) == [f"qubes_dom0/{n}" for n in dead]
+    assert [c for c in calls if c[0] == "lvremove"] == [["lvremove", "-f", *(f"qubes_dom0/{n}" for n in dead)]]
+    assert _snapshots(sim) == []

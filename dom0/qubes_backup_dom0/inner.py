@@ -244,7 +244,9 @@ def scan_zeros(
     per core (preadv and the compare run outside the GIL or briefly inside it), and a block device is read
     with O_DIRECT (see ``_direct_fd``)."""
     blockdev = _model_block_device() or stat.S_ISBLK(os.fstat(fd).st_mode)
-    direct = _direct_fd(fd) if blockdev else None
+    # O_DIRECT for the zeros of a block device read whole; a thin LV's provisioned ranges go through the page
+    # cache, where the archive's read of the same bytes right after finds them.
+    direct = _direct_fd(fd) if blockdev and provisioned is None else None
     try:
         if provisioned is not None:
             regions = provisioned

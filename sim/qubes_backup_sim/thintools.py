@@ -21,8 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from .lvstore import META_DIR, LvStore
-
+META_DIR = ".lvm"  # lvstore's, not imported: dmsetup runs twice per map and needs no LV metadata
 CHUNK = 64 * 1024
 SECTORS = CHUNK // 512
 
@@ -105,7 +104,10 @@ def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
     return out
 
 
-def _device_xml(store: LvStore, vg: str, pool: str, dev_id: int) -> list[str]:
+def _device_xml(devdir: Path, vg: str, pool: str, dev_id: int) -> list[str]:
+    from .lvstore import LvStore
+
+    store = LvStore(devdir)
     for info in store.lvs(vg):
         if info.thin_pool == pool and info.thin_id == dev_id:
             chunks = provisioned_chunks(store.path(vg, info.name))
@@ -138,7 +140,7 @@ def thin_dump(devdir: Path, argv: list[str]) -> int:
         print("no current metadata snap", file=sys.stderr)
         return 1
     lines = [f'<superblock uuid="" time="0" transaction="1" flags="0" version="2" data_block_size="{SECTORS}" '
-             'nr_data_blocks="0">', *_device_xml(LvStore(devdir), vg, pool, int(argv[2])), "</superblock>"]  # fmt: skip
+             'nr_data_blocks="0">', *_device_xml(devdir, vg, pool, int(argv[2])), "</superblock>"]  # fmt: skip
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 
