@@ -281,3 +281,36 @@ def test_leftovers_of_a_killed_run_go_in_one_lvremove(tmp_path: Path, monkeypatc
     assert sorted(pools.remove_leftover_snapshots(sim.system)) == [f"qubes_dom0/{n}" for n in dead]
     assert [c for c in calls if c[0] == "lvremove"] == [["lvremove", "-f", *(f"qubes_dom0/{n}" for n in dead)]]
     assert _snapshots(sim) == []
+
+
+def test_metadata_snapshot_released_when_the_backup_is_killed(lvs: tuple[System, LvStore], tmp_path: Path) -> None:
+    """The reserve/dump/release child runs in its own session: killing qvm-backup's whole process group while
+    the dump runs (Ctrl-C, kill -9) still ends in a release."""
+    import shlex
+    import signal
+    import time
+
+    system, store = lvs
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    gated = ["sh", "-c", f'cat {shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"', *system.thin_dump_argv]
+    env = dict(os.environ, QUBES_SIM=str(system.sim_dir), QUBES_THIN_DUMP=shlex.join(gated))
+    code = ("from qubes_backup_dom0 import thinmap; from qubes_backup_dom0.system import System; "
+            "thinmap.dump(System.from_env(), 'qubes_dom0', 'vm-pool', 1)")  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
+    log = store.devdir / "thintools.log"
+
+    def wait_for(cond: object) -> None:
+        deadline = time.monotonic() + 60  # a bound on a hang, not a measurement
+        while not cond():  # type: ignore[operator]
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    wait_for(lambda: _snap_reserved(store))
+    os.killpg(parent.pid, signal.SIGKILL)
+    parent.wait()
+    with open(fifo, "w"):  # let the dump go on: it writes to a pipe nobody reads any more
+        pass
+    wait_for(lambda: not _snap_reserved(store))
+    words = [json.loads(line)[-1] for line in log.read_text().splitlines() if json.loads(line)[0] == "dmsetup"]
+    assert words == ["reserve_metadata_snap", "release_metadata_snap"]
