@@ -90,16 +90,15 @@ class LvStore:
                       thin_id if isinstance(thin_id, int) else None)  # fmt: skip
 
     def _new_thin_id(self, vg: str) -> int:
-        """The next thin device id of the volume group (one counter for all its pools: ids stay unique)."""
-        fd = os.open(self.devdir / vg / META_DIR / "thin_ids", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.pread(fd, 32, 0).strip()
-            new = int(raw) + 1 if raw.isdigit() else 1
-            os.pwrite(fd, f"{new:<20}\n".encode(), 0)
-            return new
-        finally:
-            os.close(fd)
+        """One more than the largest thin device id in the volume group (ids stay unique across its pools; no
+        counter file: an LV created and removed again leaves nothing behind).  Callers hold the VG lock."""
+        top = 0
+        for meta in (self.devdir / vg / META_DIR).glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                value = json.loads(meta.read_text()).get("thin_id")
+                if isinstance(value, int):
+                    top = max(top, value)
+        return top + 1
 
     def write_meta(self, info: LvInfo) -> None:
         meta = self._meta(info.vg, info.name)
