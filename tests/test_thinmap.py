@@ -80,6 +80,10 @@ GOOD = (b'<superblock data_block_size="128"><device dev_id="3" mapped_blocks="2"
         GOOD.replace(b'origin_begin="2"', b'origin_begin="99"'),  # beyond the LV
         GOOD.replace(b"</device>", b'<single_mapping origin_block="3" data_block="1" time="0"/></device>'),
         GOOD.replace(b"<range_mapping", b"<weird_mapping"),
+        GOOD.replace(b"</device>", b'<single_mapping origin_block="0" data_block="1" time="0"/></device>'),  # order
+        GOOD.replace(b"time=\"0\"/>", b'time="0"><single_mapping origin_block="9" data_block="1" time="0"/>'
+                     b"</range_mapping>"),  # nested
+        GOOD.replace(b"<superblock", b"<superblock><superblock").replace(b"</superblock>", b"</superblock>" * 2),
         GOOD.replace(b'dev_id="3"', b'dev_id="4"'),  # device missing
         GOOD.replace(b"</superblock>", b'<device dev_id="3" mapped_blocks="0"></device></superblock>'),  # twice
         b'<!DOCTYPE x [<!ENTITY a "1">]>' + GOOD,
@@ -90,6 +94,22 @@ GOOD = (b'<superblock data_block_size="128"><device dev_id="3" mapped_blocks="2"
 def test_malformed_or_mismatched_dumps_give_no_map(xml: bytes) -> None:
     assert thinmap.parse(GOOD, 3, 10 * BS) == [(2 * BS, 2 * BS)]
     assert thinmap.parse(xml, 3, 10 * BS) is None
+
+
+def test_parser_fed_in_pieces() -> None:
+    """The dump is streamed: any cut of the XML gives the same map (a comment split across pieces too)."""
+    xml = SOURCE_XML.encode()
+    whole = thinmap.parse(xml, 1, 4096 * BS)
+    assert whole == [(0, 4 * BS), (10 * BS, BS), (4095 * BS, BS)]
+    for step in (1, 7, 64):
+        parser = thinmap.MapParser(1, 4096 * BS)
+        assert all(parser.feed(xml[i : i + step]) for i in range(0, len(xml), step))
+        assert parser.finish() == whole
+    sneaky = xml.replace(b"</device>", b"<!-- x --></device>", 1)
+    parser = thinmap.MapParser(1, 4096 * BS)
+    for i in range(0, len(sneaky), 1):
+        parser.feed(sneaky[i : i + 1])
+    assert parser.finish() is None
 
 
 def test_dm_names_double_dashes() -> None:
@@ -296,7 +316,7 @@ def test_metadata_snapshot_released_when_the_backup_is_killed(lvs: tuple[System,
     gated = ["sh", "-c", f'cat {shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"', *system.thin_dump_argv]
     env = dict(os.environ, QUBES_SIM=str(system.sim_dir), QUBES_THIN_DUMP=shlex.join(gated))
     code = ("from qubes_backup_dom0 import thinmap; from qubes_backup_dom0.system import System; "
-            "thinmap.dump(System.from_env(), 'qubes_dom0', 'vm-pool', 1)")  # fmt: skip
+            "thinmap.provisioned(System.from_env(), 'qubes_dom0', 'vm-work-private', 16 << 20)")  # fmt: skip
     parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     log = store.devdir / "thintools.log"
 

@@ -3,7 +3,9 @@
 - ``lvm_thin``: a read-only, activated thin snapshot of the committed LV ``VG/vm-NAME-VOL`` (a running VM
   writes ``...-snap``), tagged ``qubes-backup-snapshot`` and named ``qbackup-PID-RAND-N`` (never ending in
   ``-snap``, ``-back`` or ``-import``, which qubesd treats as its own), read from ``DEV_DIR/VG/NAME`` and
-  always removed.  Leftovers of a killed run (tagged ours, their pid dead) are removed when a backup starts.
+  always removed (a ``SnapshotRemover`` removes an archive's snapshots with one ``lvremove``).  Read as a block
+  device, only its provisioned ranges are scanned (thinmap.py; without a map, all of it).  Leftovers of a
+  killed run (tagged ours, their pid dead) are removed, all in one lvremove, when a backup starts.
 - ``file-reflink``: a reflink clone (FICLONE into an O_TMPFILE beside the image: nothing left behind) of the
   clean image ``DIR_PATH/VID.img``, else an open descriptor of it (qubesd replaces the clean image by rename
   when a VM stops, so the descriptor keeps what was committed).  The ``-dirty`` image is never read.

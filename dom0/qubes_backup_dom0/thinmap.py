@@ -19,15 +19,19 @@ Provisioned ranges are still zero-scanned; unprovisioned blocks read as zeros by
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from typing import Any
 
 from .system import System
 
 MAP_TIMEOUT = 300.0
-MAX_DUMP = 512 << 20  # bytes of XML: ~8M single mappings, far beyond a 64 GiB LV's 1M chunks of 64 KiB
+MAX_DUMP = 1 << 30  # bytes of XML read at most: a bound on time (it is streamed: memory is the map's)
+READ = 1 << 20
 SECTOR = 512
 _NUM = re.compile(r"0|[1-9][0-9]{0,19}")
 _LV_PART = re.compile(r"^[A-Za-z0-9_.+-]{1,127}$")
@@ -85,9 +89,10 @@ def _thin_id(system: System, vg: str, lv: str) -> tuple[int, str] | None:
     return int(dev_id), pool
 
 
-def dump(system: System, vg: str, pool: str, dev_id: int) -> bytes | None:
-    """The XML of ``dev_id``'s mappings in a metadata snapshot of ``VG/POOL`` (reserved, dumped and released by
-    one child in its own session), or None.  A failed release is a warning on stderr."""
+def dump(system: System, vg: str, pool: str, dev_id: int, consume: Callable[[bytes], bool]) -> bool:
+    """Feed ``consume`` the XML of ``dev_id``'s mappings in a metadata snapshot of ``VG/POOL`` (reserved, dumped
+    and released by one child in its own session) until it returns False; True if the dump succeeded.  A
+    failed release is a warning on stderr."""
     name = dm_name(vg, pool)
     args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT,
             "thin_dump": [*system.thin_dump_argv, "--metadata-snap", "--dev-id", str(dev_id), "--format", "xml",
@@ -96,17 +101,18 @@ def dump(system: System, vg: str, pool: str, dev_id: int) -> bytes | None:
         proc = subprocess.Popen([sys.executable, "-S", "-c", _HELPER, json.dumps(args)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     except OSError:
-        return None
+        return False
     assert proc.stdout is not None
-    with proc.stdout:
-        data = proc.stdout.read(MAX_DUMP + 1)  # the child ends on its own (a broken pipe at worst), releasing
+    total, wanted = 0, True
+    with proc.stdout:  # closed early, the child ends on its own (a broken pipe), releasing
+        while wanted and (piece := os.read(proc.stdout.fileno(), READ)):
+            total += len(piece)
+            wanted = total <= MAX_DUMP and consume(piece)
     rc = proc.wait()
     if rc in (EXIT_RELEASE, EXIT_BOTH):
         print(f"warning: cannot release the metadata snapshot of thin pool {vg}/{pool} (dmsetup message "
               f"{name}-tpool 0 release_metadata_snap)", file=sys.stderr)  # fmt: skip
-    if rc not in (0, EXIT_RELEASE) or len(data) > MAX_DUMP:
-        return None
-    return data
+    return wanted and rc in (0, EXIT_RELEASE)
 
 
 def _num(el: ET.Element, attr: str) -> int:
@@ -116,51 +122,92 @@ def _num(el: ET.Element, attr: str) -> int:
     return int(value)
 
 
-def parse(xml: bytes, dev_id: int, size: int) -> list[tuple[int, int]] | None:
-    """Merged provisioned byte ranges ``(offset, length)`` of device ``dev_id`` (apparent ``size``) in a
-    ``thin_dump`` XML, clipped to ``size``; None when anything is unexpected."""
-    if b"<!" in xml:  # no DOCTYPE, entities or comments: thin_dump writes none
-        return None
-    try:
-        root = ET.fromstring(xml)
-        if root.tag != "superblock":
-            return None
-        bs = _num(root, "data_block_size") * SECTOR
-        if not bs or bs % 4096:
-            return None
-        devices = [d for d in root if d.tag == "device" and _num(d, "dev_id") == dev_id]
-        if len(devices) != 1:
-            return None  # never "not found" as "unallocated"
-        blocks = []
-        for m in devices[0]:
-            if m.tag == "range_mapping":
-                blocks.append((_num(m, "origin_begin"), _num(m, "length")))
-            elif m.tag == "single_mapping":
-                blocks.append((_num(m, "origin_block"), 1))
-            else:
-                return None
-        if sum(n for _, n in blocks) != _num(devices[0], "mapped_blocks"):
-            return None
-    except (ET.ParseError, ValueError):
-        return None
-    return _ranges(blocks, bs, size)
+class MapParser:
+    """thin_dump's XML, fed piecewise: superblock > device > range_mapping | single_mapping, nothing else.  Only
+    device ``dev_id``'s mappings are kept, merged as they come (thin_dump lists them by ascending origin block;
+    anything out of order is refused) and elements are dropped once read, so memory is the map's."""
 
+    def __init__(self, dev_id: int, size: int) -> None:
+        self.dev_id, self.size = dev_id, size
+        self._xml: Any = ET.XMLPullParser(events=("start", "end"))
+        self._tail = b""
+        self._path: list[ET.Element] = []
+        self.bs = self.found = self.mapped = self.next_free = 0
+        self.expected = -1
+        self.out: list[tuple[int, int]] = []
+        self.failed = False
+        self._wanted = False  # inside device dev_id
 
-def _ranges(blocks: list[tuple[int, int]], bs: int, size: int) -> list[tuple[int, int]] | None:
-    """Sorted, merged byte ranges of ``(first block, count)`` mappings; None if any overlap or lies beyond
-    ``size`` (the last block may extend past an LV size that is not a multiple of the block size)."""
-    out: list[tuple[int, int]] = []
-    next_free = 0
-    for first, n in sorted(blocks):
-        if n < 1 or first < next_free or (first + n - 1) * bs >= size:
-            return None
-        start, end = first * bs, min((first + n) * bs, size)
-        if out and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], end - out[-1][0])
+    def feed(self, data: bytes) -> bool:
+        """Parse more; False once anything is unexpected (the rest need not be read)."""
+        if b"<!" in self._tail + data:  # no DOCTYPE, entities or comments: thin_dump writes none
+            self.failed = True
+        self._tail = data[-1:]
+        try:
+            if not self.failed:
+                self._xml.feed(data)
+                for event, el in self._xml.read_events():
+                    if event == "start":
+                        self._start(el)
+                    else:
+                        self._end(el)
+        except (ET.ParseError, ValueError):
+            self.failed = True
+        return not self.failed
+
+    def _start(self, el: ET.Element) -> None:
+        depth = len(self._path)
+        if (depth, el.tag) == (0, "superblock"):
+            self.bs = _num(el, "data_block_size") * SECTOR
+            if not self.bs or self.bs % 4096:
+                raise ValueError("unusable data_block_size")
+        elif (depth, el.tag) == (1, "device"):
+            self._wanted = _num(el, "dev_id") == self.dev_id
+            if self._wanted:
+                self.found += 1
+                self.expected = _num(el, "mapped_blocks")
+        elif depth == 2 and el.tag in ("range_mapping", "single_mapping"):
+            if self._wanted:
+                if el.tag == "range_mapping":
+                    self._add(_num(el, "origin_begin"), _num(el, "length"))
+                else:
+                    self._add(_num(el, "origin_block"), 1)
         else:
-            out.append((start, end - start))
-        next_free = first + n
-    return out
+            raise ValueError(f"unexpected element {el.tag}")
+        self._path.append(el)
+
+    def _end(self, el: ET.Element) -> None:
+        self._path.pop()
+        if self._path:
+            self._path[-1].remove(el)  # read: keep no tree
+
+    def _add(self, first: int, n: int) -> None:
+        if n < 1 or first < self.next_free or (first + n - 1) * self.bs >= self.size:
+            raise ValueError("empty, out of order, overlapping or beyond the LV")
+        start, end = first * self.bs, min((first + n) * self.bs, self.size)
+        if self.out and self.out[-1][0] + self.out[-1][1] == start:
+            self.out[-1] = (self.out[-1][0], end - self.out[-1][0])
+        else:
+            self.out.append((start, end - start))
+        self.next_free, self.mapped = first + n, self.mapped + n
+
+    def finish(self) -> list[tuple[int, int]] | None:
+        """The merged byte ranges, clipped to the LV's size, or None (never "not found" as "unallocated")."""
+        try:
+            if not self.failed:
+                self._xml.close()
+        except ET.ParseError:
+            self.failed = True
+        if self.failed or self.found != 1 or self.mapped != self.expected:
+            return None
+        return self.out
+
+
+def parse(xml: bytes, dev_id: int, size: int) -> list[tuple[int, int]] | None:
+    """Provisioned byte ranges ``(offset, length)`` of device ``dev_id`` (apparent ``size``) in a thin_dump XML."""
+    parser = MapParser(dev_id, size)
+    parser.feed(xml)
+    return parser.finish()
 
 
 def provisioned(system: System, vg: str, lv: str, size: int) -> list[tuple[int, int]] | None:
@@ -169,6 +216,7 @@ def provisioned(system: System, vg: str, lv: str, size: int) -> list[tuple[int, 
     if found is None:
         return None
     dev_id, pool = found
-    xml = dump(system, vg, pool, dev_id)
-    return None if xml is None else parse(xml, dev_id, size)
-
+    parser = MapParser(dev_id, size)
+    if not dump(system, vg, pool, dev_id, parser.feed):
+        return None
+    return parser.finish()
