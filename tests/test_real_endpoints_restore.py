@@ -545,8 +545,10 @@ def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str] | None, what
 
 
 def _importing(t: Target, vm: str, vol: str) -> Callable[[], bool]:
+    """ImportBegin was asked (the sim qubesd logs a request before it runs it) and its ``-import`` LV exists."""
+    lv = t.lv(vm, vol)
     return lambda: any(r.method == "internal.vm.volume.ImportBegin" and (r.dest, r.arg) == (vm, vol)
-                       for r in t.requests())  # fmt: skip
+                       for r in t.requests()) and lv.with_name(f"{lv.name}-import").exists()  # fmt: skip
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["term", "int"])

@@ -44,6 +44,16 @@ class PlannedArchive(ArchiveSizes):
     klass: str
     files: list[inner.InnerFile]
     volumes: list[PlannedVolume] = field(default_factory=list)  # the files read from pools
+    remover: pools.SnapshotRemover | None = None  # removes the volumes' lvm snapshots together
+
+    def release(self) -> None:
+        """Release the volumes (close their readers), then remove their snapshots in one lvm call; idempotent."""
+        try:
+            for pv in self.volumes:
+                pv.release()
+        finally:
+            if self.remover is not None:
+                self.remover.flush()
 
 
 @dataclass
@@ -57,9 +67,14 @@ class BackupPlan:
     def close(self) -> None:
         """Release every volume still held since planning (snapshots removed); idempotent.  The backup
         releases each archive's volumes right after writing it; this is for whatever was not written."""
+        errors: list[BaseException] = []
         for a in self.archives:
-            for pv in a.volumes:
-                pv.release()
+            try:
+                a.release()
+            except BaseException as exc:  # release the others first
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def record_backup_timestamps(self, when: int) -> list[str]:
         """After a successful backup, as Qubes does: backup_timestamp on each backed-up VM (the only write
@@ -201,12 +216,15 @@ def _fd_stamp(fd: int) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _plan_volume(system: System, ref: pools.VolumeRef, path: str, mtime: int) -> PlannedVolume:
-    """Open the committed state of ``ref``, scan it for holes and zero runs, and keep it open."""
+def _plan_volume(
+    system: System, ref: pools.VolumeRef, path: str, mtime: int, remover: pools.SnapshotRemover
+) -> PlannedVolume:
+    """Open the committed state of ``ref``, scan it for holes and zero runs, and keep it open (its snapshot
+    goes to ``remover`` when released)."""
     stack = contextlib.ExitStack()
     try:
-        c = stack.enter_context(pools.committed(system, ref))
-        f = inner.InnerFile.from_fd(path, c.fd, c.size, ref.label, mtime)
+        c = stack.enter_context(pools.committed(system, ref, remover))
+        f = inner.InnerFile.from_fd(path, c.fd, c.size, ref.label, mtime, c.provisioned)
         return PlannedVolume(ref, f, c.identity, c.fd, _fd_stamp(c.fd), stack)
     except BaseException:
         stack.close()
@@ -215,11 +233,12 @@ def _plan_volume(system: System, ref: pools.VolumeRef, path: str, mtime: int) ->
 
 def _vm_files(
     system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int,
-    volumes: list[PlannedVolume],
+    archive: PlannedArchive,
 ) -> list[inner.InnerFile]:  # fmt: skip
     """DIR/firewall.xml, DIR/notes.txt (when there are notes), then DIR/VOL.img for each save_on_stop volume
     (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does).
-    The volumes are appended to ``volumes`` as soon as they are open (so a failure can release them)."""
+    The volumes are appended to ``archive.volumes`` as soon as they are open (so a failure can release them)."""
+    remover = archive.remover = pools.SnapshotRemover(system)
     vm_dir = collection.default_vm_dir(dom.name, dom.klass)
     files: list[inner.InnerFile] = []
     rules = qubes.firewall_rules(dom.name)
@@ -234,8 +253,8 @@ def _vm_files(
         if pool_info is None:
             raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
         ref = pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
-        pv = _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime)
-        volumes.append(pv)
+        pv = _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime, remover)
+        archive.volumes.append(pv)
         files.append(pv.file)
     return files
 
@@ -249,21 +268,21 @@ def _changed(pv: PlannedVolume) -> BackupError:
 
 @contextlib.contextmanager
 def attached_volumes(
-    system: System, archive: PlannedArchive, release: Callable[[PlannedVolume], None] | None = None
+    system: System, archive: PlannedArchive, release: Callable[[PlannedArchive], None] | None = None
 ) -> Iterator[None]:
     """Attach the archive's volumes (held since planning) while it is read; release them right after, through
     ``release`` when given (the backup removes snapshots on a background thread while the next archive is
-    read)."""
+    read), all snapshots of the archive in one lvm call."""
     with contextlib.ExitStack() as stack:
+        stack.callback(release or PlannedArchive.release, archive)  # last: after any reader opened below
         try:
             for pv in archive.volumes:
-                stack.callback(release or PlannedVolume.release, pv)
                 if pv.fd is not None:
                     if _fd_stamp(pv.fd) != pv.stamp:  # an image written in place (file pool, VM started)
                         raise _changed(pv)
                     pv.file.fd = pv.fd
                     continue
-                c = stack.enter_context(pools.committed(system, pv.ref))
+                c = stack.enter_context(pools.committed(system, pv.ref, archive.remover))
                 if c.identity != pv.identity or c.size != pv.file.size:
                     raise _changed(pv)
                 pv.file.fd = c.fd
@@ -329,7 +348,7 @@ def plan_backup(
                 plan.archives.append(archive)
                 state = vm_states[dom.name][1]
                 jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
-                                                  archive.volumes)))  # fmt: skip
+                                                  archive)))  # fmt: skip
             for archive, job in jobs:
                 archive.files = job.result()
         if not plan.archives:
@@ -338,13 +357,13 @@ def plan_backup(
         plan.close()
         raise
     # A plan that is dropped without being written or closed still releases its snapshots.
-    weakref.finalize(plan, _release_all, [pv for a in plan.archives for pv in a.volumes])
+    weakref.finalize(plan, _release_all, list(plan.archives))
     return plan
 
 
-def _release_all(volumes: list[PlannedVolume]) -> None:
-    for pv in volumes:
-        pv.release()
+def _release_all(archives: list[PlannedArchive]) -> None:
+    for a in archives:
+        a.release()
 
 
 # ---------------------------------------------------------------------------------------------- streaming
@@ -503,8 +522,8 @@ def write_backup(
     releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="release")
     released: list[Future[None]] = []
 
-    def release(pv: PlannedVolume) -> None:
-        released.append(releaser.submit(pv.release))
+    def release(archive: PlannedArchive) -> None:
+        released.append(releaser.submit(archive.release))
 
     try:
         with ThreadPoolExecutor(max_workers=options.workers, thread_name_prefix="seal") as pool:

@@ -92,6 +92,8 @@ def run_cli(body: Callable[[], int], debug: bool, json_command: str | None = Non
             traceback.print_exc()
         if isinstance(e, RuntimeError) and "can't start new thread" in str(e):  # the system refused a thread
             return _fail("not enough memory to start a thread: free some memory and try again", 1, json_command)
+        if type(e).__name__ == "ZstdError" and "Allocation error" in str(e):  # zstd's own out-of-memory
+            return _fail("not enough memory to continue: free some memory and try again", 1, json_command)
         text = f"internal error: {type(e).__name__}: {printable(str(e))} (run with --debug for details)"
         print(f"{prog()}: {text}", file=sys.stderr)
         if json_command is not None:

@@ -3,7 +3,9 @@
 - ``lvm_thin``: a read-only, activated thin snapshot of the committed LV ``VG/vm-NAME-VOL`` (a running VM
   writes ``...-snap``), tagged ``qubes-backup-snapshot`` and named ``qbackup-PID-RAND-N`` (never ending in
   ``-snap``, ``-back`` or ``-import``, which qubesd treats as its own), read from ``DEV_DIR/VG/NAME`` and
-  always removed.  Leftovers of a killed run (tagged ours, their pid dead) are removed when a backup starts.
+  always removed (a ``SnapshotRemover`` removes an archive's snapshots with one ``lvremove``).  Read as a block
+  device, only its provisioned ranges are scanned (thinmap.py; without a map, all of it).  Leftovers of a
+  killed run (tagged ours, their pid dead) are removed, all in one lvremove, when a backup starts.
 - ``file-reflink``: a reflink clone (FICLONE into an O_TMPFILE beside the image: nothing left behind) of the
   clean image ``DIR_PATH/VID.img``, else an open descriptor of it (qubesd replaces the clean image by rename
   when a VM stops, so the descriptor keeps what was committed).  The ``-dirty`` image is never read.
@@ -26,12 +28,14 @@ import secrets
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from qubes_backup_protocol.frames import safe_text
 
+from . import thinmap
 from .errors import BackupError
 from .qubesxml import QubesXmlError, _check_vid
 from .system import System
@@ -73,12 +77,36 @@ class Committed:
     fd: int
     size: int
     identity: Identity
+    provisioned: list[tuple[int, int]] | None = None  # a thin LV's provisioned ranges (thinmap), if known
 
 
-def committed(system: System, ref: VolumeRef) -> contextlib.AbstractContextManager[Committed]:
-    """The reader for ``ref``'s pool driver (see the module docstring); it always cleans up."""
+class SnapshotRemover:
+    """Snapshots whose readers are closed, removed together by one ``lvremove`` (a process per call)."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, vg: str, name: str) -> None:
+        with self._lock:
+            self._pending.append(f"{vg}/{name}")
+
+    def flush(self) -> None:
+        """Remove every pending snapshot (one lvm process); failing while already failing is a warning."""
+        with self._lock:
+            names, self._pending = self._pending, []
+        if names:
+            _remove_snapshots(self.system, names)
+
+
+def committed(
+    system: System, ref: VolumeRef, remover: SnapshotRemover | None = None
+) -> contextlib.AbstractContextManager[Committed]:
+    """The reader for ``ref``'s pool driver (see the module docstring); it always cleans up (an lvm snapshot
+    is handed to ``remover`` when given, whose ``flush`` the caller guarantees, else removed at once)."""
     if ref.driver == "lvm_thin":
-        return _lvm_thin(system, ref)
+        return _lvm_thin(system, ref, remover)
     if ref.driver == "file-reflink":
         return _file_image(system, ref, reflink=True)
     if ref.driver == "file":
@@ -142,7 +170,7 @@ def snapshot_name() -> str:
 
 
 @contextlib.contextmanager
-def _lvm_thin(system: System, ref: VolumeRef) -> Iterator[Committed]:
+def _lvm_thin(system: System, ref: VolumeRef, remover: SnapshotRemover | None) -> Iterator[Committed]:
     vg, origin = _lv_path(ref.vid, ref)
     name = snapshot_name()
     origin_dev = system.dev_dir / vg / origin
@@ -160,11 +188,22 @@ def _lvm_thin(system: System, ref: VolumeRef) -> Iterator[Committed]:
         fd = _open_snapshot(system.dev_dir / vg / name, ref)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
-            yield Committed(fd, size, ("lvm", vg, origin, after))
+            mapped = thinmap.provisioned(system, vg, name, size) if _reads_as_block_device(fd) else None
+            yield Committed(fd, size, ("lvm", vg, origin, after), mapped)
         finally:
             os.close(fd)
     finally:
-        _remove_snapshot(system, vg, name, ref)
+        if remover is not None:
+            remover.add(vg, name)
+        else:
+            _remove_snapshots(system, [f"{vg}/{name}"])
+
+
+def _reads_as_block_device(fd: int) -> bool:
+    """A real LV (a block device: no SEEK_DATA), or a sim LV read like one (``QUBES_SIM_BLOCKDEV=1``)."""
+    return stat.S_ISBLK(os.fstat(fd).st_mode) or (
+        bool(os.environ.get("QUBES_SIM")) and os.environ.get("QUBES_SIM_BLOCKDEV") == "1"
+    )
 
 
 def _open_snapshot(path: Path, ref: VolumeRef) -> int:
@@ -175,9 +214,11 @@ def _open_snapshot(path: Path, ref: VolumeRef) -> int:
                           f"{exc.strerror}") from None  # fmt: skip
 
 
-def _remove_snapshot(system: System, vg: str, name: str, ref: VolumeRef) -> None:
+def _remove_snapshots(system: System, names: list[str]) -> None:
+    """``lvremove -f VG/A VG/B ...`` (one process); a failure while already failing is only a warning."""
+    what = f"cannot remove the backup snapshot{'s' if len(names) > 1 else ''} {', '.join(names)}"
     try:
-        run_lvm(system, ["lvremove", "-f", f"{vg}/{name}"], f"cannot remove the snapshot {vg}/{name} of {ref.label}")
+        run_lvm(system, ["lvremove", "-f", *names], what)
     except BackupError as exc:
         if sys.exc_info()[0] is not None:  # already failing: keep that error, report this one
             print(f"warning: {exc} (the next backup removes it)", file=sys.stderr)
@@ -216,8 +257,9 @@ def remove_leftover_snapshots(system: System) -> list[str]:
             continue
         if _pid_alive(int(m.group(1))):
             continue
-        run_lvm(system, ["lvremove", "-f", f"{vg}/{lv}"], f"cannot remove the leftover snapshot {vg}/{lv}")
         removed.append(f"{vg}/{lv}")
+    if removed:  # all in one lvm process
+        run_lvm(system, ["lvremove", "-f", *removed], f"cannot remove the leftover snapshots {', '.join(removed)}")
     return removed
 
 

@@ -11,7 +11,10 @@ Endpoints (environment overrides; the defaults are a real dom0's):
   package's ``rpc/``);
 - ``QUBES_LVM``: the command run for LVM operations, split like shell words (``lvm``; simulation: the sim's
   stand-in over ``DIR/dom0/dev``);
-- ``QUBES_DEV_DIR``: where ``VG/LV`` device nodes are (``/dev``; simulation: ``DIR/dom0/dev``).
+- ``QUBES_DEV_DIR``: where ``VG/LV`` device nodes are (``/dev``; simulation: ``DIR/dom0/dev``), and the thin
+  pools' ``mapper/VG-POOL_tmeta``;
+- ``QUBES_DMSETUP``, ``QUBES_THIN_DUMP``: the commands for a thin pool's metadata snapshot and its dump
+  (``dmsetup``, ``thin_dump``; simulation: the sim's stand-ins over ``DIR/dom0/dev``), see thinmap.py.
 """
 
 from __future__ import annotations
@@ -55,13 +58,15 @@ class System:
     rpc_dir_override: str | None = None
     lvm_override: str | None = None
     dev_dir_override: str | None = None
+    dmsetup_override: str | None = None
+    thin_dump_override: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> System:
         env = dict(os.environ) if env is None else env
-        overrides = tuple(
-            env.get(k) or None for k in ("QUBES_ADMIN_SOCKET", "QUBES_RPC_DIR", "QUBES_LVM", "QUBES_DEV_DIR")
-        )
+        names = ("QUBES_ADMIN_SOCKET", "QUBES_RPC_DIR", "QUBES_LVM", "QUBES_DEV_DIR", "QUBES_DMSETUP",
+                 "QUBES_THIN_DUMP")
+        overrides = tuple(env.get(k) or None for k in names)
         sim = env.get("QUBES_SIM")
         if sim:
             sim_dir = Path(sim).resolve()
@@ -97,20 +102,33 @@ class System:
             raise BackupError(f"QUBES_SIM is set but the simulation package is not installed ({exc})") from None
         return Path(qubes_backup_sim.__file__).resolve().parent / "rpc"
 
+    def _command(self, override: str | None, variable: str, real: str, sim: list[str]) -> list[str]:
+        if override:
+            try:
+                argv = shlex.split(override)
+            except ValueError as exc:
+                raise BackupError(f"{variable} cannot be split into words: {exc}") from None
+            if not argv:
+                raise BackupError(f"{variable} is empty")
+            return argv
+        return [real] if self.sim_dir is None else sim
+
     @property
     def lvm_argv(self) -> list[str]:
         """The command run for LVM operations (several words allowed, never a shell)."""
-        if self.lvm_override:
-            try:
-                argv = shlex.split(self.lvm_override)
-            except ValueError as exc:
-                raise BackupError(f"QUBES_LVM cannot be split into words: {exc}") from None
-            if not argv:
-                raise BackupError("QUBES_LVM is empty")
-            return argv
-        if self.sim_dir is None:
-            return ["lvm"]
-        return [*sim_python("qubes_backup_sim.lvm"), str(self.dom0_root / "dev")]
+        sim = [*sim_python("qubes_backup_sim.lvm"), str(self.dom0_root / "dev")]
+        return self._command(self.lvm_override, "QUBES_LVM", "lvm", sim)
+
+    @property
+    def dmsetup_argv(self) -> list[str]:
+        """``dmsetup`` (only its ``message POOL-tpool 0 reserve/release_metadata_snap`` is used)."""
+        sim = [*sim_python("qubes_backup_sim.thintools"), str(self.dom0_root / "dev"), "dmsetup"]
+        return self._command(self.dmsetup_override, "QUBES_DMSETUP", "dmsetup", sim)
+
+    @property
+    def thin_dump_argv(self) -> list[str]:
+        sim = [*sim_python("qubes_backup_sim.thintools"), str(self.dom0_root / "dev"), "thin_dump"]
+        return self._command(self.thin_dump_override, "QUBES_THIN_DUMP", "thin_dump", sim)
 
     @property
     def dev_dir(self) -> Path:

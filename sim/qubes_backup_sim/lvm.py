@@ -6,7 +6,8 @@ like lvm (``--opt=value`` and ``--opt value``, ``--`` ends options):
 - ``lvcreate --snapshot --type=thin [--setactivationskip=n] [--activate=y] [--permission=r] [--addtag=TAG]
   --name=NEW -- VG/ORIGIN``
 - ``lvremove -f VG/LV [VG/LV ...]``
-- ``lvs --noheadings --separator=SEP -o vg_name,lv_name,lv_tags [VG]``
+- ``lvs --noheadings --separator=SEP -o FIELD,... [VG | VG/LV ...]`` (fields vg_name, lv_name, lv_tags, origin,
+  lv_attr, pool_lv, lv_size, thin_id: the thin device id, see thintools)
 - ``lvchange ...``: refused (exit 5), nothing here needs it.
 
 Errors are printed like lvm's on stderr (``  Failed to find logical volume "VG/X"``), exit status 5 (3 for bad
@@ -115,19 +116,20 @@ def lvs(store: LvStore, argv: Sequence[str]) -> str:
     opts, pos = parse("lvs", argv)
     sep = _one(opts, "--separator", " ") or " "
     fields = ",".join(opts.get("-o", ["lv_name,vg_name"])).split(",")
-    known = {"vg_name", "lv_name", "lv_tags", "origin", "lv_attr", "pool_lv", "lv_size"}
+    known = {"vg_name", "lv_name", "lv_tags", "origin", "lv_attr", "pool_lv", "lv_size", "thin_id"}
     bad = [f for f in fields if f not in known]
     if bad:
         raise LvError(f'  Unrecognised field: {bad[0]}', 3)
     lines = []
     vgs: list[str | None] = list(pos) or [None]
     for vg in vgs:
-        for info in store.lvs(vg):
+        infos = [store.info(*split_vg_lv(vg))] if vg is not None and "/" in vg else store.lvs(vg)
+        for info in infos:
             size = store.path(info.vg, info.name).stat().st_size
             attr = "V" + ("r" if info.readonly else "w") + "i-a-tz--"
             values = {"vg_name": info.vg, "lv_name": info.name, "lv_tags": ",".join(info.tags),
                       "origin": info.origin, "lv_attr": attr, "pool_lv": info.thin_pool,
-                      "lv_size": f"{size}B"}  # fmt: skip
+                      "lv_size": f"{size}B", "thin_id": "" if info.thin_id is None else str(info.thin_id)}  # fmt: skip
             row = sep.join(values[f] for f in fields)
             lines.append(row if "--noheadings" not in opts else f"  {row}")
     if "--noheadings" not in opts:

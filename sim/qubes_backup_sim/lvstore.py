@@ -41,9 +41,11 @@ class LvInfo:
     origin: str = ""
     tags: list[str] = field(default_factory=list)
     readonly: bool = False
+    thin_id: int | None = None  # the thin device id in its pool (assigned when the LV is first written)
 
     def to_json(self) -> dict[str, object]:
-        return {"thin_pool": self.thin_pool, "origin": self.origin, "tags": self.tags, "readonly": self.readonly}
+        return {"thin_pool": self.thin_pool, "origin": self.origin, "tags": self.tags, "readonly": self.readonly,
+                "thin_id": self.thin_id}  # fmt: skip
 
 
 def check_name(name: str, what: str = "logical volume") -> str:
@@ -82,12 +84,27 @@ class LvStore:
             raw = json.loads(self._meta(vg, lv).read_text())
         except (FileNotFoundError, ValueError):
             raw = {}
+        thin_id = raw.get("thin_id")
         return LvInfo(vg, lv, str(raw.get("thin_pool", DEFAULT_THIN_POOL)), str(raw.get("origin", "")),
-                      [str(t) for t in raw.get("tags", [])], bool(raw.get("readonly", False)))  # fmt: skip
+                      [str(t) for t in raw.get("tags", [])], bool(raw.get("readonly", False)),
+                      thin_id if isinstance(thin_id, int) else None)  # fmt: skip
+
+    def _new_thin_id(self, vg: str) -> int:
+        """One more than the largest thin device id in the volume group (ids stay unique across its pools; no
+        counter file: an LV created and removed again leaves nothing behind).  Callers hold the VG lock."""
+        top = 0
+        for meta in (self.devdir / vg / META_DIR).glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                value = json.loads(meta.read_text()).get("thin_id")
+                if isinstance(value, int):
+                    top = max(top, value)
+        return top + 1
 
     def write_meta(self, info: LvInfo) -> None:
         meta = self._meta(info.vg, info.name)
         meta.parent.mkdir(parents=True, exist_ok=True)
+        if info.thin_id is None:
+            info.thin_id = self._new_thin_id(info.vg)
         tmp = meta.with_name(f".{meta.name}.tmp")
         tmp.write_text(json.dumps(info.to_json(), sort_keys=True))
         os.replace(tmp, meta)

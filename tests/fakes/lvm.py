@@ -5,7 +5,7 @@ LVs are files ``DEV_DIR/VG/NAME``; tags live in ``DEV_DIR/VG/.tags/NAME``.  Ever
 
     lvcreate --setactivationskip=n --activate=y --snapshot --type=thin --permission=r
              --addtag=TAG --name=NEW -- VG/ORIGIN          (the snapshot: a hard link, like the sim's)
-    lvremove -f VG/NAME
+    lvremove -f VG/NAME [VG/NAME ...]
     lvs --noheadings --separator=| -o vg_name,lv_name,lv_tags
 
 ``FAKE_LVM_WARN=1`` prints lvm-like warnings on stderr (exit status stays 0); ``FAKE_LVM_FAIL=SUB[:N]`` makes
@@ -65,16 +65,21 @@ def main() -> None:
         (dev / vg / ".tags" / name).write_text(tag)
         print(f'  Logical volume "{name}" created.')
     elif sub == "lvremove":
-        if len(args) != 3 or args[1] != "-f":
+        if len(args) < 3 or args[1] != "-f":
             fail(f"unexpected lvremove form: {args}")
-        vg, _, name = args[2].partition("/")
-        if not (dev / vg / name).is_file():
-            fail(f'Failed to find logical volume "{args[2]}"')
-        os.unlink(dev / vg / name)
-        tags = dev / vg / ".tags" / name
-        if tags.exists():
-            tags.unlink()
-        print(f'  Logical volume "{name}" successfully removed.')
+        missing = []
+        for spec in args[2:]:  # like lvm: removes what it can, fails if any is missing
+            vg, _, name = spec.partition("/")
+            if not (dev / vg / name).is_file():
+                missing.append(spec)
+                continue
+            os.unlink(dev / vg / name)
+            tags = dev / vg / ".tags" / name
+            if tags.exists():
+                tags.unlink()
+            print(f'  Logical volume "{name}" successfully removed.')
+        if missing:
+            fail(f'Failed to find logical volume "{missing[0]}"', 5)
     elif sub == "lvs":
         if args[1:] != ["--noheadings", "--separator=|", "-o", "vg_name,lv_name,lv_tags"]:
             fail(f"unexpected lvs form: {args}")

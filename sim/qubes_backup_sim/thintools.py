@@ -1,0 +1,160 @@
+"""Stand-ins for ``dmsetup message`` and ``thin_dump`` over the simulated thin pools:
+``python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump ARGS...``.
+
+- ``dmsetup message VG-POOL-tpool 0 reserve_metadata_snap|release_metadata_snap`` (dm names: each '-' inside
+  VG and POOL doubled): the pool's metadata snapshot is the file ``DEVDIR/VG/.lvm/POOL.metasnap``; a second
+  reserve is refused like the kernel does (EBUSY), a release without a reserve too (EINVAL).
+- ``thin_dump --metadata-snap --dev-id ID [--format xml] DEVDIR/mapper/VG-POOL_tmeta``: thin_dump's XML for
+  the LV of the pool with thin id ID (``lvs -o thin_id``), its provisioned blocks (64 KiB, Qubes' default
+  chunk) derived from the sparse LV file with SEEK_DATA/SEEK_HOLE; an unknown ID gives a superblock without
+  device, as the real tool does; refused without a reserved metadata snapshot.
+
+Test hook ``QUBES_SIM_THIN_FAIL=reserve|dump|release|mismatch`` (comma-separated): that step fails (exit 1),
+or the dump's ``mapped_blocks`` is off by one.  Every call is appended to ``DEVDIR/thintools.log``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+META_DIR = ".lvm"  # lvstore's, not imported: dmsetup runs twice per map and needs no LV metadata
+CHUNK = 64 * 1024
+SECTORS = CHUNK // 512
+
+
+def _undm(name: str) -> list[str]:
+    """``a--b-c--d`` -> ``["a-b", "c-d"]``: split at single dashes."""
+    parts, cur, i = [], "", 0
+    while i < len(name):
+        if name.startswith("--", i):
+            cur, i = cur + "-", i + 2
+        elif name[i] == "-":
+            parts.append(cur)
+            cur, i = "", i + 1
+        else:
+            cur, i = cur + name[i], i + 1
+    return [*parts, cur]
+
+
+def _fails(step: str) -> bool:
+    return step in os.environ.get("QUBES_SIM_THIN_FAIL", "").split(",")
+
+
+def _snap_file(devdir: Path, vg: str, pool: str) -> Path:
+    return devdir / vg / META_DIR / f"{pool}.metasnap"
+
+
+def dmsetup(devdir: Path, argv: list[str]) -> int:
+    if len(argv) != 4 or argv[0] != "message" or argv[2] != "0":
+        print("dmsetup: only 'message DEVICE 0 reserve_metadata_snap|release_metadata_snap' is simulated",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    parts = _undm(argv[1])
+    if len(parts) != 3 or parts[2] != "tpool" or not (devdir / parts[0] / META_DIR).is_dir():
+        print(f"device-mapper: message ioctl on {argv[1]} failed: No such device or address", file=sys.stderr)
+        return 1
+    vg, pool, _ = parts
+    snap = _snap_file(devdir, vg, pool)
+    word = argv[3]
+    err = 0
+    if _fails(word.split("_")[0]):
+        err = errno.EIO
+    elif word == "reserve_metadata_snap":
+        try:
+            os.close(os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            err = errno.EBUSY
+    elif word == "release_metadata_snap":
+        try:
+            snap.unlink()
+        except FileNotFoundError:
+            err = errno.EINVAL
+    else:
+        err = errno.EINVAL
+    if err:
+        print(f"device-mapper: message ioctl on {argv[1]}  failed: {os.strerror(err)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
+    """(first chunk, count) of the CHUNK-sized blocks of a sparse file that hold any data."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            first, last = start // CHUNK, -(-end // CHUNK)
+            if out and out[-1][0] + out[-1][1] >= first:
+                out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
+            else:
+                out.append((first, last - first))
+            pos = last * CHUNK
+    finally:
+        os.close(fd)
+    return out
+
+
+def _device_xml(devdir: Path, vg: str, pool: str, dev_id: int) -> list[str]:
+    from .lvstore import LvStore
+
+    store = LvStore(devdir)
+    for info in store.lvs(vg):
+        if info.thin_pool == pool and info.thin_id == dev_id:
+            chunks = provisioned_chunks(store.path(vg, info.name))
+            mapped = sum(n for _, n in chunks) + _fails("mismatch")
+            lines = [f'  <device dev_id="{dev_id}" mapped_blocks="{mapped}" transaction="0" creation_time="0" '
+                     'snap_time="0">']  # fmt: skip
+            data = 0
+            for first, n in chunks:
+                if n == 1:
+                    lines.append(f'    <single_mapping origin_block="{first}" data_block="{data}" time="0"/>')
+                else:
+                    lines.append(f'    <range_mapping origin_begin="{first}" data_begin="{data}" length="{n}" '
+                                 'time="0"/>')  # fmt: skip
+                data += n
+            return [*lines, "  </device>"]
+    return []
+
+
+def thin_dump(devdir: Path, argv: list[str]) -> int:
+    if len(argv) not in (4, 6) or argv[:2] != ["--metadata-snap", "--dev-id"] or not argv[2].isdigit() or \
+            (len(argv) == 6 and argv[3:5] != ["--format", "xml"]):  # fmt: skip
+        print("thin_dump: only '--metadata-snap --dev-id ID [--format xml] TMETA' is simulated", file=sys.stderr)
+        return 1
+    parts = _undm(Path(argv[-1]).name)
+    if len(parts) != 2 or not parts[1].endswith("_tmeta") or not (devdir / parts[0] / META_DIR).is_dir():
+        print(f"{argv[-1]}: No such file or directory", file=sys.stderr)
+        return 1
+    vg, pool = parts[0], parts[1][: -len("_tmeta")]
+    if _fails("dump") or not _snap_file(devdir, vg, pool).exists():
+        print("no current metadata snap", file=sys.stderr)
+        return 1
+    lines = [f'<superblock uuid="" time="0" transaction="1" flags="0" version="2" data_block_size="{SECTORS}" '
+             'nr_data_blocks="0">', *_device_xml(devdir, vg, pool, int(argv[2])), "</superblock>"]  # fmt: skip
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[1] not in ("dmsetup", "thin_dump"):
+        print("usage: python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump ARGS...", file=sys.stderr)
+        return 3
+    devdir = Path(argv[0])
+    with open(devdir / "thintools.log", "a") as log:
+        log.write(json.dumps(argv[1:]) + "\n")
+    return (dmsetup if argv[1] == "dmsetup" else thin_dump)(devdir, argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
