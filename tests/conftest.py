@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -30,6 +31,12 @@ from qubes_backup_dom0.qubesxml import FILE_DRIVERS, Collection, Domain, Volume
 from qubes_backup_dom0.system import System
 from qubes_backup_sim import firewall as sim_firewall
 from qubes_backup_sim import launch, simgen
+
+# A test run started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT
+# ignored, and so would every command the tests start: Ctrl-C tests would then see a backup run to the end.
+# A handler here is reset to the default in every child at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 BIN = Path(sys.executable).parent
 # Services run as executables (the simulated admin.vm.volume.ImportWithSize: ``#!/usr/bin/env python3``) find

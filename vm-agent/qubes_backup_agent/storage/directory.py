@@ -27,6 +27,7 @@ WRITEBACK_WINDOW = 64 << 20
 DIRECT_BUFFER = 4 << 20  # one O_DIRECT write; a multiple of any logical block size
 DIRECT_BUFFERS = 3  # one being filled, one being written, one queued
 DIRECT_ALIGN = 4096
+ABORT_WAIT = 10.0  # seconds an aborted backup waits for the writer thread's last write
 
 
 class _DirectWriter:
@@ -125,10 +126,13 @@ class _DirectWriter:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
             self._pwrite(memoryview(tail), self._offset + head)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop the thread once it has written what is queued; False if it is still busy after ``timeout``
+        (a write hung on a dead disk or network share)."""
         if self._thread.is_alive():
             self._full.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 TMPFS_MAGIC = 0x01021994
@@ -301,8 +305,10 @@ class DirectorySink:
 
     def abort(self) -> None:
         if self._direct is not None:
-            self._direct.stop()
+            stopped = self._direct.stop(ABORT_WAIT)
             self._direct = None
+            if not stopped:
+                self.fd = None  # its thread may still write: never close a descriptor under it (reuse)
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
