@@ -101,6 +101,17 @@ def verify_member(keys: Keys, name: str, data: bytes | memoryview, mac_line: byt
     return len(mac_line) == MAC_HEX_SIZE and hmac.compare_digest(mac_member(keys, name, data), mac_line)
 
 
+def _sealed_buffer(iv: bytes, n: int, out: bytearray | None) -> bytearray:
+    """``out`` (or a new buffer) checked for ``IV || n bytes`` plus the 15 bytes of slack ``update_into``
+    wants, the IV written in front."""
+    if out is None:
+        out = bytearray(IV_SIZE + n + 15)
+    elif len(out) < IV_SIZE + n + 15:
+        raise ValueError("encrypt: output buffer too small")
+    out[:IV_SIZE] = iv
+    return out
+
+
 def encrypt(
     keys: Keys, plaintext: bytes | bytearray | memoryview, iv: bytes | None = None, out: bytearray | None = None
 ) -> memoryview:
@@ -112,11 +123,7 @@ def encrypt(
     """
     iv = os.urandom(IV_SIZE) if iv is None else iv
     n = len(plaintext)
-    if out is None:
-        out = bytearray(IV_SIZE + n + 15)
-    elif len(out) < IV_SIZE + n + 15:
-        raise ValueError("encrypt: output buffer too small")
-    out[:IV_SIZE] = iv
+    out = _sealed_buffer(iv, n, out)
     enc = Cipher(algorithms.AES(keys.enc_key), modes.CTR(iv)).encryptor()
     written = enc.update_into(plaintext, memoryview(out)[IV_SIZE:])
     if written != n:
@@ -137,12 +144,7 @@ def seal_member(
     iv = os.urandom(IV_SIZE)
     src = memoryview(plaintext).cast("B")
     n = len(src)
-    if out is None:
-        out = bytearray(IV_SIZE + n + 15)
-    elif len(out) < IV_SIZE + n + 15:
-        raise ValueError("encrypt: output buffer too small")
-    dst = memoryview(out)
-    dst[:IV_SIZE] = iv
+    dst = memoryview(_sealed_buffer(iv, n, out))
     mac = MemberMac(keys, name)
     mac.update(dst[:IV_SIZE])
     enc = Cipher(algorithms.AES(keys.enc_key), modes.CTR(iv)).encryptor()

@@ -162,6 +162,11 @@ def _model_block_device() -> bool:
     return bool(os.environ.get("QUBES_SIM")) and os.environ.get(BLOCKDEV_ENV) == "1"
 
 
+def reads_as_block_device(fd: int) -> bool:
+    """A block device (a real LV: no SEEK_DATA), or a simulated LV read like one (``QUBES_SIM_BLOCKDEV=1``)."""
+    return _model_block_device() or stat.S_ISBLK(os.fstat(fd).st_mode)
+
+
 SCANNED = [0]  # bytes read by scan_zeros in this process (observable by tests and the bench)
 SCAN_PARALLEL_MIN = 256 * 1024 * 1024  # regions at least this large are scanned by several threads
 
@@ -243,7 +248,7 @@ def scan_zeros(
     byte, also the zeros of a thin volume's unallocated blocks), so large volumes are read by one thread
     per core (preadv and the compare run outside the GIL or briefly inside it), and a block device is read
     with O_DIRECT (see ``_direct_fd``)."""
-    blockdev = _model_block_device() or stat.S_ISBLK(os.fstat(fd).st_mode)
+    blockdev = reads_as_block_device(fd)
     # O_DIRECT for the zeros of a block device read whole; a thin LV's provisioned ranges go through the page
     # cache, where the archive's read of the same bytes right after finds them.
     direct = _direct_fd(fd) if blockdev and provisioned is None else None

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from qubes_backup_protocol.frames import safe_text
 
-from . import thinmap
+from . import inner, thinmap
 from .errors import BackupError
 from .qubesxml import QubesXmlError, _check_vid
 from .system import System
@@ -188,7 +188,7 @@ def _lvm_thin(system: System, ref: VolumeRef, remover: SnapshotRemover | None) -
         fd = _open_snapshot(system.dev_dir / vg / name, ref)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
-            mapped = thinmap.provisioned(system, vg, name, size) if _reads_as_block_device(fd) else None
+            mapped = thinmap.provisioned(system, vg, name, size) if inner.reads_as_block_device(fd) else None
             yield Committed(fd, size, ("lvm", vg, origin, after), mapped)
         finally:
             os.close(fd)
@@ -197,13 +197,6 @@ def _lvm_thin(system: System, ref: VolumeRef, remover: SnapshotRemover | None) -
             remover.add(vg, name)
         else:
             _remove_snapshots(system, [f"{vg}/{name}"])
-
-
-def _reads_as_block_device(fd: int) -> bool:
-    """A real LV (a block device: no SEEK_DATA), or a sim LV read like one (``QUBES_SIM_BLOCKDEV=1``)."""
-    return stat.S_ISBLK(os.fstat(fd).st_mode) or (
-        bool(os.environ.get("QUBES_SIM")) and os.environ.get("QUBES_SIM_BLOCKDEV") == "1"
-    )
 
 
 def _open_snapshot(path: Path, ref: VolumeRef) -> int:
