@@ -93,7 +93,10 @@ def _system_with(*names: str) -> FakeQubes:
 
 
 def _restore(fq: FakeQubes, backup: Backup, **opts: object) -> apply.Applier:
+    """Restore ``backup`` into ``fq``; everything the user may agree to is restored unless ``opts`` say
+    otherwise (what is not restored by default: tests/test_hostile_backup.py)."""
     manifest, files = backup
+    opts = {"restore_devices": True, "restore_risky_settings": True, **opts}
     plan = plan_restore(_target(fq), _header(), manifest, RestoreOptions(**opts))  # type: ignore[arg-type]
     assert not plan.errors, plan.errors
     applier = apply.Applier(fq, plan, Path("/nonexistent-home"))  # type: ignore[arg-type]
