@@ -4,7 +4,6 @@ passphrase VM or a listing that drips its answer, a profile whose passphrase_vm 
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 import textwrap
@@ -87,7 +86,7 @@ def test_s3_server_cannot_make_the_agent_buffer_the_object(monkeypatch: pytest.M
     fake = _Client(64 * MiB, mode)
     monkeypatch.setattr(s3, "client", lambda: fake)
     reader = s3.RangeReader("s3://bucket/qubes-backup-2026-01-01T000000")
-    with pytest.raises(OSError, match="ignored the Range header|more than the range"):
+    with pytest.raises(OSError, match=r"ignored the Range header|more than the range"):
         reader.readinto(bytearray(512))
     assert all(amt is not None and amt <= 513 for amt in fake.reads), fake.reads
 
@@ -111,8 +110,7 @@ def test_yaml_aliases_are_refused_before_anything_is_built(sim: Sim) -> None:
     assert len(bomb) < 1000
     _profile(sim, bomb)
     code = textwrap.dedent(f"""
-        import resource
-        from qubes_backup_dom0.cli import profile
+                from qubes_backup_dom0.cli import profile
         from qubes_backup_dom0.errors import UsageError
         from qubes_backup_dom0.qubes.system import System
         from pathlib import Path

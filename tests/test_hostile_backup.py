@@ -133,7 +133,8 @@ def test_policy_tags_never_come_back_so_no_takeover_of_the_next_restore(tmp_path
     assert {"quarantine", "plain-tag"} <= _tags(dst, "personal")  # granted: restored
     coll = dst.collection()
     assert coll["personal"].raw_property("kernelopts") == "init=/bin/sh"
-    assert coll["sys-net"].raw_property("autostart") == "True" and coll["personal"].raw_property("netvm") == "sys-firewall"
+    assert coll["sys-net"].raw_property("autostart") == "True"
+    assert coll["personal"].raw_property("netvm") == "sys-firewall"
     assert "VM work: tag backup-restore-mgmt not restored" in err
     # The next restore is in progress on "personal"; work tries to change it, as the policy would let a
     # backup-restore-mgmt VM do.
@@ -204,8 +205,9 @@ def test_leftovers_wait_for_the_passphrase_and_the_users_yes(with_leftovers: tup
     r = dst.run("qvm-backup-restore", "-y", "-p", "/wrong", "-d", "backupvm", location, "fedora-41", "work")
     assert r.returncode == 3, r.stderr
     assert "lost" in dst.collection().names()  # a wrong passphrase changes nothing
-    rc, err = _on_terminal(dst, ["qvm-backup-restore", "--skip-conflicting", "-d", "backupvm", location, "fedora-41", "work"],
-                           [("passphrase", PASSPHRASE.encode() + b"\n"), ("restore the VMs above", b"n\n")])  # fmt: skip
+    argv = ["qvm-backup-restore", "--skip-conflicting", "-d", "backupvm", location, "fedora-41", "work"]
+    rc, err = _on_terminal(dst, argv, [("passphrase", PASSPHRASE.encode() + b"\n"),
+                                       ("restore the VMs above", b"n\n")])  # fmt: skip
     assert rc == 0 and "remove VM lost (left by a killed restore" in err, err
     assert "lost" in dst.collection().names()  # "no": nothing removed
     r = dst.restore("--skip-conflicting", "-d", "backupvm", location, "fedora-41", "work")
@@ -243,3 +245,61 @@ def test_dom0_state_files_of_leftovers_are_ours_only(tmp_path: Path) -> None:
         (staging / ".committed").write_text(json.dumps(mark))
     handled = apply.cleanup_home_staging(home)
     assert len(handled) == 3 and sorted(os.listdir(home)) == []
+
+
+# -------------------------------------------------------------------------------------- terminal neutralisation
+
+#: C0 (CR, LF, TAB: what XML lets through), C1 (CSI, NEL), bidi overrides and isolates, a forged result line.
+HOSTILE = "x\r\nRestored all VMs from backup 00\t\u009b2J\u0085\u202egnp.exe\u2066"
+
+
+@pytest.fixture(scope="module")
+def hostile_text(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sim, Path]:
+    """An authentic backup whose qubes.xml carries terminal controls in every text that can reach the
+    terminal: a label name, a device id and its option, a tag, a feature, property values."""
+    from lxml import etree
+    from qubes_backup_dom0.api import run_backup
+    from qubes_backup_dom0.backup.plan import plan_backup
+
+    src = new_sim(tmp_path_factory.mktemp("controls") / "sim")
+    plan = plan_backup(src.system, ["debian-12", "personal"])
+    coll = plan.collection
+    dom = coll["personal"]
+    label = next(el for el in coll.root.iterfind("labels/label") if el.get("id") == dom.label_id)
+    label.text = HOSTILE
+    pci = etree.SubElement(dom.element, "devices", attrib={"class": "pci"})
+    dev = etree.SubElement(pci, "device", attrib={"backend-domain": "dom0", "id": HOSTILE})
+    etree.SubElement(dev, "option", name="permissive").text = HOSTILE
+    etree.SubElement(dom.element.find("tags"), "tag", name=HOSTILE)
+    dom.set_feature("gui-" + "x", HOSTILE)
+    dom.set_property("kernelopts", HOSTILE)
+    dom.set_property("kernel", HOSTILE)
+    before = set(src.vm_backups.glob("qubes-backup-*"))
+    run_backup(src.system, VM_BACKUPS, PASSPHRASE.encode(), plan=plan, dest_vm="backupvm")
+    (new,) = set(src.vm_backups.glob("qubes-backup-*")) - before
+    return src, new
+
+
+def _assert_neutral(text: str) -> None:
+    from qubes_backup_dom0.text import UNSAFE_RE
+
+    for line in text.split("\n"):
+        assert not UNSAFE_RE.search(line), repr(line)
+        assert not line.startswith("Restored all VMs"), line
+
+
+@pytest.mark.parametrize("options", [("--list",), ("--verify-only",), ("--restore-devices",), ALL_SETTINGS],
+                         ids=["list", "verify", "devices", "all"])  # fmt: skip
+def test_text_from_a_backup_reaches_the_terminal_neutralised(tmp_path: Path, hostile_text: tuple[Sim, Path],
+                                                             options: tuple[str, ...]) -> None:  # fmt: skip
+    dst, location = _target(tmp_path / "dst", hostile_text)
+    r = dst.run("qvm-backup-restore", "-y", "-p", "/pw", "-v", "--ignore-missing", *options, "-d", "backupvm",
+                location)
+    _assert_neutral(r.stdout + r.stderr)
+    if options == ALL_SETTINGS:  # such a tag is no valid tag: the restore fails in one (neutral) line
+        assert r.returncode == 1 and "invalid argument 'x??Restored all VMs" in one_error_line(r.stderr)
+    if options == ("--restore-devices",):  # the messages that carry the backup's words were all there
+        assert r.returncode == 0, r.stderr
+        for text in ("label x??Restored all VMs", "pci device dom0:x??Restored", "tag x??Restored all VMs",
+                     "kernelopts=x??Restored", "[devices] pci device dom0:x??Restored"):  # fmt: skip
+            assert text in r.stderr, (text, r.stderr)
