@@ -5,7 +5,8 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 
 1. ``admin.vm.Create.CLASS`` (template given at creation), then at once the tag
    ``backup-restore-in-progress`` (Qubes refuses to start such a VM) and our owner tag;
-2. properties (except the VM references), features, tags, devices;
+2. properties (except the VM references), features, tags, devices -- those the plan restores
+   (``plan.settings``, restore/risk.py: settings that grant power only when granted, policy tags never);
 3. while the archives arrive (only verified plaintext): firewall rules and notes (first in each archive),
    then volume data through ``admin.vm.volume.ImportWithSize``;
 4. after everything verified: ``netvm``, ``default_dispvm`` and the other VM references, mapped through the
@@ -14,7 +15,8 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 
 Any failure or interruption before the commit removes every VM this restore created (``admin.vm.Remove``);
 a restore that was killed leaves VMs carrying both tags, which the next restore removes (or, if its commit
-had started, finishes committing — their data was verified by then).  dom0's home goes to a staging
+had started, finishes committing — their data was verified by then): found when it plans
+(``find_leftovers``), done only after its own backup verified and the user agreed (``clean_leftovers``).  dom0's home goes to a staging
 directory beside it and is renamed into place after the VMs are committed.
 """
 
