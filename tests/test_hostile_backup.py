@@ -31,7 +31,7 @@ from conftest import (
 )
 from qubes_backup_dom0.qubes.adminapi import AdminAPI
 from test_cli_compat import _on_terminal
-from test_policy import call_as, refused
+from vm_calls import call_as, refused
 
 VMS = ("fedora-41", "debian-12", "sys-net", "sys-firewall", "personal", "work")
 USER_POLICY = "qubes.Filecopy * @tag:trusted-by-policy @anyvm allow\nqubes.VMShell * @tag:quarantine @anyvm deny\n"
@@ -120,21 +120,26 @@ def test_without_a_terminal_nothing_that_grants_power_is_restored(tmp_path: Path
         _api(dst).call("admin.vm.Start", vm)
 
 
-def test_policy_tags_never_come_back_so_no_takeover_of_the_next_restore(tmp_path: Path,
-                                                                        hostile: tuple[Sim, Path]) -> None:  # fmt: skip
-    """The policy-85 takeover: the backup's work held backup-restore-mgmt.  Restored with every option, it
-    still has no policy tag, so while the next restore's VMs are tagged in progress, the simulated qubesd
-    (applying Qubes' policy to work's calls) refuses work's changes to them."""
+@pytest.mark.parametrize("options", [(), ALL_SETTINGS], ids=["default", "all-settings"])
+def test_policy_tags_never_come_back_so_no_takeover_of_the_next_restore(
+    tmp_path: Path, hostile: tuple[Sim, Path], options: tuple[str, ...]
+) -> None:
+    """The policy-85 takeover: the backup's work held backup-restore-mgmt.  Restored (with every option, or
+    none), it has no policy tag, so while the next restore's VMs are tagged in progress, the simulated
+    qubesd (applying Qubes' policy to work's calls) refuses work's changes to them."""
     dst, location = _target(tmp_path / "dst", hostile)
-    rc, err, _doc = _restore(dst, location, *ALL_SETTINGS)
+    r = dst.run("qvm-backup-restore", "-y", "-p", "/pw", "--skip-conflicting", *options, "-d", "backupvm",
+                location, *VMS)  # fmt: skip
+    rc, err = r.returncode, r.stderr
     assert rc == 0, err
     assert _tags(dst, "work") == {"created-by-dom0"}
     assert "trusted-by-policy" not in _tags(dst, "personal")
-    assert {"quarantine", "plain-tag"} <= _tags(dst, "personal")  # granted: restored
-    coll = dst.collection()
-    assert coll["personal"].raw_property("kernelopts") == "init=/bin/sh"
-    assert coll["sys-net"].raw_property("autostart") == "True"
-    assert coll["personal"].raw_property("netvm") == "sys-firewall"
+    if options:
+        assert {"quarantine", "plain-tag"} <= _tags(dst, "personal")  # granted: restored
+        coll = dst.collection()
+        assert coll["personal"].raw_property("kernelopts") == "init=/bin/sh"
+        assert coll["sys-net"].raw_property("autostart") == "True"
+        assert coll["personal"].raw_property("netvm") == "sys-firewall"
     assert "VM work: tag backup-restore-mgmt not restored" in err
     # The next restore is in progress on "personal"; work tries to change it, as the policy would let a
     # backup-restore-mgmt VM do.
@@ -288,8 +293,8 @@ def _assert_neutral(text: str) -> None:
         assert not line.startswith("Restored all VMs"), line
 
 
-@pytest.mark.parametrize("options", [("--list",), ("--verify-only",), ("--restore-devices",), ALL_SETTINGS],
-                         ids=["list", "verify", "devices", "all"])  # fmt: skip
+@pytest.mark.parametrize("options", [("--list",), ("--verify-only",), (), ("--restore-devices",), ALL_SETTINGS],
+                         ids=["list", "verify", "restore", "devices", "all"])  # fmt: skip
 def test_text_from_a_backup_reaches_the_terminal_neutralised(tmp_path: Path, hostile_text: tuple[Sim, Path],
                                                              options: tuple[str, ...]) -> None:  # fmt: skip
     dst, location = _target(tmp_path / "dst", hostile_text)
@@ -298,7 +303,7 @@ def test_text_from_a_backup_reaches_the_terminal_neutralised(tmp_path: Path, hos
     _assert_neutral(r.stdout + r.stderr)
     if options == ALL_SETTINGS:  # such a tag is no valid tag: the restore fails in one (neutral) line
         assert r.returncode == 1 and "invalid argument 'x??Restored all VMs" in one_error_line(r.stderr)
-    if options == ("--restore-devices",):  # the messages that carry the backup's words were all there
+    if options in ((), ("--restore-devices",)):  # the messages that carry the backup's words were all there
         assert r.returncode == 0, r.stderr
         for text in ("label x??Restored all VMs", "pci device dom0:x??Restored", "tag x??Restored all VMs",
                      "kernelopts=x??Restored", "[devices] pci device dom0:x??Restored"):  # fmt: skip

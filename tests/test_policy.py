@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 from conftest import Sim
-from qubes_backup_dom0.qubes.adminapi import AdminAPI, QubesdError, parse_reply
+from qubes_backup_dom0.qubes.adminapi import AdminAPI
 from qubes_backup_dom0.qubes.policy import read_policy
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.restore import risk
 from qubes_backup_sim import policy as sim_policy
+from vm_calls import call_as, refused
 
 QUBES_ADMIN_GIT = Path(os.environ.get("QUBES_CORE_ADMIN_GIT", "/work/.mirror/QubesOS+qubes-core-admin/repo"))
 
@@ -120,21 +121,6 @@ def test_restore_managers(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- the simulated qubesd's policy
-
-def call_as(system: System, src: str, method: str, dest: str, arg: str = "", payload: bytes = b"") -> bytes:
-    """An Admin API call made by VM ``src`` (as qrexec hands it to qubesd: the source in the request)."""
-    api = AdminAPI(system.admin_socket())
-    raw = api._exchange(f"{method}+{arg} {src} name {dest}\0".encode() + payload, method, dest)
-    return parse_reply(raw, method, dest)
-
-
-def refused(system: System, src: str, method: str, dest: str, arg: str = "", payload: bytes = b"") -> bool:
-    try:
-        call_as(system, src, method, dest, arg, payload)
-    except QubesdError as e:
-        return e.exc_type == "PermissionDenied"
-    return False
-
 
 def test_simulated_qubesd_applies_the_policy_to_a_vms_calls(sim: Sim) -> None:
     """A call from a VM reaches the simulated qubesd's handlers only if a policy rule for that VM's tags
