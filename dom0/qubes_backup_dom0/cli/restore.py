@@ -241,9 +241,7 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
         return 0
     if not unattended:  # the user is at a terminal: settings that grant power are theirs to choose
         settings.ask(plan)
-    dropped = settings.dropped_lines(plan)
-    for line in dropped:  # one line each, even with -q: the restored VMs differ from the backup's
-        warn(line)
+    dropped = settings.dropped_lines(plan)  # (none when verifying: nothing is restored)
     bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
     job.progress = bar
     start = time.monotonic()
@@ -254,7 +252,9 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
     elapsed = max(time.monotonic() - start, 1e-9)
     for line in job.cleaned:
         log(line)
-    for warning in job.warnings:
+    # One line per setting not restored, even with -q (the restored VMs differ from the backup's); after the
+    # restore, as its account: a failed restore is one error line and nothing else.
+    for warning in dropped + job.warnings:
         warn(warning)
     if args.json:
         emit_json(report.restore_document(job, plan, elapsed, mismatch, dropped))

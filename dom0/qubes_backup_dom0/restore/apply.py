@@ -16,8 +16,8 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 Any failure or interruption before the commit removes every VM this restore created (``admin.vm.Remove``);
 a restore that was killed leaves VMs carrying both tags, which the next restore removes (or, if its commit
 had started, finishes committing — their data was verified by then): found when it plans
-(``find_leftovers``), done only after its own backup verified and the user agreed (``clean_leftovers``).  dom0's home goes to a staging
-directory beside it and is renamed into place after the VMs are committed.
+(``find_leftovers``), done only after its own backup verified and the user agreed (``clean_leftovers``).
+dom0's home goes to a staging directory beside it and is renamed into place after the VMs are committed.
 """
 
 from __future__ import annotations
