@@ -23,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from qubes_backup_agent import outer_tar
 from qubes_backup_agent.outer_tar import BLOCK, OuterReader, TarError, member_header
-from qubes_backup_dom0.system import System
-from qubes_backup_dom0.transport import Channel, LocalFileTransport
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import Channel, LocalFileTransport
 from qubes_backup_protocol import names
 from qubes_backup_protocol.frames import Frame, FrameType
 

@@ -105,7 +105,7 @@ def restore_document(job: Restore, plan: RestorePlan, elapsed: float, name_misma
         home["restored_to"] = home_shown(job.system, job)
     warnings = ([name_mismatch] if name_mismatch else []) + list(job.warnings)
     return {"version": JSON_VERSION, "command": "verify" if verify else "restore", "ok": True,
-            "backup": _backup(plan), "vms": _vms(plan, files=False), "dom0_home": home,
+            "tool": "qubes-backup", "backup": _backup(plan), "vms": _vms(plan, files=False), "dom0_home": home,
             "restored": [] if verify else list(job.restored), "data": plan.data,
             "elapsed_seconds": round(elapsed, 3), "warnings": warnings}  # fmt: skip
 
@@ -117,8 +117,9 @@ def cancelled_document(command: str) -> dict[str, Any]:
 def backups_document(where: str, found: Sequence[Listed]) -> dict[str, Any]:
     return {"version": JSON_VERSION, "command": "list-backups", "ok": True, "location": where,
             "authenticated": False,
-            "backups": [{"name": f.name, "id": f.backup_id, "created": f.created, "compression": f.compression,
-                         "problem": f.problem, "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
+            "backups": [{"name": f.name, "format": f.format, "id": f.backup_id, "created": f.created,
+                         "compression": f.compression, "problem": f.problem,
+                         "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
 
 
 def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_name: str) -> dict[str, Any]:
