@@ -113,7 +113,7 @@ def restore_document(job: Restore, plan: RestorePlan, elapsed: float, name_misma
     warnings = ([name_mismatch] if name_mismatch else []) + list(dropped) + list(job.warnings)
     not_restored = [s for s in settings.to_json(plan) if not s["restore"]]
     return {"version": JSON_VERSION, "command": "verify" if verify else "restore", "ok": True,
-            "backup": _backup(plan), "vms": _vms(plan, files=False), "dom0_home": home,
+            "tool": "qubes-backup", "backup": _backup(plan), "vms": _vms(plan, files=False), "dom0_home": home,
             "restored": [] if verify else list(job.restored), "data": plan.data,
             "elapsed_seconds": round(elapsed, 3), "warnings": warnings, "dropped": not_restored,
             "cleaned": list(job.cleaned)}  # fmt: skip
@@ -126,8 +126,9 @@ def cancelled_document(command: str) -> dict[str, Any]:
 def backups_document(where: str, found: Sequence[Listed]) -> dict[str, Any]:
     return {"version": JSON_VERSION, "command": "list-backups", "ok": True, "location": where,
             "authenticated": False,
-            "backups": [{"name": f.name, "id": f.backup_id, "created": f.created, "compression": f.compression,
-                         "problem": f.problem, "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
+            "backups": [{"name": f.name, "format": f.format, "id": f.backup_id, "created": f.created,
+                         "compression": f.compression, "problem": f.problem,
+                         "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
 
 
 def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_name: str) -> dict[str, Any]:

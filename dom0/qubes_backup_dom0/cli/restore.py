@@ -14,13 +14,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from qubes_backup_dom0.cli import report, settings
+from qubes_backup_dom0.cli import qubes_tools, report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
     confirm,
     emit_json,
+    error_document,
     human,
+    prog,
     raise_interrupt,
     run_cli,
     table,
@@ -29,7 +31,6 @@ from qubes_backup_dom0.cli.common import (
 from qubes_backup_dom0.cli.listing import list_backups
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.progress import Progress
-from qubes_backup_dom0.cli.qubes_tools import run_qubes_restore
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.header import QubesFormatBackup
 from qubes_backup_dom0.format.naming import name_time_mismatch
@@ -38,6 +39,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import stall_timeout
 from qubes_backup_dom0.restore.machine import Restore, RestoreOptions, RestorePlan
 from qubes_backup_dom0.restore.plan import home_user
+from qubes_backup_dom0.text import printable
 
 # Qubes' options that do not apply here: the reason is the error a user sees.
 UNSUPPORTED = {
@@ -89,6 +91,11 @@ def parser() -> ArgumentParser:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also list every file of the backup")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (docs/JSON.md)")
+    p.add_argument(qubes_tools.OPTION, action="store_true",
+                   help="a backup in Qubes OS' own format: run Qubes' own qvm-backup-restore for it (it asks for the "
+                   "passphrase and for confirmation itself: -p and -y are not passed on); without this option "
+                   f"such a backup is only named, with the command that restores it (exit code "
+                   f"{qubes_tools.EXIT_QUBES_FORMAT})")  # fmt: skip
     p.add_argument("--ignore-size-limit", action="store_true",
                    help="accepted for Qubes' compatibility; no effect (sizes are the authenticated manifest's, "
                    "enforced exactly)")  # fmt: skip
@@ -139,17 +146,37 @@ def main(argv: list[str] | None = None) -> int:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
     command = report.restore_command(args.verify_only, args.list, args.list_backups)
-    return run_cli(lambda: _run_or_hand_over(args, args_list), args.debug, command if args.json else None)
+    return run_cli(lambda: _run_or_qubes_format(args), args.debug, command if args.json else None)
 
 
-def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
-    """A backup in Qubes OS' own format goes to Qubes' own qvm-backup-restore (qubes_tools.py)."""
+def _run_or_qubes_format(args: argparse.Namespace) -> int:
+    """A backup in Qubes OS' own format (told by its unauthenticated header) is never restored by a switch to
+    another tool: it is named with the command that restores it, and that runs only with --use-qubes-restore
+    (cli/qubes_tools.py)."""
     try:
         return _run(args)
     except QubesFormatBackup as exc:
-        if args.json or args.list:
+        return _qubes_format(args, exc)
+
+
+def _qubes_format(args: argparse.Namespace, exc: QubesFormatBackup) -> int:
+    command_name = report.restore_command(args.verify_only, args.list, args.list_backups)
+    try:
+        if not args.use_qubes_restore:
+            raise qubes_tools.not_restored(exc, args)
+        command, rc = qubes_tools.run_qubes_restore(exc, args)
+    except qubes_tools.NotRestored as err:
+        if not args.json:
             raise
-        return run_qubes_restore(exc, argv)
+        print(f"{prog()}: error: {printable(str(err))}", file=sys.stderr)
+        emit_json(error_document(command_name, printable(str(err)), err.exit_code)
+                  | {"tool": None, "qubes_restore_command": err.command})  # fmt: skip
+        return err.exit_code
+    if args.json:
+        emit_json(qubes_tools.handed_over_document(command_name, exc, command, rc))
+    else:
+        print(f"Qubes OS' own {command[0]} ran for this backup in Qubes' format (not qubes-backup): exit code {rc}")
+    return rc
 
 
 def _check_args(args: argparse.Namespace) -> None:
