@@ -553,6 +553,10 @@ def generate(
     else:  # a fresh install: an empty home
         (dir / "dom0/home" / USER).mkdir(parents=True)
     (dir / "vms/backupvm/home/user/backups").mkdir(parents=True)
+    # dom0's accounts, as an installer makes them: the user is the first member of group qubes (how Qubes' own
+    # backup, and ours without a sudo/login user, find whose home is dom0's home)
+    _write(dir / "dom0/etc/passwd", f"root:x:0:0:root:/root:/bin/bash\n{USER}:x:1000:1000::/home/{USER}:/bin/bash\n")
+    _write(dir / "dom0/etc/group", f"root:x:0:\nwheel:x:10:{USER}\nqubes:x:98:{USER}\n{USER}:x:1000:\n")
 
 
 def _reduce(coll: Collection, kept: set[str]) -> None:
