@@ -97,12 +97,21 @@ def parser() -> ArgumentParser:
     return p
 
 
+RUNNING_NOTE = "running: its state from before its start is backed up"
+
+
 def summary(plan: BackupPlan, verbose: bool) -> str:
-    rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)] for a in plan.archives]
-    rows.append(["Total", "", human(plan.size), human(plan.data)])
-    text = table(["VM", "class", "size", "to back up"], rows)
+    """The table Qubes' qvm-backup shows before asking, with its notes: a running VM is backed up as it was
+    before its start (its committed volumes), and the VMs not selected are listed."""
+    running = any(a.running for a in plan.archives)
+    rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)]
+            + ([RUNNING_NOTE if a.running else ""] if running else []) for a in plan.archives]  # fmt: skip
+    rows.append(["Total", "", human(plan.size), human(plan.data)] + ([""] if running else []))
+    text = table(["VM", "class", "size", "to back up"] + (["note"] if running else []), rows)
     for path in plan.skipped:
         text += f"\nskipped (control characters in the file name): {safe_text(path)}"
+    if plan.not_selected:
+        text += "\nVMs not selected for backup:\n" + "\n".join(f" - {safe_text(n)}" for n in plan.not_selected)
     if verbose:
         text += "\n" + "\n".join(f"  {f.path} ({human(f.size)}, {human(f.data)} data)" for a in plan.archives
                                  for f in a.files)  # fmt: skip

@@ -124,15 +124,15 @@ def backups_document(where: str, found: Sequence[Listed]) -> dict[str, Any]:
 def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_name: str) -> dict[str, Any]:
     """qvm-backup --json (``result``: api.BackupResult)."""
     plan = result.plan
-    vms = [{"name": a.vm, "class": a.klass, "size": a.size, "data": a.data} for a in plan.archives
-           if a.kind == "vm"]  # fmt: skip
+    vms = [{"name": a.vm, "class": a.klass, "size": a.size, "data": a.data, "running": a.running}
+           for a in plan.archives if a.kind == "vm"]  # fmt: skip
     home = next(({"user": home_user_name, "size": a.size, "data": a.data} for a in plan.archives
                  if a.kind == "home"), None)  # fmt: skip
     return {"version": JSON_VERSION, "command": "backup", "ok": True, "location": result.location,
             "dest_vm": dest_vm, "backup": {"id": result.backup_id, "created": result.created,
                                            "compression": result.header.compression,
                                            "chunk_size": result.header.chunk_size},
-            "vms": vms, "dom0_home": home, "size": plan.size, "data": plan.data, "sent": result.size,
+            "vms": vms, "dom0_home": home, "not_selected": list(plan.not_selected), "size": plan.size, "data": plan.data, "sent": result.size,
             "elapsed_seconds": round(elapsed, 3), "warnings": list(result.warnings)}  # fmt: skip
 
 
