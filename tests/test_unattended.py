@@ -111,8 +111,9 @@ def test_documented_units_are_valid_for_systemd(tmp_path: Path) -> None:
     (units / "qubes-backup-nightly.service").write_text(text)
     (units / "qubes-backup-nightly.timer").write_text(_block("`/etc/systemd/system/qubes-backup-nightly.timer`:",
                                                              "ini"))  # fmt: skip
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(units / "qubes-backup-nightly.service"),
-                        str(units / "qubes-backup-nightly.timer")], capture_output=True, text=True, timeout=60)  # fmt: skip
+    argv = ["systemd-analyze", "verify", "--man=no", *(str(units / f"qubes-backup-nightly.{kind}")
+                                                       for kind in ("service", "timer"))]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     # Units it depends on (qubesd.service) do not exist here; nothing else may be reported.
     problems = [line for line in r.stderr.splitlines() if "qubes-backup-nightly" in line and "qubesd" not in line]
     assert not problems, r.stderr
