@@ -133,6 +133,7 @@ def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_
                                            "compression": result.header.compression,
                                            "chunk_size": result.header.chunk_size},
             "vms": vms, "dom0_home": home, "not_selected": list(plan.not_selected), "size": plan.size,
-            "data": plan.data, "sent": result.size, "elapsed_seconds": round(elapsed, 3), "warnings": list(result.warnings)}  # fmt: skip
+            "data": plan.data, "sent": result.size, "elapsed_seconds": round(elapsed, 3),
+            "warnings": list(result.warnings)}  # fmt: skip
 
 
