@@ -39,3 +39,27 @@ def test_backup_table_without_running_vm_has_no_note_column(sim: Sim) -> None:
     r = sim.backup("-d", "backupvm", VM_BACKUPS, "work")
     assert r.returncode == 0, r.stderr
     assert "note" not in _rows(r.stderr)["VM"]
+
+
+def test_verify_only_says_verify_and_looks_at_nothing_here(tmp_path) -> None:
+    """A backup of work without its template, verified on the system that made it (template, VM and all
+    exist here) and on one that has none of them: every row says "verify", no "missing template", no
+    "exists", and nothing of either system changes."""
+    from conftest import Unchanged, make_fresh, share_backup
+
+    sim = new_sim(tmp_path / "sim")
+    backup = sim.backup_to_vm("work", "dom0")
+    other = make_fresh(tmp_path / "fresh", sim, keep=("dom0", "backupvm"))
+    share_backup(backup, other)
+    for system in (sim, other):
+        before = Unchanged(system)
+        r = system.restore("--verify-only", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}")
+        assert r.returncode == 0, r.stderr
+        rows = _rows(r.stderr)
+        assert rows["work"][-1] == "verify" and rows["dom0 home (user)"][-1] == "verify", r.stderr
+        assert "missing" not in r.stderr and "exists" not in r.stderr, r.stderr
+        assert "Backup verified" in r.stdout
+        before.check()
+        doc = json.loads(system.restore("--verify-only", "--json", "-d", "backupvm",
+                                        f"{VM_BACKUPS}/{backup.name}").stdout)  # fmt: skip
+        assert [v["action"] for v in doc["vms"]] == ["verify"]

@@ -113,7 +113,7 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
                     + ([v.action] if actions else []))  # fmt: skip
     home = next((a for a in m.archives if a.kind == "home"), None)
     if home is not None:
-        action = f"restore to ~/{plan.home_target}" if plan.home is not None else "skip"
+        action = "skip" if plan.home is None else "verify" if plan.verify_only else f"restore to ~/{plan.home_target}"
         rows.insert(0, [f"dom0 home ({home_user(m) or '?'})", "-", "-", "-", human(home.size), human(home.data)]
                     + ([action] if actions else []))  # fmt: skip
     lines.append(table(heads, rows))

@@ -51,6 +51,7 @@ class VmAction:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     replace_refs: dict[str, str | None] = field(default_factory=dict)  # property -> new value (None: default)
+    verify: bool = False  # --verify-only: the archive is verified, nothing of this system is looked at
 
     @property
     def target_name(self) -> str:
@@ -60,6 +61,8 @@ class VmAction:
     def action(self) -> str:
         if not self.restore:
             return f"skip: {self.reason}"
+        if self.verify:
+            return "verify"
         text = f"restore as {self.new_name}" if self.new_name else "restore"
         return "; ".join([text, *self.notes])
 
@@ -73,6 +76,7 @@ class RestorePlan:
     home: manifest_mod.ArchiveEntry | None  # dom0 home, when it will be restored
     home_target: str | None
     errors: list[str]
+    verify_only: bool = False  # every archive is verified, nothing restored
 
     @property
     def wanted(self) -> list[manifest_mod.ArchiveEntry]:
@@ -133,7 +137,11 @@ def plan_restore(
             raise UsageError(f"VM {name} is not in this backup")
     errors: list[str] = []
     actions = _decide(target, backup, manifest, options, errors)
-    _check_dependencies(target, backup, actions, options, errors)
+    if options.verify_only:  # verifying writes nothing: this system's VMs and defaults do not matter
+        for act in actions:
+            act.verify = True
+    else:
+        _check_dependencies(target, backup, actions, options, errors)
     renames = {a.name: a.new_name for a in actions if a.restore and a.new_name}
     for act in actions:  # the table shows the references as they will be here
         if act.restore:
@@ -148,7 +156,7 @@ def plan_restore(
         _check_home_user(target, manifest, home_archive, options, errors)
     if not any(a.restore for a in actions) and home is None and not errors:
         errors.append("nothing to restore: every VM of the backup is skipped")
-    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors)
+    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors, options.verify_only)
 
 
 def home_user(manifest: manifest_mod.Manifest) -> str | None:
