@@ -7,6 +7,7 @@ import json
 
 from conftest import KDF, VM_BACKUPS, Sim, new_sim
 from qubes_backup_dom0.cli.backup import RUNNING_NOTE
+from qubes_backup_dom0.cli.common import human
 
 
 def _rows(table_text: str) -> dict[str, list[str]]:
@@ -63,3 +64,67 @@ def test_verify_only_says_verify_and_looks_at_nothing_here(tmp_path) -> None:
         doc = json.loads(system.restore("--verify-only", "--json", "-d", "backupvm",
                                         f"{VM_BACKUPS}/{backup.name}").stdout)  # fmt: skip
         assert [v["action"] for v in doc["vms"]] == ["verify"]
+
+
+def _two_backups(sim: Sim) -> tuple[str, str]:
+    import time
+
+    first = sim.backup_to_vm("work")
+    time.sleep(1.1)  # backup file names have a resolution of one second
+    second = sim.backup_to_vm("vault")
+    return first.name, second.name
+
+
+def test_directory_as_restore_location_lists_its_backups_newest_first(sim: Sim) -> None:
+    import re
+
+    from conftest import Unchanged, one_error_line
+
+    first, second = _two_backups(sim)
+    (sim.dom0 / "backups").mkdir()
+    assert sim.backup("-q", "/backups", "work").returncode == 0
+    before = Unchanged(sim)
+    for args, where, count in ((("-d", "backupvm", VM_BACKUPS), f"backupvm:{VM_BACKUPS}", 2),
+                               (("-d", "backupvm", VM_BACKUPS + "/"), f"backupvm:{VM_BACKUPS}/", 2),
+                               (("/backups",), "/backups", 1)):  # fmt: skip
+        r = sim.restore(*args)
+        assert r.returncode == 2, r.stderr
+        assert f"{where} is a directory: give one of the {count} backups" in one_error_line(r.stderr)
+        rows = [line for line in r.stdout.splitlines() if line.startswith("qubes-backup-")]
+        assert len(rows) == count, r.stdout
+        if count == 2:
+            assert rows[0].startswith(second) and rows[1].startswith(first)  # newest first
+            size = (sim.vm_backups / second).stat().st_size
+            cells = [c.strip() for c in rows[0].split(" | ")]
+            assert re.fullmatch(r"[0-9a-f]{32}", cells[1]) and cells[2].endswith("Z")
+            assert cells[3] == human(size)
+    before.check()
+    # --list-backups: the same table, with the sizes (also in JSON)
+    r = sim.restore("--list-backups", "-d", "backupvm", VM_BACKUPS)
+    assert [line.split(" | ")[0].strip() for line in r.stdout.splitlines()[3:]] == [second, first]
+    doc = json.loads(sim.restore("--list-backups", "--json", "-d", "backupvm", VM_BACKUPS).stdout)
+    assert {b["name"]: b["size"] for b in doc["backups"]} == {
+        n: (sim.vm_backups / n).stat().st_size for n in (first, second)}
+
+
+def test_latest_restores_the_newest_and_backup_id_still_pins(sim: Sim) -> None:
+    from conftest import one_error_line
+
+    first, second = _two_backups(sim)
+    ids = {n: json.loads(sim.restore("--list", "--json", "-d", "backupvm", f"{VM_BACKUPS}/{n}").stdout)
+           ["backup"]["id"] for n in (first, second)}  # fmt: skip
+    r = sim.restore("--latest", "--verify-only", "--json", "-d", "backupvm", VM_BACKUPS)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["backup"]["id"] == ids[second]
+    assert f"Newest backup in backupvm:{VM_BACKUPS}: {second}" in r.stderr
+    r = sim.restore("--latest", "--verify-only", "--backup-id", ids[first], "-d", "backupvm", VM_BACKUPS)
+    assert r.returncode == 3 and ids[first] in one_error_line(r.stderr), r.stderr
+    r = sim.restore("--latest", "--rename-conflicting", "-d", "backupvm", VM_BACKUPS)
+    assert r.returncode == 0, r.stderr
+    assert "vault1" in sim.collection().names()  # the newest backup holds vault
+    r = sim.restore("--latest", "-d", "backupvm", "s3://bucket/x")
+    assert r.returncode == 2 and "--latest needs a directory" in one_error_line(r.stderr)
+    empty = sim.vm_root("backupvm") / "home/user/empty"
+    empty.mkdir()
+    r = sim.restore("--latest", "-d", "backupvm", "/home/user/empty")
+    assert r.returncode == 1 and "no backup in backupvm:/home/user/empty" in one_error_line(r.stderr)

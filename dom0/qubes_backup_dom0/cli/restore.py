@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable
+
+from qubes_backup_protocol import names
 
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
@@ -25,7 +28,7 @@ from qubes_backup_dom0.cli.common import (
     run_cli,
     table,
 )
-from qubes_backup_dom0.cli.listing import list_backups
+from qubes_backup_dom0.cli.listing import Listed, list_backups, newest
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.progress import Progress
 from qubes_backup_dom0.cli.qubes_tools import run_qubes_restore
@@ -74,6 +77,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--skip-dom0-home", action="store_true", help="do not restore dom0's home directory")
     p.add_argument("--ignore-username-mismatch", action="store_true",
                    help="restore a dom0 home backed up from another user name (into a new directory)")  # fmt: skip
+    p.add_argument("--latest", action="store_true",
+                   help="LOCATION is a directory: use its newest backup (by the time its header claims; verified "
+                   "as it is read)")  # fmt: skip
     p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
                    help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
@@ -171,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.list_backups:
         return _list_backups(system, args, source_vm)
+    args.location = _backup_in_directory(system, args, source_vm, log)
     options = RestoreOptions(
         vms=tuple(args.vms), exclude=tuple(args.exclude), verify_only=args.verify_only or args.list,
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
@@ -258,14 +265,60 @@ def _list_backups(system: System, args: argparse.Namespace, source_vm: str | Non
     if args.json:
         emit_json(report.backups_document(where, found))
         return 0
-    print(f"Backups in {where}: {len(found)} (ids and times as their headers claim them: NOT authenticated; "
-          "--list or --verify-only of one backup verifies it)")  # fmt: skip
-    rows = []
-    for f in found:
-        note = f.problem or ("name and time disagree" if f.name_mismatch else "")
-        rows.append([f.name, f.backup_id or "-", f.created or "-", f.compression or "-", note])
-    print(table(["file", "backup id (unverified)", "created (unverified)", "compression", "note"], rows))
+    print(backups_table(where, found))
     return 0
+
+
+def backups_table(where: str, found: list[Listed]) -> str:
+    """The backups of a directory, newest first, as their headers claim them."""
+    rows = []
+    for f in reversed(found):
+        note = f.problem or ("name and time disagree" if f.name_mismatch else "")
+        size = human(f.size) if f.size is not None else "-"
+        rows.append([f.name, f.backup_id or "-", f.created or "-", size, f.compression or "-", note])
+    heads = ["file", "backup id (unverified)", "created (unverified)", "size", "compression", "note"]
+    return (f"Backups in {where}: {len(found)}, newest first (ids and times as their headers claim them: NOT "
+            f"authenticated; --list or --verify-only of one backup verifies it)\n{table(heads, rows)}")  # fmt: skip
+
+
+def _may_be_directory(system: System, location: str, source_vm: str | None) -> bool:
+    if source_vm is None:
+        return system.dom0_path(location).is_dir()
+    return _is_path(location) and not names.is_backup_file_name(location.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _is_path(location: str) -> bool:
+    """One word that is not a URL: a path in the backup VM (a command or s3://, ssh:// is no directory)."""
+    try:
+        return len(shlex.split(location)) == 1 and "://" not in location
+    except ValueError:
+        return False
+
+
+def _backup_in_directory(system: System, args: argparse.Namespace, source_vm: str | None, log: Log) -> str:
+    """LOCATION as a directory: with --latest its newest backup; without, what it holds is shown and the user is
+    asked to choose (a usage error).  A location that is no directory is returned as it is."""
+    where = f"{source_vm}:{args.location}" if source_vm else args.location
+    if not args.latest:
+        if not _may_be_directory(system, args.location, source_vm):
+            return str(args.location)
+        try:
+            found = list_backups(system, args.location, source_vm)
+        except BackupError:  # a file, or nothing: the restore says which
+            return str(args.location)
+        if not args.json:
+            print(backups_table(where, found))
+        raise UsageError(f"{where} is a directory: give one of the {len(found)} backups it holds as LOCATION, or "
+                         "add --latest to use the newest")  # fmt: skip
+    if (source_vm is None and not system.dom0_path(args.location).is_dir()) or \
+            (source_vm is not None and not _is_path(args.location)):  # fmt: skip
+        raise UsageError(f"--latest needs a directory as LOCATION: {args.location}")
+    chosen = newest(list_backups(system, args.location, source_vm))
+    if chosen is None:
+        raise BackupError(f"no backup in {where} (qvm-backup-restore --list-backups shows what it holds)")
+    log(f"Newest backup in {where}: {chosen.name} (backup id {chosen.backup_id}, created {chosen.created}, as "
+        "its header claims: verified as it is read)")  # fmt: skip
+    return f"{str(args.location).rstrip('/')}/{chosen.name}"
 
 
 if __name__ == "__main__":
