@@ -128,3 +128,82 @@ def test_latest_restores_the_newest_and_backup_id_still_pins(sim: Sim) -> None:
     empty.mkdir()
     r = sim.restore("--latest", "-d", "backupvm", "/home/user/empty")
     assert r.returncode == 1 and "no backup in backupvm:/home/user/empty" in one_error_line(r.stderr)
+
+
+# ------------------------------------------------------------------------------------ exit codes and pipes
+
+
+def test_answering_no_to_qvm_backup_exits_0(sim: Sim) -> None:
+    from conftest import Unchanged
+    from test_cli_compat import _on_terminal
+
+    before = Unchanged(sim)
+    rc, err = _on_terminal(sim, ["qvm-backup", "-p", "/pw", *KDF, "-d", "backupvm", VM_BACKUPS, "work"],
+                           [("[y/N]", b"n\n")])  # fmt: skip
+    assert rc == 0, err
+    assert "Backup cancelled." in err
+    assert list(sim.vm_backups.iterdir()) == []
+    before.check()
+
+
+def test_missing_location_is_the_same_code_in_dom0_and_in_a_vm(sim: Sim) -> None:
+    from conftest import one_error_line
+
+    cases = [("qvm-backup", ("-y", "-p", "/pw", *KDF), "/nothere", ("work",)),
+             ("qvm-backup-restore", ("-y", "-p", "/pw"), "/nothere/qubes-backup-2026-01-01T000000", ()),
+             ("qvm-backup-restore", ("--list-backups",), "/nothere", ())]  # fmt: skip
+    for tool, opts, location, vms in cases:
+        in_dom0 = sim.run(tool, *opts, location, *vms)
+        in_vm = sim.run(tool, *opts, "-d", "backupvm", location, *vms)
+        one_error_line(in_dom0.stderr), one_error_line(in_vm.stderr)
+        assert in_dom0.returncode == in_vm.returncode == 1, (tool, in_dom0.stderr, in_vm.stderr)
+
+
+def _closed(sim: Sim, which: str, tool: str, *args: str) -> tuple[int, str]:
+    """Run with stdout or stderr a pipe nobody reads (closed at once, as `| head -0` would); the other is
+    captured."""
+    import subprocess
+
+    from conftest import BIN
+
+    proc = subprocess.Popen([str(BIN / tool), *args], env=sim.env(), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    closed, kept = (proc.stdout, proc.stderr) if which == "stdout" else (proc.stderr, proc.stdout)
+    assert closed is not None and kept is not None
+    closed.close()
+    out = kept.read()
+    return proc.wait(timeout=300), out
+
+
+def test_closed_stdout_or_stderr_does_not_fail_a_written_backup(sim: Sim) -> None:
+    for which in ("stdout", "stderr"):
+        before = set(sim.vm_backups.iterdir())
+        rc, out = _closed(sim, which, "qvm-backup", "-y", "-p", "/pw", *KDF, "-d", "backupvm", VM_BACKUPS, "work")
+        assert rc == 0, out
+        assert "internal error" not in out and "Traceback" not in out
+        assert len(set(sim.vm_backups.iterdir()) - before) == 1
+    rc, err = _closed(sim, "stdout", "qvm-backup-restore", "--list-backups", "-d", "backupvm", VM_BACKUPS)
+    assert rc == 0 and err == "", err
+    rc, err = _closed(sim, "stdout", "qvm-backup-restore", "-p", "/pw", "--verify-only", "-d", "backupvm",
+                      f"{VM_BACKUPS}/{sorted(sim.vm_backups.iterdir())[0].name}")  # fmt: skip
+    assert rc == 0 and "internal error" not in err, err
+
+
+def test_backup_the_vm_reader_finds_malformed_is_exit_3(sim: Sim) -> None:
+    """Non-zero padding after the header member: the agent's strict tar reader refuses it, in the backup VM
+    and for a dom0 file alike; that is a damaged backup (exit 3, as a failed MAC), not a failure to read."""
+    from conftest import one_error_line
+
+    backup = sim.backup_to_vm("work")
+    data = bytearray(backup.read_bytes())
+    size = int(data[124:136].rstrip(b"\0 ").decode(), 8)  # the header member's size (ustar, octal)
+    assert size % 512, "the header member needs padding for this test"
+    data[512 + size] = 1
+    bad = sim.vm_backups / "qubes-backup-2030-01-01T000000"
+    bad.write_bytes(bytes(data))
+    (sim.dom0 / "bad").write_bytes(bytes(data))
+    for args in (("-d", "backupvm", f"{VM_BACKUPS}/{bad.name}"), ("/bad",)):
+        r = sim.restore("--verify-only", *args)
+        line = one_error_line(r.stderr)
+        assert r.returncode == 3, r.stderr
+        assert "the backup is damaged" in line and "non-zero padding after member backup-header" in line

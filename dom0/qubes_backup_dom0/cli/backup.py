@@ -21,6 +21,7 @@ from qubes_backup_dom0.cli.common import (
     check_text_arg,
     confirm,
     emit_json,
+    guard_output,
     human,
     raise_interrupt,
     run_cli,
@@ -38,7 +39,7 @@ from qubes_backup_dom0.cli.profile import (
     save_profile,
 )
 from qubes_backup_dom0.cli.progress import Progress
-from qubes_backup_dom0.errors import UsageError
+from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.header import (
     CHUNK_MAX,
     CHUNK_MIN,
@@ -123,6 +124,7 @@ def _shown(a: PlannedArchive) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_output()
     p = parser()
     args_list = sys.argv[1:] if argv is None else argv
     if "--json" in args_list:
@@ -185,7 +187,7 @@ def _check_destination(system: System, qubes: Qubes, job: Job) -> None:
     if job.dest_vm is None:
         path = system.dom0_path(job.location)
         if not _is_command(job.location) and not path.is_dir():
-            raise UsageError(f"directory {job.location} does not exist in dom0")
+            raise BackupError(f"directory {job.location} does not exist in dom0")
         return
     if job.dest_vm not in qubes.vm_list():
         raise UsageError(f"no such VM: {job.dest_vm} (the backup VM given with -d)")
@@ -275,8 +277,10 @@ def _confirm_and_run(args: argparse.Namespace, system: System, job: Job, options
     for warning in warnings:
         print(f"qvm-backup: warning: {warning}", file=sys.stderr)
     if not confirm("Do you want to proceed with the backup?", args.yes):
-        print("Backup cancelled.", file=sys.stderr)
-        return 1
+        print("Backup cancelled.", file=sys.stderr)  # "no" is no failure (exit 0), as in Qubes' qvm-backup
+        if args.json:
+            emit_json(report.cancelled_document("backup"))
+        return 0
     passphrase = _passphrase(system, args, job)
     if args.save_profile:
         _save(system, args, job, passphrase)

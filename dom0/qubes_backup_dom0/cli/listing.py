@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from qubes_backup_protocol import names
 from qubes_backup_protocol.frames import MAX_ERROR_LEN, Frame, FrameType, ProtocolError, safe_text
 
-from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
+from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
@@ -64,7 +64,7 @@ def _open(system: System, location: str, source_vm: str | None, transport: Trans
         return channel
     path = system.dom0_path(location)
     if not path.is_dir():
-        raise UsageError(f"directory {location} does not exist in dom0")
+        raise BackupError(f"directory {location} does not exist in dom0")
     channel = Channel((transport or LocalFileTransport(path)).start("qubes.Restore", "dom0"), vm="dom0")
     channel.send(FrameType.LOCATION, names.LIST_REQUEST, shlex.quote("/").encode())
     return channel

@@ -118,7 +118,8 @@ def backups_document(where: str, found: Sequence[Listed]) -> dict[str, Any]:
     return {"version": JSON_VERSION, "command": "list-backups", "ok": True, "location": where,
             "authenticated": False,
             "backups": [{"name": f.name, "id": f.backup_id, "created": f.created, "compression": f.compression,
-                         "size": f.size, "problem": f.problem, "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
+                         "size": f.size, "problem": f.problem, "name_time_mismatch": f.name_mismatch}
+                        for f in found]}  # fmt: skip
 
 
 def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_name: str) -> dict[str, Any]:

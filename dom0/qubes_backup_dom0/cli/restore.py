@@ -23,6 +23,7 @@ from qubes_backup_dom0.cli.common import (
     check_text_arg,
     confirm,
     emit_json,
+    guard_output,
     human,
     raise_interrupt,
     run_cli,
@@ -131,6 +132,7 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_output()
     p = parser()
     args_list = sys.argv[1:] if argv is None else argv
     if "--json" in args_list:
