@@ -207,3 +207,58 @@ def test_backup_the_vm_reader_finds_malformed_is_exit_3(sim: Sim) -> None:
         line = one_error_line(r.stderr)
         assert r.returncode == 3, r.stderr
         assert "the backup is damaged" in line and "non-zero padding after member backup-header" in line
+
+
+# ------------------------------------------------------------------------------------------ listing polish
+
+
+def test_list_shows_only_the_vms_asked_for_and_a_legend_for_defaults(sim: Sim) -> None:
+    from qubes_backup_dom0.cli.restore import DEFAULT_LEGEND
+
+    location = f"{VM_BACKUPS}/{sim.backup_to_vm('work', 'vault', 'dom0').name}"
+    full = sim.restore("--list", "-d", "backupvm", location)
+    assert {"work", "vault", "dom0 home (user)"} <= set(_rows(full.stdout)), full.stdout
+    assert DEFAULT_LEGEND in full.stdout.splitlines()  # work's "(sys-firewall)" netvm is a default
+    r = sim.restore("--list", "-d", "backupvm", location, "work")
+    assert r.returncode == 0, r.stderr
+    assert set(_rows(r.stdout)) == {"VM", "work"}, r.stdout
+    r = sim.restore("--list", "-x", "work", "-d", "backupvm", location)
+    assert set(_rows(r.stdout)) == {"VM", "vault", "dom0 home (user)"}, r.stdout
+    doc = json.loads(sim.restore("--list", "--json", "-d", "backupvm", location, "vault").stdout)
+    assert [v["name"] for v in doc["vms"]] == ["vault"] and doc["dom0_home"] is None
+    assert doc["size"] == doc["vms"][0]["size"]
+
+
+def test_help_names_every_kind_of_location() -> None:
+    import subprocess
+
+    from conftest import BIN
+
+    for tool in ("qvm-backup", "qvm-backup-restore"):
+        text = " ".join(subprocess.run([str(BIN / tool), "--help"], capture_output=True, text=True).stdout.split())
+        assert "s3://" in text and "ssh://" in text, text
+
+
+def test_warnings_say_warning_once_and_sizes_are_binary_units(sim: Sim) -> None:
+    import re
+
+    r = sim.backup("--save-profile", "mine", "-d", "backupvm", VM_BACKUPS, "work")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "plain text" in line]
+    assert warning == ["qvm-backup: warning: Passphrase will be saved in dom0 in plain text. File location: "
+                       "/etc/qubes/backup/mine.conf"], r.stderr  # fmt: skip
+    assert not re.search(r"warning:.*warning:", r.stderr, re.I | re.S), r.stderr
+    assert re.fullmatch(r"Backup written to: .+, [0-9.]+ (B|KiB|MiB|GiB|TiB)\)", r.stdout.strip()), r.stdout
+    assert not re.search(r"\d+ bytes", r.stdout + r.stderr)
+
+
+def test_short_passphrase_is_warned_about(sim: Sim) -> None:
+    from qubes_backup_dom0.cli.passphrase import SHORT_PASSPHRASE
+
+    (sim.dom0 / "short").write_text("abc\n")
+    r = sim.run("qvm-backup", "-y", "-p", "/short", *KDF, "-d", "backupvm", VM_BACKUPS, "work")
+    assert r.returncode == 0, r.stderr
+    assert "qvm-backup: warning: the passphrase has only 3 characters" in r.stderr
+    assert f"use {SHORT_PASSPHRASE} or more characters" in r.stderr
+    r = sim.backup("-d", "backupvm", VM_BACKUPS, "work")  # the usual test passphrase: long enough
+    assert r.returncode == 0 and "the passphrase has only" not in r.stderr

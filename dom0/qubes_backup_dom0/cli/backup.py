@@ -26,9 +26,10 @@ from qubes_backup_dom0.cli.common import (
     raise_interrupt,
     run_cli,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.listing import check_directory
-from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE, read_passphrase
+from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE, read_passphrase, short_passphrase
 from qubes_backup_dom0.cli.profile import (
     PLAINTEXT_WARNING,
     PROFILE_DIR,
@@ -92,7 +93,8 @@ def parser() -> ArgumentParser:
     )  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION", nargs="?",
-                   help="directory (in the backup VM with -d), or a command; not with --profile")  # fmt: skip
+                   help="directory (in the backup VM with -d), s3://BUCKET/PREFIX, ssh://[USER@]HOST[:PORT]/DIR or a "
+                   "command; not with --profile")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*",
                    help="VMs to back up, @tag:NAME, @type:CLASS (default: all with include_in_backups)")  # fmt: skip
     return p
@@ -275,13 +277,16 @@ def _confirm_and_run(args: argparse.Namespace, system: System, job: Job, options
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     for warning in warnings:
-        print(f"qvm-backup: warning: {warning}", file=sys.stderr)
+        warn(warning)
     if not confirm("Do you want to proceed with the backup?", args.yes):
         print("Backup cancelled.", file=sys.stderr)  # "no" is no failure (exit 0), as in Qubes' qvm-backup
         if args.json:
             emit_json(report.cancelled_document("backup"))
         return 0
     passphrase = _passphrase(system, args, job)
+    short = short_passphrase(passphrase)
+    if short is not None:
+        warn(short)
     if args.save_profile:
         _save(system, args, job, passphrase)
     return _execute(system, args, job, plan, options, passphrase, log)
@@ -295,7 +300,7 @@ def _save(system: System, args: argparse.Namespace, job: Job, passphrase: bytes)
     prof = Profile(args.save_profile, job.vms or None, job.exclude, job.dest_vm, location, job.compression,
                    passphrase.decode("utf-8"))  # fmt: skip
     save_profile(system, prof)
-    print(f"qvm-backup: warning: {PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf", file=sys.stderr)
+    warn(f"{PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf")
 
 
 def _execute(system: System, args: argparse.Namespace, job: Job, plan: BackupPlan, options: BackupOptions,
@@ -313,7 +318,7 @@ def _execute(system: System, args: argparse.Namespace, job: Job, plan: BackupPla
     finally:
         bar.close()
     for warning in result.warnings:
-        print(f"qvm-backup: warning: {safe_text(warning, limit=400)}", file=sys.stderr)
+        warn(safe_text(warning, limit=400))
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
         f"Backed up {what_backed_up(plan)}, {human(plan.data)} of data in {elapsed:.1f} s "
@@ -339,7 +344,7 @@ def what_backed_up(plan: BackupPlan) -> str:
 def result_line(result: BackupResult) -> str:
     return (
         f"Backup written to: {result.location} (backup id {result.backup_id}, created {result.created}, "
-        f"{result.size} bytes)"
+        f"{human(result.size)})"
     )
 
 

@@ -48,6 +48,11 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return line.strip().lower() in ("y", "yes")
 
 
+def warn(text: str) -> None:
+    """One warning line on stderr, ``PROG: warning: TEXT`` (text that may come from a backup made printable)."""
+    print(f"{prog()}: warning: {printable(text)}", file=sys.stderr)
+
+
 def check_text_arg(value: str, what: str) -> str:
     """A command-line argument that is sent to a VM or into a backup must be valid UTF-8 (usage error)."""
     try:

@@ -92,9 +92,11 @@ def _home(plan: RestorePlan, files: bool) -> dict[str, Any] | None:
 
 
 def list_document(plan: RestorePlan, name_mismatch: str | None) -> dict[str, Any]:
+    """What the backup holds; only the VMs asked for (VM arguments, -x) when some were."""
     return {"version": JSON_VERSION, "command": "list", "ok": True, "backup": _backup(plan),
-            "vms": _vms(plan, files=True), "dom0_home": _home(plan, files=True),
-            "size": sum(a.size for a in plan.manifest.archives), "data": sum(a.data for a in plan.manifest.archives),
+            "vms": [v for v, a in zip(_vms(plan, files=True), plan.vms, strict=True) if a.restore],
+            "dom0_home": _home(plan, files=True) if plan.home is not None else None,
+            "size": sum(a.size for a in plan.wanted), "data": sum(a.data for a in plan.wanted),
             "warnings": [name_mismatch] if name_mismatch else []}  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from qubes_backup_dom0.cli.common import (
     raise_interrupt,
     run_cli,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.listing import Listed, list_backups, newest
 from qubes_backup_dom0.cli.passphrase import read_passphrase
@@ -97,7 +98,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION",
-                   help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
+                   help="backup file (in the backup VM with -d), s3://BUCKET/KEY, ssh://[USER@]HOST[:PORT]/FILE or "
+                   "a command; a directory: its backups are listed (--latest: its newest is used)")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
 
@@ -109,23 +111,30 @@ def backup_id_arg(value: str) -> str:
     return value.lower()
 
 
+DEFAULT_LEGEND = ("(NAME): not set on the VM, it uses the default: NAME where it was backed up; restored, it "
+                  "follows this system's default")  # fmt: skip
+
+
 def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> str:
     h, m = plan.header, plan.manifest
     lines = [f"Backup {h.backup_id.hex()} made {h.created} ({h.compression}, {len(m.archives)} archive(s))"]
     heads = ["VM", "class", "template", "netvm", "size", "data"] + (["action"] if actions else [])
     rows = []
-    for v in plan.vms:
+    # --list (no actions) shows what was asked for (VM arguments, -x): the other rows would all say "skip"
+    for v in (v for v in plan.vms if actions or v.restore):
         data = human(v.archive.data) if v.archive is not None else "-"
         rows.append([v.name, v.klass, v.template or "-", v.netvm or "-", human(v.size), data]
                     + ([v.action] if actions else []))  # fmt: skip
     home = next((a for a in m.archives if a.kind == "home"), None)
-    if home is not None:
+    if home is not None and (actions or plan.home is not None):
         action = "skip" if plan.home is None else "verify" if plan.verify_only else f"restore to ~/{plan.home_target}"
         rows.insert(0, [f"dom0 home ({home_user(m) or '?'})", "-", "-", "-", human(home.size), human(home.data)]
                     + ([action] if actions else []))  # fmt: skip
     lines.append(table(heads, rows))
+    if any(r[2].startswith("(") or r[3].startswith("(") for r in rows):
+        lines.append(DEFAULT_LEGEND)
     if verbose:
-        for a in m.archives:
+        for a in (m.archives if actions else plan.wanted):
             who = "dom0 home" if a.kind == "home" else a.vm
             lines += [f"  {who}: {f.path} ({f.type}, {human(f.size)}, {human(f.data)} data)" for f in a.files]
     return "\n".join(lines)
@@ -211,7 +220,7 @@ def _show_list(args: argparse.Namespace, plan: RestorePlan) -> int:
         emit_json(report.list_document(plan, mismatch))
         return 0
     if mismatch is not None:
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     print(summary(plan, verbose=args.verbose, actions=False))
     return 0
 
@@ -223,12 +232,12 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
     log(summary(plan, verbose=args.verbose))
     mismatch = name_time_mismatch(args.location, plan.header.created)
     if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     if plan.errors:
         raise BackupError(plan.errors[0])
     if plan.home is not None and home_user(plan.manifest) not in (None, system.user):
-        print(f"warning: the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
-              "restoring it as asked (--ignore-username-mismatch)", file=sys.stderr)  # fmt: skip
+        warn(f"the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
+             "restoring it as asked (--ignore-username-mismatch)")  # fmt: skip
     verb = "verify" if args.verify_only else "restore"
     # As Qubes' own tool: a passphrase given with -p means "go ahead"; "no" is not a failure (exit 0).
     if not confirm(f"Do you want to {verb} the VMs above?", args.yes or args.passphrase_file is not None):
@@ -245,7 +254,7 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
         bar.close()
     elapsed = max(time.monotonic() - start, 1e-9)
     for warning in job.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warn(warning)
     if args.json:
         emit_json(report.restore_document(job, plan, elapsed, mismatch))
         return 0
