@@ -36,7 +36,7 @@ from qubes_backup_dom0.format.header import DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAUL
 from qubes_backup_dom0.format.outer import OuterWriter
 from qubes_backup_dom0.format.tarwriter import InnerFile
 from qubes_backup_dom0.qubes import repostate
-from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession
+from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, check_head
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
@@ -262,32 +262,10 @@ class RepoBackup:
         result.warnings += self.plan.record_backup_timestamps(int(started))
         return result
 
-    def _parent(self, reader: RepoReader, state: repostate.RepoState | None,
-                notes: list[str]) -> tuple[str, repotree.Root] | None:  # fmt: skip
-        expect = self.options.expect_root
-        if not self.roots:
-            if state is not None:
-                raise VerificationError(f"repository {state.repo_id} in {self.where} holds no snapshot, but dom0 "
-                                        f"recorded snapshot {state.seq}: refusing to back up onto it")  # fmt: skip
-            if expect is not None:
-                raise VerificationError(f"repository in {self.where} holds no snapshot (expected root {expect[:16]})")
-            return None
-        pid, proot = reader.root(self.roots[-1])
-        known = (state.seq, state.root) if state is not None else (None, expect) if expect else None
-        if known is not None:
-            problem = repotree.lineage_problem(pid, proot, known[0], known[1])
-            if problem:
-                raise VerificationError(f"repository {proot.repo_id} in {self.where}: {problem}; refusing to back "
-                                        "up onto it")  # fmt: skip
-        else:
-            notes.append(f"dom0 has no record of repository {proot.repo_id}: continuing from its newest snapshot "
-                         f"{proot.seq} (created {proot.created}, root {pid})")  # fmt: skip
-        return pid, proot
-
     def _write(self, reader: RepoReader, keys: repo.RepoKeys, header: repo.RepoHeader,
                state: repostate.RepoState | None, target: _RepoTarget) -> RepoBackupResult:  # fmt: skip
         notes: list[str] = []
-        parent = self._parent(reader, state, notes)
+        parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
         created = now_utc()
         bs = header.block_size
         parent_files: dict[tuple[str, str], repotree.TreeFile] = {}

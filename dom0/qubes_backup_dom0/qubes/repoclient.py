@@ -23,6 +23,7 @@ from qubes_backup_protocol.frames import MAX_ERROR_LEN, FrameType, ProtocolError
 from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import repo, repotree
 from qubes_backup_dom0.format.repo import RepoHeader, RepoKeys
+from qubes_backup_dom0.qubes.repostate import RepoState
 from qubes_backup_dom0.qubes.transport import Channel, Transport
 
 WINDOW = 64  # GET requests in flight (each answer is at most a few MiB; the requests fit a pipe buffer)
@@ -232,3 +233,31 @@ class RepoReader:
 
 def block_length(f: repotree.TreeFile, index: int, block_size: int) -> int:
     return min(block_size, f.size - index * block_size)
+
+
+def check_head(reader: RepoReader, roots: list[str], state: RepoState | None, expect: str | None, where: str,
+               notes: list[str]) -> tuple[str, repotree.Root] | None:  # fmt: skip
+    """The newest root the backup VM lists, verified, and checked against dom0's record of the repository
+    (``state``) or, without one, the root the user pinned (``expect``): it must be that root or a later one
+    whose history lists it (no rollback, no fork).  Without either, it is accepted and ``notes`` say so
+    (a fresh dom0: pin with --expect-root).  None if the repository holds no snapshot (refused when dom0
+    recorded one)."""
+    if not roots:
+        if state is not None:
+            raise VerificationError(f"repository {state.repo_id} in {where} holds no snapshot, but dom0 recorded "
+                                    f"snapshot {state.seq} (rolled back, or withheld)")  # fmt: skip
+        if expect is not None:
+            raise VerificationError(f"the repository in {where} holds no snapshot (expected root {expect[:16]})")
+        return None
+    head_id, head = reader.root(roots[-1])
+    known = (state.seq, state.root) if state is not None else (None, expect) if expect is not None else None
+    if known is not None:
+        problem = repotree.lineage_problem(head_id, head, known[0], known[1])
+        if problem is None and state is not None and expect is not None:
+            problem = repotree.lineage_problem(head_id, head, None, expect)
+        if problem:
+            raise VerificationError(f"repository {head.repo_id} in {where}: {problem}; refusing it")
+    else:
+        notes.append(f"dom0 has no record of repository {head.repo_id}: its newest snapshot is {head.seq} (created "
+                     f"{head.created}, root {head_id}); pin it with --expect-root if you noted another")  # fmt: skip
+    return head_id, head
