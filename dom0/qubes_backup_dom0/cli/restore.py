@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
@@ -88,8 +89,9 @@ def parser() -> ArgumentParser:
     p.add_argument("-Z", "--compression-filter", metavar="PROG", help=argparse.SUPPRESS)
     p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
+    repo_cli.add_restore_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("location", metavar="LOCATION",
+    p.add_argument("location", metavar="LOCATION", nargs="?",
                    help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
@@ -165,6 +167,10 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.repo is not None:  # a repository of snapshots (cli/repo.py)
+        return repo_cli.run_restore(args)
+    if args.location is None:
+        raise UsageError("LOCATION is required (or --repo DIR)")
     _check_args(args)
     system = System.from_env()
     source_vm = check_source_vm(system, args.source_vm)
