@@ -204,8 +204,9 @@ def _padding(n: int) -> bytes:
 
 
 def seal(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview, refs: Iterable[str] = (),
-         compress: bool = True, oid: str | None = None) -> tuple[str, bytes]:  # fmt: skip
-    """(id, object file) of ``plaintext``; ``oid`` when the caller computed the id already."""
+         compress: bool = True, oid: str | None = None, iv: bytes | None = None) -> tuple[str, bytes]:  # fmt: skip
+    """(id, object file) of ``plaintext``; ``oid`` when the caller computed the id already; ``iv`` only for
+    test vectors (else a fresh random one)."""
     oid = oid or object_id(keys, otype, plaintext)
     ordered = sorted(set(refs))
     if len(ordered) > MAX_REFS[otype]:
@@ -219,7 +220,7 @@ def seal(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview, 
         if len(frame) + 8 + pad < len(plaintext):
             body, comp = frame + _padding(pad), "z"
     head = b"qbr1 %s %s %s %08d\n" % (otype.encode(), comp.encode(), oid.encode(), len(ordered))
-    iv = crypto.random_bytes(IV_LEN)
+    iv = crypto.random_bytes(IV_LEN) if iv is None else iv
     pre = b"".join([head, *(r.encode() + b"\n" for r in ordered), iv, crypto.aes_ctr(keys.enc_key, iv, body)])
     return oid, pre + _mac_line(keys.mac_key, pre)
 
