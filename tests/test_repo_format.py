@@ -144,8 +144,9 @@ def kk() -> tuple[repo.RepoKeys, repo.RepoKeys]:
 
 def test_round_trip_every_type(kk: tuple[repo.RepoKeys, repo.RepoKeys]) -> None:
     k = kk[0]
-    for otype, plain, refs in [(repo.DATA, b"a" * BS, []), (repo.DATA, os.urandom(BS), []),
-                               (repo.SEGMENT, b"x" * 100, ["0" * 64]), (repo.QUBES, b"<qubes/>" * 1000, [])]:  # fmt: skip
+    cases = [(repo.DATA, b"a" * BS, []), (repo.DATA, os.urandom(BS), []), (repo.SEGMENT, b"x" * 100, ["0" * 64]),
+             (repo.QUBES, b"<qubes/>" * 1000, [])]  # fmt: skip
+    for otype, plain, refs in cases:
         oid, raw = repo.seal(k, otype, plain, refs)
         if raw[7:8] == b"z":
             assert len(raw) % repo.PAD_ALIGN == 0  # compressed objects are padded
@@ -179,7 +180,8 @@ def test_refused_under_another_id_type_or_repository(kk: tuple[repo.RepoKeys, re
         repo.open_object(a, raw + bytes(repo.max_object_size(repo.DATA, BS)), repo.DATA, oid, BS)
 
 
-def _forge(k: repo.RepoKeys, otype: str, oid: str, body: bytes, comp: str = "z", refs: list[str] | None = None) -> bytes:
+def _forge(k: repo.RepoKeys, otype: str, oid: str, body: bytes, comp: str = "z",
+           refs: list[str] | None = None) -> bytes:  # fmt: skip
     """An object as a holder of the keys could write it, with any header and body."""
     refs = refs or []
     head = b"qbr1 %s %s %s %08d\n" % (otype.encode(), comp.encode(), oid.encode(), len(refs))
@@ -209,7 +211,8 @@ def test_authentic_but_wrong_content_is_refused(kk: tuple[repo.RepoKeys, repo.Re
     pad = struct.pack("<II", repo.SKIPPABLE, 8) + b"\1" * 8
     with pytest.raises(VerificationError, match="unexpected bytes"):
         repo.open_object(k, _forge(k, repo.DATA, oid, frame + pad), repo.DATA, oid, BS)
-    assert repo.open_object(k, _forge(k, repo.DATA, oid, frame + pad[:8] + bytes(8)), repo.DATA, oid, BS).plaintext == plain
+    padded = _forge(k, repo.DATA, oid, frame + pad[:8] + bytes(8))
+    assert repo.open_object(k, padded, repo.DATA, oid, BS).plaintext == plain
     with pytest.raises(VerificationError, match="references"):
         repo.open_object(k, _forge(k, repo.SEGMENT, oid, plain, "n", ["2" * 64, "1" * 64]), repo.SEGMENT, oid, BS)
 
@@ -220,8 +223,9 @@ def _header(**kw: Any) -> bytes:
     h = repo.RepoHeader(b"\1" * 16, "2026-01-01T00:00:00Z", crypto.KdfParams(b"\2" * 16, 1024, 8, 1), "zstd", BS)
     text = h.render().decode()
     for key, value in kw.items():
-        text = "".join(f"{key.replace('_', '-')}={value}\n" if line.startswith(key.replace("_", "-") + "=") else line + "\n"
-                       for line in text.splitlines())  # fmt: skip
+        name = key.replace("_", "-")
+        lines = text.splitlines()
+        text = "".join(f"{name}={value}\n" if line.startswith(name + "=") else line + "\n" for line in lines)
     return text.encode()
 
 
@@ -291,9 +295,10 @@ def test_tree_and_segment() -> None:
     ])  # fmt: skip
     data = t.render(BS)
     assert repotree.parse_tree(data, BS, t.refs()) == t
-    for bad in (data.replace(b"seg 0", b"seg 5"), data.replace(b"%25", b"%"), data.replace(b"%c3%a9%20x", b"%C3%A9%20x"),
-                data.replace(b"0644", b"644"), data.replace(b"link ", b"link  "),
-                data.replace(b"file dir 0 0", b"file dir 1 0"), data.replace(b"%20x", b"%2fx")):  # fmt: skip
+    for bad in (data.replace(b"seg 0", b"seg 5"), data.replace(b"%25", b"%"),
+                data.replace(b"%c3%a9%20x", b"%C3%A9%20x"), data.replace(b"0644", b"644"),
+                data.replace(b"link ", b"link  "), data.replace(b"file dir 0 0", b"file dir 1 0"),
+                data.replace(b"%20x", b"%2fx")):  # fmt: skip
         assert bad != data
         with pytest.raises(VerificationError):
             repotree.parse_tree(bad, BS)

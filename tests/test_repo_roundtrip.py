@@ -141,7 +141,11 @@ def tree_digest(root: Path) -> dict[str, tuple[str, int, str]]:
             rel = p.relative_to(root).as_posix()
             st = p.lstat()
             kind = "l" if p.is_symlink() else "d" if p.is_dir() else "f"
-            content = os.readlink(p) if kind == "l" else hashlib.sha256(p.read_bytes()).hexdigest() if kind == "f" else ""
+            content = ""
+            if kind == "l":
+                content = os.readlink(p)
+            elif kind == "f":
+                content = hashlib.sha256(p.read_bytes()).hexdigest()
             out[rel] = (kind, st.st_mode & 0o777 if kind != "l" else 0, content)
     return out
 
