@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Sim, assert_restored_like, new_sim
+from conftest import PASSPHRASE, Sim, assert_restored_like, new_sim
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.format.sparse import scan
@@ -24,7 +24,7 @@ from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.repository import RepoRestore
 
-PASS = b"repository round trip"
+PASS = PASSPHRASE.encode()  # the one in /pw
 REPO = "/home/user/repo"
 VMS = ("work", "personal", "vault")
 BS = 64 << 10
