@@ -13,10 +13,12 @@ import hashlib
 import os
 import random
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import PASSPHRASE, Sim, assert_restored_like, new_sim
+from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.format.sparse import scan
@@ -261,3 +263,36 @@ def test_verify_only_and_older_snapshot_after_more_runs(repo_sim: Sim) -> None:
         job = restore(sim, snap, ("work",), verify=True)
         assert job.chosen is not None and job.chosen.root.seq == snap
     assert [s.seq for s in job.snapshots()] == [1, 2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_backup_leaves_the_earlier_snapshots(repo_sim: Sim, sig: int) -> None:
+    """qvm-backup killed while it sends objects: no new root, the earlier snapshot still restores, and the next
+    backup completes (the agent clears what the killed one left in tmp/)."""
+    sim = repo_sim
+    backup(sim, ("work",))
+    path = sim.volume_files("work")["private"]
+    new = path.with_name("new")
+    copy_sparse(path, new)
+    with open(new, "r+b") as f:
+        f.write(random.Random(9).randbytes(12 << 20))
+    os.rename(new, path)
+    base = sim.vm_root("backupvm") / REPO.lstrip("/")
+    before = {p.name for p in (base / "objects").rglob("*") if p.is_file()}
+    roots = sorted(p.name for p in (base / "roots").iterdir())
+    proc = sim.popen("qvm-backup", "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo", REPO,
+                     "--block-size", "64K", "work", start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        if {p.name for p in (base / "objects").rglob("*") if p.is_file()} - before:
+            break  # objects of the new snapshot are arriving
+        time.sleep(0.005)
+    assert proc.poll() is None, "the backup ended before it could be interrupted"
+    os.killpg(proc.pid, sig)
+    proc.communicate(timeout=60)
+    time.sleep(0.2)  # a SIGKILLed dom0's agent dies with it (bubblewrap --die-with-parent)
+    assert sorted(p.name for p in (base / "roots").iterdir()) == roots
+    assert restore(sim, 1, ("work",), verify=True).chosen is not None
+    result = backup(sim, ("work",))
+    assert result.seq == 2 and os.listdir(base / "tmp") == []
+    restore(sim, 2, ("work",), verify=True)
