@@ -68,5 +68,5 @@ def test_usage_errors(tmp_path: Path) -> None:
     assert r.returncode == 2 and "-d VM" in one_error_line(r.stderr)
     r = sim.restore("-d", "backupvm", "--repo", REPO, "--list-snapshots")
     assert r.returncode == 1 and "does not exist" in one_error_line(r.stderr), r.stderr
-    r = sim.restore("-d", "backupvm")
-    assert r.returncode == 2 and "LOCATION is required" in one_error_line(r.stderr)
+    r = sim.restore("-d", "backupvm", "--repo", REPO, "--backup-id", "0" * 32)
+    assert r.returncode == 2 and "--backup-id does not apply" in one_error_line(r.stderr)

@@ -241,7 +241,7 @@ def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
 def _run(args: argparse.Namespace) -> int:
     if args.repo is not None:  # a repository of snapshots (cli/repo.py)
         check_kdf_n(args.kdf_n, args.weak_kdf_ok)
-        return repo_cli.run_backup(args)
+        return repo_cli.run_backup(args, summary)
     for text, what in ((args.location, "LOCATION"), (args.dest_vm, "the backup VM name")):
         if text is not None:
             check_text_arg(text, what)

@@ -40,7 +40,7 @@ from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import stall_timeout
-from qubes_backup_dom0.restore.plan import RestoreOptions
+from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan
 from qubes_backup_dom0.restore.repository import RepoRestore
 
 Log = Callable[..., None]
@@ -98,7 +98,8 @@ def _source_vm(system: System, vm: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ backup
 
-def run_backup(args: argparse.Namespace) -> int:
+def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], str]) -> int:
+    """``summary``: qvm-backup's table of what will be backed up (cli/backup.py)."""
     given = [opt for opt, on in (("--profile", args.profile), ("--save-profile", args.save_profile),
                                  ("--chunk-size", args.chunk_size)) if on]  # fmt: skip
     if given:
@@ -118,14 +119,13 @@ def run_backup(args: argparse.Namespace) -> int:
         raise UsageError("nothing to back up: the VMs to include match no VM")
     plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes)
     try:
-        return _backup(args, system, plan, vm, options)
+        return _backup(args, system, plan, vm, options, summary)
     finally:
         plan.close()
 
 
-def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions) -> int:
-    from qubes_backup_dom0.cli.backup import summary
-
+def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions,
+            summary: Callable[[BackupPlan, bool], str]) -> int:  # fmt: skip
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
@@ -177,7 +177,8 @@ def backup_document(r: RepoBackupResult, elapsed: float) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- restore
 
-def run_restore(args: argparse.Namespace) -> int:
+def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool], str]) -> int:
+    """``summary``: qvm-backup-restore's plan table (cli/restore.py)."""
     if args.list or args.list_backups:
         raise UsageError("--list and --list-backups do not apply to --repo: use --list-snapshots")
     if args.backup_id:
@@ -206,7 +207,7 @@ def run_restore(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         if args.list_snapshots:
             return _list(args, job)
-        return _restore(args, job, log)
+        return _restore(args, job, log, summary)
     finally:
         job.close()
 
@@ -235,12 +236,11 @@ def _list(args: argparse.Namespace, job: RepoRestore) -> int:
     return 0
 
 
-def _restore(args: argparse.Namespace, job: RepoRestore, log: Log) -> int:
-    from qubes_backup_dom0.cli.restore import summary
-
+def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
+             summary: Callable[[RestorePlan, bool], str]) -> int:  # fmt: skip
     plan = job.plan()
     log(f"{_which(job)[0].upper()}{_which(job)[1:]}")
-    log(summary(plan, verbose=args.verbose).split("\n", 1)[1])
+    log(summary(plan, args.verbose).split("\n", 1)[1])
     if plan.errors:
         raise BackupError(plan.errors[0])
     verb = "verify" if args.verify_only else "restore"

@@ -49,7 +49,7 @@ UNSUPPORTED = {
 }
 
 
-def parser() -> ArgumentParser:
+def parser(repo: bool = False) -> ArgumentParser:
     p = ArgumentParser(
         prog="qvm-backup-restore",
         description="Restore VMs from a qubes-backup backup; every chunk is verified before it is decrypted. "
@@ -91,7 +91,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     repo_cli.add_restore_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("location", metavar="LOCATION", nargs="?",
+    p.add_argument("location", metavar="LOCATION", nargs="?" if repo else None,
                    help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
@@ -127,8 +127,8 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
     args_list = sys.argv[1:] if argv is None else argv
+    p = parser(repo=any(a == "--repo" or a.startswith("--repo=") for a in args_list))  # then no LOCATION
     if "--json" in args_list:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
@@ -168,9 +168,7 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.repo is not None:  # a repository of snapshots (cli/repo.py)
-        return repo_cli.run_restore(args)
-    if args.location is None:
-        raise UsageError("LOCATION is required (or --repo DIR)")
+        return repo_cli.run_restore(args, summary)
     _check_args(args)
     system = System.from_env()
     source_vm = check_source_vm(system, args.source_vm)
