@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.format.sparse import scan
 from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.repoclient import RepoSession
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.repository import RepoRestore
 
@@ -296,3 +298,40 @@ def test_killed_backup_leaves_the_earlier_snapshots(repo_sim: Sim, sig: int) -> 
     result = backup(sim, ("work",))
     assert result.seq == 2 and os.listdir(base / "tmp") == []
     restore(sim, 2, ("work",), verify=True)
+
+
+def test_restore_asks_for_each_object_once(repo_sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restoring one VM whose volume repeats a block asks for every object at most once (a recurring block is
+    kept, not fetched again), and only for objects of that snapshot and VM."""
+    sim = repo_sim
+    block = random.Random(4).randbytes(BS)
+    path = sim.volume_files("work")["private"]
+    new = path.with_name("new")
+    copy_sparse(path, new)
+    with open(new, "r+b") as f:
+        for i in range(12):
+            f.seek((60 + 5 * i) * BS)
+            f.write(block)
+    os.rename(new, path)
+    first = backup(sim, ("work", "vault"))
+    asked: list[str] = []
+    original = RepoSession.request
+
+    def request(self: RepoSession, name: str) -> None:
+        asked.append(name)
+        original(self, name)
+
+    monkeypatch.setattr(RepoSession, "request", request)
+    job = restore(sim, None, ("work",))
+    assert job.restored == ["work1"]
+    assert len(asked) == len(set(asked)), [n for n, c in Counter(asked).items() if c > 1]
+    assert asked[0].startswith("roots/0000000001-")
+    chosen = job.chosen
+    assert chosen is not None and chosen.root_id == first.root
+    work_tree = chosen.trees["vm1" if chosen.root.archives[0].vm == "work" else "vm2"]
+    segments = {sid for f in work_tree.files for _, sid in f.segments}
+    assert segments <= set(asked)
+    data = [n for n in asked if n not in segments and not n.startswith("roots/")]
+    # the qubes.xml subset and the two file lists, then work's distinct data blocks (fewer than its blocks)
+    assert len(data) - 3 < sum(-(-f.data // BS) for f in work_tree.files)
+    Qubes(sim.system).remove_vm("work1")
