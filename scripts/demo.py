@@ -33,6 +33,18 @@ def run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.Complet
     return subprocess.run(cmd, env=env, text=True, check=True, **kw)  # type: ignore[call-overload]
 
 
+def agent_confinement() -> str:
+    """Whether the agent processes run confined: the simulated transport's rule (bubblewrap found, and not
+    turned off with QUBES_SIM_SANDBOX=0); had bubblewrap been found but not worked, the commands would have
+    failed."""
+    if os.environ.get("QUBES_SIM_SANDBOX", "1") == "0":
+        return "ran UNCONFINED (QUBES_SIM_SANDBOX=0)"
+    if shutil.which("bwrap") is None:
+        return ("ran UNCONFINED: bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap); on a real "
+                "system the agent runs in its own VM")  # fmt: skip
+    return "ran confined by bubblewrap (no network, nothing but the simulated backup VM's files)"
+
+
 def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
@@ -63,7 +75,8 @@ def main() -> int:
         env, stdout=subprocess.PIPE,
     )  # fmt: skip
     print(out.stdout, end="")
-    print(f"(backup took {time.monotonic() - t0:.1f} s including the KDF)")
+    print(f"(backup took {time.monotonic() - t0:.1f} s including the KDF; the qubes.Backup agent "
+          f"{agent_confinement()})")
     backups = sorted((src / "vms/backupvm/home/user/backups").glob("qubes-backup-*"))
     assert len(backups) == 1, backups
     backup = backups[0]
@@ -86,9 +99,11 @@ def main() -> int:
     (dst / "dom0/passphrase").write_text(PASSPHRASE + "\n")
     os.link(backup, dst / "vms/backupvm/home/user/backups" / backup.name)
     env2 = dict(os.environ, QUBES_SIM=str(dst))
+    # Our own backup, so everything it holds is restored: devices and the settings that grant power too
+    # (without these two options, -y restores neither: docs/SECURITY.md, "Backups from a compromised machine").
     out = run(
-        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/passphrase",
-         f"/home/user/backups/{backup.name}"],
+        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/passphrase", "--restore-devices",
+         "--restore-risky-settings", f"/home/user/backups/{backup.name}"],
         env2, stdout=subprocess.PIPE,
     )  # fmt: skip
     print(out.stdout, end="")
@@ -97,6 +112,7 @@ def main() -> int:
     bad = compare(src, dst)
     homes = list((dst / "dom0/home/user").glob("home-restore-*"))
     print(f"dom0 home restored to: {homes[0].relative_to(dst) if homes else 'not restored'}")
+    print(f"The backup VM's agents (qubes.Backup, qubes.Restore) {agent_confinement()}.")
     return 1 if bad else 0
 
 

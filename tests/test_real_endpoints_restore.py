@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import qubes_backup_sim
-from conftest import allocated, one_error_line
+from conftest import ALL_SETTINGS, allocated, one_error_line
 from lxml import etree
 from qubes_backup_dom0.format.sparse import same_content
 from qubes_backup_dom0.qubes import firewall
@@ -236,7 +236,7 @@ class Target:
 
     def argv(self, *args: str) -> list[str]:
         return [str(BIN / "qvm-backup-restore"), "-y", "-p", str(self.tmp / "pw"), "--skip-dom0-home",
-                "-d", "backupvm", self.location, *args]  # fmt: skip
+                *ALL_SETTINGS, "-d", "backupvm", self.location, *args]  # fmt: skip
 
     def restore(self, *vms: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*vms), env=self.env(**extra), capture_output=True, text=True,
@@ -467,9 +467,9 @@ def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target],
     assert [(d.backend, d.ident, d.options) for d in block] == [(backend, ident, options)]
     assert WORK_TAG in q.tags("work")
     # an R4.2 qubesd has no notes: the backup's (made on R4.3) are skipped with a warning, not a failure
-    warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith("warning:"))
+    warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith("qvm-backup-restore: warning:"))
     assert warnings == ([] if release == "4.3" else sorted(
-        f"warning: VM {n}: notes not restored (this Qubes release has no notes)" for n in wanted))
+        f"qvm-backup-restore: warning: VM {n}: notes not restored (this Qubes release has no notes)" for n in wanted))
 
 
 # ------------------------------------------------------------------------------------- failing restores

@@ -30,6 +30,7 @@ from pathlib import Path
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection
 
+from . import policy
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
 from .store import save_run_state, write_atomic
 
@@ -196,6 +197,11 @@ def write_sparse_image(path: Path, img: Image, rng: random.Random, compressible:
             os.pwrite(fd, chunk, off)
             off += length
         os.ftruncate(fd, apparent)
+        # On disk before the image is used, as a real LV's or image's blocks are once written.  Left to the
+        # kernel's writeback, the file system (ext4's delayed allocation) allocates the extent tree's blocks
+        # whenever the data is flushed: st_blocks would grow by 4 KiB seconds later, in the middle of a test
+        # that compares the system before and after (issue 19 item 10).
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -389,6 +395,7 @@ def _make_home(home: Path, rng: random.Random) -> None:
     try:
         os.pwrite(fd, rng.randbytes(BLOCK), 256 * 1024)
         os.ftruncate(fd, 1 * MiB)
+        os.fsync(fd)  # as write_sparse_image: allocated now, not at writeback
     finally:
         os.close(fd)
 
@@ -541,12 +548,17 @@ def generate(
             _write(vdir / "notes.txt", f"{spec.name}: {spec.klass}, simulated by qubes-backup-simgen\n")
     _write_volumes(_Volumes(dir, pool), sizes, seed, compressible, set(running))
     save_run_state(dir / "dom0", set(running))
+    policy.install_shipped(dir / "dom0")  # /etc/qubes/policy.d as Qubes ships it (the restore rules)
 
     if keep is None:
         _make_home(dir / "dom0/home" / USER, rng)
     else:  # a fresh install: an empty home
         (dir / "dom0/home" / USER).mkdir(parents=True)
     (dir / "vms/backupvm/home/user/backups").mkdir(parents=True)
+    # dom0's accounts, as an installer makes them: the user is the first member of group qubes (how Qubes' own
+    # backup, and ours without a sudo/login user, find whose home is dom0's home)
+    _write(dir / "dom0/etc/passwd", f"root:x:0:0:root:/root:/bin/bash\n{USER}:x:1000:1000::/home/{USER}:/bin/bash\n")
+    _write(dir / "dom0/etc/group", f"root:x:0:\nwheel:x:10:{USER}\nqubes:x:98:{USER}\n{USER}:x:1000:\n")
 
 
 def _reduce(coll: Collection, kept: set[str]) -> None:

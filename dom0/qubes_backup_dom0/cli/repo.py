@@ -22,7 +22,7 @@ from typing import Any
 
 from qubes_backup_dom0.backup.plan import BackupPlan, plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
-from qubes_backup_dom0.cli import report
+from qubes_backup_dom0.cli import report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
@@ -31,6 +31,7 @@ from qubes_backup_dom0.cli.common import (
     human,
     raise_interrupt,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.profile import resolve
@@ -129,8 +130,8 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
-        print(f"qvm-backup: warning: the backup VM {vm} is backed up into itself: its volumes are saved as they "
-              "were when it last shut down", file=sys.stderr)  # fmt: skip
+        warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
+             "down")  # fmt: skip
     if not confirm("Do you want to proceed with the backup?", args.yes):
         print("Backup cancelled.", file=sys.stderr)
         return 1
@@ -152,7 +153,7 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     for note in result.notes:
         log(f"note: {note}")
     for warning in result.warnings:
-        print(f"qvm-backup: warning: {warning}", file=sys.stderr)
+        warn(warning)
     if args.json:
         emit_json(backup_document(result, elapsed))
         return 0
@@ -194,7 +195,8 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
         vms=tuple(vms), exclude=tuple(args.exclude), verify_only=args.verify_only or args.list_snapshots,
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing, skip_conflicting=args.skip_conflicting,
         rename_conflicting=args.rename_conflicting, skip_dom0_home=args.skip_dom0_home,
-        ignore_username_mismatch=args.ignore_username_mismatch,
+        ignore_username_mismatch=args.ignore_username_mismatch, restore_devices=args.restore_devices,
+        restore_risky_settings=args.restore_risky_settings,
     )  # fmt: skip
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     signal.signal(signal.SIGTERM, raise_interrupt)
@@ -241,12 +243,18 @@ def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
     plan = job.plan()
     log(f"{_which(job)[0].upper()}{_which(job)[1:]}")
     log(summary(plan, args.verbose).split("\n", 1)[1])
+    for line in [*settings.plan_lines(plan), *settings.leftover_lines(job.leftovers)]:
+        log(line)
     if plan.errors:
         raise BackupError(plan.errors[0])
     verb = "verify" if args.verify_only else "restore"
-    if not confirm(f"Do you want to {verb} the VMs above?", args.yes or args.passphrase_file is not None):
+    unattended = args.yes or args.passphrase_file is not None
+    if not confirm(f"Do you want to {verb} the VMs above?", unattended):
         log("Restore cancelled.")
         return 0
+    if not unattended:  # as for a backup file: settings that grant power are the user's to choose
+        settings.ask(plan)
+    dropped = settings.dropped_lines(plan)
     bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
     job.progress = bar
     start = time.monotonic()
@@ -255,8 +263,10 @@ def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
     finally:
         bar.close()
     elapsed = max(time.monotonic() - start, 1e-9)
-    for warning in job.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    for line in job.cleaned:
+        log(line)
+    for warning in dropped + job.warnings:
+        warn(warning)
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
     if args.json:
         emit_json({"version": report.JSON_VERSION, "command": verb, "ok": True, "snapshot": job.chosen.root.seq

@@ -27,10 +27,12 @@ from qubes_backup_dom0.format import manifest as manifest_mod
 from qubes_backup_dom0.format.tarwriter import InnerFile
 from qubes_backup_dom0.qubes import repostate
 from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.policy import PolicyFacts, read_policy
 from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, Want, block_length, check_head
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
-from qubes_backup_dom0.restore.apply import Applier, cleanup_home_staging, cleanup_leftovers
+from qubes_backup_dom0.restore import risk
+from qubes_backup_dom0.restore.apply import Applier, Leftovers, clean_leftovers, find_leftovers
 from qubes_backup_dom0.restore.extract import ArchiveTarget
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan, TargetSystem, plan_restore
 
@@ -85,6 +87,9 @@ class RepoRestore:
         self.applier: Applier | None = None
         self.notes: list[str] = []
         self.warnings: list[str] = []
+        self.leftovers = Leftovers()  # what killed restores left (found by plan(), cleaned by run())
+        self.cleaned: list[str] = []
+        self._policy: PolicyFacts | None = None
         self.restored: list[str] = []
         self.home_restored_to: object = None
         self._cancel = threading.Event()
@@ -125,9 +130,6 @@ class RepoRestore:
         """Verify the header, the newest root and the snapshot asked for; returns its manifest."""
         try:
             header = self.connect()
-            if not self.options.verify_only:
-                cleanup_leftovers(self.qubes)
-                cleanup_home_staging(self.system.home_dir)
             keys = repo.keys_from_passphrase(self.passphrase, header)
             assert self._opening is not None and self.session is not None
             if not repo.verify_header(keys, *self._opening):
@@ -212,16 +214,28 @@ class RepoRestore:
         h = self.header
         return header_mod.Header(h.repo_id, self.chosen.root.created, h.kdf, h.compression, h.block_size)
 
+    def _target(self) -> TargetSystem:
+        """As restore.machine's: this system's names (a killed restore's VMs counted as gone), defaults, user,
+        qrexec policy and the VMs that could manage VMs being restored."""
+        if self.options.verify_only:
+            return TargetSystem(frozenset(), {})
+        self.leftovers = find_leftovers(self.qubes, self.system.home_dir)
+        names = frozenset(self.qubes.vm_list()) - self.leftovers.removed_names
+        defaults = {p: self.qubes.global_property(p) or None
+                    for p in ("default_template", "default_netvm", "default_dispvm")}  # fmt: skip
+        self._policy = read_policy(self.system)
+        return TargetSystem(names, defaults, self.system.user, self._policy, tuple(self._managers()))
+
+    def _managers(self) -> list[str]:
+        vms = {n: klass for n, (klass, _state) in self.qubes.vm_list().items()
+               if klass != "AdminVM" and n not in self.leftovers.removed_names}  # fmt: skip
+        tags = {n: self.qubes.tags(n) for n in vms}
+        return risk.restore_managers(vms, tags, self._policy)
+
     def plan(self) -> RestorePlan:
         assert self.manifest is not None
         try:
-            if self.options.verify_only:
-                target = TargetSystem(frozenset(), {})
-            else:
-                defaults = {p: self.qubes.global_property(p) or None
-                            for p in ("default_template", "default_netvm", "default_dispvm")}  # fmt: skip
-                target = TargetSystem(frozenset(self.qubes.vm_list()), defaults, self.system.user)
-            self.restore_plan = plan_restore(target, self.pseudo_header(), self.manifest, self.options)
+            self.restore_plan = plan_restore(self._target(), self.pseudo_header(), self.manifest, self.options)
             return self.restore_plan
         except BaseException:
             self._fail()
@@ -236,6 +250,12 @@ class RepoRestore:
             if plan.errors:
                 raise BackupError(plan.errors[0])
             if not self.options.verify_only:
+                if self.leftovers:  # the snapshot verified and the caller chose to run: now, not earlier
+                    self.cleaned = clean_leftovers(self.qubes, self.leftovers, self.system.home_dir)
+                    self.leftovers = Leftovers()
+                managers = self._managers()  # again, just before the first VM tagged in progress exists
+                if managers:
+                    raise BackupError(risk.managers_error(managers))
                 self.applier = Applier(self.qubes, plan, self.system.home_dir)
                 self.applier.create_all()
             verified: dict[str, int] = {}
