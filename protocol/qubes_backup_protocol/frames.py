@@ -27,6 +27,7 @@ class FrameType(enum.IntEnum):
     WANT_END = 3  # end of the want list
     DATA = 4  # data: a piece of the backup stream (qubes.Backup)
     COMMIT = 5  # the backup stream is complete (qubes.Backup)
+    GET = 6  # name: a repository file dom0 wants (repository mode, docs/REPOSITORY.md section 9)
     # agent -> dom0
     MEMBER = 16  # name: outer member name; data: its content (qubes.Restore)
     END = 17  # no more members

@@ -11,6 +11,7 @@ import sys
 from typing import BinaryIO
 
 from qubes_backup_protocol import frames
+from qubes_backup_protocol import repo as repo_names
 from qubes_backup_protocol.frames import FrameType
 
 from . import confine
@@ -92,7 +93,7 @@ def receive_stream(stdin: BinaryIO, sink: Sink) -> None:
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     try:
-        first = frames.read_frame(stdin, _LOCATION, is_backup_name)
+        first = frames.read_frame(stdin, _LOCATION, lambda n: is_backup_name(n) or n == repo_names.REQUEST)
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")
         return EXIT_FAILED
@@ -106,6 +107,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     except UnicodeDecodeError:
         send_error(stdout, "bad request: location is not UTF-8")
         return EXIT_FAILED
+    if first.name == repo_names.REQUEST:  # a repository (docs/REPOSITORY.md section 9)
+        from .repository import serve_backup
+
+        return serve_backup(location, confine.agent_root(), stdin, stdout)
     sink: Sink | None = None
     try:
         sink = open_sink(location, first.name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from qubes_backup_protocol import frames, names
+from qubes_backup_protocol import repo as repo_names
 from qubes_backup_protocol.frames import FrameType
 
 from . import confine
@@ -36,7 +37,7 @@ COPY_PIECE = 4 << 20
 MEMORY_LIMIT = 256 << 20
 MANIFEST_MAC = names.mac_name(names.MANIFEST)
 
-_LOCATION = {FrameType.LOCATION: (len(names.LIST_REQUEST), frames.MAX_LOCATION_LEN)}
+_LOCATION = {FrameType.LOCATION: (len(repo_names.REQUEST), frames.MAX_LOCATION_LEN)}
 _WANT = {FrameType.WANT: (names.MAX_NAME_LEN, 0), FrameType.WANT_END: (0, 0)}
 
 
@@ -109,7 +110,7 @@ def limit_memory(limit: int = MEMORY_LIMIT) -> None:
 
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     try:
-        first = frames.read_frame(stdin, _LOCATION, lambda n: n == names.LIST_REQUEST)
+        first = frames.read_frame(stdin, _LOCATION, lambda n: n in (names.LIST_REQUEST, repo_names.REQUEST))
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")
         return EXIT_FAILED
@@ -123,6 +124,11 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     root = confine.agent_root()
     if first.name == names.LIST_REQUEST:
         return _listing(location, root, stdout)
+    if first.name == repo_names.REQUEST:  # a repository (docs/REPOSITORY.md section 9)
+        from .repository import serve_restore
+
+        limit_memory()
+        return serve_restore(location, root, stdin, stdout)
     source: CommandSource | None = None
     fileobj: BinaryIO | None = None
     try:

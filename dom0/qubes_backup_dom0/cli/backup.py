@@ -15,6 +15,7 @@ from qubes_backup_protocol.frames import safe_text
 
 from qubes_backup_dom0.api import BackupResult, run_backup
 from qubes_backup_dom0.backup.plan import BackupOptions, BackupPlan, PlannedArchive, plan_backup
+from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
@@ -91,6 +92,7 @@ def parser() -> ArgumentParser:
         help="accept --kdf-n below the default: it makes guessing the passphrase cheaper for anyone who gets "
         "a copy of this backup (and the passphrase is shared by all your backups)",
     )  # fmt: skip
+    repo_cli.add_backup_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION", nargs="?",
                    help="directory (in the backup VM with -d), s3://BUCKET/PREFIX, ssh://[USER@]HOST[:PORT]/DIR or a "
@@ -250,6 +252,9 @@ def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.repo is not None:  # a repository of snapshots (cli/repo.py)
+        check_kdf_n(args.kdf_n, args.weak_kdf_ok)
+        return repo_cli.run_backup(args, summary)
     for text, what in ((args.location, "LOCATION"), (args.dest_vm, "the backup VM name")):
         if text is not None:
             check_text_arg(text, what)

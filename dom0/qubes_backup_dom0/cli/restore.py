@@ -18,6 +18,7 @@ from collections.abc import Callable
 from qubes_backup_protocol import names
 
 from qubes_backup_dom0.cli import qubes_tools, report, settings
+from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
@@ -55,7 +56,7 @@ UNSUPPORTED = {
 }
 
 
-def parser() -> ArgumentParser:
+def parser(repo: bool = False) -> ArgumentParser:
     p = ArgumentParser(
         prog="qvm-backup-restore",
         description="Restore VMs from a qubes-backup backup; every chunk is verified before it is decrypted. "
@@ -110,8 +111,9 @@ def parser() -> ArgumentParser:
     p.add_argument("-Z", "--compression-filter", metavar="PROG", help=argparse.SUPPRESS)
     p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
+    repo_cli.add_restore_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    p.add_argument("location", metavar="LOCATION",
+    p.add_argument("location", metavar="LOCATION", nargs="?" if repo else None,
                    help="backup file (in the backup VM with -d), s3://BUCKET/KEY, ssh://[USER@]HOST[:PORT]/FILE or "
                    "a command; a directory: its backups are listed (--latest: its newest is used)")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
@@ -156,8 +158,8 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 
 def main(argv: list[str] | None = None) -> int:
     guard_output()
-    p = parser()
     args_list = sys.argv[1:] if argv is None else argv
+    p = parser(repo=any(a == "--repo" or a.startswith("--repo=") for a in args_list))  # then no LOCATION
     if "--json" in args_list:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
@@ -216,6 +218,8 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.repo is not None:  # a repository of snapshots (cli/repo.py)
+        return repo_cli.run_restore(args, summary)
     _check_args(args)
     system = System.from_env()
     source_vm = check_source_vm(system, args.source_vm)

@@ -189,3 +189,30 @@ def decrypt(
 
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
+
+
+# -- the same primitives with explicit keys, for the repository format (docs/REPOSITORY.md section 3) --------
+
+def hkdf_sha256(master: bytes, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 (RFC 5869), 32 bytes: the subkeys of a repository."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(master)
+
+
+def hmac_sha256(key: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
+    """HMAC-SHA256 of the concatenation of ``parts`` (not copied together)."""
+    h = hmac.new(key, digestmod="sha256")
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def macs_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def aes_ctr(key: bytes, iv: bytes, data: bytes | bytearray | memoryview) -> bytes:
+    """AES-256-CTR of ``data`` with the full 16-byte initial counter ``iv`` (encrypts and decrypts)."""
+    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    out = ctx.update(data)
+    ctx.finalize()
+    return out

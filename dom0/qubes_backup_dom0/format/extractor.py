@@ -251,3 +251,6 @@ class _Filesystem:
     def _parent(self, path: str) -> tuple[int, str]:
         d, _, b = path.rpartition("/")
         return self._walk(d, create=True), b
+
+
+Filesystem = _Filesystem  # also driven entry by entry (a repository snapshot's dom0 home: restore/repository.py)

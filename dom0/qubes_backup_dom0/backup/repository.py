@@ -1,0 +1,398 @@
+"""A backup into a repository (docs/REPOSITORY.md section 7): a complete snapshot that sends only what the
+repository does not hold yet, as far as dom0 verified.
+
+The plan is ``backup.plan``'s (VMs in restore order, each volume's committed state opened and scanned for
+holes and zero runs, held until it is read).  Then, with the repository's session open:
+
+1. the newest root is fetched and verified, and checked against dom0's record (repostate) or ``--expect-root``:
+   a repository behind dom0's record, a fork or another repository at the same place is refused;
+2. its file lists are fetched and, for each file backed up again, that file's map segments: the data ids in
+   them are what dom0 may reference without sending (dom0 dedups only against what it verified);
+3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
+   stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
+   encrypted and MACed into an object (threads); segments, file lists and the qubes.xml subset likewise;
+4. the new root (sequence number + 1, the parent's history + the parent) goes last; COMMIT; the agent makes
+   the objects durable before it links the root; dom0 records the new head.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from qubes_backup_protocol import repo as names
+
+from qubes_backup_dom0.backup.plan import BackupPlan, PlannedArchive, attached_volumes
+from qubes_backup_dom0.backup.targets import AgentTarget, check_location
+from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
+from qubes_backup_dom0.format import crypto, repo, repotree
+from qubes_backup_dom0.format.header import DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, now_utc
+from qubes_backup_dom0.format.outer import OuterWriter
+from qubes_backup_dom0.format.tarwriter import InnerFile
+from qubes_backup_dom0.qubes import repostate
+from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, check_head
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import Transport, make_transport
+
+ProgressCallback = Callable[[int, int], None]
+_ZEROS = bytes(repo.BLOCK_MAX)
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    block_size: int = repo.DEFAULT_BLOCK_SIZE  # used when the repository is created
+    compression: str = "zstd"  # idem
+    kdf_n: int = DEFAULT_KDF_N
+    kdf_r: int = DEFAULT_KDF_R
+    kdf_p: int = DEFAULT_KDF_P
+    workers: int = max(2, min(os.cpu_count() or 1, 8))
+    expect_root: str | None = None  # the newest root must be this one or descend from it (a fresh dom0)
+
+
+@dataclass
+class RepoBackupResult:
+    """dom0's own account of a snapshot it wrote."""
+
+    repo_id: str
+    seq: int
+    root: str
+    created: str
+    location: str
+    archives: int
+    changed: list[str]  # the VMs (dom0: its home) whose data or files changed since the parent snapshot
+    stored: int  # bytes of objects sent
+    objects: int
+    blocks: int  # data blocks sent
+    new_repository: bool
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+class _RepoTarget(AgentTarget):
+    """The tar of a backup, as DATA frames on the session's channel (AgentTarget's bounded writing); the
+    agent's DONE must name the root dom0 sent."""
+
+    def __init__(self, session: RepoSession) -> None:
+        self.vm = session.vm
+        self.location = session.location
+        self.name = ""
+        self.sent = 0
+        self._pending = bytearray()
+        self.channel = session.channel
+
+    def _result(self, done: bytes | memoryview) -> str:
+        if bytes(done) != self.name.encode():
+            raise BackupError(f"backup VM {self.vm} did not confirm the snapshot dom0 sent ({self.name})")
+        return self.name
+
+
+def _zero(buf: bytearray) -> bool:
+    return buf == memoryview(_ZEROS)[: len(buf)]
+
+
+def _reader(f: InnerFile) -> tuple[Callable[[int, memoryview], None], Callable[[], None]]:
+    """(read into a view at an offset, close) for the file's source: content, an attached fd, or a path."""
+    what = f.label or f.path
+    if f.content is not None:
+        content = f.content
+
+        def from_content(off: int, view: memoryview) -> None:
+            view[:] = content[off : off + len(view)]
+
+        return from_content, lambda: None
+    fd, own = f.fd, False
+    if fd is None:
+        if f.source is None:
+            raise BackupError(f"internal error: {what} has no source attached")
+        try:
+            fd = os.open(f.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackupError(f"cannot read {f.source}: {e.strerror}") from None
+        own = True
+        if os.fstat(fd).st_size != f.size:
+            os.close(fd)
+            raise BackupError(f"{f.source} changed during the backup (its size)")
+    source_fd = fd
+
+    def from_fd(off: int, view: memoryview) -> None:
+        while len(view):
+            try:
+                got = os.preadv(source_fd, [view], off)
+            except OSError as e:
+                raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+            if got <= 0:
+                raise BackupError(f"cannot read {what}: short read at offset {off} (did it change?)")
+            view, off = view[got:], off + got
+
+    return from_fd, (lambda: os.close(source_fd)) if own else (lambda: None)
+
+
+def file_blocks(f: InnerFile, block_size: int) -> Iterator[tuple[int, bytearray, int]]:
+    """(block number, content, data bytes read) of each block of ``f`` that its data regions touch, in order;
+    the rest of a block (holes, zero runs the scan found) is zeros.  Blocks no region touches are holes."""
+    read, close = _reader(f)
+    try:
+        index, buf, nread = -1, bytearray(), 0
+        for off, length in f.regions:
+            pos, end = off, off + length
+            while pos < end:
+                at = pos // block_size
+                if at != index:
+                    if index >= 0:
+                        yield index, buf, nread
+                    index, nread = at, 0
+                    buf = bytearray(min(block_size, f.size - at * block_size))
+                stop = min(end, (at + 1) * block_size)
+                read(pos, memoryview(buf)[pos - at * block_size : stop - at * block_size])
+                nread += stop - pos
+                pos = stop
+        if index >= 0:
+            yield index, buf, nread
+    finally:
+        close()
+
+
+class RepoBackup:
+    """One backup into a repository: ``connect()`` (before the passphrase: is it a new repository?), ``run()``,
+    ``close()``."""
+
+    def __init__(self, system: System, plan: BackupPlan, dest_vm: str, location: str,
+                 options: RepoOptions = RepoOptions(),
+                 transport: Transport | None = None, progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+        check_location(location)
+        self.system = system
+        self.plan = plan
+        self.vm = dest_vm
+        self.location = location
+        self.options = options
+        self.transport = transport
+        self.progress = progress
+        self.cancel = cancel or threading.Event()
+        self.session: RepoSession | None = None
+        self.header: repo.RepoHeader | None = None
+        self.raw_header: bytes | None = None
+        self.header_mac: bytes | None = None
+        self.roots: list[str] = []
+        self._sent: set[str] = set()
+        self._known: set[str] = set()
+        self._stored = self._objects = self._blocks = self._done = 0
+        self._tar: OuterWriter | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.vm}:{self.location}"
+
+    @property
+    def creating(self) -> bool:
+        return self.raw_header is None
+
+    def connect(self) -> bool:
+        """Open the session (the agent takes the repository's lock); True if the repository is new."""
+        self.session = RepoSession(self.transport or make_transport(self.system), "qubes.Backup", self.vm,
+                                   self.location)  # fmt: skip
+        opening = self.session.read_opening()
+        if opening.header is None:
+            if opening.roots:
+                raise VerificationError(f"repository {self.where} has snapshots but no header (damaged)")
+        else:
+            self.header = repo.parse_header(opening.header)
+            self.raw_header, self.header_mac = opening.header, opening.header_mac
+        self.roots = opening.roots
+        return self.creating
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+    # -- the run -------------------------------------------------------------------------------------
+
+    def _keys(self, passphrase: bytes) -> repo.RepoKeys:
+        if self.header is None:
+            o = self.options
+            if o.compression not in repo.COMPRESSIONS:
+                raise UsageError(f"unknown compression for a repository: {o.compression}")
+            self.header = repo.RepoHeader(crypto.random_bytes(16), now_utc(),
+                                          crypto.KdfParams(crypto.random_bytes(16), o.kdf_n, o.kdf_r, o.kdf_p),
+                                          o.compression, o.block_size)  # fmt: skip
+            self._new_header = self.header.render()
+            keys = repo.keys_from_passphrase(passphrase, self.header)
+            self._new_mac = repo.header_mac(keys, self._new_header)
+            return keys
+        keys = repo.keys_from_passphrase(passphrase, self.header)
+        assert self.raw_header is not None and self.header_mac is not None
+        if not repo.verify_header(keys, self.raw_header, self.header_mac):
+            raise VerificationError(f"wrong passphrase, or the header of repository {self.where} was tampered with")
+        return keys
+
+    def run(self, passphrase: bytes) -> RepoBackupResult:
+        assert self.session is not None
+        if not passphrase:
+            raise UsageError("the passphrase is empty")
+        started = time.time()
+        keys = self._keys(passphrase)
+        header = self.header
+        assert header is not None
+        repo_id = header.repo_id_hex
+        others = [r for r in repostate.owners(self.system, self.where) if r != repo_id]
+        if others:
+            raise VerificationError(
+                f"{self.where} held repository {others[0]}, now it holds {repo_id}: refusing it (if you replaced "
+                f"it on purpose, remove {repostate.STATE_DIR}/{others[0]}.json)"
+            )
+        state = repostate.load(self.system, repo_id)
+        repostate.check_writable(self.system)
+        reader = RepoReader(self.session, header, keys, self.cancel.is_set)
+        target = _RepoTarget(self.session)
+        try:
+            result = self._write(reader, keys, header, state, target)
+        except BaseException:
+            target.abort()
+            raise
+        finally:
+            reader.close()
+        repostate.save(self.system, repostate.RepoState(
+            repo_id, result.seq, result.root, result.created, [*(state.locations if state else []), self.where]))
+        result.warnings += self.plan.record_backup_timestamps(int(started))
+        return result
+
+    def _write(self, reader: RepoReader, keys: repo.RepoKeys, header: repo.RepoHeader,
+               state: repostate.RepoState | None, target: _RepoTarget) -> RepoBackupResult:  # fmt: skip
+        notes: list[str] = []
+        parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
+        created = now_utc()
+        bs = header.block_size
+        parent_files: dict[tuple[str, str], repotree.TreeFile] = {}
+        parent_trees: dict[str, str] = {}
+        if parent is not None:
+            _pid, proot = parent
+            trees = reader.trees([a.tree for a in proot.archives])
+            for pa in proot.archives:
+                parent_trees[pa.vm] = pa.tree
+                for f in trees[pa.tree].files:
+                    parent_files[(pa.vm, f.path)] = f
+                    self._known.update(sid for _, sid in f.segments)
+            self._known.update(trees)
+            self._known.add(proot.qubes)
+        self._tar = OuterWriter(target)
+        if self.creating:
+            self._tar.add(names.HEADER, self._new_header)
+            self._tar.add(names.HEADER_MAC, self._new_mac)
+        archives: list[repotree.RootArchive] = []
+        changed: list[str] = []
+        with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="repo-seal") as pool:
+            for a in self.plan.archives:
+                tid = self._archive(a, reader, keys, bs, parent_files, pool)
+                archives.append(repotree.RootArchive(a.member, a.kind, a.vm, tid, created))
+                if parent_trees.get(a.vm) != tid:
+                    changed.append(a.vm)
+        qubes = self.plan.manifest(header.repo_id_hex, created).qubes
+        xid = self._emit(keys, repo.QUBES, qubes, ())
+        history: list[repotree.HistoryEntry] = []
+        seq = 1
+        if parent is not None:
+            pid, proot = parent
+            history, seq = [*proot.history, proot.entry(pid)], proot.seq + 1
+        root = repotree.Root(header.repo_id_hex, seq, created, bs, xid, archives, history)
+        rid, robj = repo.seal(keys, repo.ROOT, root.render(), root.refs(), self._compress(header))
+        name = names.root_name(seq, created)
+        self._tar.add(name, robj)
+        self._stored += len(robj)
+        self._objects += 1
+        self._tar.close()
+        target.name = name
+        target.commit()
+        return RepoBackupResult(header.repo_id_hex, seq, rid, created, self.where, len(archives), changed,
+                                self._stored, self._objects, self._blocks, self.creating, notes)  # fmt: skip
+
+    @staticmethod
+    def _compress(header: repo.RepoHeader) -> bool:
+        return header.compression == "zstd"
+
+    def _emit(self, keys: repo.RepoKeys, otype: str, plaintext: bytes, refs: list[str] | tuple[()],
+              oid: str | None = None, sealed: bytes | None = None) -> str:  # fmt: skip
+        """Send an object unless the parent snapshot or this run has it; returns its id."""
+        assert self.header is not None and self._tar is not None
+        oid = oid or repo.object_id(keys, otype, plaintext)
+        if oid in self._known or oid in self._sent:
+            return oid
+        if sealed is None:
+            _, sealed = repo.seal(keys, otype, plaintext, refs, self._compress(self.header), oid)
+        self._tar.add(oid, sealed)
+        self._sent.add(oid)
+        self._stored += len(sealed)
+        self._objects += 1
+        return oid
+
+    def _archive(self, a: PlannedArchive, reader: RepoReader, keys: repo.RepoKeys, bs: int,
+                 parent_files: dict[tuple[str, str], repotree.TreeFile], pool: ThreadPoolExecutor) -> str:  # fmt: skip
+        tree = repotree.Tree()
+        with attached_volumes(self.system, a):
+            for f in a.files:
+                mtime = f.mtime if a.kind == "home" else 0  # a VM's files: their content is what counts
+                if f.type != "file":
+                    tree.files.append(repotree.TreeFile(f.path, f.type, 0, 0, f.mode, mtime, f.link))
+                    continue
+                parent = parent_files.get((a.vm, f.path))
+                known: set[str] = set()
+                if parent is not None and parent.segments:
+                    for seg in reader.segments([sid for _, sid in parent.segments]):
+                        known.update(did for _, did in seg.blocks)
+                segments, stored = self._file(f, keys, bs, known, pool)
+                tree.files.append(repotree.TreeFile(f.path, "file", f.size, stored, f.mode, mtime, None, segments))
+        return self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
+
+    def _seal_block(self, keys: repo.RepoKeys, buf: bytearray,
+                    known: set[str]) -> tuple[str | None, bytes | None]:  # fmt: skip
+        """On a worker: (id, object or None when it need not be sent), (None, None) for an all-zero block."""
+        if _zero(buf):
+            return None, None
+        oid = repo.object_id(keys, repo.DATA, buf)
+        if oid in known or oid in self._sent:
+            return oid, None
+        assert self.header is not None
+        return repo.seal(keys, repo.DATA, buf, (), self._compress(self.header), oid)
+
+    def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str],
+              pool: ThreadPoolExecutor) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
+        """Blocks of one file into objects; returns its segments and the bytes of its stored blocks."""
+        entries: list[tuple[int, str]] = []
+        stored = 0
+        inflight: deque[tuple[int, int, Future[tuple[str | None, bytes | None]]]] = deque()
+        depth = 2 * self.options.workers + 2
+
+        def collect() -> None:
+            nonlocal stored
+            index, length, fut = inflight.popleft()
+            oid, sealed = fut.result()
+            if oid is None:  # all zeros: a hole
+                return
+            entries.append((index, oid))
+            stored += length
+            if sealed is not None and oid not in self._sent:  # else: the parent's map or this run has it
+                self._blocks += 1
+                self._emit(keys, repo.DATA, b"", (), oid, sealed)
+
+        for index, buf, nread in file_blocks(f, bs):
+            if self.cancel.is_set():
+                raise Cancelled("backup cancelled")
+            inflight.append((index, len(buf), pool.submit(self._seal_block, keys, buf, known)))
+            while len(inflight) > depth:
+                collect()
+            self._done += nread
+            if self.progress is not None:
+                self.progress(min(self._done, self.plan.data), self.plan.data)
+        while inflight:
+            collect()
+        segments = []
+        span = repo.SEGMENT_BLOCKS
+        for n, group in itertools.groupby(entries, key=lambda e: e[0] // span):
+            seg = repotree.Segment([(i % span, oid) for i, oid in group])
+            segments.append((n, self._emit(keys, repo.SEGMENT, seg.render(), seg.refs())))
+        return segments, stored

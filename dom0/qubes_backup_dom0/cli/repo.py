@@ -1,0 +1,283 @@
+"""``--repo``: qvm-backup and qvm-backup-restore on a repository of snapshots (docs/REPOSITORY.md).
+
+    qvm-backup -d VM --repo DIR [VM...]                       a snapshot (the first one creates the repository)
+    qvm-backup-restore -d VM --repo DIR [--snapshot N] [VM...]  restore it (the newest by default)
+    qvm-backup-restore -d VM --repo DIR --list-snapshots [--json]
+    qvm-backup-restore -d VM --repo DIR --verify-only [--snapshot N]
+
+The options are added to the commands' parsers here and each command hands over to this module when
+``--repo`` is given; the restore semantics (plan table, conflicts, rename, rollback) are the same as for a
+backup file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from qubes_backup_dom0.backup.plan import BackupPlan, plan_backup
+from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from qubes_backup_dom0.cli import report, settings
+from qubes_backup_dom0.cli.common import (
+    ArgumentParser,
+    check_text_arg,
+    confirm,
+    emit_json,
+    human,
+    raise_interrupt,
+    table,
+    warn,
+)
+from qubes_backup_dom0.cli.passphrase import read_passphrase
+from qubes_backup_dom0.cli.profile import resolve
+from qubes_backup_dom0.cli.progress import Progress
+from qubes_backup_dom0.errors import BackupError, UsageError
+from qubes_backup_dom0.format import repo
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import stall_timeout
+from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan
+from qubes_backup_dom0.restore.repository import RepoRestore
+
+Log = Callable[..., None]
+
+
+def root_id_arg(value: str) -> str:
+    if re.fullmatch(r"[0-9a-fA-F]{64}", value) is None:
+        raise argparse.ArgumentTypeError("a snapshot root id is 64 hexadecimal digits, as qvm-backup printed it")
+    return value.lower()
+
+
+def block_size_arg(value: str) -> int:
+    m = re.fullmatch(r"([1-9][0-9]*)([KM]?)", value)
+    size = int(m.group(1)) << {"": 0, "K": 10, "M": 20}[m.group(2)] if m else 0
+    if not repo.BLOCK_MIN <= size <= repo.BLOCK_MAX or size & (size - 1):
+        raise argparse.ArgumentTypeError("a power of two from 64K to 4M")
+    return size
+
+
+def add_common(p: ArgumentParser) -> None:
+    p.add_argument("--repo", metavar="DIR",
+                   help="a repository of snapshots: a directory in the backup VM (-d); only what changed is stored")
+    p.add_argument("--expect-root", metavar="ID", type=root_id_arg,
+                   help="with --repo: the newest snapshot must be this root or a later one that records it (use "
+                   "on a dom0 that has no record of the repository yet)")  # fmt: skip
+
+
+def add_backup_options(p: ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--block-size", type=block_size_arg, default=repo.DEFAULT_BLOCK_SIZE, metavar="SIZE",
+                   help="with --repo, when it creates the repository: its block size (default 256K)")
+
+
+def add_restore_options(p: ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--snapshot", type=int, metavar="N", help="with --repo: restore snapshot N (default: the newest)")
+    p.add_argument("--list-snapshots", action="store_true",
+                   help="with --repo: list the repository's snapshots (authenticated: needs the passphrase)")
+
+
+def _positional_vms(args: argparse.Namespace) -> list[str]:
+    """With --repo there is no LOCATION: every positional argument is a VM."""
+    return ([args.location] if args.location else []) + list(args.vms)
+
+
+def _source_vm(system: System, vm: str | None) -> str:
+    if vm is None or vm == "dom0":
+        raise UsageError("--repo needs the backup VM holding the repository (-d VM); repositories in dom0 are not "
+                         "supported yet")  # fmt: skip
+    check_text_arg(vm, "the backup VM name")
+    if vm not in Qubes(system).vm_list():
+        raise UsageError(f"no such VM: {vm} (the backup VM given with -d)")
+    return vm
+
+
+# ------------------------------------------------------------------------------------------------ backup
+
+def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], str]) -> int:
+    """``summary``: qvm-backup's table of what will be backed up (cli/backup.py)."""
+    given = [opt for opt, on in (("--profile", args.profile), ("--save-profile", args.save_profile),
+                                 ("--chunk-size", args.chunk_size)) if on]  # fmt: skip
+    if given:
+        raise UsageError(f"{given[0]} cannot be used with --repo (not supported yet)")
+    check_text_arg(args.repo, "the repository")
+    stall_timeout()
+    system = System.from_env()
+    vm = _source_vm(system, args.dest_vm)
+    compression = args.compress_filter or ("none" if args.no_compress else "zstd")
+    if compression not in repo.COMPRESSIONS:
+        raise UsageError(f"a repository is compressed with zstd or not at all, not {compression}")
+    options = RepoOptions(block_size=args.block_size, compression=compression, kdf_n=args.kdf_n,
+                          expect_root=args.expect_root)  # fmt: skip
+    qubes = Qubes(system)
+    vms = resolve(qubes, _positional_vms(args))
+    if _positional_vms(args) and not vms:
+        raise UsageError("nothing to back up: the VMs to include match no VM")
+    plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes)
+    try:
+        return _backup(args, system, plan, vm, options, summary)
+    finally:
+        plan.close()
+
+
+def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions,
+            summary: Callable[[BackupPlan, bool], str]) -> int:  # fmt: skip
+    log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    log(summary(plan, args.verbose))
+    if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
+        warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
+             "down")  # fmt: skip
+    if not confirm("Do you want to proceed with the backup?", args.yes):
+        print("Backup cancelled.", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
+    job = RepoBackup(system, plan, vm, args.repo, options, progress=bar)
+    start = time.monotonic()
+    try:
+        creating = job.connect()
+        if creating:
+            log(f"Creating a new repository in {vm}:{args.repo}")
+        passphrase = read_passphrase(args.passphrase_file, confirm=creating, system_path=system.dom0_path)
+        start = time.monotonic()
+        result = job.run(passphrase)
+    finally:
+        bar.close()
+        job.close()
+    elapsed = time.monotonic() - start
+    for note in result.notes:
+        log(f"note: {note}")
+    for warning in result.warnings:
+        warn(warning)
+    if args.json:
+        emit_json(backup_document(result, elapsed))
+        return 0
+    print(result_line(result, elapsed))
+    return 0
+
+
+def result_line(r: RepoBackupResult, elapsed: float) -> str:
+    """dom0's own account, always printed: the root id is what ``--expect-root`` pins."""
+    vms = len(r.changed)
+    return (f"Snapshot {r.seq} of repository {r.repo_id}: {vms} VM{'' if vms == 1 else 's'} changed, "
+            f"{r.stored / (1 << 20):.1f} MiB stored, {elapsed:.1f} s; root {r.root}")  # fmt: skip
+
+
+def backup_document(r: RepoBackupResult, elapsed: float) -> dict[str, Any]:
+    return {"version": report.JSON_VERSION, "command": "backup", "ok": True, "repository": r.repo_id,
+            "location": r.location, "snapshot": r.seq, "root": r.root, "created": r.created,
+            "new_repository": r.new_repository, "archives": r.archives, "changed": r.changed,
+            "stored_bytes": r.stored, "objects": r.objects, "data_blocks": r.blocks,
+            "seconds": round(elapsed, 3), "notes": r.notes, "warnings": r.warnings}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- restore
+
+def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool], str]) -> int:
+    """``summary``: qvm-backup-restore's plan table (cli/restore.py)."""
+    if args.list or args.list_backups:
+        raise UsageError("--list and --list-backups do not apply to --repo: use --list-snapshots")
+    if args.backup_id:
+        raise UsageError("--backup-id does not apply to --repo: use --snapshot N and --expect-root ID")
+    check_text_arg(args.repo, "the repository")
+    if args.snapshot is not None and args.snapshot < 1:
+        raise UsageError("--snapshot counts from 1")
+    stall_timeout()
+    system = System.from_env()
+    vm = _source_vm(system, args.source_vm)
+    vms = _positional_vms(args)
+    options = RestoreOptions(
+        vms=tuple(vms), exclude=tuple(args.exclude), verify_only=args.verify_only or args.list_snapshots,
+        skip_broken=args.skip_broken, ignore_missing=args.ignore_missing, skip_conflicting=args.skip_conflicting,
+        rename_conflicting=args.rename_conflicting, skip_dom0_home=args.skip_dom0_home,
+        ignore_username_mismatch=args.ignore_username_mismatch, restore_devices=args.restore_devices,
+        restore_risky_settings=args.restore_risky_settings,
+    )  # fmt: skip
+    log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    job = RepoRestore(system, args.repo, vm, options=options, snapshot=args.snapshot, expect_root=args.expect_root)
+    try:
+        job.connect()
+        job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
+        job.open()
+        for note in job.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if args.list_snapshots:
+            return _list(args, job)
+        return _restore(args, job, log, summary)
+    finally:
+        job.close()
+
+
+def _which(job: RepoRestore) -> str:
+    assert job.chosen is not None and job.header is not None
+    root = job.chosen.root
+    repo_id, root_id = job.header.repo_id_hex, job.chosen.root_id
+    return f"snapshot {root.seq} of repository {repo_id} (created {root.created}, root {root_id})"
+
+
+def _list(args: argparse.Namespace, job: RepoRestore) -> int:
+    snaps = job.snapshots()
+    assert job.header is not None and job.chosen is not None
+    if args.json:
+        emit_json({"version": report.JSON_VERSION, "command": "list-snapshots", "ok": True,
+                   "repository": job.header.repo_id_hex, "location": job.where,
+                   "snapshots": [{"snapshot": s.seq, "created": s.created, "root": s.root, "present": s.present}
+                                 for s in snaps]})  # fmt: skip
+        return 0
+    head = job.chosen.head
+    print(f"Repository {job.header.repo_id_hex} in {job.where}: {sum(s.present for s in snaps)} of {len(snaps)} "
+          f"snapshots present; the newest ({head.seq}) holds {', '.join(a.vm for a in head.archives)}")  # fmt: skip
+    print(table(["snapshot", "created", "root", "state"],
+                [[str(s.seq), s.created, s.root, "present" if s.present else "pruned"] for s in snaps]))  # fmt: skip
+    return 0
+
+
+def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
+             summary: Callable[[RestorePlan, bool], str]) -> int:  # fmt: skip
+    plan = job.plan()
+    log(f"{_which(job)[0].upper()}{_which(job)[1:]}")
+    log(summary(plan, args.verbose).split("\n", 1)[1])
+    for line in [*settings.plan_lines(plan), *settings.leftover_lines(job.leftovers)]:
+        log(line)
+    if plan.errors:
+        raise BackupError(plan.errors[0])
+    verb = "verify" if args.verify_only else "restore"
+    unattended = args.yes or args.passphrase_file is not None
+    if not confirm(f"Do you want to {verb} the VMs above?", unattended):
+        log("Restore cancelled.")
+        return 0
+    if not unattended:  # as for a backup file: settings that grant power are the user's to choose
+        settings.ask(plan)
+    dropped = settings.dropped_lines(plan)
+    bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
+    job.progress = bar
+    start = time.monotonic()
+    try:
+        job.run()
+    finally:
+        bar.close()
+    elapsed = max(time.monotonic() - start, 1e-9)
+    for line in job.cleaned:
+        log(line)
+    for warning in dropped + job.warnings:
+        warn(warning)
+    rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
+    if args.json:
+        emit_json({"version": report.JSON_VERSION, "command": verb, "ok": True, "snapshot": job.chosen.root.seq
+                   if job.chosen else None, "root": job.chosen.root_id if job.chosen else None,
+                   "restored": job.restored, "data_bytes": plan.data, "seconds": round(elapsed, 3)})  # fmt: skip
+        return 0
+    if args.verify_only:
+        print(f"Verified {_which(job)}: {report.what(plan.wanted)}, {rate}; nothing was written")
+    else:
+        done = ", ".join(job.restored) if job.restored else "nothing"
+        print(f"Restored {done} from {_which(job)}; {rate}")
+        if job.home_restored_to is not None:
+            print(f"dom0 home restored to {job.home_restored_to}")
+    return 0

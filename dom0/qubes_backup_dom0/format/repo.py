@@ -1,0 +1,306 @@
+"""The repository format: header, keys and objects (docs/REPOSITORY.md sections 2-5).
+
+A repository holds complete snapshots that share what did not change.  Everything in it but the header is an
+*object*: one file, named by its keyed id, that says in clear what it is and which objects it references (the
+backup VM's keyless prune needs that), then its content encrypted, then a MAC over all of it::
+
+    qbr1 T C <64 hex id> NNNNNNNN\\n       83 bytes: type, compression, id, number of references
+    <64 hex>\\n  x N                        the references, ascending
+    IV (16) || AES-256-CTR(enc_key, IV, BODY)
+    <64 hex>\\n                             HMAC-SHA256(mac_key, everything above)
+
+``id = HMAC-SHA256(id_key, T || plaintext)``: the backup VM can neither read a block nor test a guess of
+it.  ``open_object`` is the only way into an object: MAC first (bound to this repository by its keys), then
+the clear header (type and id as asked for), then decryption, bounded decompression and the id recomputed
+from the plaintext.  Nothing else of the object is looked at before.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import zstandard
+
+from qubes_backup_dom0.errors import VerificationError
+from qubes_backup_dom0.format import crypto
+from qubes_backup_dom0.format.chunking import ZSTD_LEVEL
+from qubes_backup_dom0.format.header import check_kdf
+
+FORMAT_NAME = "qubes-backup-repository"
+VERSION = 1
+MAX_HEADER_SIZE = 4096
+COMPRESSIONS = ("zstd", "none")
+DEFAULT_BLOCK_SIZE = 256 << 10
+BLOCK_MIN, BLOCK_MAX = 64 << 10, 4 << 20
+SEGMENT_BLOCKS = 4096  # blocks per map segment: 1 GiB of a volume at the default block size
+
+ROOT, TREE, SEGMENT, DATA, QUBES = "r", "t", "s", "d", "x"
+TYPES = (ROOT, TREE, SEGMENT, DATA, QUBES)
+TYPE_NAMES = {ROOT: "snapshot root", TREE: "file list", SEGMENT: "map segment", DATA: "data block",
+              QUBES: "qubes.xml"}  # fmt: skip
+#: plaintext bounds per type (data blocks: the repository's block size)
+MAX_PLAIN = {ROOT: 16 << 20, TREE: 16 << 20, SEGMENT: 1 << 20, QUBES: 16 << 20}
+#: reference bounds per type
+MAX_REFS = {ROOT: 10_001, TREE: 262_144, SEGMENT: SEGMENT_BLOCKS, DATA: 0, QUBES: 0}
+
+MAGIC = b"qbr1"
+HEAD_LEN = 83
+REF_LEN = 65
+MAC_LEN = 65  # 64 hex digits and "\n"
+IV_LEN = crypto.IV_SIZE
+PAD_ALIGN = 4096  # a compressed object's file is padded to a multiple of this
+SKIPPABLE = 0x184D2A50  # zstd skippable frame magic: the padding
+_HEAD_RE = re.compile(rb"qbr1 ([rtsdx]) ([zn]) ([0-9a-f]{64}) ([0-9]{8})\n")
+_REF_RE = re.compile(rb"[0-9a-f]{64}\n")
+
+INFO_ENCRYPT = b"qubes-backup-repo-v1/encrypt"
+INFO_MAC = b"qubes-backup-repo-v1/mac"
+INFO_ID = b"qubes-backup-repo-v1/id"
+
+
+# ------------------------------------------------------------------------------------------------- header
+
+_KEYS = ("format", "version", "repo-id", "created", "kdf", "kdf-salt", "kdf-n", "kdf-r", "kdf-p", "cipher",
+         "mac", "id", "compression", "block-size")  # fmt: skip
+_INT = r"[1-9][0-9]{0,11}"
+_VALUE_RE = {
+    "format": re.escape(FORMAT_NAME), "version": str(VERSION), "repo-id": r"[0-9a-f]{32}",
+    "created": r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z", "kdf": "scrypt",
+    "kdf-salt": r"[0-9a-f]{32}", "kdf-n": _INT, "kdf-r": _INT, "kdf-p": _INT, "cipher": "aes-256-ctr",
+    "mac": "hmac-sha256", "id": "hmac-sha256", "compression": "zstd|none", "block-size": _INT,
+}  # fmt: skip
+_LINE_RE = re.compile(rb"([a-z-]{1,16})=([ -~]{1,64})")
+
+
+@dataclass(frozen=True)
+class RepoHeader:
+    repo_id: bytes
+    created: str
+    kdf: crypto.KdfParams
+    compression: str
+    block_size: int
+
+    @property
+    def repo_id_hex(self) -> str:
+        return self.repo_id.hex()
+
+    def render(self) -> bytes:
+        values = {
+            "format": FORMAT_NAME, "version": str(VERSION), "repo-id": self.repo_id.hex(), "created": self.created,
+            "kdf": "scrypt", "kdf-salt": self.kdf.salt.hex(), "kdf-n": str(self.kdf.n), "kdf-r": str(self.kdf.r),
+            "kdf-p": str(self.kdf.p), "cipher": "aes-256-ctr", "mac": "hmac-sha256", "id": "hmac-sha256",
+            "compression": self.compression, "block-size": str(self.block_size),
+        }  # fmt: skip
+        data = "".join(f"{k}={values[k]}\n" for k in _KEYS).encode("ascii")
+        parse_header(data)  # never write what a reader refuses
+        return data
+
+
+def check_block_size(size: int) -> None:
+    if not BLOCK_MIN <= size <= BLOCK_MAX or size & (size - 1):
+        raise VerificationError(f"repository header asks for block size {size}: allowed powers of two from "
+                                "64 KiB to 4 MiB")  # fmt: skip
+
+
+def parse_header(data: bytes) -> RepoHeader:
+    """Strictly parse the (unauthenticated) repository header and check its ceilings, before any KDF runs."""
+    bad = "the repository header is malformed (not a qubes-backup repository, or damaged)"
+    if len(data) > MAX_HEADER_SIZE or not data.endswith(b"\n"):
+        raise VerificationError(bad)
+    lines = data[:-1].split(b"\n")
+    if len(lines) != len(_KEYS):
+        raise VerificationError(bad)
+    values: dict[str, str] = {}
+    for key, line in zip(_KEYS, lines, strict=True):
+        m = _LINE_RE.fullmatch(line)
+        if m is None or m.group(1).decode() != key or re.fullmatch(_VALUE_RE[key], m.group(2).decode()) is None:
+            raise VerificationError(f"{bad}: line {key}")
+        values[key] = m.group(2).decode("ascii")
+    n, r, p = int(values["kdf-n"]), int(values["kdf-r"]), int(values["kdf-p"])
+    check_kdf(n, r, p)
+    block_size = int(values["block-size"])
+    check_block_size(block_size)
+    check_time(values["created"], bad)
+    return RepoHeader(bytes.fromhex(values["repo-id"]), values["created"],
+                      crypto.KdfParams(bytes.fromhex(values["kdf-salt"]), n, r, p), values["compression"],
+                      block_size)  # fmt: skip
+
+
+def check_time(value: str, what: str) -> None:
+    try:
+        datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise VerificationError(f"{what}: bad time {value[:32]!r}") from None
+
+
+# --------------------------------------------------------------------------------------------------- keys
+
+@dataclass(frozen=True)
+class RepoKeys:
+    """The three subkeys of a repository; every snapshot of it uses them."""
+
+    enc_key: bytes
+    mac_key: bytes
+    id_key: bytes
+    repo_id: bytes
+
+
+def derive_keys(master: bytes, repo_id: bytes) -> RepoKeys:
+    return RepoKeys(crypto.hkdf_sha256(master, repo_id, INFO_ENCRYPT), crypto.hkdf_sha256(master, repo_id, INFO_MAC),
+                    crypto.hkdf_sha256(master, repo_id, INFO_ID), repo_id)  # fmt: skip
+
+
+def keys_from_passphrase(passphrase: bytes, header: RepoHeader) -> RepoKeys:
+    return derive_keys(crypto.derive_master(passphrase, header.kdf), header.repo_id)
+
+
+def _mac_line(key: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
+    return crypto.hmac_sha256(key, *parts).hex().encode() + b"\n"
+
+
+def header_mac(keys: RepoKeys, header: bytes) -> bytes:
+    """The content of ``repo-header.hmac``."""
+    return _mac_line(keys.mac_key, header)
+
+
+def verify_header(keys: RepoKeys, header: bytes, mac: bytes) -> bool:
+    return len(mac) == MAC_LEN and crypto.macs_equal(header_mac(keys, header), mac)
+
+
+# ------------------------------------------------------------------------------------------------ objects
+
+def object_id(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview) -> str:
+    """The keyed id of a plaintext of type ``otype``, as 64 hex digits."""
+    return crypto.hmac_sha256(keys.id_key, otype.encode("ascii"), plaintext).hex()
+
+
+def max_plain(otype: str, block_size: int) -> int:
+    return block_size if otype == DATA else MAX_PLAIN[otype]
+
+
+def max_object_size(otype: str, block_size: int) -> int:
+    """The largest file an object of this type can be: what dom0 allows a MEMBER frame to carry for it."""
+    return HEAD_LEN + REF_LEN * MAX_REFS[otype] + IV_LEN + max_plain(otype, block_size) + 2 * PAD_ALIGN + MAC_LEN
+
+
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None:
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
+    return cctx
+
+
+def _padding(n: int) -> bytes:
+    """A zstd skippable frame of ``n`` zero bytes (8 + n bytes): ``zstd -d`` skips it."""
+    return struct.pack("<II", SKIPPABLE, n) + bytes(n)
+
+
+def seal(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview, refs: Iterable[str] = (),
+         compress: bool = True, oid: str | None = None, iv: bytes | None = None) -> tuple[str, bytes]:  # fmt: skip
+    """(id, object file) of ``plaintext``; ``oid`` when the caller computed the id already; ``iv`` only for
+    test vectors (else a fresh random one)."""
+    oid = oid or object_id(keys, otype, plaintext)
+    ordered = sorted(set(refs))
+    if len(ordered) > MAX_REFS[otype]:
+        raise ValueError(f"too many references for a {TYPE_NAMES[otype]}: {len(ordered)}")
+    body: bytes | bytearray | memoryview = plaintext
+    comp = "n"
+    if compress and len(plaintext):
+        frame = _compressor().compress(plaintext)
+        base = HEAD_LEN + REF_LEN * len(ordered) + IV_LEN + len(frame) + 8 + MAC_LEN
+        pad = -base % PAD_ALIGN
+        if len(frame) + 8 + pad < len(plaintext):
+            body, comp = frame + _padding(pad), "z"
+    head = b"qbr1 %s %s %s %08d\n" % (otype.encode(), comp.encode(), oid.encode(), len(ordered))
+    iv = crypto.random_bytes(IV_LEN) if iv is None else iv
+    pre = b"".join([head, *(r.encode() + b"\n" for r in ordered), iv, crypto.aes_ctr(keys.enc_key, iv, body)])
+    return oid, pre + _mac_line(keys.mac_key, pre)
+
+
+@dataclass(frozen=True)
+class Opened:
+    id: str
+    type: str
+    refs: list[str]
+    plaintext: bytes
+
+
+def open_object(keys: RepoKeys, raw: bytes | bytearray | memoryview, otype: str, oid: str | None, block_size: int,
+                length: int | None = None) -> Opened:  # fmt: skip
+    """Verify and open an object that was asked for as type ``otype`` (and id ``oid``, when known; a root is
+    asked for by name).  ``length``: the exact plaintext length expected (data blocks).
+
+    Order: size bound, MAC (a wrong repository or any change fails here), the clear header against what was
+    asked, then decryption, decompression bounded by the expected length, and the id recomputed from the
+    plaintext.  Raises VerificationError (one line) on anything unexpected."""
+    view = memoryview(raw).cast("B")
+    what = f"{TYPE_NAMES[otype]} {oid[:16]}" if oid else TYPE_NAMES[otype]
+    if not HEAD_LEN + IV_LEN + MAC_LEN <= len(view) <= max_object_size(otype, block_size):
+        raise VerificationError(f"{what}: wrong size ({len(view)} bytes)")
+    body_end = len(view) - MAC_LEN
+    mac = bytes(view[body_end:])
+    if not crypto.macs_equal(_mac_line(keys.mac_key, view[:body_end]), mac):
+        raise VerificationError(f"{what} failed verification (tampered with, damaged or from another repository)")
+    # Authentic (written by a holder of this repository's keys); still checked as if hostile.
+    m = _HEAD_RE.fullmatch(bytes(view[:HEAD_LEN]))
+    if m is None:
+        raise VerificationError(f"{what}: malformed object header")
+    got_type, comp, got_id, nrefs = m.group(1).decode(), m.group(2).decode(), m.group(3).decode(), int(m.group(4))
+    if got_type != otype:
+        raise VerificationError(f"{what}: the backup VM sent a {TYPE_NAMES.get(got_type, '?')} instead")
+    if oid is not None and got_id != oid:
+        raise VerificationError(f"{what}: the backup VM sent another object ({got_id[:16]}) instead")
+    if nrefs > MAX_REFS[otype]:
+        raise VerificationError(f"{what}: too many references")
+    pos = HEAD_LEN
+    refs: list[str] = []
+    for _ in range(nrefs):
+        line = bytes(view[pos : pos + REF_LEN])
+        if _REF_RE.fullmatch(line) is None:
+            raise VerificationError(f"{what}: malformed reference list")
+        ref = line[:64].decode()
+        if refs and ref <= refs[-1]:
+            raise VerificationError(f"{what}: references out of order")
+        refs.append(ref)
+        pos += REF_LEN
+    if body_end - pos < IV_LEN:
+        raise VerificationError(f"{what}: truncated")
+    iv = bytes(view[pos : pos + IV_LEN])
+    body = crypto.aes_ctr(keys.enc_key, iv, view[pos + IV_LEN : body_end])
+    limit = max_plain(otype, block_size) if length is None else length
+    plain = body if comp == "n" else _decompress(body, limit, what)
+    if len(plain) > limit or (length is not None and len(plain) != length):
+        raise VerificationError(f"{what}: {len(plain)} bytes, expected {limit if length is None else length}")
+    if object_id(keys, otype, plain) != got_id:
+        raise VerificationError(f"{what}: content does not match its id")
+    return Opened(got_id, got_type, refs, plain)
+
+
+def _decompress(body: bytes, limit: int, what: str) -> bytes:
+    """One zstd frame that states its content size (at most ``limit``), optionally followed by one skippable
+    frame of zeros; the decompressor cannot produce more than the stated size."""
+    try:
+        size = zstandard.frame_content_size(body)
+    except zstandard.ZstdError:
+        size = -1
+    if not 0 < size <= limit:
+        raise VerificationError(f"{what}: compressed content of unknown or excessive size")
+    dobj = zstandard.ZstdDecompressor(max_window_size=max(limit, 1 << 10)).decompressobj()
+    try:
+        out = dobj.decompress(body)
+    except zstandard.ZstdError as e:
+        raise VerificationError(f"{what}: does not decompress ({e})") from None
+    rest = dobj.unused_data
+    if not dobj.eof or len(out) != size:
+        raise VerificationError(f"{what}: incomplete compressed content")
+    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8) or any(rest[8:])):
+        raise VerificationError(f"{what}: unexpected bytes after the compressed content")
+    return out

@@ -1,0 +1,263 @@
+"""Reading a repository in the backup VM (docs/REPOSITORY.md sections 8-9): the session, and snapshots opened
+object by object, each verified before it is used.
+
+``RepoSession`` is the frame layer of a repository session: the opening (header, its MAC, the list of roots;
+bounded, strictly checked names) and GET requests answered by MEMBER frames, bounded per request before
+anything is read.  ``RepoReader`` adds the keys: every object goes through ``repo.open_object`` (MAC, then
+type and id as asked, then decryption, bounded decompression, id recomputed), every body through the strict
+parsers of ``repotree`` (its clear references must be the ids it names).  Requests are pipelined (a window
+of GETs in flight) and objects opened on a thread pool, results in request order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.frames import MAX_ERROR_LEN, FrameType, ProtocolError, safe_text
+
+from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
+from qubes_backup_dom0.format import repo, repotree
+from qubes_backup_dom0.format.repo import RepoHeader, RepoKeys
+from qubes_backup_dom0.qubes.repostate import RepoState
+from qubes_backup_dom0.qubes.transport import Channel, Transport
+
+WINDOW = 64  # GET requests in flight (each answer is at most a few MiB; the requests fit a pipe buffer)
+
+
+@dataclass(frozen=True)
+class Opening:
+    """What the agent sends first: the header (unauthenticated) and its MAC, and the roots it holds."""
+
+    header: bytes | None
+    header_mac: bytes | None
+    roots: list[str]
+
+
+class RepoSession:
+    """A repository session with the agent: qubes.Backup (a backup) or qubes.Restore (restore, verify, list)."""
+
+    def __init__(self, transport: Transport, service: str, vm: str, location: str) -> None:
+        self.vm = vm
+        self.location = location
+        self.channel = Channel(transport.start(service, vm), vm=f"backup VM {vm}")
+        self.channel.send(FrameType.LOCATION, names.REQUEST, location.encode("utf-8"))
+        self.outstanding: deque[str] = deque()
+
+    def _recv(self, limits: dict[FrameType, tuple[int, int]], name_ok: Callable[[str], bool] | None,
+              what: str) -> tuple[FrameType, str, bytes]:  # fmt: skip
+        limits = {**limits, FrameType.ERROR: (0, MAX_ERROR_LEN)}
+        try:
+            frame = self.channel.recv(limits, name_ok)
+        except ProtocolError as e:
+            raise VerificationError(f"backup VM {self.vm} sent a malformed answer ({what}): {e}") from None
+        if frame is None:
+            raise VerificationError(f"backup VM {self.vm} stopped answering ({what}){self._said()}")
+        if frame.type == FrameType.ERROR:
+            raise BackupError(f"backup VM {self.vm} reports: {safe_text(frame.data)}")
+        return frame.type, frame.name, bytes(frame.data)
+
+    def _said(self) -> str:
+        tail = self.channel.stderr_tail()
+        return f" (agent said: {tail})" if tail else ""
+
+    def read_opening(self) -> Opening:
+        """Header and MAC (if the repository has them), ENTRY per root in ascending order, END."""
+        header = mac = None
+        roots: list[str] = []
+        limits = {FrameType.MEMBER: (64, repo.MAX_HEADER_SIZE), FrameType.ENTRY: (64, 0), FrameType.END: (0, 0)}
+        while True:
+            ftype, name, data = self._recv(limits, names.is_member_name, "opening the repository")
+            if ftype == FrameType.END:
+                break
+            if ftype == FrameType.MEMBER:
+                expected = names.HEADER if header is None else names.HEADER_MAC
+                if roots or mac is not None or name != expected:
+                    raise VerificationError(f"backup VM {self.vm} sent {safe_text(name)} out of place")
+                if header is None:
+                    header = data
+                else:
+                    mac = data
+                continue
+            if not names.is_root_name(name) or len(roots) >= names.MAX_ROOTS:
+                raise VerificationError(f"backup VM {self.vm} lists a bad or excess snapshot {safe_text(name)}")
+            if roots and names.root_seq(name) <= names.root_seq(roots[-1]):
+                raise VerificationError(f"backup VM {self.vm} lists snapshot {names.root_seq(name)} twice or out "
+                                        "of order")  # fmt: skip
+            roots.append(name)
+        if header is not None and mac is None:
+            raise VerificationError(f"backup VM {self.vm} sent the repository header without its MAC")
+        return Opening(header, mac, roots)
+
+    def request(self, name: str) -> None:
+        self.channel.send(FrameType.GET, name)
+        self.outstanding.append(name)
+
+    def receive(self, max_size: int) -> bytes:
+        """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read."""
+        name = self.outstanding.popleft()
+        limits = {FrameType.MEMBER: (64, max_size)}
+        try:
+            _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}")
+        except BackupError as e:
+            if isinstance(e, VerificationError):
+                raise
+            raise VerificationError(f"{e} (asked for {name[:40]})") from None
+        if got != name:
+            raise VerificationError(f"backup VM {self.vm} sent {safe_text(got)} when asked for {name[:40]}")
+        return data
+
+    def get(self, name: str, max_size: int) -> bytes:
+        self.request(name)
+        return self.receive(max_size)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+@dataclass(frozen=True)
+class Want:
+    """One object to fetch: its name (id, or a root's name), type and exact plaintext length (data)."""
+
+    name: str
+    type: str
+    length: int | None = None
+
+
+def _workers() -> int:
+    return max(2, min(os.cpu_count() or 1, 8))
+
+
+class RepoReader:
+    """Verified objects of one repository, fetched over a session."""
+
+    def __init__(self, session: RepoSession, header: RepoHeader, keys: RepoKeys,
+                 cancel: Callable[[], bool] | None = None) -> None:  # fmt: skip
+        self.session = session
+        self.header = header
+        self.keys = keys
+        self.block_size = header.block_size
+        self.pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="repo-open")
+        self.cancelled = cancel or (lambda: False)
+        self.fetched = 0  # objects received
+        self.fetched_bytes = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _open(self, want: Want, raw: bytes) -> repo.Opened:
+        oid = None if want.type == repo.ROOT else want.name
+        return repo.open_object(self.keys, raw, want.type, oid, self.block_size, want.length)
+
+    def fetch(self, wants: Iterable[Want]) -> Iterator[repo.Opened]:
+        """The objects in order, WINDOW requests ahead, opened on the pool (a few ahead of the consumer)."""
+        pending: deque[Want] = deque()
+        opened: deque[Future[repo.Opened]] = deque()
+        it = iter(wants)
+        more = True
+        depth = 2 * _workers()
+        while True:
+            while more and len(pending) < WINDOW:
+                want = next(it, None)
+                if want is None:
+                    more = False
+                else:
+                    self.session.request(want.name)
+                    pending.append(want)
+            if pending and len(opened) < depth:
+                if self.cancelled():
+                    raise Cancelled("cancelled")
+                want = pending.popleft()
+                raw = self.session.receive(repo.max_object_size(want.type, self.block_size))
+                self.fetched += 1
+                self.fetched_bytes += len(raw)
+                opened.append(self.pool.submit(self._open, want, raw))
+                continue
+            if not opened:
+                return
+            yield opened.popleft().result()
+
+    def one(self, want: Want) -> repo.Opened:
+        return next(iter(self.fetch([want])))
+
+    # -- the snapshot's structure ----------------------------------------------------------------------
+
+    def root(self, name: str) -> tuple[str, repotree.Root]:
+        """Root ``name``: verified, and its body must state that number and time, this repository and
+        block size (a root served under another name is refused)."""
+        opened = self.one(Want(name, repo.ROOT))
+        root = repotree.parse_root(opened.plaintext, opened.refs)
+        seq = names.root_seq(name)
+        if root.seq != seq or names.root_name(root.seq, root.created) != name:
+            raise VerificationError(f"the backup VM sent snapshot {root.seq} when asked for snapshot {seq}")
+        if root.repo_id != self.keys.repo_id.hex() or root.block_size != self.block_size:
+            raise VerificationError(f"snapshot {seq} belongs to another repository")
+        return opened.id, root
+
+    def trees(self, ids: list[str]) -> dict[str, repotree.Tree]:
+        distinct = list(dict.fromkeys(ids))
+        out = {}
+        for tid, opened in zip(distinct, self.fetch(Want(t, repo.TREE) for t in distinct), strict=True):
+            out[tid] = repotree.parse_tree(opened.plaintext, self.block_size, opened.refs)
+        return out
+
+    def segments(self, ids: list[str]) -> Iterator[repotree.Segment]:
+        for opened in self.fetch(Want(s, repo.SEGMENT) for s in ids):
+            yield repotree.parse_segment(opened.plaintext, opened.refs)
+
+    def qubes(self, xid: str) -> bytes:
+        return self.one(Want(xid, repo.QUBES)).plaintext
+
+    def blocks(self, f: repotree.TreeFile) -> list[tuple[int, str]]:
+        """(block number, data id) of a regular file, from its segments; each within the file."""
+        bs, nblocks = self.block_size, -(-f.size // self.block_size)
+        out: list[tuple[int, str]] = []
+        stored = 0
+        for (n, _sid), seg in zip(f.segments, self.segments([s for _, s in f.segments]), strict=True):
+            for k, did in seg.blocks:
+                index = n * repo.SEGMENT_BLOCKS + k
+                if index >= nblocks:
+                    raise VerificationError(f"{f.path[:80]}: a map segment names a block past the end of the file")
+                out.append((index, did))
+                stored += min(bs, f.size - index * bs)
+        if stored != f.data:
+            raise VerificationError(f"{f.path[:80]}: its map covers {stored} bytes, its file list says {f.data}")
+        return out
+
+
+def block_length(f: repotree.TreeFile, index: int, block_size: int) -> int:
+    return min(block_size, f.size - index * block_size)
+
+
+def check_head(reader: RepoReader, roots: list[str], state: RepoState | None, expect: str | None, where: str,
+               notes: list[str]) -> tuple[str, repotree.Root] | None:  # fmt: skip
+    """The newest root the backup VM lists, verified, and checked against dom0's record of the repository
+    (``state``) or, without one, the root the user pinned (``expect``): it must be that root or a later one
+    whose history lists it (no rollback, no fork).  Without either, it is accepted and ``notes`` say so
+    (a fresh dom0: pin with --expect-root).  None if the repository holds no snapshot (refused when dom0
+    recorded one)."""
+    if not roots:
+        if state is not None:
+            raise VerificationError(f"repository {state.repo_id} in {where} holds no snapshot, but dom0 recorded "
+                                    f"snapshot {state.seq} (rolled back, or withheld)")  # fmt: skip
+        if expect is not None:
+            raise VerificationError(f"the repository in {where} holds no snapshot (expected root {expect[:16]})")
+        return None
+    head_id, head = reader.root(roots[-1])
+    known = (state.seq, state.root) if state is not None else (None, expect) if expect is not None else None
+    if known is not None:
+        problem = repotree.lineage_problem(head_id, head, known[0], known[1])
+        if problem is None and state is not None and expect is not None:
+            problem = repotree.lineage_problem(head_id, head, None, expect)
+        if problem:
+            raise VerificationError(f"repository {head.repo_id} in {where}: {problem}; refusing it")
+    else:
+        notes.append(f"dom0 has no record of repository {head.repo_id}: its newest snapshot is {head.seq} (created "
+                     f"{head.created}, root {head_id}); pin it with --expect-root if you noted another")  # fmt: skip
+    return head_id, head

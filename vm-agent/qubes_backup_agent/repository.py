@@ -1,0 +1,447 @@
+"""A repository in a directory of the backup VM: the agent's side (docs/REPOSITORY.md sections 7-9).
+
+No keys here, and nothing here is trusted by dom0: objects arrive sealed and MACed, are stored as they came,
+and go back as they are.  The agent only keeps the directory consistent for the next reader:
+
+- a backup session holds the repository's lock exclusively (a second backup, or a prune, is refused); it
+  sends the header and the list of snapshot roots, answers GET requests (dom0 reads the newest snapshot's
+  maps to send only what changed), stores every object of the tar that follows (written to ``tmp/``, then
+  renamed into ``objects/XX/ID``) and, at COMMIT, makes them durable (syncfs) before the new root is linked
+  into ``roots/``, last, never over an existing one: a killed backup leaves no root, so no snapshot that
+  looks complete;
+- a restore session holds the lock shared and answers GET requests until dom0 hangs up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import secrets
+import stat
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+from qubes_backup_protocol import frames
+from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.frames import FrameType
+
+from . import confine
+from .common import EXIT_FAILED, EXIT_OK, send_error, silence
+from .outer_tar import BLOCK, member_header
+from .storage import StorageError
+from .storage.directory import describe_oserror
+
+LOCK = "lock"
+TMP = "tmp"
+MAX_STORE_MEMBER = 64 << 20  # the largest object dom0 writes is about 33 MiB (a file list at its bounds)
+MAX_SERVE = (256 << 20) + 16  # what a MEMBER frame may carry (docs/PROTOCOL.md section 2)
+COPY_PIECE = 4 << 20
+_GET = (64, 0)
+_BACKUP_FRAMES = {FrameType.DATA: (0, frames.MAX_DATA_FRAME), FrameType.COMMIT: (0, 0), FrameType.GET: _GET}
+_RESTORE_FRAMES = {FrameType.GET: _GET}
+_OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
+_OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
+
+
+class EarlyEnd(Exception):
+    """dom0 closed the stream before COMMIT (cancelled or failed): nothing is committed."""
+
+
+class PeerGone(Exception):
+    """dom0 closed its side of a restore session: it has what it needs."""
+
+
+class MidFrame(Exception):
+    """A failure after a MEMBER header went out: an ERROR frame would be read as member data."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(path: Path) -> None:
+    """Make everything written to this filesystem durable (the objects of a backup, before its root)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    except AttributeError:
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+class Repository:
+    """The directory ``path`` (a host path, confined to the VM ``root``)."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.path = path
+        self.root = root
+        self.view = confine.vm_view(path, root)
+        self._lock_fd: int | None = None
+
+    # -- opening -------------------------------------------------------------------------------------
+
+    @property
+    def has_header(self) -> bool:
+        return (self.path / names.HEADER).is_file()
+
+    def _fail(self, exc: OSError, action: str, what: str = "") -> StorageError:
+        return StorageError(describe_oserror(exc, action, f"{self.view}/{what}" if what else self.view))
+
+    def lock(self, exclusive: bool) -> None:
+        """The repository's lock for this session (released when the process exits)."""
+        try:
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if not exclusive and exc.errno in (errno.EROFS, errno.EACCES):
+                return  # a read-only medium: nobody can write to it either
+            raise self._fail(exc, "opening the lock of") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            busy = f"repository {self.view} is in use by another backup or prune; try again later"
+            raise StorageError(busy) from None
+        self._lock_fd = fd
+
+    def roots(self) -> list[str]:
+        """The snapshot roots present, ``roots/NAME``, ascending sequence number (the newest MAX_ROOTS)."""
+        directory = self.path / names.ROOTS_DIR
+        try:
+            entries = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise self._fail(exc, "listing", names.ROOTS_DIR) from None
+        found = []
+        for entry in entries:
+            name = f"{names.ROOTS_DIR}/{entry}"
+            if names.is_root_name(name):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.lstat(directory / entry).st_mode):
+                        found.append(name)
+        found.sort(key=lambda n: (names.root_seq(n), n))
+        return found[-names.MAX_ROOTS :]
+
+    def send_opening(self, out: BinaryIO) -> list[str]:
+        """The header and its MAC (when there is one), one ENTRY per root, END; returns the roots."""
+        if self.has_header:
+            for name in (names.HEADER, names.HEADER_MAC):
+                self.serve(name, out)
+        roots = self.roots()
+        for name in roots:
+            frames.write_frame(out, FrameType.ENTRY, name)
+        frames.write_frame(out, FrameType.END)
+        out.flush()
+        return roots
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def file_of(self, name: str) -> Path:
+        if names.is_object_name(name):
+            return self.path / names.OBJECTS_DIR / name[:2] / name
+        if names.is_root_name(name) or name in (names.HEADER, names.HEADER_MAC):
+            return self.path / name
+        raise StorageError(f"bad request: not a repository file name: {frames.safe_text(name)}")
+
+    def serve(self, name: str, out: BinaryIO) -> None:
+        """One MEMBER frame with the file's content, streamed in pieces; a missing file is an error."""
+        path = self.file_of(name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StorageError(f"{name} is missing from repository {self.view}") from None
+        except OSError as exc:
+            raise self._fail(exc, "opening", name) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SERVE:
+                raise StorageError(f"{name} in repository {self.view} is not a regular file of a possible size")
+            size = st.st_size
+            raw = name.encode("ascii")
+            out.write(frames.encode_header(FrameType.MEMBER, len(raw), size) + raw)
+            left = size
+            try:
+                while left:
+                    piece = os.read(fd, min(COPY_PIECE, left))
+                    if not piece:
+                        raise MidFrame(f"{name} shrank while it was sent")
+                    out.write(piece)
+                    left -= len(piece)
+            except OSError as exc:
+                if isinstance(exc, BrokenPipeError | ConnectionResetError):
+                    raise
+                raise MidFrame(describe_oserror(exc, "reading", f"{self.view}/{name}")) from None
+        finally:
+            os.close(fd)
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Before a backup stores anything: the directories exist, partial files of a killed one are gone."""
+        try:
+            for d in (names.OBJECTS_DIR, names.ROOTS_DIR, TMP):
+                (self.path / d).mkdir(mode=0o700, exist_ok=True)
+            for entry in os.listdir(self.path / TMP):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / TMP / entry)
+        except OSError as exc:
+            raise self._fail(exc, "preparing") from None
+
+    def _write_tmp(self, data: bytes, sync: bool) -> Path:
+        tmp = self.path / TMP / f".partial-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
+    def store_object(self, name: str, data: bytes) -> None:
+        """An object, written whole, then renamed into place (an existing copy is replaced: the same id is
+        the same content, and a fresh copy heals a damaged one).  Durable at ``commit``."""
+        directory = self.path / names.OBJECTS_DIR / name[:2]
+        try:
+            directory.mkdir(mode=0o700, exist_ok=True)
+            os.rename(self._write_tmp(data, sync=False), directory / name)
+        except OSError as exc:
+            raise self._fail(exc, "storing an object in") from None
+
+    def commit(self, header: tuple[bytes, bytes] | None, root: str, data: bytes) -> None:
+        """Objects durable first; then a new repository's header (its MAC before it); the root last, linked
+        so that an existing root is never replaced."""
+        try:
+            _syncfs(self.path)
+            if header is not None:
+                if self.has_header:
+                    raise StorageError(f"repository {self.view} has a header already; refusing to replace it")
+                mac_tmp = self._write_tmp(header[1], sync=True)
+                head_tmp = self._write_tmp(header[0], sync=True)
+                os.rename(mac_tmp, self.path / names.HEADER_MAC)
+                os.rename(head_tmp, self.path / names.HEADER)
+                _fsync_dir(self.path)
+            tmp = self._write_tmp(data, sync=True)
+            try:
+                os.link(tmp, self.path / root, follow_symlinks=False)
+            except FileExistsError:
+                raise StorageError(f"snapshot {root} exists already in repository {self.view}") from None
+            finally:
+                os.unlink(tmp)
+            _fsync_dir(self.path / names.ROOTS_DIR)
+        except OSError as exc:
+            raise self._fail(exc, "committing the snapshot to") from None
+
+
+# ------------------------------------------------------------------------------------------- the sessions
+
+def open_repository(location: str, root: Path, create: bool) -> Repository:
+    """The repository directory ``location`` (a path in the VM).  A backup may create it (its parent must
+    exist); it refuses a directory that holds something else."""
+    if location.startswith(("s3://", "ssh://")):
+        raise StorageError(f"repositories are directories in the backup VM for now: {location}")
+    try:
+        path = confine.resolve(location, root)
+    except confine.ConfinementError as exc:
+        raise StorageError(str(exc)) from None
+    view = confine.vm_view(path, root)
+    if not path.is_dir():
+        if path.exists() or path.is_symlink():
+            raise StorageError(f"not a directory: {location}")
+        if not create:
+            raise StorageError(f"location does not exist: {location}")
+        try:
+            path.mkdir(mode=0o700)
+        except OSError as exc:
+            raise StorageError(describe_oserror(exc, "creating", view)) from None
+    repo = Repository(path, root)
+    if not repo.has_header:
+        try:
+            other = set(os.listdir(path)) - _OWN
+        except OSError as exc:
+            raise StorageError(describe_oserror(exc, "listing", view)) from None
+        if other or repo.roots():
+            raise StorageError(f"{view} is not empty and holds no repository")
+        if not create:
+            raise StorageError(f"{view} holds no repository")
+    return repo
+
+
+class _FrameStream:
+    """The tar dom0 sends, as a file: DATA frames are read as needed; GET requests that come between them
+    are answered on the spot; COMMIT is the end of the stream."""
+
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Repository) -> None:
+        self.stdin, self.stdout, self.repo = stdin, stdout, repo
+        self.buf = memoryview(b"")
+        self.committed = False
+
+    def read(self, n: int) -> bytes:
+        while not self.buf:
+            if self.committed:
+                return b""
+            head = frames.read_header(self.stdin)
+            if head is None:
+                raise EarlyEnd
+            ftype, name_len, data_len = head
+            if ftype not in _BACKUP_FRAMES:
+                raise frames.ProtocolError(f"unexpected frame type {ftype.name}")
+            max_name, max_data = _BACKUP_FRAMES[ftype]
+            if name_len > max_name or data_len > max_data:
+                raise frames.ProtocolError(f"frame too long ({name_len}, {data_len} bytes)")
+            name = frames.read_exact(self.stdin, name_len).decode("ascii", "replace")
+            if ftype == FrameType.GET:
+                self.repo.serve(name, self.stdout)
+                self.stdout.flush()
+            elif ftype == FrameType.COMMIT:
+                self.committed = True
+            else:
+                self.buf = memoryview(frames.read_exact(self.stdin, data_len))
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return bytes(out)
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            piece = self.read(n - len(out))
+            if not piece:
+                raise StorageError(f"bad request: the backup stream ends inside {what}")
+            out += piece
+        return bytes(out)
+
+
+def _next_member(stream: _FrameStream) -> tuple[str, bytes] | None:
+    """The next member of dom0's tar (canonical ustar headers only, FORMAT.md section 1), or None at its end."""
+    h = stream.read_exact(BLOCK, "a tar header")
+    if h == bytes(BLOCK):
+        if stream.read_exact(BLOCK, "the end of the tar") != bytes(BLOCK):
+            raise StorageError("bad request: a lone zero block in the backup stream")
+        return None
+    name = h[:100].split(b"\0", 1)[0].decode("latin-1")
+    digits = h[124:136].rstrip(b"\0 ")
+    if not names.is_member_name(name) or not digits or any(c not in b"01234567" for c in digits):
+        raise StorageError(f"bad request: unexpected member {frames.safe_text(name)!r} in the backup stream")
+    size = int(digits, 8)
+    if size > MAX_STORE_MEMBER or h != member_header(name, size):
+        raise StorageError(f"bad request: malformed tar header of {name}")
+    data = stream.read_exact(size, name)
+    if any(stream.read_exact(-size % BLOCK, name)):
+        raise StorageError(f"bad request: non-zero padding after {name}")
+    return name, data
+
+
+def _check_object(name: str, data: bytes) -> None:
+    """What the agent relies on later (a keyless prune follows the references): the clear header names the
+    object and the file holds its references, an IV and a MAC line."""
+    m = _OBJECT_HEAD.match(data)
+    if m is None or m.group(1).decode() != name or len(data) < 83 + 65 * int(m.group(2)) + 16 + 65:
+        raise StorageError(f"bad request: object {name[:16]} is malformed")
+
+
+def receive_backup(
+    stream: _FrameStream, repo: Repository, newest: int
+) -> tuple[str, tuple[bytes, bytes] | None, bytes]:
+    """Store the objects of dom0's tar; returns the root's name, the new header (with its MAC) if the
+    repository is being created, and the root."""
+    header: dict[str, bytes] = {}
+    root: tuple[str, bytes] | None = None
+    first = True
+    while (member := _next_member(stream)) is not None:
+        name, data = member
+        if root is not None:
+            raise StorageError("bad request: members after the snapshot root")
+        if name in (names.HEADER, names.HEADER_MAC):
+            expected = names.HEADER if first else names.HEADER_MAC
+            if repo.has_header or name != expected or len(data) > 4096:
+                raise StorageError("bad request: a repository header where none belongs")
+            header[name] = data
+        elif names.is_object_name(name):
+            _check_object(name, data)
+            repo.store_object(name, data)
+        else:
+            if names.root_seq(name) <= newest:
+                raise StorageError(f"bad request: snapshot {names.root_seq(name)} is not newer than the newest "
+                                   f"one in repository {repo.view} ({newest})")  # fmt: skip
+            root = (name, data)
+        first = False
+    if stream.read(1) or not stream.committed:
+        raise StorageError("bad request: data after the end of the backup stream")
+    if root is None:
+        raise StorageError("bad request: the backup stream has no snapshot root")
+    if not repo.has_header and len(header) != 2:
+        raise StorageError("bad request: a new repository needs its header")
+    new_header = (header[names.HEADER], header[names.HEADER_MAC]) if header else None
+    return root[0], new_header, root[1]
+
+
+def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """qubes.Backup in repository mode (docs/REPOSITORY.md section 9)."""
+    try:
+        repo = open_repository(location, root, create=True)
+        repo.lock(exclusive=True)
+        roots = repo.send_opening(stdout)
+        newest = names.root_seq(roots[-1]) if roots else 0
+        repo.prepare()
+        stream = _FrameStream(stdin, stdout, repo)
+        name, header, data = receive_backup(stream, repo, newest)
+        repo.commit(header, name, data)
+    except EarlyEnd:
+        print("qubes-backup-agent: stream ended before COMMIT; nothing committed", file=sys.stderr)
+        return EXIT_FAILED
+    except (StorageError, frames.ProtocolError) as exc:
+        send_error(stdout, str(exc) if isinstance(exc, StorageError) else f"bad request: {exc}")
+        return EXIT_FAILED
+    except MidFrame as exc:
+        print(f"qubes-backup-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (BrokenPipeError, ConnectionResetError):
+        silence(stdout)
+        return EXIT_FAILED
+    try:
+        frames.write_frame(stdout, FrameType.DONE, "", name.encode("ascii"))
+        stdout.flush()
+    except (BrokenPipeError, ConnectionResetError):
+        silence(stdout)
+    return EXIT_OK
+
+
+def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """qubes.Restore in repository mode: the opening, then one MEMBER per GET until dom0 hangs up."""
+    try:
+        repo = open_repository(location, root, create=False)
+        repo.lock(exclusive=False)
+        repo.send_opening(stdout)
+        while True:
+            frame = frames.read_frame(stdin, _RESTORE_FRAMES)
+            if frame is None:
+                raise PeerGone
+            repo.serve(frame.name, stdout)
+            stdout.flush()
+    except (PeerGone, BrokenPipeError, ConnectionResetError):
+        silence(stdout)
+        return EXIT_OK
+    except MidFrame as exc:
+        print(f"qubes-backup-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (StorageError, frames.ProtocolError) as exc:
+        send_error(stdout, str(exc) if isinstance(exc, StorageError) else f"bad request: {exc}")
+        return EXIT_FAILED
