@@ -425,3 +425,62 @@ def test_backup_and_restore_through_the_installed_agent(tmp_path: Path, backup_v
     r = run("qvm-backup-restore", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "fedora-41", "work", sim=fresh)
     assert r.returncode == 0, r.stderr
     assert_same_vm(src, "work", fresh)
+
+
+# -- dom0 --------------------------------------------------------------------------------------------------------------
+QUBES_TOOL = """#!/bin/sh
+echo "Qubes' own $(basename "$0")"
+"""
+
+
+def dom0_root(root_dir: Path) -> ScratchRoot:
+    """A scratch root standing in for dom0: Qubes' own qvm-backup and qvm-backup-restore in /usr/bin."""
+    root = ScratchRoot(root_dir)
+    for name in ("qvm-backup", "qvm-backup-restore"):
+        root.write(f"/usr/bin/{name}", QUBES_TOOL, 0o755)
+    r = root.run([*RPM, "--initdb"])
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def typed(root: ScratchRoot, command: str) -> dict[str, str]:
+    """Which ``command`` runs: typed in a login shell (its PATH from /etc/profile and /etc/profile.d), and with
+    sudo (sudo finds it in its secure_path); and what it says to --help."""
+    out = {}
+    for how, argv in (("shell", ["/bin/sh", "-l", "-c", f"command -v {command}"]),
+                      ("sudo", ["sudo", "-n", "/bin/sh", "-c", f"command -v {command}"]),
+                      ("sudo runs", ["sudo", "-n", command, "--help"])):  # fmt: skip
+        r = root.run(argv, env=root.env(PATH="/usr/bin:/bin"))
+        out[how] = r.stdout.decode().strip().splitlines()[0] if r.stdout.strip() else r.stderr.decode()
+    return out
+
+
+def test_dom0_package_commands_typed_and_with_sudo(dist: Path, tmp_path: Path) -> None:
+    for tool in ("sudo", "visudo"):
+        if not _which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            pytest.fail(f"{tool} is needed: apt-get install sudo (bash .ci/run installs it)", pytrace=False)
+    pkg = package(dist, "dom0-rpm")
+    root = dom0_root(tmp_path / "dom0")
+    before = files_outside_databases(root)
+    for name in ("qvm-backup", "qvm-backup-restore"):
+        assert typed(root, name) == {"shell": f"/usr/bin/{name}", "sudo": f"/usr/bin/{name}",
+                                     "sudo runs": f"Qubes' own {name}"}  # fmt: skip
+
+    install(root, pkg)
+    r = root.run(["visudo", "-c"])  # sudo's whole configuration, with ours, still parses
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("qvm-backup", "qvm-backup-restore"):
+        got = typed(root, name)
+        assert got["shell"] == got["sudo"] == f"{LIB}/bin/{name}", got
+        assert got["sudo runs"].startswith(f"usage: {name} "), got  # ours, run by sudo with the system's python3
+        assert root.path(f"/usr/bin/{name}").read_text() == QUBES_TOOL  # Qubes' own: untouched, still reachable
+    r = root.run(["/usr/bin/qvm-backup"])
+    assert r.stdout == b"Qubes' own qvm-backup\n"
+
+    remove(root, pkg, "qubes-backup-dom0")
+    for name in ("qvm-backup", "qvm-backup-restore"):
+        assert typed(root, name) == {"shell": f"/usr/bin/{name}", "sudo": f"/usr/bin/{name}",
+                                     "sudo runs": f"Qubes' own {name}"}  # fmt: skip
+    after = files_outside_databases(root)
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
+    assert not root.path(LIB).exists()
