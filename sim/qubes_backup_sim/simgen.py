@@ -30,6 +30,7 @@ from pathlib import Path
 from lxml import etree
 from qubes_backup_dom0.qubesxml import Collection
 
+from . import endpoints
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
 from .store import save_run_state, write_atomic
 
@@ -502,7 +503,7 @@ def generate(
     keep: Iterable[str] | None = None,
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
-    ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched).
+    ``dir/dom0``, ``dir/vms`` and ``dir/sim-endpoints.json`` are replaced, nothing else in ``dir`` is touched).
 
     ``pool``: lvm_thin (the default, as a fresh R4.2 install and the command line), file-reflink or file (what
     older versions built); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
@@ -547,6 +548,7 @@ def generate(
     else:  # a fresh install: an empty home
         (dir / "dom0/home" / USER).mkdir(parents=True)
     (dir / "vms/backupvm/home/user/backups").mkdir(parents=True)
+    endpoints.write(dir)  # how dom0's code reaches this system's programs (it never imports this package)
 
 
 def _reduce(coll: Collection, kept: set[str]) -> None:
