@@ -31,6 +31,7 @@ SOURCE_PATHS = ("protocol", "vm-agent", "dom0", "rpc-policy", "packaging", "docs
 VERSION_FILES = (
     "protocol/qubes_backup_protocol/__init__.py",
     "vm-agent/qubes_backup_agent/__init__.py",
+    "dom0/qubes_backup_dom0/__init__.py",
 )
 PYPROJECTS = ("protocol/pyproject.toml", "vm-agent/pyproject.toml", "dom0/pyproject.toml")
 VERSION_RE = re.compile(r'^__version__ = "([0-9]+\.[0-9]+\.[0-9]+)"', re.M)

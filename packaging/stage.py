@@ -48,7 +48,7 @@ SOURCES = {
 }
 SERVICES = {"agent": ("qubes.Backup", "qubes.Restore"), "dom0": ("qubes.Restore",)}
 # The dom0 commands: name -> the module whose main() they run.
-COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli_backup", "qvm-backup-restore": "qubes_backup_dom0.cli_restore"}
+COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli.backup", "qvm-backup-restore": "qubes_backup_dom0.cli.restore"}
 
 COMMAND = '''#!/usr/bin/python3 -s
 """{name} of qubes-backup (package qubes-backup-dom0, docs/INSTALL.md).  Qubes' own is /usr/bin/{name}."""

@@ -18,6 +18,7 @@ from qubes_backup_dom0.backup.plan import BackupOptions, BackupPlan, PlannedArch
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
+    add_version,
     check_text_arg,
     confirm,
     emit_json,
@@ -90,6 +91,7 @@ def parser() -> ArgumentParser:
         "a copy of this backup (and the passphrase is shared by all your backups)",
     )  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_version(p)
     p.add_argument("location", metavar="LOCATION", nargs="?",
                    help="directory (in the backup VM with -d), or a command; not with --profile")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*",

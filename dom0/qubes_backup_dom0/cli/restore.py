@@ -17,6 +17,7 @@ from collections.abc import Callable
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
+    add_version,
     check_text_arg,
     confirm,
     emit_json,
@@ -89,6 +90,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_version(p)
     p.add_argument("location", metavar="LOCATION",
                    help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")

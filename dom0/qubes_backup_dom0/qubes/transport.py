@@ -60,16 +60,6 @@ def rpc_dir() -> Path:
     return Path(override) if override else repo_dir() / "rpc-policy"
 
 
-def sim_vm_rpc_dir() -> Path | None:
-    """Services a simulated VM offers besides the agent's (``qubes.BackupPassphrase``): the sim package's."""
-    try:
-        import qubes_backup_sim
-    except ImportError:
-        return None
-    d = Path(qubes_backup_sim.__file__).resolve().parent / "vm-rpc"
-    return d if d.is_dir() else None
-
-
 def _enlarge_pipes(proc: subprocess.Popen[bytes]) -> None:
     """Fewer wake-ups per MiB; best effort (the limit in /proc/sys/fs/pipe-max-size may refuse it)."""
     setsz = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -106,6 +96,9 @@ class SimTransport:
             raise BackupError("SimTransport needs a simulated system (QUBES_SIM)")
         self.system = system
         self.rpc = rpc or rpc_dir()
+        # Services a simulated VM offers besides the agent's (qubes.BackupPassphrase): the simulation's endpoint.
+        vm_rpc = system.vm_rpc_dir
+        self.vm_rpc: Path | None = vm_rpc if vm_rpc is not None and vm_rpc.is_dir() else None
         self.bwrap = shutil.which("bwrap")
         if sandbox is None:
             sandbox = os.environ.get("QUBES_SIM_SANDBOX", "1") != "0"
@@ -138,9 +131,8 @@ class SimTransport:
         repo = repo_dir()
         ro = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
         ro += [str(repo / d) for d in ("protocol", "vm-agent")] + [str(self.rpc)]
-        vm_rpc = sim_vm_rpc_dir()
-        if vm_rpc is not None:
-            ro.append(str(vm_rpc))
+        if self.vm_rpc is not None:
+            ro.append(str(self.vm_rpc))
         ro.append(str(Path(sys.executable).resolve().parent))
         seen: set[str] = set()
         for path in ro:
@@ -176,7 +168,7 @@ class SimTransport:
         """As qrexec looks a service up: ``NAME+ARG`` first, then ``NAME`` (with the argument in
         QREXEC_SERVICE_ARGUMENT); in the agent's directory, then among the simulated VM's own services."""
         base, _, argument = service.partition("+")
-        dirs = [self.rpc] + ([d] if (d := sim_vm_rpc_dir()) is not None else [])
+        dirs = [self.rpc] + ([self.vm_rpc] if self.vm_rpc is not None else [])
         for directory in dirs:
             for name in dict.fromkeys((service, base)):
                 if (directory / name).is_file():
@@ -193,6 +185,7 @@ class LocalFileTransport(SimTransport):
     def __init__(self, directory: Path, rpc: Path | None = None, sandbox: bool | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.rpc = rpc or rpc_dir()
+        self.vm_rpc = None
         self.bwrap = shutil.which("bwrap")
         if sandbox is None:
             sandbox = os.environ.get("QUBES_SIM_SANDBOX", "1") != "0"
