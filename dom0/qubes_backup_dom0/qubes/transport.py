@@ -37,6 +37,10 @@ READ_PIECE = 1 << 20
 MIN_RATE = 256 << 10  # bytes/s: a frame (either direction) gets the stall timeout plus its size at this rate
 MAX_TIMEOUT = 86400.0  # QUBES_BACKUP_TIMEOUT above one day is refused (and inf, nan, 0, negative)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
+# The first line Qubes' own services (qubes-core-agent, /etc/qubes-rpc) write, before they read anything: a VM whose
+# template lacks qubes-backup-agent answers with them.  qubes.Backup writes it on stdout, qubes.Restore on stderr.
+QUBES_GREETINGS = {b"Starting Backupcopy": "qubes.Backup", b"Starting Restorecopy": "qubes.Restore"}
+GREETING_HEAD = 32
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 PASS_ENV_PREFIXES = ("AWS_", "QUBES_AGENT_")
@@ -250,6 +254,16 @@ class ChannelClosed(BackupError, BrokenPipeError):
     """
 
 
+class QubesOwnService(BackupError):
+    """Qubes' own qubes.Backup / qubes.Restore answered, not qubes-backup's agent (its greeting, at once)."""
+
+    def __init__(self, qube: str, service: str) -> None:
+        super().__init__(
+            f"{qube} answered with Qubes' own {service} service, not qubes-backup's agent: install the "
+            f"qubes-backup-agent package in the template of {qube}, then restart {qube} (docs/INSTALL.md)"
+        )
+
+
 class Channel:
     """Frames over a started service's pipes, with bounded reads and stall detection, no threads.
 
@@ -257,10 +271,15 @@ class Channel:
     a lot of diagnostics cannot deadlock us; only the last STDERR_TAIL bytes are kept.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], timeout: float | None = None, vm: str = "") -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float | None = None, vm: str = "",
+                 qube: str = "") -> None:  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
         self.vm = vm or "backup VM"
+        self.qube = qube or vm or "the backup VM"  # the VM's name, for the message of QubesOwnService
+        # The first bytes the service wrote on stdout and stderr: Qubes' own services greet first (QUBES_GREETINGS).
+        self._out_head = bytearray()
+        self._err_head = bytearray()
         self.timeout = stall_timeout() if timeout is None else timeout
         self._in_fd: int | None = proc.stdin.fileno()
         self._out_fd: int | None = proc.stdout.fileno()
@@ -321,6 +340,8 @@ class Channel:
             if not piece:
                 self._close_err()
                 return
+            if len(self._err_head) < GREETING_HEAD:
+                self._err_head += piece[: GREETING_HEAD - len(self._err_head)]
             self._err += piece
             if len(self._err) > STDERR_TAIL:
                 del self._err[: len(self._err) - STDERR_TAIL]
@@ -329,6 +350,25 @@ class Channel:
         if self._err_fd is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self._err_fd = None
+
+    def _note_stdout(self, data: bytes | memoryview) -> None:
+        if len(self._out_head) < GREETING_HEAD:
+            self._out_head += data[: GREETING_HEAD - len(self._out_head)]
+            self._check_greeting()
+
+    def qubes_own_service(self) -> str | None:
+        """The service, if what answered is Qubes' own (its greeting came first on stdout or stderr)."""
+        for head in (self._out_head, self._err_head):
+            for greeting, service in QUBES_GREETINGS.items():
+                if head.startswith(greeting):
+                    return service
+        return None
+
+    def _check_greeting(self) -> None:
+        """Qubes' own service answered: say so at once (it would wait for a line that never comes)."""
+        service = self.qubes_own_service()
+        if service is not None:
+            raise QubesOwnService(self.qube, service)
 
     def _wait_for(self, fd: int, event: int, deadline: float | None = None) -> None:
         """Block until ``fd`` is ready for ``event``, draining stderr meanwhile; raise on a stall, when the
@@ -356,9 +396,11 @@ class Channel:
                     self._check_interrupted()
                 if ready_fd == fd and ev:
                     self._drain_stderr()
+                    self._check_greeting()
                     return
                 if ready_fd == self._err_fd:
                     self._drain_stderr()
+                    self._check_greeting()
 
     # -- reading -------------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
@@ -409,6 +451,8 @@ class Channel:
                 continue
             if not n:
                 self._eof = True
+            elif len(self._out_head) < GREETING_HEAD:
+                self._note_stdout(view[:n])
             return n
 
     def _read_piece(self, want: int) -> bytes:
@@ -421,6 +465,8 @@ class Channel:
                 continue
             if not piece:
                 self._eof = True
+            elif len(self._out_head) < GREETING_HEAD:
+                self._note_stdout(piece)
             return piece
 
     def recv(
@@ -465,6 +511,8 @@ class Channel:
         deadline: float | None = None,
     ) -> None:
         """One frame whose data is the concatenation of ``parts`` (written one after another, not copied)."""
+        if not self._out_head:
+            self._sniff_stdout()  # Qubes' own qubes.Backup greets on stdout, and may take the whole stream
         raw_name = name.encode("ascii")
         size = sum(len(p) for p in parts)
         head = frames.encode_header(ftype, len(raw_name), size) + raw_name
@@ -491,8 +539,23 @@ class Channel:
                 self._wait_for(self._in_fd, select.POLLOUT, deadline)
                 continue
             except (BrokenPipeError, ConnectionResetError):
+                self._sniff_stdout()
                 raise ChannelClosed(f"{self.vm} stopped reading{self._tail_suffix()}") from None
             view = view[written:]
+
+    def _sniff_stdout(self) -> None:
+        """Before dom0 has read anything (it is sending, or the service stopped reading): is it Qubes' own
+        service?  One non-blocking read; what it returns stays for the frame reader."""
+        self._drain_stderr()
+        if not self._out_head and not self._buf and self._out_fd is not None and not self._eof:
+            with contextlib.suppress(BlockingIOError, OSError):
+                piece = os.read(self._out_fd, GREETING_HEAD)
+                if piece:
+                    self._buf += piece
+                    self._out_head += piece
+                else:
+                    self._eof = True
+        self._check_greeting()
 
     def close_input(self) -> None:
         """End of what dom0 sends (the agent sees EOF)."""
