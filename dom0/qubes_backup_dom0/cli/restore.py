@@ -185,6 +185,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # Everything that can be found out without the passphrase first: the VM (above), the location, the
         # agent, whether it is a backup at all (its header, still unauthenticated).
+        if not (args.verify_only or args.list or list(args.vms) == ["dom0"]):
+            # VMs' volumes are written through admin.vm.volume.ImportWithSize (Qubes' dom0 service): root
+            system.check_root("restoring VMs (writing their volumes) needs root", system.rpc_dir_override)
         job.connect()
         job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
         job.open()

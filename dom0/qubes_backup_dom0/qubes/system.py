@@ -31,7 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.errors import BackupError, NeedsRoot
 
 QUBES_ROOT = "/var/lib/qubes"
 REAL_ADMIN_SOCKET = "/var/run/qubesd.sock"
@@ -207,6 +207,13 @@ class System:
         if self.dev_dir_override:
             return Path(self.dev_dir_override)
         return Path(REAL_DEV_DIR) if self.sim_dir is None else self.dom0_root / "dev"
+
+    def check_root(self, why: str, override: str | None) -> None:
+        """On a real dom0 some things need root (lvm, writing VM volumes): raise NeedsRoot (``why``: what needs
+        it) when not run as root.  Not in simulation, nor when the endpoint it uses is overridden
+        (``override``: its QUBES_* value; a stand-in needs no root)."""
+        if self.sim_dir is None and not override and os.geteuid() != 0:
+            raise NeedsRoot(why)
 
     @property
     def simulated(self) -> bool:
