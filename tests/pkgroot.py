@@ -98,9 +98,9 @@ class ScratchRoot:
         return target
 
     # -- running inside --------------------------------------------------------------------------------------
-    def argv(self, binds: tuple[Path, ...] = ()) -> list[str]:
+    def argv(self, binds: tuple[Path, ...] = (), chdir: str = "/") -> list[str]:
         argv = ["bwrap", "--bind", str(self.root), "/", "--ro-bind", "/", HOST, "--dev", "/dev", "--proc", "/proc",
-                "--die-with-parent", "--unshare-pid", "--chdir", "/"]  # fmt: skip
+                "--die-with-parent", "--unshare-pid", "--chdir", chdir]  # fmt: skip
         if os.getuid() != 0:
             argv += ["--unshare-user", "--uid", "0", "--gid", "0"]
         for b in binds:

@@ -16,11 +16,11 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, assert_same_vm, make_fresh, share_backup
+from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim, assert_same_vm, make_fresh, one_error_line, share_backup
 from pkgroot import ScratchRoot, missing_tools
 from qubes_backup_sim import simgen
 
@@ -373,7 +373,7 @@ vm_root = os.environ["QUBES_AGENT_ROOT"]
 env = {{k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ", "QREXEC_SERVICE_ARGUMENT")}}
 env.update(PATH={path!r}, HOME="/home/user")
 home = os.path.join(vm_root, "home", "user")
-argv = {argv!r} + ["--bind", home, "/home/user", "--chdir", "/home/user", "--", {qrexec!r}, {service!r}]
+argv = {argv!r} + ["--bind", home, "/home/user", "--", {qrexec!r}, {service!r}]
 os.execvpe(argv[0], argv, env)
 '''
 
@@ -382,39 +382,67 @@ def shims(root: ScratchRoot, release: str, into: Path) -> Path:
     """QUBES_BACKUP_RPC_DIR for the simulation: each service runs the way the template's qrexec runs it, in the
     scratch root, the simulated VM's /home/user bound at /home/user; no variable of the simulation reaches it."""
     into.mkdir()
-    argv = root.argv()[:-1]  # without "--"
+    argv = root.argv(chdir="/home/user")[:-1]  # without "--"
     for service in SERVICES:
         text = SHIM.format(service=service, release=release, path=root.env()["PATH"], argv=argv, qrexec=QREXEC[release])
         (into / service).write_text(text)
     return into
 
 
-@pytest.fixture(params=[("deb", "4.3"), ("agent-rpm", "4.2")], ids=["deb-4.3", "rpm-4.2"])
-def backup_vm_template(request: pytest.FixtureRequest, dist: Path, tmp_path: Path) -> Iterator[Path]:
-    """QUBES_BACKUP_RPC_DIR for a backup VM whose template has the agent package installed (both formats, both
-    releases' lookup; the agent runs with this machine's /usr/bin/python3 and its python3-construct)."""
-    kind, release = request.param
-    r = subprocess.run(["/usr/bin/python3", "-c", "import construct"], capture_output=True)
+@dataclass
+class Installed:
+    """A backup VM's template with the agent package (its services as the simulation's QUBES_BACKUP_RPC_DIR) and
+    a dom0 with the dom0 package (its commands, run with this machine's /usr/bin/python3 and its packages)."""
+
+    template: ScratchRoot
+    agent: Path  # the agent package installed in it
+    rpc: Path
+    dom0: ScratchRoot
+
+    def command(self, name: str) -> list[str]:
+        return [SYSTEM_PYTHON, "-s", str(self.dom0.path(f"{LIB}/bin/{name}"))]
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def system_python_has(*modules: str) -> None:
+    r = subprocess.run([SYSTEM_PYTHON, "-c", f"import {', '.join(modules)}"], capture_output=True, text=True)
     if r.returncode:
-        pytest.fail("the installed agent runs with /usr/bin/python3, which cannot import construct: apt-get install "
-                    "python3-construct (bash .ci/run installs it)", pytrace=False)  # fmt: skip
-    root = template(tmp_path / "template", release)
-    root.path("/home/user").mkdir()
-    install(root, package(dist, kind))
-    restart(root)
-    yield shims(root, release, tmp_path / "rpc")
+        pytest.fail(f"the installed packages run with {SYSTEM_PYTHON}, which cannot import them ({r.stderr.strip()}): "
+                    "apt-get install python3-construct python3-cryptography python3-lxml python3-yaml "
+                    "python3-zstandard (bash .ci/run installs them)", pytrace=False)  # fmt: skip
 
 
-def test_backup_and_restore_through_the_installed_agent(tmp_path: Path, backup_vm_template: Path) -> None:
+@pytest.fixture(params=[("deb", "4.3"), ("agent-rpm", "4.2")], ids=["deb-4.3", "rpm-4.2"])
+def installed(request: pytest.FixtureRequest, dist: Path, tmp_path: Path) -> Installed:
+    system_python_has("construct", "cryptography", "lxml", "yaml", "zstandard")
+    kind, release = request.param
+    template_root = template(tmp_path / "template", release)
+    template_root.path("/home/user").mkdir()
+    install(template_root, package(dist, kind))
+    restart(template_root)
+    dom0 = dom0_root(tmp_path / "dom0")
+    install(dom0, package(dist, "dom0-rpm"))
+    return Installed(template_root, package(dist, kind), shims(template_root, release, tmp_path / "rpc"), dom0)
+
+
+def test_backup_and_restore_through_the_installed_packages(tmp_path: Path, installed: Installed) -> None:
+    """qvm-backup and qvm-backup-restore of the dom0 package against a backup VM whose template has the agent
+    package: a backup, its verification and a restore into a fresh system; a restore from a dom0 file (the dom0
+    package's own copy of the agent); then, once the agent package is removed from the template and the VM
+    restarted, one line that says what to install, at once."""
     src = Sim(tmp_path / "src")
     simgen.generate(src.dir, "small", seed=0, pool="file")
     (src.dom0 / "pw").write_text(PASSPHRASE + "\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUBES_")}
-    env.update(QUBES_SIM=str(src.dir), QUBES_BACKUP_RPC_DIR=str(backup_vm_template), QUBES_SIM_SANDBOX="0")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QUBES_", "PYTHON"))}
+    env.update(QUBES_BACKUP_RPC_DIR=str(installed.rpc), QUBES_SIM_SANDBOX="0", QUBES_BACKUP_TIMEOUT="600")
 
-    def run(tool: str, *args: str, sim: Sim) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(BIN / tool), "-y", "-p", "/pw", *args], env={**env, "QUBES_SIM": str(sim.dir)},
-                              capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)  # fmt: skip
+    def run(tool: str, *args: str, sim: Sim, **extra: str) -> subprocess.CompletedProcess[str]:
+        """The installed command; ``extra`` changes the environment ("": unset)."""
+        run_env = {k: v for k, v in {**env, "QUBES_SIM": str(sim.dir), **extra}.items() if v}
+        argv = [*installed.command(tool), "-y", "-p", "/pw", *args]
+        return subprocess.run(argv, env=run_env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
 
     r = run("qvm-backup", *KDF, "-d", "backupvm", VM_BACKUPS, sim=src)
     assert r.returncode == 0, r.stderr
@@ -426,6 +454,28 @@ def test_backup_and_restore_through_the_installed_agent(tmp_path: Path, backup_v
     r = run("qvm-backup-restore", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "fedora-41", "work", sim=fresh)
     assert r.returncode == 0, r.stderr
     assert_same_vm(src, "work", fresh)
+    # From a file in dom0: the dom0 package's own agent reads it (confined by bubblewrap).
+    other = make_fresh(tmp_path / "other", src)
+    os.link(backup, other.dom0 / "backup.tar")
+    r = run("qvm-backup-restore", "/backup.tar", "fedora-41", "work", sim=other, QUBES_SIM_SANDBOX="1",
+            QUBES_BACKUP_RPC_DIR="")
+    assert r.returncode == 0, r.stderr
+    assert_same_vm(src, "work", other)
+    # What ran was the installed dom0 code (Python compiled it at install; no source tree on its path).
+    r = subprocess.run([*installed.command("qvm-backup"), "--version"], capture_output=True, text=True, env=env)
+    assert r.stdout == f"qvm-backup (qubes-backup) {VERSION} from {installed.dom0.path(LIB).resolve()}/dom0\n", r.stdout
+
+    # The agent package removed, the backup VM restarted: Qubes' own services answer; one line, at once.
+    remove(installed.template, installed.agent, "qubes-backup-agent")
+    restart(installed.template)
+    before = sorted(src.vm_backups.iterdir())
+    r = run("qvm-backup", *KDF, "-d", "backupvm", VM_BACKUPS, sim=src)
+    assert r.returncode == 1
+    assert one_error_line(r.stderr) == (
+        "qvm-backup: error: backupvm answered with Qubes' own qubes.Restore service, not qubes-backup's agent: "
+        "install the qubes-backup-agent package in the template of backupvm, then restart backupvm (docs/INSTALL.md)"
+    )
+    assert sorted(src.vm_backups.iterdir()) == before
 
 
 # -- dom0 --------------------------------------------------------------------------------------------------------------
@@ -450,7 +500,7 @@ def typed(root: ScratchRoot, command: str) -> dict[str, str]:
     out = {}
     for how, argv in (("shell", ["/bin/sh", "-l", "-c", f"command -v {command}"]),
                       ("sudo", ["sudo", "-n", "/bin/sh", "-c", f"command -v {command}"]),
-                      ("sudo runs", ["sudo", "-n", command, "--help"])):  # fmt: skip
+                      ("sudo runs", ["sudo", "-n", command, "--version"])):  # fmt: skip
         r = root.run(argv, env=root.env(PATH="/usr/bin:/bin"))
         out[how] = r.stdout.decode().strip().splitlines()[0] if r.stdout.strip() else r.stderr.decode()
     return out
@@ -473,7 +523,7 @@ def test_dom0_package_commands_typed_and_with_sudo(dist: Path, tmp_path: Path) -
     for name in ("qvm-backup", "qvm-backup-restore"):
         got = typed(root, name)
         assert got["shell"] == got["sudo"] == f"{LIB}/bin/{name}", got
-        assert got["sudo runs"].startswith(f"usage: {name} "), got  # ours, run by sudo with the system's python3
+        assert got["sudo runs"] == f"{name} (qubes-backup) {VERSION} from {LIB}/dom0", got  # ours, by sudo
         assert root.path(f"/usr/bin/{name}").read_text() == QUBES_TOOL  # Qubes' own: untouched, still reachable
     r = root.run(["/usr/bin/qvm-backup"])
     assert r.stdout == b"Qubes' own qvm-backup\n"

@@ -127,3 +127,25 @@ def test_other_first_lines_are_not_taken_for_qubes_own() -> None:
         assert ch.qubes_own_service() is None
     finally:
         ch.close()
+
+
+def test_greeting_after_other_lines_on_stderr() -> None:
+    """R4.2 runs a service through a login shell: a profile may write lines before the service's greeting."""
+    ch = channel(["/bin/sh", "-c", "echo 'profile: a warning' >&2; " + QUBES_RESTORE])
+    try:
+        with pytest.raises(QubesOwnService, match=r"Qubes' own qubes\.Restore"):
+            ch.recv(REPLY)
+    finally:
+        ch.close()
+
+
+def test_our_frames_are_never_taken_for_a_greeting() -> None:
+    """stdout that starts with a frame is our agent's, whatever its data holds (a backup may hold anything)."""
+    ch = channel(["/bin/sh", "-c", r"printf 'QB\001\011\000\000\000\000\000\040\nStarting Backupcopy\n'; sleep 1"])
+    try:
+        with pytest.raises(Exception) as exc:
+            ch.recv(REPLY)
+        assert not isinstance(exc.value, QubesOwnService), exc.value
+        assert ch.qubes_own_service() is None
+    finally:
+        ch.close()

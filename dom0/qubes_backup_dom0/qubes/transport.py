@@ -38,9 +38,10 @@ MIN_RATE = 256 << 10  # bytes/s: a frame (either direction) gets the stall timeo
 MAX_TIMEOUT = 86400.0  # QUBES_BACKUP_TIMEOUT above one day is refused (and inf, nan, 0, negative)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 # The first line Qubes' own services (qubes-core-agent, /etc/qubes-rpc) write, before they read anything: a VM whose
-# template lacks qubes-backup-agent answers with them.  qubes.Backup writes it on stdout, qubes.Restore on stderr.
+# template lacks qubes-backup-agent answers with them.  qubes.Backup writes it on stdout, qubes.Restore on stderr
+# (where a login shell or qrexec may have written something before it: a line within the first GREETING_HEAD bytes).
 QUBES_GREETINGS = {b"Starting Backupcopy": "qubes.Backup", b"Starting Restorecopy": "qubes.Restore"}
-GREETING_HEAD = 32
+GREETING_HEAD = 1024
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 PASS_ENV_PREFIXES = ("AWS_", "QUBES_AGENT_")
@@ -357,10 +358,15 @@ class Channel:
             self._check_greeting()
 
     def qubes_own_service(self) -> str | None:
-        """The service, if what answered is Qubes' own (its greeting came first on stdout or stderr)."""
-        for head in (self._out_head, self._err_head):
+        """The service, if what answered is Qubes' own: its greeting is a line among the first bytes on stderr,
+        or on stdout unless that starts with a frame (ours always does)."""
+        heads = [self._err_head]
+        if not self._out_head.startswith(frames.MAGIC[: len(self._out_head)]):
+            heads.append(self._out_head)
+        for head in heads:
+            lines = bytes(head).split(b"\n")[:-1]  # complete lines only
             for greeting, service in QUBES_GREETINGS.items():
-                if head.startswith(greeting):
+                if greeting in lines:
                     return service
         return None
 
