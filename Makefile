@@ -5,41 +5,50 @@ BIN    := $(VENV)/bin
 SIM    ?= demo-sim
 FUZZ_SECONDS ?= 600
 
-.PHONY: venv test demo lint bench bench-smoke profile fuzz packages install-dom0 install-vm uninstall-dom0 uninstall-vm clean
+.PHONY: venv dev test demo lint bench bench-smoke profile fuzz packages install-dom0 install-vm uninstall-dom0 uninstall-vm clean
 
+# venv: the four packages and what they import (all `make demo` needs); dev: also the test tools
+# (requirements-dev.txt: pytest, hypothesis, ruff, mypy, boto3, moto) for `make test`, `make lint`.
 venv: $(VENV)/.installed
+dev: $(VENV)/.dev-installed
 
-$(VENV)/.installed: protocol/pyproject.toml dom0/pyproject.toml vm-agent/pyproject.toml sim/pyproject.toml requirements-dev.txt
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.installed: protocol/pyproject.toml dom0/pyproject.toml vm-agent/pyproject.toml sim/pyproject.toml
+	@echo "First run (or a changed pyproject.toml): creating $(VENV) and installing the project's Python packages from PyPI; later runs skip this."
+	@$(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed: install Python's venv module (Debian/Ubuntu: apt install python3-venv)"; exit 1; }
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e protocol -e dom0 -e vm-agent -e sim -r requirements-dev.txt
+	$(BIN)/pip install -q -e protocol -e dom0 -e vm-agent -e sim
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	@echo "First 'make test' or 'make lint' (or a changed requirements-dev.txt): installing the test tools into $(VENV); later runs skip this."
+	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
 TYPED := dom0/qubes_backup_dom0 protocol/qubes_backup_protocol vm-agent/qubes_backup_agent sim/qubes_backup_sim
 
-test: venv
+test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports $(TYPED)
 	$(BIN)/pytest -q tests
 
-lint: venv
+lint: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports $(TYPED)
 
 demo: venv
 	$(BIN)/python scripts/demo.py --sim $(SIM)
 
-bench: venv
+bench: dev
 	$(BIN)/python bench/run.py
 
-bench-smoke: venv
+bench-smoke: dev
 	$(BIN)/python bench/run.py --smoke
 
 # where the CPU goes, per process and kind of work (needs perf and root): docs/PERFORMANCE.md
-profile: venv
+profile: dev
 	$(BIN)/python bench/profile.py
 
-fuzz: venv
+fuzz: dev
 	$(BIN)/pip install -q atheris || { echo "atheris does not install here"; exit 1; }
 	$(BIN)/python tests/fuzz/atheris_frames.py -max_total_time=$(FUZZ_SECONDS)
 

@@ -33,6 +33,18 @@ def run(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.Complet
     return subprocess.run(cmd, env=env, text=True, check=True, **kw)  # type: ignore[call-overload]
 
 
+def agent_confinement() -> str:
+    """Whether the agent processes run confined: the simulated transport's rule (bubblewrap found, and not
+    turned off with QUBES_SIM_SANDBOX=0); had bubblewrap been found but not worked, the commands would have
+    failed."""
+    if os.environ.get("QUBES_SIM_SANDBOX", "1") == "0":
+        return "ran UNCONFINED (QUBES_SIM_SANDBOX=0)"
+    if shutil.which("bwrap") is None:
+        return ("ran UNCONFINED: bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap); on a real "
+                "system the agent runs in its own VM")  # fmt: skip
+    return "ran confined by bubblewrap (no network, nothing but the simulated backup VM's files)"
+
+
 def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
@@ -63,7 +75,8 @@ def main() -> int:
         env, stdout=subprocess.PIPE,
     )  # fmt: skip
     print(out.stdout, end="")
-    print(f"(backup took {time.monotonic() - t0:.1f} s including the KDF)")
+    print(f"(backup took {time.monotonic() - t0:.1f} s including the KDF; the qubes.Backup agent "
+          f"{agent_confinement()})")
     backups = sorted((src / "vms/backupvm/home/user/backups").glob("qubes-backup-*"))
     assert len(backups) == 1, backups
     backup = backups[0]
@@ -99,6 +112,7 @@ def main() -> int:
     bad = compare(src, dst)
     homes = list((dst / "dom0/home/user").glob("home-restore-*"))
     print(f"dom0 home restored to: {homes[0].relative_to(dst) if homes else 'not restored'}")
+    print(f"The backup VM's agents (qubes.Backup, qubes.Restore) {agent_confinement()}.")
     return 1 if bad else 0
 
 

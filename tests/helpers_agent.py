@@ -22,6 +22,7 @@ RESTORE_REPLY = {
     FrameType.MEMBER: (names.MAX_NAME_LEN, (256 << 20) + 16),
     FrameType.END: (0, 0),
     FrameType.ERROR: (0, frames.MAX_ERROR_LEN),
+    FrameType.DAMAGED: (0, frames.MAX_ERROR_LEN),  # the backup file is malformed
 }
 
 

@@ -15,7 +15,7 @@ from conftest import Sim
 from qubes_backup_agent.storage import s3
 from qubes_backup_dom0.cli import listing, profile
 from qubes_backup_dom0.errors import BackupError, UsageError
-from qubes_backup_protocol import frames
+from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType
 
 MiB = 1 << 20
@@ -44,7 +44,7 @@ def test_ssh_servers_first_line_is_bounded(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "refused: unexpected answer from ssh://host/srv/backups" in r.stdout, (r.stdout, r.stderr)
     rss = int(r.stdout.split("maxrss_kib")[1])
-    assert rss < 200 * 1024, rss
+    assert rss < 512 * 1024, rss  # the unbounded read took GiBs; the interpreter and imports alone ~100 MiB
 
 
 # ------------------------------------------------------------------------------------------------- S3 (agent)
@@ -110,7 +110,8 @@ def test_yaml_aliases_are_refused_before_anything_is_built(sim: Sim) -> None:
     assert len(bomb) < 1000
     _profile(sim, bomb)
     code = textwrap.dedent(f"""
-                from qubes_backup_dom0.cli import profile
+        import resource
+        from qubes_backup_dom0.cli import profile
         from qubes_backup_dom0.errors import UsageError
         from qubes_backup_dom0.qubes.system import System
         from pathlib import Path
@@ -163,7 +164,8 @@ def test_listing_has_an_overall_deadline(sim: Sim, monkeypatch: pytest.MonkeyPat
     ``list_deadline`` (here the byte allowance is set to 0, leaving 2 timeouts of 1 s)."""
     monkeypatch.setenv("QUBES_BACKUP_TIMEOUT", "1")
     monkeypatch.setattr(listing, "LIST_MAX_BYTES", 0)
-    entries = [frames.encode(FrameType.ENTRY, f"qubes-backup-2026-01-01T0000{i:02d}") for i in range(30)]
+    entries = [frames.encode(FrameType.ENTRY, f"qubes-backup-2026-01-01T0000{i:02d}", names.pack_list_entry(0, b""))
+               for i in range(30)]
     entries.append(frames.encode(FrameType.END))
     with pytest.raises(BackupError, match="did not finish answering within 2 s"):
         listing.list_backups(sim.system, "/home/user/backups", "backupvm", transport=_Drip(entries, 0.3))

@@ -49,7 +49,8 @@ def leftovers(sim: Sim) -> list[Path]:
 
 
 RESULT_RE = re.compile(
-    r"Backup written to: (.+) \(backup id ([0-9a-f]{32}), created (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ), (\d+) bytes\)"
+    r"Backup written to: (.+) \(backup id ([0-9a-f]{32}), created (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ), "
+    r"([0-9.]+ [KMGT]?i?B)\)"
 )
 
 

@@ -110,7 +110,7 @@ def test_without_a_terminal_nothing_that_grants_power_is_restored(tmp_path: Path
             ("sys-net", "property", "autostart"), ("sys-net", "property", "provides_network"),
             ("sys-net", "property", "virt_mode"), ("sys-firewall", "property", "autostart")} <= got  # fmt: skip
     warnings = [ln for ln in err.splitlines()
-                if ln.startswith("warning: VM ") and (" not restored (" in ln or " not restored: " in ln)]  # fmt: skip
+                if ln.startswith("qvm-backup-restore: warning: VM ") and (" not restored (" in ln or " not restored: " in ln)]  # fmt: skip
     assert len(warnings) == len(dropped), err
     assert any("pci device dom0:00_1f.6 (permissive=True)" in w and "--restore-devices" in w for w in warnings)
     never = {d["name"] for d in dropped if d["needs"] == "never"}

@@ -467,9 +467,9 @@ def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target],
     assert [(d.backend, d.ident, d.options) for d in block] == [(backend, ident, options)]
     assert WORK_TAG in q.tags("work")
     # an R4.2 qubesd has no notes: the backup's (made on R4.3) are skipped with a warning, not a failure
-    warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith("warning:"))
+    warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith("qvm-backup-restore: warning:"))
     assert warnings == ([] if release == "4.3" else sorted(
-        f"warning: VM {n}: notes not restored (this Qubes release has no notes)" for n in wanted))
+        f"qvm-backup-restore: warning: VM {n}: notes not restored (this Qubes release has no notes)" for n in wanted))
 
 
 # ------------------------------------------------------------------------------------- failing restores

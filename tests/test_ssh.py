@@ -275,7 +275,7 @@ def sshsim(sim: Sim, server: SshServer, **client: bool) -> SshSim:
 
 def written_name(stdout: str, url: str) -> str:
     m = re.fullmatch(rf"Backup written to: backupvm:{re.escape(url)}/({NAME_RE.pattern}) \(backup id [0-9a-f]{{32}}, "
-                     r"created [0-9TZ:-]+, [0-9]+ bytes\)", stdout.strip())  # fmt: skip
+                     r"created [0-9TZ:-]+, [0-9.]+ [KMGT]?i?B\)", stdout.strip())  # fmt: skip
     assert m, stdout
     return m.group(1)
 

@@ -32,7 +32,8 @@ class FrameType(enum.IntEnum):
     END = 17  # no more members
     ERROR = 18  # data: a short UTF-8 message
     DONE = 19  # data: where the backup was stored (qubes.Backup)
-    ENTRY = 20  # name: a backup file name; data: its backup-header member, or empty (qubes.Restore listing)
+    ENTRY = 20  # name: a backup file name; data: its size and backup-header member (qubes.Restore listing)
+    DAMAGED = 21  # data: a short UTF-8 message: the backup file is malformed (qubes.Restore), else as ERROR
 
 
 FrameHeader = Struct(

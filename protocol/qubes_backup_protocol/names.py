@@ -25,6 +25,20 @@ _QUBES_FILE_RE = re.compile(r"qubes-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}")
 LIST_REQUEST = "list"  # the LOCATION frame's name that asks qubes.Restore for a listing (PROTOCOL.md 5a)
 MAX_LIST_ENTRIES = 1000  # a listing holds at most this many backups (the newest, by name)
 MAX_LIST_HEADER = 4096  # an ENTRY frame carries at most this much of a backup's header member
+LIST_SIZE_LEN = 8  # an ENTRY's data starts with the file's size, 8 bytes big-endian (PROTOCOL.md 5a)
+MAX_LIST_ENTRY = LIST_SIZE_LEN + MAX_LIST_HEADER
+
+
+def pack_list_entry(size: int, header: bytes) -> bytes:
+    """An ENTRY frame's data: the file's size, then its header member's content (or nothing)."""
+    return size.to_bytes(LIST_SIZE_LEN, "big") + header
+
+
+def unpack_list_entry(data: bytes) -> tuple[int, bytes]:
+    """(size, header) of an ENTRY frame's data; ValueError if it cannot hold the size."""
+    if len(data) < LIST_SIZE_LEN:
+        raise ValueError(f"listing entry of {len(data)} bytes, shorter than its size field")
+    return int.from_bytes(data[:LIST_SIZE_LEN], "big"), bytes(data[LIST_SIZE_LEN:])
 
 
 def is_member_name(name: str) -> bool:

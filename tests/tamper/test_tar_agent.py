@@ -240,7 +240,8 @@ start = time.monotonic()
 proc = LocalFileTransport(folder, sandbox=sandbox).start("qubes.Restore", "dom0")
 ch = Channel(proc, timeout=20)
 ch.send(FrameType.LOCATION, "", b"/b.tar")
-frame = ch.recv({FrameType.ERROR: (0, frames.MAX_ERROR_LEN), FrameType.MEMBER: (64, 1 << 20)})
+frame = ch.recv({FrameType.ERROR: (0, frames.MAX_ERROR_LEN), FrameType.DAMAGED: (0, frames.MAX_ERROR_LEN),
+                 FrameType.MEMBER: (64, 1 << 20)})
 ch.close_input()
 _, status, usage = os.wait4(proc.pid, 0)
 print(json.dumps({"peak_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status),
@@ -269,7 +270,7 @@ def test_dom0_file_huge_extended_header_bounded_memory(tmp_path: Path, sandbox: 
     assert peak_mib < 100, f"agent peak RSS {peak_mib:.0f} MiB"
     assert got["seconds"] < 10
     assert got["rc"] != 0
-    assert got["type"] == "ERROR" and "non-regular member" in got["text"], got
+    assert got["type"] == "DAMAGED" and "non-regular member" in got["text"], got  # a malformed backup
 
 
 def test_dom0_file_valid_backup_still_verifies(world: World) -> None:

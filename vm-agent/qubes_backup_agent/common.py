@@ -19,12 +19,14 @@ def one_line(text: str) -> str:
     return line.encode("utf-8")[: frames.MAX_ERROR_LEN].decode("ascii", "ignore")
 
 
-def send_error(out: BinaryIO, message: str) -> None:
-    """Tell dom0 why we failed; a dom0 that already hung up is not an error worth reporting."""
+def send_error(out: BinaryIO, message: str, damaged: bool = False) -> None:
+    """Tell dom0 why we failed (``damaged``: the backup file itself is malformed, a DAMAGED frame); a dom0 that
+    already hung up is not an error worth reporting."""
     line = one_line(message)
     print(f"qubes-backup-agent: {line}", file=sys.stderr)
     try:
-        frames.write_frame(out, frames.FrameType.ERROR, "", line.encode("utf-8"))
+        ftype = frames.FrameType.DAMAGED if damaged else frames.FrameType.ERROR
+        frames.write_frame(out, ftype, "", line.encode("utf-8"))
         out.flush()
     except (BrokenPipeError, ConnectionResetError, ValueError):
         silence(out)

@@ -1,11 +1,11 @@
 """qubes.Restore's listing request (docs/PROTOCOL.md section 5a): which backups a directory holds.
 
 For each regular file named like a backup (``names.is_listed_file_name``: as dom0 names ours, or as Qubes OS'
-own qvm-backup names its backups in a dom0 directory), the last MAX_LIST_ENTRIES by name, one ENTRY frame:
-the file name and the content of its first member when that is a ``backup-header`` of at most
-MAX_LIST_HEADER bytes (else empty; a pax header before it, as GNU tar --posix writes for Qubes' backups, is
-read as ``outer_tar`` allows).  Then END.  Nothing here is trusted by dom0: it parses the
-header text strictly and shows it as unauthenticated.
+own qvm-backup names its backups in a dom0 directory), the newest MAX_LIST_ENTRIES by name, one ENTRY frame:
+the file name, and its size (8 bytes) followed by the content of its first member when that is a
+``backup-header`` of at most MAX_LIST_HEADER bytes (else nothing; a pax header before it, as GNU tar --posix
+writes for Qubes' backups, is read as ``outer_tar`` allows).  Then END.  Nothing here is trusted by dom0: it
+parses the header text strictly and shows it as unauthenticated.
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ def serve_listing(location: str, root: Path, out: BinaryIO) -> None:
     if loc.kind != "path" or loc.path is None or not loc.path.is_dir():
         raise StorageError(f"listing backups needs a directory in the backup VM: {location}")
     for name in backup_files(loc.path, root):
-        frames.write_frame(out, FrameType.ENTRY, name, header_member(loc.path / name, root))
+        try:
+            size = os.lstat(loc.path / name).st_size
+        except OSError:
+            continue  # gone since it was listed
+        entry = names.pack_list_entry(size, header_member(loc.path / name, root))
+        frames.write_frame(out, FrameType.ENTRY, name, entry)
     frames.write_frame(out, FrameType.END)
     out.flush()

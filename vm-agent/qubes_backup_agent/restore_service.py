@@ -23,7 +23,7 @@ from qubes_backup_protocol.frames import FrameType
 
 from . import confine
 from .common import EXIT_FAILED, EXIT_OK, install_signal_handlers, send_error, silence
-from .outer_tar import MAX_MEMBER_SIZE, Member, OuterReader, TruncatedError
+from .outer_tar import MAX_MEMBER_SIZE, Member, OuterReader, TarError, TruncatedError
 from .storage import StorageError, classify
 from .storage.command import CommandSource
 from .storage.directory import open_file
@@ -156,7 +156,9 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         print(f"qubes-backup-agent: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except StorageError as exc:
-        send_error(stdout, str(exc))
+        # TarError: the backup is malformed (dom0: "the backup is damaged", exit 3), unless a hook command gave
+        # the bytes: its failure (a dead connection) looks just like that, so it stays a plain failure.
+        send_error(stdout, str(exc), damaged=isinstance(exc, TarError) and source is None)
         return EXIT_FAILED
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")

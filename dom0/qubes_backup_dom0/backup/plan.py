@@ -44,6 +44,7 @@ class PlannedArchive(ArchiveSizes):
     files: list[tarwriter.InnerFile]
     volumes: list[PlannedVolume] = field(default_factory=list)  # the files read from pools
     remover: pools.SnapshotRemover | None = None  # removes the volumes' lvm snapshots together
+    running: bool = False  # the VM runs: its committed state (from before its start) is backed up
 
     def release(self) -> None:
         """Release the volumes (close their readers), then remove their snapshots in one lvm call; idempotent."""
@@ -62,6 +63,7 @@ class BackupPlan:
     archives: list[PlannedArchive] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # files whose names cannot be stored safely
     qubes: Qubes | None = None
+    not_selected: list[str] = field(default_factory=list)  # VMs of the system left out (Qubes lists them)
 
     def close(self) -> None:
         """Release every volume still held since planning (snapshots removed); idempotent.  The backup
@@ -332,6 +334,8 @@ def plan_backup(
     else:
         chosen = [d for d in collection.domains if d.include_in_backups and d.name not in exclude]
     plan = BackupPlan(system, collection, qubes=qubes)
+    chosen_names = {d.name for d in chosen}
+    plan.not_selected = sorted(n for n in vm_states if n not in chosen_names)
     if any(d.klass == "AdminVM" for d in chosen):
         plan.archives.append(PlannedArchive("vm0", "dom0", "home", "AdminVM", _home_files(system, plan.skipped)))
     vms = [d for d in chosen if d.klass != "AdminVM"]
@@ -346,6 +350,7 @@ def plan_backup(
                 archive = PlannedArchive(names.archive_name(number), dom.name, "vm", dom.klass, [])
                 plan.archives.append(archive)
                 state = vm_states[dom.name][1]
+                archive.running = state != "Halted"
                 jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
                                                   archive)))  # fmt: skip
             for archive, job in jobs:

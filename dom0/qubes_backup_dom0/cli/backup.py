@@ -22,13 +22,15 @@ from qubes_backup_dom0.cli.common import (
     check_text_arg,
     confirm,
     emit_json,
+    guard_output,
     human,
     raise_interrupt,
     run_cli,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.listing import check_directory
-from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE, read_passphrase
+from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE, read_passphrase, short_passphrase
 from qubes_backup_dom0.cli.profile import (
     PLAINTEXT_WARNING,
     PROFILE_DIR,
@@ -39,7 +41,7 @@ from qubes_backup_dom0.cli.profile import (
     save_profile,
 )
 from qubes_backup_dom0.cli.progress import Progress
-from qubes_backup_dom0.errors import UsageError
+from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.header import (
     CHUNK_MAX,
     CHUNK_MIN,
@@ -93,18 +95,28 @@ def parser() -> ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     add_version(p)
     p.add_argument("location", metavar="LOCATION", nargs="?",
-                   help="directory (in the backup VM with -d), or a command; not with --profile")  # fmt: skip
+                   help="directory (in the backup VM with -d), s3://BUCKET/PREFIX, ssh://[USER@]HOST[:PORT]/DIR or a "
+                   "command; not with --profile")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*",
                    help="VMs to back up, @tag:NAME, @type:CLASS (default: all with include_in_backups)")  # fmt: skip
     return p
 
 
+RUNNING_NOTE = "running: its state from before its start is backed up"
+
+
 def summary(plan: BackupPlan, verbose: bool) -> str:
-    rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)] for a in plan.archives]
-    rows.append(["Total", "", human(plan.size), human(plan.data)])
-    text = table(["VM", "class", "size", "to back up"], rows)
+    """The table Qubes' qvm-backup shows before asking, with its notes: a running VM is backed up as it was
+    before its start (its committed volumes), and the VMs not selected are listed."""
+    running = any(a.running for a in plan.archives)
+    rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)]
+            + ([RUNNING_NOTE if a.running else ""] if running else []) for a in plan.archives]  # fmt: skip
+    rows.append(["Total", "", human(plan.size), human(plan.data)] + ([""] if running else []))
+    text = table(["VM", "class", "size", "to back up"] + (["note"] if running else []), rows)
     for path in plan.skipped:
         text += f"\nskipped (control characters in the file name): {safe_text(path)}"
+    if plan.not_selected:
+        text += "\nVMs not selected for backup:\n" + "\n".join(f" - {safe_text(n)}" for n in plan.not_selected)
     if verbose:
         text += "\n" + "\n".join(f"  {f.path} ({human(f.size)}, {human(f.data)} data)" for a in plan.archives
                                  for f in a.files)  # fmt: skip
@@ -116,6 +128,7 @@ def _shown(a: PlannedArchive) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_output()
     p = parser()
     args_list = sys.argv[1:] if argv is None else argv
     if "--json" in args_list:
@@ -178,7 +191,7 @@ def _check_destination(system: System, qubes: Qubes, job: Job) -> None:
     if job.dest_vm is None:
         path = system.dom0_path(job.location)
         if not _is_command(job.location) and not path.is_dir():
-            raise UsageError(f"directory {job.location} does not exist in dom0")
+            raise BackupError(f"directory {job.location} does not exist in dom0")
         return
     if job.dest_vm not in qubes.vm_list():
         raise UsageError(f"no such VM: {job.dest_vm} (the backup VM given with -d)")
@@ -266,11 +279,16 @@ def _confirm_and_run(args: argparse.Namespace, system: System, job: Job, options
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     for warning in warnings:
-        print(f"qvm-backup: warning: {warning}", file=sys.stderr)
+        warn(warning)
     if not confirm("Do you want to proceed with the backup?", args.yes):
-        print("Backup cancelled.", file=sys.stderr)
-        return 1
+        print("Backup cancelled.", file=sys.stderr)  # "no" is no failure (exit 0), as in Qubes' qvm-backup
+        if args.json:
+            emit_json(report.cancelled_document("backup"))
+        return 0
     passphrase = _passphrase(system, args, job)
+    short = short_passphrase(passphrase)
+    if short is not None:
+        warn(short)
     if args.save_profile:
         _save(system, args, job, passphrase)
     return _execute(system, args, job, plan, options, passphrase, log)
@@ -284,7 +302,7 @@ def _save(system: System, args: argparse.Namespace, job: Job, passphrase: bytes)
     prof = Profile(args.save_profile, job.vms or None, job.exclude, job.dest_vm, location, job.compression,
                    passphrase.decode("utf-8"))  # fmt: skip
     save_profile(system, prof)
-    print(f"qvm-backup: warning: {PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf", file=sys.stderr)
+    warn(f"{PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf")
 
 
 def _execute(system: System, args: argparse.Namespace, job: Job, plan: BackupPlan, options: BackupOptions,
@@ -302,7 +320,7 @@ def _execute(system: System, args: argparse.Namespace, job: Job, plan: BackupPla
     finally:
         bar.close()
     for warning in result.warnings:
-        print(f"qvm-backup: warning: {safe_text(warning, limit=400)}", file=sys.stderr)
+        warn(safe_text(warning, limit=400))
     elapsed = max(time.monotonic() - start, 1e-9)
     log(
         f"Backed up {what_backed_up(plan)}, {human(plan.data)} of data in {elapsed:.1f} s "
@@ -328,7 +346,7 @@ def what_backed_up(plan: BackupPlan) -> str:
 def result_line(result: BackupResult) -> str:
     return (
         f"Backup written to: {result.location} (backup id {result.backup_id}, created {result.created}, "
-        f"{result.size} bytes)"
+        f"{human(result.size)})"
     )
 
 

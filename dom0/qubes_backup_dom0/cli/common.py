@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.text import printable
@@ -32,11 +33,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def warn(text: str) -> None:
-    """One ``warning:`` line on stderr; its text may come from a backup or a VM, so it is neutralised."""
-    print(f"warning: {printable(text)}", file=sys.stderr)
-
-
 def confirm(question: str, assume_yes: bool) -> bool:
     """Ask on stderr (stdout may carry a JSON document); anything but y/yes is no, so is Ctrl-D."""
     if assume_yes:
@@ -52,6 +48,11 @@ def confirm(question: str, assume_yes: bool) -> bool:
     return line.strip().lower() in ("y", "yes")
 
 
+def warn(text: str) -> None:
+    """One warning line on stderr, ``PROG: warning: TEXT`` (text that may come from a backup made printable)."""
+    print(f"{prog()}: warning: {printable(text)}", file=sys.stderr)
+
+
 def check_text_arg(value: str, what: str) -> str:
     """A command-line argument that is sent to a VM or into a backup must be valid UTF-8 (usage error)."""
     try:
@@ -59,6 +60,52 @@ def check_text_arg(value: str, what: str) -> str:
     except UnicodeEncodeError:
         raise UsageError(f"{what} is not valid UTF-8 text") from None
     return value
+
+
+class _ClosedSafe:
+    """A text stream whose reader may go away (``qvm-backup … | head -1``, a closed journal pipe): a write that
+    finds the pipe closed points the descriptor at /dev/null and the command goes on, so a finished backup is
+    not turned into a failure (or an internal error) by a reader that stopped reading.  Everything else is the
+    wrapped stream's."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+            self._stream.flush()  # what was buffered goes to /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def guard_output() -> None:
+    """Both commands, first thing: stdout and stderr survive a reader that closed them (``_ClosedSafe``)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _ClosedSafe):
+            try:
+                stream.fileno()
+            except (OSError, ValueError, AttributeError):  # not a real file (a test's capture): leave it
+                continue
+            setattr(sys, name, _ClosedSafe(stream))
 
 
 def raise_interrupt(signum: int, frame: object) -> None:

@@ -1,7 +1,7 @@
 """Which backups a location holds, from each one's header -- NOT authenticated (docs/PROTOCOL.md 5a).
 
-The backup VM answers a listing request with one ENTRY frame per backup file (its name and the content of
-its header member) and END.  dom0 bounds every frame, checks each name against the backup file name grammar
+The backup VM answers a listing request with one ENTRY frame per backup file (its name, its size and the
+content of its header member) and END.  dom0 bounds every frame, checks each name against the backup file name grammar
 (ours, ``qubes-backup-YYYY-MM-DDTHHMMSS``, or the name Qubes OS' own qvm-backup gives a backup in a dom0
 directory, ``qubes-YYYY-MM-DDTHHMMSS``) and parses each header with the strict header parser
 (``header.parse``: the same grammar and ceilings as a restore; it also recognises Qubes' own format).  No
@@ -13,19 +13,19 @@ unverified: it helps a user notice a missing or an out-of-place newest backup, i
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qubes_backup_protocol import names
 from qubes_backup_protocol.frames import MAX_ERROR_LEN, Frame, FrameType, ProtocolError, safe_text
 
-from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
+from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import MIN_RATE, Channel, LocalFileTransport, Transport, make_transport
 
 _LIMITS = {
-    FrameType.ENTRY: (names.MAX_NAME_LEN, names.MAX_LIST_HEADER),
+    FrameType.ENTRY: (names.MAX_NAME_LEN, names.MAX_LIST_ENTRY),
     FrameType.END: (0, 0),
     FrameType.ERROR: (0, MAX_ERROR_LEN),
 }
@@ -49,6 +49,7 @@ class Listed:
     compression: str | None = None
     problem: str | None = None  # why no header could be read (not a backup, damaged, Qubes' own format)
     format: str | None = None  # what the header says: "qubes-backup" (ours), "qubes-os" (Qubes' own), None
+    size: int | None = None  # the file's size, as the backup VM reports it
 
     @property
     def name_mismatch(self) -> str | None:
@@ -75,7 +76,7 @@ def _open(system: System, location: str, source_vm: str | None, transport: Trans
         return channel
     path = system.dom0_path(location)
     if not path.is_dir():
-        raise UsageError(f"directory {location} does not exist in dom0")
+        raise BackupError(f"directory {location} does not exist in dom0")
     channel = Channel((transport or LocalFileTransport(path)).start("qubes.Restore", "dom0"), vm="dom0")
     channel.send(FrameType.LOCATION, names.LIST_REQUEST, shlex.quote("/").encode())
     return channel
@@ -109,7 +110,11 @@ def list_backups(system: System, location: str, source_vm: str | None = None,
                 raise VerificationError(f"backup VM lists more than {names.MAX_LIST_ENTRIES} backups")
             if frame.name in {f.name for f in found[-1:]} or (found and frame.name < found[-1].name):
                 raise VerificationError("backup VM sent a listing out of order or with duplicates")
-            found.append(_parse_entry(frame.name, bytes(frame.data)))
+            try:
+                size, header = names.unpack_list_entry(bytes(frame.data))
+            except ValueError as exc:
+                raise VerificationError(f"backup VM sent a malformed listing: {exc}") from None
+            found.append(replace(_parse_entry(frame.name, header), size=size))
         if channel.read(1):
             raise VerificationError("backup VM sent data after the end of the listing")
         channel.wait()
@@ -126,3 +131,10 @@ def check_directory(system: System, location: str, source_vm: str, transport: Tr
         _recv(channel)
     finally:
         channel.close()
+
+
+def newest(found: list[Listed]) -> Listed | None:
+    """The newest backup of a listing in this format: the latest creation time its header claims (the file name
+    breaks a tie).  Not authenticated: restoring it verifies it, and shows its id and authenticated time."""
+    ours = [f for f in found if f.backup_id is not None and f.created is not None]
+    return max(ours, key=lambda f: (f.created or "", f.name), default=None)

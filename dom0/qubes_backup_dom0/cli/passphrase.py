@@ -9,6 +9,16 @@ import sys
 from qubes_backup_dom0.errors import BackupError, UsageError
 
 MAX_PASSPHRASE = 1024
+SHORT_PASSPHRASE = 12  # characters: below this a new backup's passphrase gets a warning
+
+
+def short_passphrase(phrase: bytes) -> str | None:
+    """The warning for a new backup's passphrase shorter than SHORT_PASSPHRASE characters, else None."""
+    n = len(phrase.decode("utf-8", "replace"))
+    if n >= SHORT_PASSPHRASE:
+        return None
+    return (f"the passphrase has only {n} character{'s' if n != 1 else ''}: anyone with a copy of this backup can "
+            f"try passphrases without limit; use {SHORT_PASSPHRASE} or more characters (a few words)")
 
 
 def _strip_line(raw: bytes) -> bytes:

@@ -31,7 +31,7 @@ MAX_PROFILE = 64 * 1024
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 COMPRESSIONS = {"zstd": "zstd", "gzip": "gzip", "none": "none"}
 # Qubes Manager's words (qubes-manager ui/backupdlg.ui), with our file location.
-PLAINTEXT_WARNING = "WARNING: Passphrase will be saved in dom0 in plain text."
+PLAINTEXT_WARNING = "Passphrase will be saved in dom0 in plain text."  # Qubes' words (it adds "WARNING: ")
 
 
 @dataclass(frozen=True)

@@ -96,9 +96,11 @@ def _home(plan: RestorePlan, files: bool) -> dict[str, Any] | None:
 
 
 def list_document(plan: RestorePlan, name_mismatch: str | None) -> dict[str, Any]:
+    """What the backup holds; only the VMs asked for (VM arguments, -x) when some were."""
     return {"version": JSON_VERSION, "command": "list", "ok": True, "backup": _backup(plan),
-            "vms": _vms(plan, files=True), "dom0_home": _home(plan, files=True),
-            "size": sum(a.size for a in plan.manifest.archives), "data": sum(a.data for a in plan.manifest.archives),
+            "vms": [v for v, a in zip(_vms(plan, files=True), plan.vms, strict=True) if a.restore],
+            "dom0_home": _home(plan, files=True) if plan.home is not None else None,
+            "size": sum(a.size for a in plan.wanted), "data": sum(a.data for a in plan.wanted),
             "warnings": [name_mismatch] if name_mismatch else []}  # fmt: skip
 
 
@@ -127,22 +129,23 @@ def backups_document(where: str, found: Sequence[Listed]) -> dict[str, Any]:
     return {"version": JSON_VERSION, "command": "list-backups", "ok": True, "location": where,
             "authenticated": False,
             "backups": [{"name": f.name, "format": f.format, "id": f.backup_id, "created": f.created,
-                         "compression": f.compression, "problem": f.problem,
+                         "compression": f.compression, "size": f.size, "problem": f.problem,
                          "name_time_mismatch": f.name_mismatch} for f in found]}  # fmt: skip
 
 
 def backup_document(result: Any, elapsed: float, dest_vm: str | None, home_user_name: str) -> dict[str, Any]:
     """qvm-backup --json (``result``: api.BackupResult)."""
     plan = result.plan
-    vms = [{"name": a.vm, "class": a.klass, "size": a.size, "data": a.data} for a in plan.archives
-           if a.kind == "vm"]  # fmt: skip
+    vms = [{"name": a.vm, "class": a.klass, "size": a.size, "data": a.data, "running": a.running}
+           for a in plan.archives if a.kind == "vm"]  # fmt: skip
     home = next(({"user": home_user_name, "size": a.size, "data": a.data} for a in plan.archives
                  if a.kind == "home"), None)  # fmt: skip
     return {"version": JSON_VERSION, "command": "backup", "ok": True, "location": result.location,
             "dest_vm": dest_vm, "backup": {"id": result.backup_id, "created": result.created,
                                            "compression": result.header.compression,
                                            "chunk_size": result.header.chunk_size},
-            "vms": vms, "dom0_home": home, "size": plan.size, "data": plan.data, "sent": result.size,
-            "elapsed_seconds": round(elapsed, 3), "warnings": list(result.warnings)}  # fmt: skip
+            "vms": vms, "dom0_home": home, "not_selected": list(plan.not_selected), "size": plan.size,
+            "data": plan.data, "sent": result.size, "elapsed_seconds": round(elapsed, 3),
+            "warnings": list(result.warnings)}  # fmt: skip
 
 

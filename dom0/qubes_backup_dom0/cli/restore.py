@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable
+
+from qubes_backup_protocol import names
 
 from qubes_backup_dom0.cli import qubes_tools, report, settings
 from qubes_backup_dom0.cli.common import (
@@ -22,6 +25,7 @@ from qubes_backup_dom0.cli.common import (
     confirm,
     emit_json,
     error_document,
+    guard_output,
     human,
     prog,
     raise_interrupt,
@@ -29,7 +33,7 @@ from qubes_backup_dom0.cli.common import (
     table,
     warn,
 )
-from qubes_backup_dom0.cli.listing import list_backups
+from qubes_backup_dom0.cli.listing import Listed, list_backups, newest
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.progress import Progress
 from qubes_backup_dom0.errors import BackupError, UsageError
@@ -78,6 +82,9 @@ def parser() -> ArgumentParser:
     p.add_argument("--skip-dom0-home", action="store_true", help="do not restore dom0's home directory")
     p.add_argument("--ignore-username-mismatch", action="store_true",
                    help="restore a dom0 home backed up from another user name (into a new directory)")  # fmt: skip
+    p.add_argument("--latest", action="store_true",
+                   help="LOCATION is a directory: use its newest backup (by the time its header claims; verified "
+                   "as it is read)")  # fmt: skip
     p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
                    help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
     p.add_argument("--restore-devices", action="store_true",
@@ -107,7 +114,8 @@ def parser() -> ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     add_version(p)
     p.add_argument("location", metavar="LOCATION",
-                   help="backup file (in the backup VM with -d) or command; --list-backups: a directory")  # fmt: skip
+                   help="backup file (in the backup VM with -d), s3://BUCKET/KEY, ssh://[USER@]HOST[:PORT]/FILE or "
+                   "a command; a directory: its backups are listed (--latest: its newest is used)")  # fmt: skip
     p.add_argument("vms", metavar="VM", nargs="*", help="VMs to restore (default: all)")
     return p
 
@@ -119,29 +127,37 @@ def backup_id_arg(value: str) -> str:
     return value.lower()
 
 
+DEFAULT_LEGEND = ("(NAME): not set on the VM, it uses the default: NAME where it was backed up; restored, it "
+                  "follows this system's default")  # fmt: skip
+
+
 def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> str:
     h, m = plan.header, plan.manifest
     lines = [f"Backup {h.backup_id.hex()} made {h.created} ({h.compression}, {len(m.archives)} archive(s))"]
     heads = ["VM", "class", "template", "netvm", "size", "data"] + (["action"] if actions else [])
     rows = []
-    for v in plan.vms:
+    # --list (no actions) shows what was asked for (VM arguments, -x): the other rows would all say "skip"
+    for v in (v for v in plan.vms if actions or v.restore):
         data = human(v.archive.data) if v.archive is not None else "-"
         rows.append([v.name, v.klass, v.template or "-", v.netvm or "-", human(v.size), data]
                     + ([v.action] if actions else []))  # fmt: skip
     home = next((a for a in m.archives if a.kind == "home"), None)
-    if home is not None:
-        action = f"restore to ~/{plan.home_target}" if plan.home is not None else "skip"
+    if home is not None and (actions or plan.home is not None):
+        action = "skip" if plan.home is None else "verify" if plan.verify_only else f"restore to ~/{plan.home_target}"
         rows.insert(0, [f"dom0 home ({home_user(m) or '?'})", "-", "-", "-", human(home.size), human(home.data)]
                     + ([action] if actions else []))  # fmt: skip
     lines.append(table(heads, rows))
+    if any(r[2].startswith("(") or r[3].startswith("(") for r in rows):
+        lines.append(DEFAULT_LEGEND)
     if verbose:
-        for a in m.archives:
+        for a in (m.archives if actions else plan.wanted):
             who = "dom0 home" if a.kind == "home" else a.vm
             lines += [f"  {who}: {f.path} ({f.type}, {human(f.size)}, {human(f.data)} data)" for f in a.files]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_output()
     p = parser()
     args_list = sys.argv[1:] if argv is None else argv
     if "--json" in args_list:
@@ -208,6 +224,7 @@ def _run(args: argparse.Namespace) -> int:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     if args.list_backups:
         return _list_backups(system, args, source_vm)
+    args.location = _backup_in_directory(system, args, source_vm, log)
     options = RestoreOptions(
         vms=tuple(args.vms), exclude=tuple(args.exclude), verify_only=args.verify_only or args.list,
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
@@ -309,14 +326,60 @@ def _list_backups(system: System, args: argparse.Namespace, source_vm: str | Non
     if args.json:
         emit_json(report.backups_document(where, found))
         return 0
-    print(f"Backups in {where}: {len(found)} (ids and times as their headers claim them: NOT authenticated; "
-          "--list or --verify-only of one backup verifies it)")  # fmt: skip
-    rows = []
-    for f in found:
-        note = f.problem or ("name and time disagree" if f.name_mismatch else "")
-        rows.append([f.name, f.backup_id or "-", f.created or "-", f.compression or "-", note])
-    print(table(["file", "backup id (unverified)", "created (unverified)", "compression", "note"], rows))
+    print(backups_table(where, found))
     return 0
+
+
+def backups_table(where: str, found: list[Listed]) -> str:
+    """The backups of a directory, newest first, as their headers claim them."""
+    rows = []
+    for f in reversed(found):
+        note = f.problem or ("name and time disagree" if f.name_mismatch else "")
+        size = human(f.size) if f.size is not None else "-"
+        rows.append([f.name, f.backup_id or "-", f.created or "-", size, f.compression or "-", note])
+    heads = ["file", "backup id (unverified)", "created (unverified)", "size", "compression", "note"]
+    return (f"Backups in {where}: {len(found)}, newest first (ids and times as their headers claim them: NOT "
+            f"authenticated; --list or --verify-only of one backup verifies it)\n{table(heads, rows)}")  # fmt: skip
+
+
+def _may_be_directory(system: System, location: str, source_vm: str | None) -> bool:
+    if source_vm is None:
+        return system.dom0_path(location).is_dir()
+    return _is_path(location) and not names.is_backup_file_name(location.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _is_path(location: str) -> bool:
+    """One word that is not a URL: a path in the backup VM (a command or s3://, ssh:// is no directory)."""
+    try:
+        return len(shlex.split(location)) == 1 and "://" not in location
+    except ValueError:
+        return False
+
+
+def _backup_in_directory(system: System, args: argparse.Namespace, source_vm: str | None, log: Log) -> str:
+    """LOCATION as a directory: with --latest its newest backup; without, what it holds is shown and the user is
+    asked to choose (a usage error).  A location that is no directory is returned as it is."""
+    where = f"{source_vm}:{args.location}" if source_vm else args.location
+    if not args.latest:
+        if not _may_be_directory(system, args.location, source_vm):
+            return str(args.location)
+        try:
+            found = list_backups(system, args.location, source_vm)
+        except BackupError:  # a file, or nothing: the restore says which
+            return str(args.location)
+        if not args.json:
+            print(backups_table(where, found))
+        raise UsageError(f"{where} is a directory: give one of the {len(found)} backups it holds as LOCATION, or "
+                         "add --latest to use the newest")  # fmt: skip
+    if (source_vm is None and not system.dom0_path(args.location).is_dir()) or \
+            (source_vm is not None and not _is_path(args.location)):  # fmt: skip
+        raise UsageError(f"--latest needs a directory as LOCATION: {args.location}")
+    chosen = newest(list_backups(system, args.location, source_vm))
+    if chosen is None:
+        raise BackupError(f"no backup in {where} (qvm-backup-restore --list-backups shows what it holds)")
+    log(f"Newest backup in {where}: {chosen.name} (backup id {chosen.backup_id}, created {chosen.created}, as "
+        "its header claims: verified as it is read)")  # fmt: skip
+    return f"{str(args.location).rstrip('/')}/{chosen.name}"
 
 
 if __name__ == "__main__":

@@ -24,14 +24,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pwd
 import shlex
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from qubes_backup_dom0.errors import BackupError, NeedsRoot
+from qubes_backup_dom0.qubes.dom0user import real_user, sim_user
 
 QUBES_ROOT = "/var/lib/qubes"
 REAL_ADMIN_SOCKET = "/var/run/qubesd.sock"
@@ -119,6 +119,7 @@ class System:
     dev_dir_override: str | None = None
     dmsetup_override: str | None = None
     thin_dump_override: str | None = None
+    home: str | None = None  # dom0's home as passwd says (a dom0 path); None: /home/USER
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> System:
@@ -129,9 +130,10 @@ class System:
         sim = env.get("QUBES_SIM")
         if sim:
             sim_dir = Path(sim).resolve()
-            return cls(sim_dir, sim_dir / "dom0", env.get("QUBES_SIM_USER", "user"), *overrides)
-        user = env.get("SUDO_USER") or env.get("USER") or pwd.getpwuid(os.getuid()).pw_name
-        return cls(None, Path("/"), user, *overrides)
+            found = sim_user(env, sim_dir / "dom0")
+            return replace(cls(sim_dir, sim_dir / "dom0", found.name, *overrides), home=found.home)
+        found = real_user(env)  # as Qubes finds it: qubes/dom0user.py
+        return replace(cls(None, Path("/"), found.name, *overrides), home=found.home)
 
     # -- endpoints ----------------------------------------------------------------------------------------
     def admin_socket(self, start: bool = True) -> Path:
@@ -240,7 +242,7 @@ class System:
 
     @property
     def home_dir(self) -> Path:
-        return self.dom0_root / "home" / self.user
+        return self.dom0_path(self.home) if self.home else self.dom0_root / "home" / self.user
 
     def vm_root(self, name: str) -> Path:
         """The filesystem root of VM ``name`` in simulation."""

@@ -55,6 +55,7 @@ class VmAction:
     reason: str = ""
     notes: list[str] = field(default_factory=list)
     replace_refs: dict[str, str | None] = field(default_factory=dict)  # property -> new value (None: default)
+    verify: bool = False  # --verify-only: the archive is verified, nothing of this system is looked at
 
     @property
     def target_name(self) -> str:
@@ -64,6 +65,8 @@ class VmAction:
     def action(self) -> str:
         if not self.restore:
             return f"skip: {self.reason}"
+        if self.verify:
+            return "verify"
         text = f"restore as {self.new_name}" if self.new_name else "restore"
         return "; ".join([text, *self.notes])
 
@@ -78,6 +81,7 @@ class RestorePlan:
     home_target: str | None
     errors: list[str]
     settings: risk.Settings = field(default_factory=risk.Settings)  # what grants power, and what is granted
+    verify_only: bool = False  # every archive is verified, nothing restored
 
     @property
     def wanted(self) -> list[manifest_mod.ArchiveEntry]:
@@ -140,7 +144,11 @@ def plan_restore(
             raise UsageError(f"VM {name} is not in this backup")
     errors: list[str] = []
     actions = _decide(target, backup, manifest, options, errors)
-    _check_dependencies(target, backup, actions, options, errors)
+    if options.verify_only:  # verifying writes nothing: this system's VMs and defaults do not matter
+        for act in actions:
+            act.verify = True
+    else:
+        _check_dependencies(target, backup, actions, options, errors)
     renames = {a.name: a.new_name for a in actions if a.restore and a.new_name}
     for act in actions:  # the table shows the references as they will be here
         if act.restore:
@@ -160,7 +168,7 @@ def plan_restore(
         settings = _settings(target, backup, actions, options)
         if target.managers:
             errors.insert(0, risk.managers_error(list(target.managers)))
-    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors, settings)
+    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors, settings, options.verify_only)
 
 
 def _settings(target: TargetSystem, backup: Collection, actions: list[VmAction],

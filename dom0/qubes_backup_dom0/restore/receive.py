@@ -35,6 +35,7 @@ def _member_limits(max_data: int) -> dict[FrameType, tuple[int, int]]:
     return {
         FrameType.MEMBER: (names.MAX_NAME_LEN, max_data),
         FrameType.ERROR: (0, MAX_ERROR_LEN),
+        FrameType.DAMAGED: (0, MAX_ERROR_LEN),
         FrameType.END: (0, 0),
     }
 
@@ -79,7 +80,7 @@ class Receiver:
         # only sees frames.
         path = self.system.dom0_path(self.location)
         if not path.is_file():
-            raise UsageError(f"backup file {self.location} does not exist in dom0")
+            raise BackupError(f"backup file {self.location} does not exist in dom0")
         from qubes_backup_dom0.qubes.transport import LocalFileTransport
 
         transport = self.transport or LocalFileTransport(path.parent)
@@ -117,6 +118,8 @@ class Receiver:
             raise VerificationError("the backup ends too early (truncated, or the backup VM stopped)")
         if frame.type == FrameType.ERROR:
             raise BackupError(f"backup VM reports: {safe_text(frame.data)}")
+        if frame.type == FrameType.DAMAGED:  # its reader found the file malformed: as a failed MAC, exit 3
+            raise VerificationError(f"the backup is damaged: backup VM reports: {safe_text(frame.data)}")
         return frame
 
     def _expect(self, name: str, max_data: int) -> bytes:
