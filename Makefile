@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SIM    ?= demo-sim
 FUZZ_SECONDS ?= 600
 
-.PHONY: venv dev test demo lint bench bench-smoke profile fuzz install-dom0 install-vm uninstall-dom0 uninstall-vm clean
+.PHONY: venv dev test demo lint bench bench-smoke profile fuzz packages install-dom0 install-vm uninstall-dom0 uninstall-vm clean
 
 # venv: the four packages and what they import (all `make demo` needs); dev: also the test tools
 # (requirements-dev.txt: pytest, hypothesis, ruff, mypy, boto3, moto) for `make test`, `make lint`.
@@ -52,6 +52,12 @@ fuzz: dev
 	$(BIN)/pip install -q atheris || { echo "atheris does not install here"; exit 1; }
 	$(BIN)/python tests/fuzz/atheris_frames.py -max_total_time=$(FUZZ_SECONDS)
 
+# The packages of a release, into dist/: qubes-backup-agent_VERSION_all.deb and qubes-backup-agent-VERSION-1.noarch.rpm
+# (templates), qubes-backup-dom0-VERSION-1.noarch.rpm (dom0).  Needs rpm, debhelper, dh-python (bash .ci/run installs
+# them); docs/INSTALL.md says how they go into dom0 and a template.
+packages:
+	$(PYTHON) packaging/build.py
+
 # On a real Qubes system (docs/INSTALL.md): `make install-dom0` in dom0, `make install-vm` in the backup VM.
 # Nothing is installed over a file of Qubes' own packages (/usr/bin/qvm-backup*, /etc/qubes-rpc/qubes.*), nothing
 # goes through pip or the network, DESTDIR and PREFIX apply to every file; scripts/install.py keeps a manifest
@@ -82,4 +88,4 @@ uninstall-vm:
 	$(INSTALL) uninstall vm
 
 clean:
-	rm -rf $(VENV) $(SIM) bench-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SIM) bench-out .pytest_cache .ruff_cache build dist

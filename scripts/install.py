@@ -78,10 +78,10 @@ def packages(side: str) -> list[str]:
     """Source package directories (relative to the repo) a side needs."""
     pkgs = ["protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent"]
     if side == "dom0":
-        # dom0 restores from a dom0 file by running the agent's qubes.Restore itself (transport.py), so the agent
-        # comes too.  The simulator (sim/, for QUBES_SIM) is installed when this tree has it.
+        # dom0 restores from a dom0 file by running the agent's qubes.Restore itself (qubes/transport.py), so the
+        # agent comes too.  Never the simulator: the installed commands reach a simulated system (QUBES_SIM) through
+        # the endpoints its generator wrote (DIR/sim-endpoints.json), as they reach a real dom0's.
         pkgs.insert(1, "dom0/qubes_backup_dom0")
-        pkgs += [str(p.relative_to(REPO)) for p in sorted(REPO.glob("sim/qubes_backup_*")) if p.is_dir()]
     return pkgs
 
 
@@ -93,14 +93,11 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
         for src in sorted((REPO / pkg).rglob("*.py")):
             if "__pycache__" not in src.parts:
                 files[f"{lib}/{src.relative_to(REPO)}"] = (src.read_bytes(), 0o644)
-        for src in sorted((REPO / pkg / "rpc").glob("*")):  # the simulator's services (scripts, no .py)
-            if src.is_file():
-                files[f"{lib}/{src.relative_to(REPO)}"] = (src.read_bytes(), 0o755)
     for service in ("qubes.Backup", "qubes.Restore"):
         files[f"{lib}/rpc-policy/{service}"] = ((REPO / "rpc-policy" / service).read_bytes(), 0o755)
     if side == "dom0":
         rel = os.path.relpath(lib, a.bindir)
-        dirs = ("protocol", "dom0", "sim")
+        dirs = ("protocol", "dom0")
         for name, module in (("qvm-backup", "qubes_backup_dom0.cli.backup"),
                              ("qvm-backup-restore", "qubes_backup_dom0.cli.restore")):  # fmt: skip
             text = COMMAND.format(python=a.python, name=name, rel=rel, dirs=dirs, module=module)

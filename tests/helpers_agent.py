@@ -10,6 +10,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Channel, SimTransport
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import Frame, FrameType
+from qubes_backup_sim import endpoints
 
 VM = "backupvm"
 BACKUP_NAME = "qubes-backup-2026-11-27T090102"
@@ -29,6 +30,7 @@ def make_sim(tmp: Path) -> System:
     sim = tmp / "sim"
     (sim / "dom0" / "home" / "user").mkdir(parents=True)
     (sim / "vms" / VM / "home" / "user" / "backups").mkdir(parents=True)
+    endpoints.write(sim)  # as simgen does: how dom0's code reaches the simulation's programs
     return System(sim.resolve(), sim.resolve() / "dom0", "user")
 
 

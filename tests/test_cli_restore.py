@@ -51,6 +51,7 @@ from qubes_backup_dom0.qubes import firewall
 from qubes_backup_dom0.qubes.interface import Qubes, VolumeImport
 from qubes_backup_dom0.restore import apply
 from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
+from qubes_backup_sim import endpoints
 
 __all__ = ["assert_same_vm"]  # test_s3 and test_ssh compare restored VMs with it
 
@@ -331,6 +332,7 @@ def _sample_system(base: Path) -> tuple[Sim, list[str]]:
     (sim.dom0 / "pw").write_text(PASSPHRASE + "\n")
     sim.vm_backups.mkdir(parents=True)
     shutil.copy(SAMPLE_XML, sim.qubes_xml)
+    endpoints.write(sim.dir)  # as simgen does: how dom0's code reaches the simulated qubesd, lvm ...
     _add_backup_vm(sim)
     coll = sim.collection()
     selectable = []

@@ -105,6 +105,8 @@ def test_layout_stays_off_qubes_own_files(installed: tuple[Path, Path]) -> None:
     assert {f"{PREFIX}/bin/qvm-backup", f"{PREFIX}/bin/qvm-backup-restore", f"{LIB}/rpc-policy/qubes.Restore",
             "/etc/qubes/policy.d/50-qubes-backup.policy"} <= manifest(dom0, "dom0")  # fmt: skip
     assert {f"{SERVICES}/qubes.Backup", f"{SERVICES}/qubes.Restore"} <= manifest(vm, "vm")
+    # No simulator in dom0: the installed commands reach a simulated system through its endpoints only.
+    assert not [p for p in manifest(dom0, "dom0") if "qubes_backup_sim" in p or p.startswith(f"{LIB}/sim/")]
     for path in (f"{PREFIX}/bin/qvm-backup", f"{SERVICES}/qubes.Backup"):
         dest = dom0 if "bin" in path else vm
         assert os.access(at(dest, path), os.X_OK)

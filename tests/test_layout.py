@@ -22,8 +22,6 @@ NAME = "qubes_backup_dom0"
 RANK = {"base": 0, "format": 1, "qubes": 2, "backup": 3, "restore": 3, "api": 4, "cli": 5}
 BASE_MODULES = {"errors", "text", "__init__"}
 FORBIDDEN_PACKAGES = ("qubes_backup_sim",)
-# Still finding the simulator by importing it (issue 19 replaces this with the endpoints only): the only two.
-SIM_IMPORTS_LEFT = {"qubes.system", "qubes.transport"}
 
 
 def group_of(module: str) -> str:
@@ -70,8 +68,6 @@ def violations(path: Path, source: str | None = None) -> list[str]:
     bad = []
     for line, target in imported_modules(path, source):
         if target.startswith(FORBIDDEN_PACKAGES):
-            if me in SIM_IMPORTS_LEFT:
-                continue
             bad.append(f"{me}:{line} imports the simulation ({target})")
             continue
         if not target.startswith(NAME + "."):

@@ -103,3 +103,22 @@ def stop_qubesd(sim_dir: Path, timeout: float = 5.0) -> None:
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.02)
     pidfile.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``DIR``: make sure the simulated qubesd of DIR runs and print its socket (what dom0's code runs when no
+    qubesd answers on the socket: sim-endpoints.json ``qubesd``)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: launch DIR", file=sys.stderr)
+        return 2
+    try:
+        print(ensure_qubesd(Path(args[0])))
+    except (LaunchError, OSError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,7 +30,7 @@ from pathlib import Path
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection
 
-from . import policy
+from . import endpoints, policy
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
 from .store import save_run_state, write_atomic
 
@@ -509,7 +509,7 @@ def generate(
     keep: Iterable[str] | None = None,
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
-    ``dir/dom0`` and ``dir/vms`` are replaced, nothing else in ``dir`` is touched).
+    ``dir/dom0``, ``dir/vms`` and ``dir/sim-endpoints.json`` are replaced, nothing else in ``dir`` is touched).
 
     ``pool``: lvm_thin (the default, as a fresh R4.2 install and the command line), file-reflink or file (what
     older versions built); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
@@ -559,6 +559,7 @@ def generate(
     # backup, and ours without a sudo/login user, find whose home is dom0's home)
     _write(dir / "dom0/etc/passwd", f"root:x:0:0:root:/root:/bin/bash\n{USER}:x:1000:1000::/home/{USER}:/bin/bash\n")
     _write(dir / "dom0/etc/group", f"root:x:0:\nwheel:x:10:{USER}\nqubes:x:98:{USER}\n{USER}:x:1000:\n")
+    endpoints.write(dir)  # how dom0's code reaches this system's programs (it never imports this package)
 
 
 def _reduce(coll: Collection, kept: set[str]) -> None:

@@ -1,7 +1,9 @@
 """Hand a request in Qubes' own backup protocol over to Qubes' own qubes.Backup / qubes.Restore.
 
-Installed, our services shadow Qubes' (qrexec looks in /usr/local/etc/qubes-rpc before /etc/qubes-rpc), so
-every call of qubes.Backup / qubes.Restore in that VM reaches us, also the ones from Qubes' own tools:
+Installed, our services shadow Qubes' (package qubes-backup-agent: links in /run/qubes-rpc, where R4.3's qrexec
+looks first, and R4.2's through /etc/profile.d/qubes-backup-agent.sh; `make install-vm`: /usr/local/etc/qubes-rpc;
+Qubes' own are /etc/qubes-rpc/qubes.Backup and qubes.Restore of qubes-core-agent in both releases), so every call
+of qubes.Backup / qubes.Restore in that VM reaches us, also the ones from Qubes' own tools:
 
 - Qubes' backup (qubesd, qubes/backup.py) writes the location as one line of text, then the tar stream;
 - Qubes' qvm-backup-restore (qubesadmin/backup/restore.py) writes the location line, then the file list line.

@@ -27,7 +27,7 @@ from qubes_backup_protocol.frames import (
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format import naming
 from qubes_backup_dom0.qubes.system import System
-from qubes_backup_dom0.qubes.transport import Channel, Transport
+from qubes_backup_dom0.qubes.transport import Channel, QubesOwnService, Transport
 from qubes_backup_dom0.text import printable
 
 ABORT_GRACE = 3.0  # seconds an agent gets to clean up after an aborted backup before it is stopped
@@ -104,13 +104,15 @@ class AgentTarget:
         self.name = name
         self.sent = 0  # bytes of the backup stream handed to the agent
         self._pending = bytearray()
-        self.channel = Channel(transport.start("qubes.Backup", vm), vm=f"backup VM {vm}")
+        self.channel = Channel(transport.start("qubes.Backup", vm), vm=f"backup VM {vm}", qube=vm)
         self.channel.send(FrameType.LOCATION, name, location.encode())
 
     def _agent_failed(self, what: str) -> BackupError:
         reply = None
         try:
             reply = self.channel.recv({FrameType.ERROR: (0, MAX_ERROR_LEN)})
+        except QubesOwnService:
+            raise  # not our agent at all: say so, and how to install it
         except Exception:
             reply = None
         reason = safe_text(reply.data) if reply is not None else "no reason given"

@@ -19,6 +19,7 @@ from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli import report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
+    add_version,
     check_text_arg,
     confirm,
     emit_json,
@@ -94,6 +95,7 @@ def parser() -> ArgumentParser:
     )  # fmt: skip
     repo_cli.add_backup_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_version(p)
     p.add_argument("location", metavar="LOCATION", nargs="?",
                    help="directory (in the backup VM with -d), s3://BUCKET/PREFIX, ssh://[USER@]HOST[:PORT]/DIR or a "
                    "command; not with --profile")  # fmt: skip

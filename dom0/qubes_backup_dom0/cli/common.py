@@ -164,6 +164,26 @@ def error_document(command: str, message: str, code: int) -> dict[str, object]:
     return {"version": 1, "command": command, "ok": False, "error": message, "exit_code": code}
 
 
+class _Version(argparse.Action):
+    """``--version``: one line on stdout, never wrapped (argparse's own wraps a long path), exit 0."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        import os
+
+        import qubes_backup_dom0
+
+        where = os.path.dirname(os.path.dirname(os.path.realpath(qubes_backup_dom0.__file__)))
+        print(f"{parser.prog} (qubes-backup) {qubes_backup_dom0.__version__} from {where}")
+        parser.exit(0)
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    """``--version``: which tool ran (qubes-backup's, not Qubes' own of the same name in /usr/bin), its version
+    and where its code is (the package: /usr/lib/qubes-backup/dom0; a hand install; a source tree)."""
+    p.add_argument("--version", action=_Version, nargs=0, default=argparse.SUPPRESS,
+                   help="say which qvm-backup/qvm-backup-restore this is, its version, and exit")  # fmt: skip
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error under ``--json`` is also a JSON document on stdout (exit code 2)."""
 

@@ -21,6 +21,7 @@ from qubes_backup_dom0.cli import qubes_tools, report, settings
 from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
+    add_version,
     check_text_arg,
     confirm,
     emit_json,
@@ -113,6 +114,7 @@ def parser(repo: bool = False) -> ArgumentParser:
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     repo_cli.add_restore_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    add_version(p)
     p.add_argument("location", metavar="LOCATION", nargs="?" if repo else None,
                    help="backup file (in the backup VM with -d), s3://BUCKET/KEY, ssh://[USER@]HOST[:PORT]/FILE or "
                    "a command; a directory: its backups are listed (--latest: its newest is used)")  # fmt: skip
@@ -240,6 +242,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         # Everything that can be found out without the passphrase first: the VM (above), the location, the
         # agent, whether it is a backup at all (its header, still unauthenticated).
+        if not (args.verify_only or args.list or list(args.vms) == ["dom0"]):
+            # VMs' volumes are written through admin.vm.volume.ImportWithSize (Qubes' dom0 service): root
+            system.check_root("restoring VMs (writing their volumes) needs root", system.rpc_dir_override)
         job.connect()
         job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
         job.open()

@@ -15,6 +15,7 @@ LVM_TIMEOUT = 300.0
 
 def run_lvm(system: System, args: list[str], what: str) -> str:
     """Run ``QUBES_LVM ARGS``; stdout on success (warnings on stderr are fine), one clear error otherwise."""
+    system.check_root("lvm (snapshots of the VMs' volumes) needs root", system.lvm_override)
     argv = system.lvm_argv + args
     env = dict(os.environ, LVM_SUPPRESS_FD_WARNINGS="1")
     try:

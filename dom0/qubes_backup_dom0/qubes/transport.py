@@ -37,6 +37,11 @@ READ_PIECE = 1 << 20
 MIN_RATE = 256 << 10  # bytes/s: a frame (either direction) gets the stall timeout plus its size at this rate
 MAX_TIMEOUT = 86400.0  # QUBES_BACKUP_TIMEOUT above one day is refused (and inf, nan, 0, negative)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
+# The first line Qubes' own services (qubes-core-agent, /etc/qubes-rpc) write, before they read anything: a VM whose
+# template lacks qubes-backup-agent answers with them.  qubes.Backup writes it on stdout, qubes.Restore on stderr
+# (where a login shell or qrexec may have written something before it: a line within the first GREETING_HEAD bytes).
+QUBES_GREETINGS = {b"Starting Backupcopy": "qubes.Backup", b"Starting Restorecopy": "qubes.Restore"}
+GREETING_HEAD = 1024
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 PASS_ENV_PREFIXES = ("AWS_", "QUBES_AGENT_")
@@ -58,16 +63,6 @@ def repo_dir() -> Path:
 def rpc_dir() -> Path:
     override = os.environ.get("QUBES_BACKUP_RPC_DIR")
     return Path(override) if override else repo_dir() / "rpc-policy"
-
-
-def sim_vm_rpc_dir() -> Path | None:
-    """Services a simulated VM offers besides the agent's (``qubes.BackupPassphrase``): the sim package's."""
-    try:
-        import qubes_backup_sim
-    except ImportError:
-        return None
-    d = Path(qubes_backup_sim.__file__).resolve().parent / "vm-rpc"
-    return d if d.is_dir() else None
 
 
 def _enlarge_pipes(proc: subprocess.Popen[bytes]) -> None:
@@ -106,6 +101,9 @@ class SimTransport:
             raise BackupError("SimTransport needs a simulated system (QUBES_SIM)")
         self.system = system
         self.rpc = rpc or rpc_dir()
+        # Services a simulated VM offers besides the agent's (qubes.BackupPassphrase): the simulation's endpoint.
+        vm_rpc = system.vm_rpc_dir
+        self.vm_rpc: Path | None = vm_rpc if vm_rpc is not None and vm_rpc.is_dir() else None
         self.bwrap = shutil.which("bwrap")
         if sandbox is None:
             sandbox = os.environ.get("QUBES_SIM_SANDBOX", "1") != "0"
@@ -138,9 +136,8 @@ class SimTransport:
         repo = repo_dir()
         ro = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
         ro += [str(repo / d) for d in ("protocol", "vm-agent")] + [str(self.rpc)]
-        vm_rpc = sim_vm_rpc_dir()
-        if vm_rpc is not None:
-            ro.append(str(vm_rpc))
+        if self.vm_rpc is not None:
+            ro.append(str(self.vm_rpc))
         ro.append(str(Path(sys.executable).resolve().parent))
         seen: set[str] = set()
         for path in ro:
@@ -176,7 +173,7 @@ class SimTransport:
         """As qrexec looks a service up: ``NAME+ARG`` first, then ``NAME`` (with the argument in
         QREXEC_SERVICE_ARGUMENT); in the agent's directory, then among the simulated VM's own services."""
         base, _, argument = service.partition("+")
-        dirs = [self.rpc] + ([d] if (d := sim_vm_rpc_dir()) is not None else [])
+        dirs = [self.rpc] + ([self.vm_rpc] if self.vm_rpc is not None else [])
         for directory in dirs:
             for name in dict.fromkeys((service, base)):
                 if (directory / name).is_file():
@@ -193,6 +190,7 @@ class LocalFileTransport(SimTransport):
     def __init__(self, directory: Path, rpc: Path | None = None, sandbox: bool | None = None) -> None:
         self.directory = Path(directory).resolve()
         self.rpc = rpc or rpc_dir()
+        self.vm_rpc = None
         self.bwrap = shutil.which("bwrap")
         if sandbox is None:
             sandbox = os.environ.get("QUBES_SIM_SANDBOX", "1") != "0"
@@ -257,6 +255,16 @@ class ChannelClosed(BackupError, BrokenPipeError):
     """
 
 
+class QubesOwnService(BackupError):
+    """Qubes' own qubes.Backup / qubes.Restore answered, not qubes-backup's agent (its greeting, at once)."""
+
+    def __init__(self, qube: str, service: str) -> None:
+        super().__init__(
+            f"{qube} answered with Qubes' own {service} service, not qubes-backup's agent: install the "
+            f"qubes-backup-agent package in the template of {qube}, then restart {qube} (docs/INSTALL.md)"
+        )
+
+
 class Channel:
     """Frames over a started service's pipes, with bounded reads and stall detection, no threads.
 
@@ -264,10 +272,15 @@ class Channel:
     a lot of diagnostics cannot deadlock us; only the last STDERR_TAIL bytes are kept.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], timeout: float | None = None, vm: str = "") -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], timeout: float | None = None, vm: str = "",
+                 qube: str = "") -> None:  # fmt: skip
         assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
         self.vm = vm or "backup VM"
+        self.qube = qube or vm or "the backup VM"  # the VM's name, for the message of QubesOwnService
+        # The first bytes the service wrote on stdout and stderr: Qubes' own services greet first (QUBES_GREETINGS).
+        self._out_head = bytearray()
+        self._err_head = bytearray()
         self.timeout = stall_timeout() if timeout is None else timeout
         self._in_fd: int | None = proc.stdin.fileno()
         self._out_fd: int | None = proc.stdout.fileno()
@@ -341,6 +354,8 @@ class Channel:
             if not piece:
                 self._close_err()
                 return
+            if len(self._err_head) < GREETING_HEAD:
+                self._err_head += piece[: GREETING_HEAD - len(self._err_head)]
             self._err += piece
             if len(self._err) > STDERR_TAIL:
                 del self._err[: len(self._err) - STDERR_TAIL]
@@ -349,6 +364,30 @@ class Channel:
         if self._err_fd is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self._err_fd = None
+
+    def _note_stdout(self, data: bytes | memoryview) -> None:
+        if len(self._out_head) < GREETING_HEAD:
+            self._out_head += data[: GREETING_HEAD - len(self._out_head)]
+            self._check_greeting()
+
+    def qubes_own_service(self) -> str | None:
+        """The service, if what answered is Qubes' own: its greeting is a line among the first bytes on stderr,
+        or on stdout unless that starts with a frame (ours always does)."""
+        heads = [self._err_head]
+        if not self._out_head.startswith(frames.MAGIC[: len(self._out_head)]):
+            heads.append(self._out_head)
+        for head in heads:
+            lines = bytes(head).split(b"\n")[:-1]  # complete lines only
+            for greeting, service in QUBES_GREETINGS.items():
+                if greeting in lines:
+                    return service
+        return None
+
+    def _check_greeting(self) -> None:
+        """Qubes' own service answered: say so at once (it would wait for a line that never comes)."""
+        service = self.qubes_own_service()
+        if service is not None:
+            raise QubesOwnService(self.qube, service)
 
     def _wait_for(self, fd: int, event: int, deadline: float | None = None) -> None:
         """Block until ``fd`` is ready for ``event``, draining stderr meanwhile; raise on a stall, when the
@@ -380,9 +419,11 @@ class Channel:
                     self._check_interrupted()
                 if ready_fd == fd and ev:
                     self._drain_stderr()
+                    self._check_greeting()
                     return
                 if ready_fd == self._err_fd:
                     self._drain_stderr()
+                    self._check_greeting()
 
     # -- reading -------------------------------------------------------------------------------------
     def read(self, size: int = -1) -> bytes:
@@ -433,6 +474,8 @@ class Channel:
                 continue
             if not n:
                 self._eof = True
+            elif len(self._out_head) < GREETING_HEAD:
+                self._note_stdout(view[:n])
             return n
 
     def _read_piece(self, want: int) -> bytes:
@@ -445,6 +488,8 @@ class Channel:
                 continue
             if not piece:
                 self._eof = True
+            elif len(self._out_head) < GREETING_HEAD:
+                self._note_stdout(piece)
             return piece
 
     def recv(
@@ -489,6 +534,8 @@ class Channel:
         deadline: float | None = None,
     ) -> None:
         """One frame whose data is the concatenation of ``parts`` (written one after another, not copied)."""
+        if not self._out_head:
+            self._sniff_stdout()  # Qubes' own qubes.Backup greets on stdout, and may take the whole stream
         raw_name = name.encode("ascii")
         size = sum(len(p) for p in parts)
         head = frames.encode_header(ftype, len(raw_name), size) + raw_name
@@ -515,8 +562,23 @@ class Channel:
                 self._wait_for(self._in_fd, select.POLLOUT, deadline)
                 continue
             except (BrokenPipeError, ConnectionResetError):
+                self._sniff_stdout()
                 raise ChannelClosed(f"{self.vm} stopped reading{self._tail_suffix()}") from None
             view = view[written:]
+
+    def _sniff_stdout(self) -> None:
+        """Before dom0 has read anything (it is sending, or the service stopped reading): is it Qubes' own
+        service?  One non-blocking read; what it returns stays for the frame reader."""
+        self._drain_stderr()
+        if not self._out_head and not self._buf and self._out_fd is not None and not self._eof:
+            with contextlib.suppress(BlockingIOError, OSError):
+                piece = os.read(self._out_fd, GREETING_HEAD)
+                if piece:
+                    self._buf += piece
+                    self._out_head += piece
+                else:
+                    self._eof = True
+        self._check_greeting()
 
     def close_input(self) -> None:
         """End of what dom0 sends (the agent sees EOF)."""

@@ -73,7 +73,7 @@ class Receiver:
         if self.source_vm:
             transport = self.transport or make_transport(self.system)
             self.confined = getattr(transport, "confined", True)
-            self.channel = Channel(transport.start("qubes.Restore", self.source_vm))
+            self.channel = Channel(transport.start("qubes.Restore", self.source_vm), qube=self.source_vm)
             self.channel.send(FrameType.LOCATION, "", self.location.encode())
             return
         # A backup file in dom0 is just as untrusted: a confined agent process reads the tar, dom0 still
