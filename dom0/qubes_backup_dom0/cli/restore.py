@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from qubes_backup_dom0.cli import report
+from qubes_backup_dom0.cli import paranoid, report
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
@@ -42,8 +42,6 @@ from qubes_backup_dom0.restore.plan import home_user
 UNSUPPORTED = {
     "compression_filter": "-Z/--compression-filter: the compression is the one the backup's authenticated "
     "header names; it cannot be overridden",
-    "paranoid_mode": "--paranoid-mode/--plan-b is not needed and not supported: the backup's tar is parsed by "
-    "the agent (in the backup VM, or confined for a dom0 file), dom0 parses nothing before its MAC verified",
     "location_is_service": "--location-is-service is not supported: give a command as LOCATION instead",
 }
 
@@ -86,7 +84,10 @@ def parser() -> ArgumentParser:
                    "enforced exactly)")  # fmt: skip
     p.add_argument("--auto-close", action="store_true", help="accepted for Qubes' compatibility; no effect")
     p.add_argument("-Z", "--compression-filter", metavar="PROG", help=argparse.SUPPRESS)
-    p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paranoid-mode", "--plan-b", action="store_true",
+                   help="for a backup made on a compromised machine: verify and parse it in a DisposableVM; "
+                   "restore only names, classes, labels, templates, allow-listed settings and volume data "
+                   "(no dom0 home, devices, tags, firewall)")  # fmt: skip
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("location", metavar="LOCATION",
@@ -179,6 +180,8 @@ def _run(args: argparse.Namespace) -> int:
         backup_id=args.backup_id,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.paranoid_mode:  # the backup is parsed in a DisposableVM (cli/paranoid.py)
+        return paranoid.run(args, system, source_vm, options, log)
     job = Restore(system, args.location, b"", source_vm=source_vm, options=options)
     try:
         # Everything that can be found out without the passphrase first: the VM (above), the location, the

@@ -1,0 +1,465 @@
+"""Paranoid mode: restoring a backup made on a compromised machine, parsed in a DisposableVM.
+
+The same steps as a normal restore (machine.py), but dom0 runs none of the backup's parsers: no header,
+MAC, decryption, decompression, manifest, qubes.xml or tar code runs here.  dom0
+
+1. starts the backup VM's agent (qubes.Restore, as always) and a DisposableVM made for this restore
+   (dispvm.py), runs ``qubes.RestoreParanoid`` in it and sends it the passphrase;
+2. relays the agent's frames to it unchanged: only the bounded frame layer is read here (type, lengths
+   against the per-phase limits, member-name grammar, the names expected at this point);
+3. reads the DisposableVM's plan (plan_frames grammar, checked in ``paranoid_plan.read_plan``) and plans with
+   Qubes' semantics (``paranoid_plan.plan_paranoid``); the caller shows it and asks;
+4. creates the VMs through qubesd with the plan's allowed settings (paranoid_apply.py), tells the agent and
+   the DisposableVM which archives, relays them on a second thread, and on this one takes the volume frames
+   straight into ``admin.vm.volume.ImportWithSize``, never more bytes than the plan declared;
+5. commits after VERIFIED (the DisposableVM checked every MAC and trailer), or removes what it created.
+
+The DisposableVM is removed at the end, also on failure, cancellation or Ctrl-C.  It gets nothing but the
+passphrase and the backup's frames, and no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+from qubes_backup_protocol import frames, names
+from qubes_backup_protocol import plan_frames as pf
+from qubes_backup_protocol.frames import MAX_ERROR_LEN, Frame, FrameType, ProtocolError, safe_text
+
+from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
+from qubes_backup_dom0.format.crypto import IV_SIZE, MAC_HEX_SIZE
+from qubes_backup_dom0.format.header import MAX_HEADER_SIZE
+from qubes_backup_dom0.format.manifest import MAX_MANIFEST_SIZE
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import (
+    MIN_RATE,
+    Channel,
+    ChannelClosed,
+    ChannelInterrupted,
+    Transport,
+    frame_budget,
+    make_transport,
+)
+from qubes_backup_dom0.restore.apply import cleanup_leftovers
+from qubes_backup_dom0.restore.dispvm import Disposable, cleanup_disposables
+from qubes_backup_dom0.restore.machine import State
+from qubes_backup_dom0.restore.paranoid_apply import ParanoidApplier
+from qubes_backup_dom0.restore.paranoid_plan import Here, ParanoidAction, ParanoidPlan, plan_paranoid, read_plan
+from qubes_backup_dom0.restore.plan import RestoreOptions
+from qubes_backup_dom0.restore.receive import Receiver
+
+ProgressCallback = Callable[[int, int], None]
+#: The members before the plan, in order, with their largest size (FORMAT.md section 9).
+OPENING = ((names.HEADER, MAX_HEADER_SIZE), (names.mac_name(names.HEADER), MAC_HEX_SIZE),
+           (names.MANIFEST, MAX_MANIFEST_SIZE + IV_SIZE), (names.mac_name(names.MANIFEST), MAC_HEX_SIZE))  # fmt: skip
+ERROR_GRACE = 2.0  # seconds to wait for the DisposableVM's reason after the stream to it broke
+
+
+class ParanoidRestore:
+    """A paranoid restore, driven like ``machine.Restore``: connect, open, plan, run, cancel, close."""
+
+    def __init__(
+        self,
+        system: System,
+        location: str,
+        passphrase: bytes,
+        source_vm: str | None = None,
+        options: RestoreOptions = RestoreOptions(),  # noqa: B008 - frozen dataclass
+        progress: ProgressCallback | None = None,
+        transport: Transport | None = None,
+        qubes: Qubes | None = None,
+        disp_transport: Transport | None = None,
+    ) -> None:
+        self.system = system
+        self.passphrase = passphrase
+        self.options = options
+        self.progress = progress
+        self.state = State.CONNECTED
+        self._cancel = threading.Event()
+        self.receiver = Receiver(system, location, source_vm, transport, self._cancel)  # the agent's channel
+        self._qubes = qubes
+        self._disp_transport = disp_transport
+        self.disposable: Disposable | None = None
+        self.disp: Channel | None = None
+        self.writer: FrameWriter | None = None
+        self.vms: list[pf.PlanVm] = []
+        self.info: pf.PlanInfo | None = None
+        self.paranoid_plan: ParanoidPlan | None = None
+        self.applier: ParanoidApplier | None = None
+        self._relay: threading.Thread | None = None
+        self._relay_error: BaseException | None = None
+        self.restored: list[str] = []
+        self.warnings: list[str] = []
+        self.extracted = 0
+
+    @property
+    def qubes(self) -> Qubes:
+        if self._qubes is None:
+            self._qubes = Qubes(self.system)
+        return self._qubes
+
+    @property
+    def confined(self) -> bool:
+        return self.receiver.confined
+
+    @property
+    def disp_label(self) -> str:
+        return self.disposable.label if self.disposable is not None else "the DisposableVM"
+
+    # -- connecting: the agent, the DisposableVM ------------------------------------------------------
+
+    def connect(self) -> None:
+        """Start the agent and the DisposableVM's service (before the passphrase is asked: both take time)."""
+        try:
+            if self.receiver.channel is None:
+                self.receiver.connect()
+            cleanup_disposables(self.qubes)
+            self.disposable = Disposable(self.qubes)
+            name = self.disposable.create()
+            transport = self._disp_transport or make_transport(self.system)
+            proc = transport.start(pf.SERVICE, name)
+            assert proc.stdin is not None
+            self.disp = Channel(proc, vm=self.disp_label)
+            self.writer = FrameWriter(proc.stdin, self.disp.timeout, self.disp_label)
+        except BaseException:
+            self._fail()
+            raise
+
+    def open(self) -> list[pf.PlanVm]:
+        """Passphrase and the backup's opening members to the DisposableVM; its plan back, checked."""
+        try:
+            if self.disp is None:
+                self.connect()
+            assert self.disp is not None and self.writer is not None
+            try:
+                self.writer.send(FrameType.PASSPHRASE, "", self.passphrase)
+                for name, limit in OPENING:
+                    frame = self._agent_frame(limit)
+                    if frame.type != FrameType.MEMBER or frame.name != name:
+                        got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
+                        raise VerificationError(f"backup is damaged or tampered with: expected {name}, got "
+                                                f"{safe_text(got)}")  # fmt: skip
+                    self.writer.send(FrameType.MEMBER, frame.name, frame.data)
+            except BackupError as e:
+                raise self._disp_reason(e) from None
+            self.vms, self.info = read_plan(self.disp, self.disp_label)
+            self.state = State.MANIFEST
+            return self.vms
+        except BaseException:
+            self._fail()
+            raise
+
+    def _agent_frame(self, limit: int, into: Callable[[FrameType, int], memoryview | None] | None = None) -> Frame:
+        """The agent's next frame (MEMBER within ``limit``, END), its ERROR raised: only the frame layer."""
+        channel = self.receiver.channel
+        assert channel is not None
+        limits = {FrameType.MEMBER: (names.MAX_NAME_LEN, limit), FrameType.END: (0, 0),
+                  FrameType.ERROR: (0, MAX_ERROR_LEN)}  # fmt: skip
+        try:
+            frame = channel.recv(limits, names.is_member_name, into)
+        except ProtocolError as e:
+            raise VerificationError(f"backup VM sent a malformed stream: {e}") from None
+        if frame is None:
+            raise VerificationError("the backup ends too early (truncated, or the backup VM stopped)")
+        if frame.type == FrameType.ERROR:
+            raise BackupError(f"backup VM reports: {safe_text(frame.data)}")
+        return frame
+
+    def _disp_reason(self, error: BackupError) -> BackupError:
+        """When the stream to the DisposableVM broke, its own ERROR line (if it sent one) says why."""
+        disp = self.disp
+        if disp is None or self._cancel.is_set():
+            return error
+        timeout, disp.timeout = disp.timeout, ERROR_GRACE
+        try:
+            frame = disp.recv({FrameType.ERROR: (0, MAX_ERROR_LEN)})
+        except (BackupError, ProtocolError, OSError):
+            return error
+        finally:
+            disp.timeout = timeout
+        if frame is not None and frame.type == FrameType.ERROR:
+            return BackupError(f"{self.disp_label} reports: {safe_text(frame.data)}")
+        return error
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def plan(self) -> ParanoidPlan:
+        assert self.info is not None
+        try:
+            vms = self.qubes.vm_list()
+            here = Here(
+                {n: klass for n, (klass, _state) in vms.items()},
+                frozenset(self.qubes.labels()),
+                {p: self.qubes.global_property(p) for p in ("default_template", "default_dispvm")},
+            )
+            self.paranoid_plan = plan_paranoid(here, self.vms, self.info, self.options)
+            self.state = State.PLANNED
+            return self.paranoid_plan
+        except BaseException:
+            self._fail()
+            raise
+
+    # -- receiving and applying ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        plan, info, disp, writer = self.paranoid_plan, self.info, self.disp, self.writer
+        assert plan is not None and info is not None and disp is not None and writer is not None
+        agent = self.receiver.channel
+        assert agent is not None
+        try:
+            if plan.errors:
+                raise BackupError(plan.errors[0])
+            wanted = [a.vm.archive for a in plan.wanted]
+            if not self.options.verify_only:
+                left = cleanup_leftovers(self.qubes)
+                self.warnings += [f"removed VM {n} left by an interrupted restore" for n in left]
+                self.applier = ParanoidApplier(self.qubes, plan)
+                self.applier.create_all()
+            for channel in (agent, writer):
+                for archive in wanted:
+                    channel.send(FrameType.WANT, archive)
+                channel.send(FrameType.WANT_END)
+            agent.close_input()
+            self._relay = threading.Thread(target=self._relay_archives, args=(set(wanted), info.chunk_size),
+                                           name="paranoid-relay", daemon=True)  # fmt: skip
+            self._relay.start()
+            self.state = State.RECEIVING
+            try:
+                for act in plan.wanted:
+                    for volume in act.vm.volumes:
+                        self._receive_volume(act, volume, plan.data)
+                self._expect_verified()
+            except ChannelInterrupted:
+                if self._relay_error is not None:  # the relay failed first and woke us
+                    raise self._relay_error from None
+                raise
+            self._relay.join()
+            if self._relay_error is not None:
+                raise self._relay_error
+            self.state = State.VERIFIED
+            if self.applier is not None:
+                self.applier.commit()
+                self.restored = [a.target_name for a in plan.wanted]
+            self.warnings += plan.warnings
+            self.state = State.COMMITTED
+        except BaseException:
+            self._fail()
+            raise
+        finally:
+            self.close()
+
+    def _relay_archives(self, wanted: set[str], chunk_size: int) -> None:
+        """The second thread: the agent's wanted archives and END, frame by frame, to the DisposableVM."""
+        writer, agent = self.writer, self.receiver.channel
+        assert writer is not None and agent is not None
+        buf = bytearray(chunk_size + IV_SIZE)
+        try:
+            while True:
+                frame = self._agent_frame(len(buf), lambda t, n: memoryview(buf)[:n] if t == FrameType.MEMBER else None)
+                if frame.type == FrameType.MEMBER and names.archive_of(frame.name) not in wanted:
+                    raise VerificationError(f"backup VM sent a member that was not asked for: {safe_text(frame.name)}")
+                writer.send(frame.type, frame.name, frame.data)
+                if frame.type == FrameType.END:
+                    break
+            if agent.read(1):
+                raise VerificationError("backup VM sent data after the end of the backup")
+            agent.wait()
+            writer.close_input()
+        except BaseException as e:
+            self._relay_error = e if isinstance(e, BackupError) or not self._cancel.is_set() else Cancelled("cancelled")
+            if self.disp is not None:
+                self.disp.interrupt()  # the main thread waits for the DisposableVM: wake it
+
+    def _disp_frame(self, what: str) -> Frame:
+        assert self.disp is not None
+        if self._cancel.is_set():
+            raise Cancelled("restore cancelled")
+        try:
+            frame = self.disp.recv(pf.DATA_LIMITS, pf.is_volume_frame_name)
+        except ProtocolError as e:
+            raise VerificationError(f"{self.disp_label} sent a malformed stream: {e}") from None
+        if frame is None:
+            raise VerificationError(f"{self.disp_label} ended before {what}")
+        if frame.type == FrameType.ERROR:
+            raise BackupError(f"{self.disp_label} reports: {safe_text(frame.data)}")
+        return frame
+
+    def _receive_volume(self, act: ParanoidAction, volume: pf.PlanVolume, total: int) -> None:
+        """One volume's frames into its import: exactly the declared size, never a byte more."""
+        name = pf.volume_frame_name(act.vm.archive, volume.name)
+        what = f"volume {volume.name} of VM {act.name}"
+        imp = self.applier.begin_volume(act, volume) if self.applier is not None else None
+        pos = 0
+        while True:
+            frame = self._disp_frame(f"the end of {what}")
+            if frame.type == FrameType.VERIFIED or frame.name != name:
+                got = frame.name or frame.type.name
+                raise VerificationError(f"{self.disp_label} sent {safe_text(got)} where {what} ({name}) was due")
+            if frame.type == FrameType.VOLUME_END:
+                if pos != volume.size:
+                    raise VerificationError(f"{self.disp_label} ended {what} after {pos} of {volume.size} bytes")
+                if imp is not None:
+                    imp.finish()
+                return
+            n = len(frame.data) if frame.type == FrameType.VOLUME_DATA else pf.decode_hole(bytes(frame.data))
+            if pos + n > volume.size:
+                raise VerificationError(f"{self.disp_label} sent more than the {volume.size} bytes declared for {what}")
+            if imp is not None:
+                if frame.type == FrameType.VOLUME_DATA:
+                    imp.write(frame.data)
+                else:
+                    imp.write_zeros(n)
+            pos += n
+            if frame.type == FrameType.VOLUME_DATA:
+                self.extracted += n
+                if self.progress is not None:
+                    self.progress(min(self.extracted, total), total)
+
+    def _expect_verified(self) -> None:
+        frame = self._disp_frame("saying that the backup verified")
+        if frame.type != FrameType.VERIFIED:
+            raise VerificationError(f"{self.disp_label} sent {safe_text(frame.name or frame.type.name)} after the "
+                                    "last volume")  # fmt: skip
+        assert self.disp is not None
+        if self.disp.read(1):
+            raise VerificationError(f"{self.disp_label} sent data after VERIFIED")
+        rc = self.disp.wait()
+        if rc != 0:
+            raise VerificationError(f"{self.disp_label} failed (exit status {rc}) after VERIFIED")
+
+    # -- failure, cancellation, the end ---------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """From any thread: stop; the restore then fails with Cancelled and dom0 is as it was."""
+        self._cancel.set()
+        self.receiver.kill()
+        for channel in (self.disp, self.writer):
+            if channel is not None:
+                channel.interrupt()
+        if self.applier is not None:
+            self.applier.abort_imports()
+
+    def _stop_streams(self) -> None:
+        """Kill the agent and the DisposableVM's service; wait for the relay thread."""
+        self.receiver.kill()
+        if self.disp is not None:
+            with contextlib.suppress(OSError):
+                self.disp.proc.kill()
+            if self.writer is not None:
+                self.writer.interrupt()
+        if self._relay is not None and self._relay is not threading.current_thread():
+            self._relay.join()
+
+    def _fail(self) -> None:
+        original = sys.exc_info()[1]
+        self.state = State.FAILED
+        self._stop_streams()
+        errors = []
+        if self.applier is not None and not self.applier.committed:
+            applier, self.applier = self.applier, None
+            try:
+                applier.rollback()
+            except BackupError as e:
+                errors.append(str(e))
+        try:
+            self.close()
+        except BackupError as e:
+            errors.append(str(e))
+        if errors:
+            raise BackupError("; ".join(([str(original)] if original is not None else []) + errors)) from None
+
+    def close(self) -> None:
+        """Release everything; the DisposableVM is removed (raises only if it could not be)."""
+        self._stop_streams()
+        self.receiver.abort()
+        if self.disp is not None:
+            self.disp.close()
+            self.disp = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.applier is not None and not self.applier.committed:
+            applier, self.applier = self.applier, None
+            applier.rollback()
+        if self.disposable is not None:
+            self.disposable.remove()
+
+
+class FrameWriter:
+    """Frames into the DisposableVM's stdin, from one thread at a time (first the main thread, then the relay
+    thread), each within the budget a Channel gives a frame (transport.frame_budget: the stall timeout plus
+    its size at MIN_RATE).  Its own descriptor and wake-up pipe: the reading Channel over the same process
+    (stdout, stderr) shares nothing with it.  ``interrupt`` from any thread."""
+
+    def __init__(self, stdin: IO[bytes], timeout: float, vm: str) -> None:
+        self._file: IO[bytes] | None = stdin
+        self._fd: int | None = stdin.fileno()
+        os.set_blocking(self._fd, False)
+        self.timeout, self.vm = timeout, vm
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._interrupted = False
+
+    def send(self, ftype: FrameType, name: str = "", data: bytes | memoryview = b"") -> None:
+        raw = name.encode("ascii")
+        head = frames.encode_header(ftype, len(raw), len(data)) + raw
+        deadline = time.monotonic() + frame_budget(self.timeout, len(head) + len(data))
+        self._write(head, deadline)
+        if len(data):
+            self._write(data, deadline)
+
+    def _write(self, data: bytes | memoryview, deadline: float) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            if self._interrupted:
+                raise ChannelInterrupted(f"{self.vm}: interrupted")
+            if self._fd is None:
+                raise ChannelClosed(f"{self.vm}: input already closed")
+            try:
+                view = view[os.write(self._fd, view) :]
+            except BlockingIOError:
+                self._wait(deadline)
+            except (BrokenPipeError, ConnectionResetError):
+                raise ChannelClosed(f"{self.vm} stopped reading") from None
+
+    def _wait(self, deadline: float) -> None:
+        assert self._fd is not None
+        stall = time.monotonic() + self.timeout
+        limit = min(stall, deadline)
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        poller.register(self._wake_r, select.POLLIN)
+        left = limit - time.monotonic()
+        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
+            if deadline < stall:
+                raise BackupError(f"{self.vm} accepts the backup too slowly (under {MIN_RATE >> 10} KiB/s for a "
+                                  "whole frame)")  # fmt: skip
+            raise BackupError(f"{self.vm} did not answer for {self.timeout:g} s")
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def close_input(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = self._fd = None
+
+    def close(self) -> None:
+        self.close_input()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
