@@ -66,7 +66,7 @@ def _vms(plan: ParanoidPlan, listing: bool) -> list[dict[str, Any]]:
 def document(command: str, job: ParanoidRestore, plan: ParanoidPlan, extra: dict[str, Any]) -> dict[str, Any]:
     """The --json document of a paranoid list, verify or restore (docs/JSON.md, "paranoid mode")."""
     info = plan.info
-    disposable = job.disposable.name if job.disposable is not None else None
+    disposable = job.disposable.created if job.disposable is not None else None
     return {"version": report.JSON_VERSION, "command": command, "ok": True, "paranoid": True,
             "disposable_vm": disposable,
             "backup": {"id": info.backup_id.hex(), "created": info.created, "compression": info.compression,

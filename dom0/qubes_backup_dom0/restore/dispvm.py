@@ -52,12 +52,13 @@ class Disposable:
 
     def __init__(self, qubes: Qubes) -> None:
         self.qubes = qubes
-        self.name: str | None = None
+        self.name: str | None = None  # while it exists
+        self.created: str | None = None  # the name it had (also after its removal)
         self.tag = new_tag()
 
     @property
     def label(self) -> str:
-        return f"DisposableVM {self.name}" if self.name else "the DisposableVM"
+        return f"DisposableVM {self.created}" if self.created else "the DisposableVM"
 
     def base(self) -> str:
         for prop in ("management_dispvm", "default_dispvm"):
@@ -76,7 +77,7 @@ class Disposable:
         name = reply.decode("ascii", "replace")
         if not pf.is_vm_name(name) or self.qubes.vm_list().get(name, ("",))[0] != "DispVM":
             raise BackupError(f"cannot create a DisposableVM from {base}: qubesd answered {name[:40]!r}")
-        self.name = name
+        self.name = self.created = name
         try:
             self.qubes.set_tag(name, self.tag)
             self.qubes.set_property(name, "netvm", "")  # no network, before it gets anything of the backup

@@ -187,7 +187,7 @@ class ParanoidRestore:
         finally:
             disp.timeout = timeout
         if frame is not None and frame.type == FrameType.ERROR:
-            return BackupError(f"{self.disp_label} reports: {safe_text(frame.data)}")
+            return VerificationError(f"{self.disp_label} reports: {safe_text(frame.data)}")
         return error
 
     # -- planning ------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ class ParanoidRestore:
         if frame is None:
             raise VerificationError(f"{self.disp_label} ended before {what}")
         if frame.type == FrameType.ERROR:
-            raise BackupError(f"{self.disp_label} reports: {safe_text(frame.data)}")
+            raise VerificationError(f"{self.disp_label} reports: {safe_text(frame.data)}")
         return frame
 
     def _receive_volume(self, act: ParanoidAction, volume: pf.PlanVolume, total: int) -> None:
@@ -310,7 +310,10 @@ class ParanoidRestore:
                 if imp is not None:
                     imp.finish()
                 return
-            n = len(frame.data) if frame.type == FrameType.VOLUME_DATA else pf.decode_hole(bytes(frame.data))
+            try:
+                n = len(frame.data) if frame.type == FrameType.VOLUME_DATA else pf.decode_hole(bytes(frame.data))
+            except pf.PlanError as e:
+                raise VerificationError(f"{self.disp_label}: {what}: {e}") from None
             if pos + n > volume.size:
                 raise VerificationError(f"{self.disp_label} sent more than the {volume.size} bytes declared for {what}")
             if imp is not None:

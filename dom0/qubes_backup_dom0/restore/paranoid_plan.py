@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from qubes_backup_protocol import plan_frames as pf
-from qubes_backup_protocol.frames import FrameType, safe_text
+from qubes_backup_protocol.frames import FrameType, ProtocolError, safe_text
 
 from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
 from qubes_backup_dom0.qubes.qubesxml import QubesXmlError, validate_name
@@ -90,6 +90,13 @@ class ParanoidPlan:
 def read_plan(channel: Channel, vm_label: str) -> tuple[list[pf.PlanVm], pf.PlanInfo]:
     """The DisposableVM's PLAN_VM frames and its PLAN_END, strictly: at most MAX_PLAN_VMS, each record
     decoded and checked, archives and names unique; anything else (its ERROR line included) raises."""
+    try:
+        return _read_plan(channel, vm_label)
+    except ProtocolError as e:  # the frame layer's or the grammar's refusal (PlanError)
+        raise VerificationError(f"{vm_label} sent a plan outside the grammar: {e}") from None
+
+
+def _read_plan(channel: Channel, vm_label: str) -> tuple[list[pf.PlanVm], pf.PlanInfo]:
     vms: list[pf.PlanVm] = []
     while True:
         frame = channel.recv(pf.PLAN_LIMITS, pf.is_plan_vm_name)
@@ -97,7 +104,7 @@ def read_plan(channel: Channel, vm_label: str) -> tuple[list[pf.PlanVm], pf.Plan
             raise VerificationError(f"{vm_label} ended before its plan was complete")
         ftype, name, data = frame.type, frame.name, bytes(frame.data)
         if ftype == FrameType.ERROR:
-            raise BackupError(f"{vm_label} reports: {safe_text(data)}")
+            raise VerificationError(f"{vm_label} reports: {safe_text(data)}")
         if ftype == FrameType.PLAN_END:
             info = pf.decode_info(data)
             if info.vms != len(vms):
