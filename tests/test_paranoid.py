@@ -304,6 +304,20 @@ def test_wrong_passphrase_and_a_hostile_backup_vm(target: tuple[Sim, str]) -> No
     assert_clean(sim, before, [])
 
 
+def test_a_tampered_backup_is_refused_by_the_disposable(target: tuple[Sim, str]) -> None:
+    """A flipped byte in the data: the DisposableVM's MAC check refuses it (verifying reads every archive)."""
+    sim, location = target
+    path = sim.vm_root("backupvm") / location.lstrip("/")
+    tampered = path.with_name("qubes-backup-2026-01-01T000000")
+    data = bytearray(path.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x40
+    tampered.write_bytes(data)
+    before = Unchanged(sim)
+    with pytest.raises(VerificationError, match=r"DisposableVM disp[0-9]+ reports: .*(tampered|damaged)"):
+        paranoid(sim, f"{VM_BACKUPS}/{tampered.name}", vms=(), verify_only=True)
+    assert_clean(sim, before, [])
+
+
 # ----------------------------------------------------------------------------------------- the command line
 
 def _fake_rpc_dir(tmp: Path) -> Path:

@@ -140,23 +140,27 @@ class ParanoidRestore:
             if self.disp is None:
                 self.connect()
             assert self.disp is not None and self.writer is not None
-            try:
-                self.writer.send(FrameType.PASSPHRASE, "", self.passphrase)
-                for name, limit in OPENING:
-                    frame = self._agent_frame(limit)
-                    if frame.type != FrameType.MEMBER or frame.name != name:
-                        got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
-                        raise VerificationError(f"backup is damaged or tampered with: expected {name}, got "
-                                                f"{safe_text(got)}")  # fmt: skip
-                    self.writer.send(FrameType.MEMBER, frame.name, frame.data)
-            except BackupError as e:
-                raise self._disp_reason(e) from None
+            self._to_disp(FrameType.PASSPHRASE, "", self.passphrase)
+            for name, limit in OPENING:
+                frame = self._agent_frame(limit)
+                if frame.type != FrameType.MEMBER or frame.name != name:
+                    got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
+                    raise VerificationError(f"backup is damaged or tampered with: expected {name}, got "
+                                            f"{safe_text(got)}")  # fmt: skip
+                self._to_disp(FrameType.MEMBER, frame.name, frame.data)
             self.vms, self.info = read_plan(self.disp, self.disp_label)
             self.state = State.MANIFEST
             return self.vms
         except BaseException:
             self._fail()
             raise
+
+    def _to_disp(self, ftype: FrameType, name: str, data: bytes | memoryview) -> None:
+        assert self.writer is not None
+        try:
+            self.writer.send(ftype, name, data)
+        except BackupError as e:  # it stopped reading (or stalled): its own ERROR line, if any, says why
+            raise self._disp_reason(e) from None
 
     def _agent_frame(self, limit: int, into: Callable[[FrameType, int], memoryview | None] | None = None) -> Frame:
         """The agent's next frame (MEMBER within ``limit``, END), its ERROR raised: only the frame layer."""
