@@ -31,6 +31,8 @@ def _root(self: Api, name: str) -> Path:
 
 @api("admin.vm.CreateDisposable", payload=True, write=True)
 def create_disposable(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
+    if payload and getattr(self, "release", "4.3") == "4.2":  # R4.2's create_disposable takes no payload
+        raise ApiError("ProtocolError", "unexpected payload")
     if payload not in (b"", b"uuid"):
         raise ApiError("QubesValueError", "Invalid payload for admin.vm.CreateDisposable: expected the empty "
                        "string or 'uuid'")  # fmt: skip

@@ -21,16 +21,11 @@ passphrase and the backup's frames, and no network.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import select
 import sys
 import threading
-import time
 from collections.abc import Callable
-from typing import IO
 
-from qubes_backup_protocol import frames, names
+from qubes_backup_protocol import names
 from qubes_backup_protocol import plan_frames as pf
 from qubes_backup_protocol.frames import MAX_ERROR_LEN, Frame, FrameType, ProtocolError, safe_text
 
@@ -40,15 +35,7 @@ from qubes_backup_dom0.format.header import MAX_HEADER_SIZE
 from qubes_backup_dom0.format.manifest import MAX_MANIFEST_SIZE
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.system import System
-from qubes_backup_dom0.qubes.transport import (
-    MIN_RATE,
-    Channel,
-    ChannelClosed,
-    ChannelInterrupted,
-    Transport,
-    frame_budget,
-    make_transport,
-)
+from qubes_backup_dom0.qubes.transport import Channel, ChannelInterrupted, Transport, make_transport
 from qubes_backup_dom0.restore.apply import cleanup_leftovers
 from qubes_backup_dom0.restore.dispvm import Disposable, cleanup_disposables
 from qubes_backup_dom0.restore.machine import State
@@ -56,6 +43,7 @@ from qubes_backup_dom0.restore.paranoid_apply import ParanoidApplier
 from qubes_backup_dom0.restore.paranoid_plan import Here, ParanoidAction, ParanoidPlan, plan_paranoid, read_plan
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.receive import Receiver
+from qubes_backup_dom0.restore.relay import FrameWriter
 
 ProgressCallback = Callable[[int, int], None]
 #: The members before the plan, in order, with their largest size (FORMAT.md section 9).
@@ -399,74 +387,3 @@ class ParanoidRestore:
             applier.rollback()
         if self.disposable is not None:
             self.disposable.remove()
-
-
-class FrameWriter:
-    """Frames into the DisposableVM's stdin, from one thread at a time (first the main thread, then the relay
-    thread), each within the budget a Channel gives a frame (transport.frame_budget: the stall timeout plus
-    its size at MIN_RATE).  Its own descriptor and wake-up pipe: the reading Channel over the same process
-    (stdout, stderr) shares nothing with it.  ``interrupt`` from any thread."""
-
-    def __init__(self, stdin: IO[bytes], timeout: float, vm: str) -> None:
-        self._file: IO[bytes] | None = stdin
-        self._fd: int | None = stdin.fileno()
-        os.set_blocking(self._fd, False)
-        self.timeout, self.vm = timeout, vm
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        self._interrupted = False
-
-    def send(self, ftype: FrameType, name: str = "", data: bytes | memoryview = b"") -> None:
-        raw = name.encode("ascii")
-        head = frames.encode_header(ftype, len(raw), len(data)) + raw
-        deadline = time.monotonic() + frame_budget(self.timeout, len(head) + len(data))
-        self._write(head, deadline)
-        if len(data):
-            self._write(data, deadline)
-
-    def _write(self, data: bytes | memoryview, deadline: float) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            if self._interrupted:
-                raise ChannelInterrupted(f"{self.vm}: interrupted")
-            if self._fd is None:
-                raise ChannelClosed(f"{self.vm}: input already closed")
-            try:
-                view = view[os.write(self._fd, view) :]
-            except BlockingIOError:
-                self._wait(deadline)
-            except (BrokenPipeError, ConnectionResetError):
-                raise ChannelClosed(f"{self.vm} stopped reading") from None
-
-    def _wait(self, deadline: float) -> None:
-        assert self._fd is not None
-        stall = time.monotonic() + self.timeout
-        limit = min(stall, deadline)
-        poller = select.poll()
-        poller.register(self._fd, select.POLLOUT)
-        poller.register(self._wake_r, select.POLLIN)
-        left = limit - time.monotonic()
-        if left <= 0 or not poller.poll(math.ceil(left * 1000)):
-            if deadline < stall:
-                raise BackupError(f"{self.vm} accepts the backup too slowly (under {MIN_RATE >> 10} KiB/s for a "
-                                  "whole frame)")  # fmt: skip
-            raise BackupError(f"{self.vm} did not answer for {self.timeout:g} s")
-
-    def interrupt(self) -> None:
-        self._interrupted = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def close_input(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-        self._file = self._fd = None
-
-    def close(self) -> None:
-        self.close_input()
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
