@@ -347,7 +347,7 @@ def test_cli_ctrl_c_removes_the_disposable_and_the_vms(target: tuple[Sim, str], 
                              location, "work", "vault"], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 60
-    while not sim.in_progress() and time.monotonic() < deadline:  # the VMs are created: the data is due
+    while sim.in_progress() != ["vault", "work"] and time.monotonic() < deadline:  # created: the data is due
         time.sleep(0.1)
     assert sim.in_progress() == ["vault", "work"] and disposables(sim)
     proc.send_signal(signal.SIGINT)
