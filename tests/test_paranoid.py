@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -315,6 +317,24 @@ def test_a_tampered_backup_is_refused_by_the_disposable(target: tuple[Sim, str])
     before = Unchanged(sim)
     with pytest.raises(VerificationError, match=r"DisposableVM disp[0-9]+ reports: .*(tampered|damaged)"):
         paranoid(sim, f"{VM_BACKUPS}/{tampered.name}", vms=(), verify_only=True)
+    assert_clean(sim, before, [])
+
+
+def test_a_backup_in_qubes_own_format_is_named_by_the_disposable(target: tuple[Sim, str]) -> None:
+    """dom0 does not read the header in this mode: the DisposableVM recognises Qubes' format and says so."""
+    sim, _location = target
+    path = sim.vm_root("backupvm") / VM_BACKUPS.lstrip("/") / "qubes-old.tar"
+    header = (b"version=4\nencrypted=True\ncompressed=True\ncompression-filter=gzip\nhmac-algorithm=scrypt\n"
+              b"backup-id=20240102T030405-1234\n")  # fmt: skip
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("backup-header", header), ("backup-header.hmac", b"(stdin)= 00\n"),
+                           ("qubes.xml.000.enc", b"\0" * 1000)):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    before = Unchanged(sim)
+    r = sim.restore("--paranoid-mode", "-d", "backupvm", f"{VM_BACKUPS}/qubes-old.tar")
+    assert r.returncode == 3 and "Qubes OS' own format (version 4)" in one_error_line(r.stderr), r.stderr
     assert_clean(sim, before, [])
 
 

@@ -129,12 +129,15 @@ class ParanoidRestore:
                 self.connect()
             assert self.disp is not None and self.writer is not None
             self._to_disp(FrameType.PASSPHRASE, "", self.passphrase)
-            for name, limit in OPENING:
-                frame = self._agent_frame(limit)
-                if frame.type != FrameType.MEMBER or frame.name != name:
-                    got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
-                    raise VerificationError(f"backup is damaged or tampered with: expected {name}, got "
-                                            f"{safe_text(got)}")  # fmt: skip
+            for i, (name, limit) in enumerate(OPENING):
+                try:
+                    frame = self._agent_frame(limit)
+                    if frame.type != FrameType.MEMBER or frame.name != name:
+                        got = frame.name if frame.type == FrameType.MEMBER else frame.type.name
+                        raise VerificationError(f"backup is damaged or tampered with: expected {name}, got "
+                                                f"{safe_text(got)}")  # fmt: skip
+                except BackupError as e:  # once it has the header, the DisposableVM may know better (not ours?)
+                    raise (self._disp_reason(e) if i else e) from None
                 self._to_disp(FrameType.MEMBER, frame.name, frame.data)
             self.vms, self.info = read_plan(self.disp, self.disp_label)
             self.state = State.MANIFEST
