@@ -126,7 +126,9 @@ def cleanup_disposables(qubes: Qubes) -> list[str]:
     for name, (klass, _state) in qubes.vm_list().items():
         if klass != "DispVM":
             continue
-        if any(t.startswith(TAG_PREFIX) and _owner_dead(t) for t in qubes.tags(name)):
+        tags = qubes.tags(name)
+        # qubesd's own mark of a disposable dom0 made (a restore never brings it back) and our owner tag
+        if "disp-created-by-dom0" in tags and any(t.startswith(TAG_PREFIX) and _owner_dead(t) for t in tags):
             disp = Disposable(qubes)
             disp.name = name
             disp.remove()
