@@ -290,6 +290,48 @@ def test_a_stalling_disposable_is_cut_off(target: tuple[Sim, str], mode: str, mo
     assert_clean(sim, before, [])
 
 
+class FakeAgent(SimTransport):
+    """The backup VM's real qubes.Restore behind tests/fakes/paranoid_agent.py (stall, error or garbage after
+    COUNT frames: COUNT above 4 is in the archives, which dom0's relay thread passes on)."""
+
+    def __init__(self, sim: Sim, mode: str, count: int) -> None:
+        super().__init__(sim.system, sandbox=False)
+        self.mode, self.count = mode, count
+
+    def start(self, service: str, vm: str) -> subprocess.Popen[bytes]:
+        assert service == "qubes.Restore"
+        root = self.system.vm_root(vm)
+        env = self.agent_env(root)
+        return subprocess.Popen([sys.executable, str(REPO / "tests/fakes/paranoid_agent.py"), self.mode,
+                                 str(self.count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, bufsize=0, env=env, cwd=root,
+                                start_new_session=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(("mode", "count", "message"), [
+    ("stall", 6, "backup VM did not answer for 2 s"),
+    ("error", 6, "backup VM reports: disk on fire"),
+    ("garbage", 6, "backup VM sent a malformed stream"),
+    ("stall", 2, "backup VM did not answer for 2 s"),  # before the plan: on the main thread
+])  # fmt: skip
+def test_a_failing_backup_vm_during_the_relay(target: tuple[Sim, str], mode: str, count: int, message: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    sim, location = target
+    monkeypatch.setenv("QUBES_BACKUP_TIMEOUT", "2")
+    before = Unchanged(sim)
+    job = ParanoidRestore(sim.system, location, PASSPHRASE.encode(), source_vm="backupvm",
+                          options=RestoreOptions(vms=("work", "vault")), transport=FakeAgent(sim, mode, count))
+    with pytest.raises(BackupError, match=message):
+        try:
+            job.connect()
+            job.open()
+            job.plan()
+            job.run()
+        finally:
+            job.close()
+    assert_clean(sim, before, [])
+
+
 def test_wrong_passphrase_and_a_hostile_backup_vm(target: tuple[Sim, str]) -> None:
     """The DisposableVM's reason comes back as one line; the backup VM's errors too; both remove it."""
     sim, location = target
