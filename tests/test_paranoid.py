@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from conftest import (
     one_error_line,
     share_backup,
 )
-from qubes_backup_dom0.errors import BackupError, VerificationError
+from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import chunking, crypto, extractor, tarread
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format import manifest as manifest_mod
@@ -329,6 +330,33 @@ def test_a_failing_backup_vm_during_the_relay(target: tuple[Sim, str], mode: str
             job.run()
         finally:
             job.close()
+    assert_clean(sim, before, [])
+
+
+def test_cancel_from_another_thread(target: tuple[Sim, str]) -> None:
+    """The API's cancel() while the data is due (the DisposableVM holds it back): Cancelled, dom0 as it was."""
+    sim, location = target
+    before = Unchanged(sim)
+    job = ParanoidRestore(sim.system, location, PASSPHRASE.encode(), source_vm="backupvm",
+                          options=RestoreOptions(vms=("work", "vault")), disp_transport=FakeDisp("stall-volume"))
+    try:
+        job.connect()
+        job.open()
+        job.plan()
+
+        def cancel_when_created() -> None:
+            deadline = time.monotonic() + 60
+            while sim.in_progress() != ["vault", "work"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            job.cancel()
+
+        canceller = threading.Thread(target=cancel_when_created)
+        canceller.start()
+        with pytest.raises(Cancelled):
+            job.run()
+        canceller.join()
+    finally:
+        job.close()
     assert_clean(sim, before, [])
 
 

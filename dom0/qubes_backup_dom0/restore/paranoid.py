@@ -35,7 +35,7 @@ from qubes_backup_dom0.format.header import MAX_HEADER_SIZE
 from qubes_backup_dom0.format.manifest import MAX_MANIFEST_SIZE
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.system import System
-from qubes_backup_dom0.qubes.transport import Channel, ChannelInterrupted, Transport, make_transport
+from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport, make_transport
 from qubes_backup_dom0.restore.apply import cleanup_leftovers
 from qubes_backup_dom0.restore.dispvm import Disposable, cleanup_disposables
 from qubes_backup_dom0.restore.machine import State
@@ -85,6 +85,7 @@ class ParanoidRestore:
         self.applier: ParanoidApplier | None = None
         self._relay: threading.Thread | None = None
         self._relay_error: BaseException | None = None
+        self._agent_waiting = False  # the relay thread waits for the backup VM's next frame
         self.restored: list[str] = []
         self.warnings: list[str] = []
         self.extracted = 0
@@ -233,10 +234,8 @@ class ParanoidRestore:
                     for volume in act.vm.volumes:
                         self._receive_volume(act, volume, plan.data)
                 self._expect_verified()
-            except ChannelInterrupted:
-                if self._relay_error is not None:  # the relay failed first and woke us
-                    raise self._relay_error from None
-                raise
+            except BackupError as e:
+                raise self._relay_reason(e) from None
             self._relay.join()
             if self._relay_error is not None:
                 raise self._relay_error
@@ -259,10 +258,16 @@ class ParanoidRestore:
         buf = bytearray(chunk_size + IV_SIZE)
         try:
             while True:
+                self._agent_waiting = True
                 frame = self._agent_frame(len(buf), lambda t, n: memoryview(buf)[:n] if t == FrameType.MEMBER else None)
+                self._agent_waiting = False
                 if frame.type == FrameType.MEMBER and names.archive_of(frame.name) not in wanted:
                     raise VerificationError(f"backup VM sent a member that was not asked for: {safe_text(frame.name)}")
-                writer.send(frame.type, frame.name, frame.data)
+                try:
+                    writer.send(frame.type, frame.name, frame.data)
+                except ChannelClosed as e:  # it stopped reading: its ERROR line (or its end) is what the main
+                    self._relay_error = e  # thread reads next, and the better reason
+                    return
                 if frame.type == FrameType.END:
                     break
             if agent.read(1):
@@ -270,9 +275,20 @@ class ParanoidRestore:
             agent.wait()
             writer.close_input()
         except BaseException as e:
-            self._relay_error = e if isinstance(e, BackupError) or not self._cancel.is_set() else Cancelled("cancelled")
+            self._relay_error = Cancelled("restore cancelled") if self._cancel.is_set() else e
             if self.disp is not None:
                 self.disp.interrupt()  # the main thread waits for the DisposableVM: wake it
+
+    def _relay_reason(self, error: BackupError) -> BaseException:
+        """Which failure to report when the main thread's wait on the DisposableVM failed: the relay's, if it
+        failed first and woke us, or if it is waiting on a silent backup VM (the DisposableVM has nothing to
+        answer then: the backup VM is the one that stalls, and the relay says so within its own deadline)."""
+        relay = self._relay
+        if self._relay_error is None and relay is not None and self._agent_waiting and not self._cancel.is_set():
+            relay.join((self.disp.timeout if self.disp is not None else 0) + 1)
+        if self._relay_error is not None and not isinstance(self._relay_error, ChannelClosed):
+            return self._relay_error
+        return error
 
     def _disp_frame(self, what: str) -> Frame:
         assert self.disp is not None
