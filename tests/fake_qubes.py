@@ -133,6 +133,9 @@ class FakeQubes:
         self._write(vm, "attach", devclass, f"{backend}+{ident}").devices.append((devclass, backend, ident,
                                                                                dict(options)))  # fmt: skip
 
+    def firewall_rules(self, vm: str) -> list[str]:
+        return list(self._vm(vm).firewall) or ["action=accept"]  # qubesd's default for a new VM
+
     def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
         self._write(vm, "firewall").firewall = list(rules)
 

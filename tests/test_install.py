@@ -3,7 +3,8 @@ installed files: the installed qvm-backup / qvm-backup-restore with QUBES_SIM, t
 
 Also: the installs stay off Qubes' own files, `make uninstall-*` removes exactly what was installed, the
 installed services hand requests in Qubes' own protocol to Qubes' own service (a fake one here), and
-qvm-backup-restore hands a backup in Qubes' own format to Qubes' own qvm-backup-restore (a fake one here).
+qvm-backup-restore names a backup in Qubes' own format with Qubes' own qvm-backup-restore's command, and runs
+that (a fake one here) only with --use-qubes-restore.
 """
 
 from __future__ import annotations
@@ -227,7 +228,9 @@ def qubes_format_backup(path: Path) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_qubes_format_backup_goes_to_qubes_own_restore(tmp_path: Path, installed: tuple[Path, Path]) -> None:
+def test_qubes_format_backup_to_qubes_restore_only_when_asked(tmp_path: Path, installed: tuple[Path, Path]) -> None:
+    """The installed qvm-backup-restore names a Qubes-format backup with Qubes' command (exit 4) and runs Qubes'
+    own tool only with --use-qubes-restore, without our -p/-y (tests/test_qubes_format_cli.py: the rest)."""
     dom0, _vm = installed
     sim = Sim(tmp_path / "sim")
     simgen.generate(sim.dir, "small", seed=0, pool="file")
@@ -240,17 +243,28 @@ def test_qubes_format_backup_goes_to_qubes_own_restore(tmp_path: Path, installed
     argv = [restore, "-y", "-p", "/pw", "--skip-conflicting", "/old.tar", "work"]
     env = clean_env(QUBES_SIM=str(sim.dir), QUBES_BACKUP_QUBES_RESTORE=str(tool))
     r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 4, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "Qubes OS' own format (version 4" in line and "not restored" in line, line
+    assert line.endswith("/usr/bin/qvm-backup-restore --skip-conflicting /old.tar work; or run this command again "
+                         "with --use-qubes-restore"), line  # fmt: skip
+    assert not (tmp_path / "tool.args").exists()
+
+    r = subprocess.run([*argv, "--use-qubes-restore"], env=env, capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)  # fmt: skip
     assert r.returncode == 7, r.stderr  # Qubes' tool's own exit code
     (note,) = r.stderr.strip().splitlines()
-    assert "Qubes OS' own format (version 4)" in note and str(tool) in note
-    assert (tmp_path / "tool.args").read_text() == "-p /pw --skip-conflicting /old.tar work\n"  # without -y
+    assert "Qubes OS' own format (version 4" in note and str(tool) in note
+    assert (tmp_path / "tool.args").read_text() == "--skip-conflicting /old.tar work\n"  # never -p, -y
+    assert r.stdout.strip().endswith("exit code 7")
 
     env["QUBES_BACKUP_QUBES_RESTORE"] = str(tmp_path / "not-installed")
-    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 2
+    r = subprocess.run([*argv, "--use-qubes-restore"], env=env, capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)  # fmt: skip
+    assert r.returncode == 4
     (line,) = r.stderr.strip().splitlines()
     assert "Qubes OS' own format" in line and "/usr/bin/qvm-backup-restore" in line, line
-    assert "malformed" not in line
+    assert "not installed" in line and "malformed" not in line
 
 
 def test_qubes_header_recognised_strictly() -> None:

@@ -20,6 +20,8 @@ _ARCHIVE_RE = re.compile(_ARCHIVE)
 MAX_CHUNKS = 1_000_000  # six digits
 # The file name dom0 gives a backup (docs/PROTOCOL.md section 2); listing a location shows only these.
 _BACKUP_FILE_RE = re.compile(r"qubes-backup-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}")
+# The file name Qubes OS' own qvm-backup gives a backup in a directory (qubes/backup.py: "qubes-%Y-%m-%dT%H%M%S").
+_QUBES_FILE_RE = re.compile(r"qubes-[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{6}")
 LIST_REQUEST = "list"  # the LOCATION frame's name that asks qubes.Restore for a listing (PROTOCOL.md 5a)
 MAX_LIST_ENTRIES = 1000  # a listing holds at most this many backups (the newest, by name)
 MAX_LIST_HEADER = 4096  # an ENTRY frame carries at most this much of a backup's header member
@@ -38,6 +40,16 @@ def is_archive_name(name: str) -> bool:
 def is_backup_file_name(name: str) -> bool:
     """True if ``name`` is a backup file name as dom0 chooses it (``qubes-backup-YYYY-MM-DDTHHMMSS``)."""
     return _BACKUP_FILE_RE.fullmatch(name) is not None
+
+
+def is_qubes_backup_file_name(name: str) -> bool:
+    """True if ``name`` is a backup file name as Qubes OS' own qvm-backup chooses it (``qubes-YYYY-MM-DDTHHMMSS``)."""
+    return _QUBES_FILE_RE.fullmatch(name) is not None
+
+
+def is_listed_file_name(name: str) -> bool:
+    """True if a listing shows the file: named as dom0 or as Qubes OS' own qvm-backup names a backup."""
+    return is_backup_file_name(name) or is_qubes_backup_file_name(name)
 
 
 def archive_name(number: int) -> str:

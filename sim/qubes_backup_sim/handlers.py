@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, QubesXmlError, validate_name
 
-from . import firewall, props
+from . import firewall, policy, props
 from .exc import ApiError, protocol_error, value_error, vm_not_found
 from .storage import Storage, write_volume_config
 from .store import Store
@@ -80,10 +80,12 @@ class Api:
         spec = HANDLERS.get(method) or self._dynamic(method)
         if spec is None or (not self.notes and method.startswith("admin.vm.notes.")):
             raise ApiError("QubesException", f"unknown method {method!r}")
-        if src != "dom0":
-            raise ApiError("PermissionDenied", f"calls from {src!r} are not allowed")
         self.current_method = method
         dom = self.coll.get(dest)
+        if src != "dom0":  # a VM's call: only what the qrexec policy allows it (policy.py)
+            if self.coll.get(src) is None or dom is None:
+                raise ApiError("PermissionDenied", f"calls from {src!r} to {dest!r} are not allowed")
+            policy.check(self.store.dom0, self.coll, method, arg, src, dest)
         if dom is None:
             raise vm_not_found(dest)
         if spec.admin_dest is True and not dom.is_admin:

@@ -1,8 +1,10 @@
 """qubes.Restore's listing request (docs/PROTOCOL.md section 5a): which backups a directory holds.
 
-For each regular file named like a backup (``names.is_backup_file_name``), the newest MAX_LIST_ENTRIES by
-name, one ENTRY frame: the file name and the content of its first member when that is a ``backup-header``
-of at most MAX_LIST_HEADER bytes (else empty).  Then END.  Nothing here is trusted by dom0: it parses the
+For each regular file named like a backup (``names.is_listed_file_name``: as dom0 names ours, or as Qubes OS'
+own qvm-backup names its backups in a dom0 directory), the last MAX_LIST_ENTRIES by name, one ENTRY frame:
+the file name and the content of its first member when that is a ``backup-header`` of at most
+MAX_LIST_HEADER bytes (else empty; a pax header before it, as GNU tar --posix writes for Qubes' backups, is
+read as ``outer_tar`` allows).  Then END.  Nothing here is trusted by dom0: it parses the
 header text strictly and shows it as unauthenticated.
 """
 
@@ -30,7 +32,7 @@ def backup_files(directory: Path, root: Path) -> list[str]:
         raise StorageError(describe_oserror(exc, "listing", confine.vm_view(directory, root))) from None
     found = []
     for name in entries:
-        if not names.is_backup_file_name(name):
+        if not names.is_listed_file_name(name):
             continue
         with contextlib.suppress(OSError):
             if stat.S_ISREG(os.lstat(directory / name).st_mode):

@@ -2,9 +2,11 @@
 
 The backup VM answers a listing request with one ENTRY frame per backup file (its name and the content of
 its header member) and END.  dom0 bounds every frame, checks each name against the backup file name grammar
-and parses each header with the strict header parser (``header.parse``: the same grammar and ceilings as a
-restore).  No MAC can be checked without the passphrase and one KDF per backup, so everything shown is
-labelled unverified: it helps a user notice a missing or an out-of-place newest backup, it proves nothing.
+(ours, ``qubes-backup-YYYY-MM-DDTHHMMSS``, or the name Qubes OS' own qvm-backup gives a backup in a dom0
+directory, ``qubes-YYYY-MM-DDTHHMMSS``) and parses each header with the strict header parser
+(``header.parse``: the same grammar and ceilings as a restore; it also recognises Qubes' own format).  No
+MAC can be checked without the passphrase and one KDF per backup, so everything shown is labelled
+unverified: it helps a user notice a missing or an out-of-place newest backup, it proves nothing.
 ``--list`` / ``--verify-only`` of one backup authenticate it.
 """
 
@@ -20,13 +22,21 @@ from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
-from qubes_backup_dom0.qubes.transport import Channel, LocalFileTransport, Transport, make_transport
+from qubes_backup_dom0.qubes.transport import MIN_RATE, Channel, LocalFileTransport, Transport, make_transport
 
 _LIMITS = {
     FrameType.ENTRY: (names.MAX_NAME_LEN, names.MAX_LIST_HEADER),
     FrameType.END: (0, 0),
     FrameType.ERROR: (0, MAX_ERROR_LEN),
 }
+#: The most a whole listing may carry: every entry at its largest, the END or ERROR.
+LIST_MAX_BYTES = (names.MAX_LIST_ENTRIES + 1) * (10 + names.MAX_NAME_LEN + max(names.MAX_LIST_HEADER, MAX_ERROR_LEN))
+
+
+def list_deadline(timeout: float) -> float:
+    """Seconds a whole listing may take: the stall timeout to start, the largest listing at MIN_RATE, and a
+    timeout for the agent's end (however the frames are spread, not more)."""
+    return 2 * timeout + LIST_MAX_BYTES / MIN_RATE
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Listed:
     created: str | None = None
     compression: str | None = None
     problem: str | None = None  # why no header could be read (not a backup, damaged, Qubes' own format)
+    format: str | None = None  # what the header says: "qubes-backup" (ours), "qubes-os" (Qubes' own), None
 
     @property
     def name_mismatch(self) -> str | None:
@@ -49,11 +60,12 @@ def _parse_entry(name: str, data: bytes) -> Listed:
         return Listed(name, problem="no backup header (not a backup, or damaged)")
     try:
         hdr = header_mod.parse(data)
-    except header_mod.QubesFormatBackup:
-        return Listed(name, problem="a backup in Qubes OS' own format")
+    except header_mod.QubesFormatBackup as exc:
+        return Listed(name, problem=f"Qubes OS' own format (version {exc.version}): restore it with Qubes' "
+                      "qvm-backup-restore (or --use-qubes-restore)", format="qubes-os")  # fmt: skip
     except BackupError as exc:
         return Listed(name, problem=f"malformed header ({safe_text(str(exc), limit=120)})")
-    return Listed(name, hdr.backup_id.hex(), hdr.created, hdr.compression)
+    return Listed(name, hdr.backup_id.hex(), hdr.created, hdr.compression, format="qubes-backup")
 
 
 def _open(system: System, location: str, source_vm: str | None, transport: Transport | None) -> Channel:
@@ -71,7 +83,7 @@ def _open(system: System, location: str, source_vm: str | None, transport: Trans
 
 def _recv(channel: Channel) -> Frame:
     try:
-        frame = channel.recv(_LIMITS, names.is_backup_file_name)
+        frame = channel.recv(_LIMITS, names.is_listed_file_name)
     except ProtocolError as exc:
         raise VerificationError(f"backup VM sent a malformed listing: {exc}") from None
     if frame is None:
@@ -86,6 +98,7 @@ def list_backups(system: System, location: str, source_vm: str | None = None,
                  transport: Transport | None = None) -> list[Listed]:  # fmt: skip
     """The backups in directory LOCATION (in ``source_vm``, or in dom0), oldest first by name."""
     channel = _open(system, location, source_vm, transport)
+    channel.set_deadline(list_deadline(channel.timeout))
     try:
         found: list[Listed] = []
         while True:

@@ -14,21 +14,23 @@ import sys
 import time
 from collections.abc import Callable
 
-from qubes_backup_dom0.cli import paranoid, report
+from qubes_backup_dom0.cli import paranoid, qubes_tools, report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
     confirm,
     emit_json,
+    error_document,
     human,
+    prog,
     raise_interrupt,
     run_cli,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.listing import list_backups
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.progress import Progress
-from qubes_backup_dom0.cli.qubes_tools import run_qubes_restore
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.header import QubesFormatBackup
 from qubes_backup_dom0.format.naming import name_time_mismatch
@@ -37,6 +39,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import stall_timeout
 from qubes_backup_dom0.restore.machine import Restore, RestoreOptions, RestorePlan
 from qubes_backup_dom0.restore.plan import home_user
+from qubes_backup_dom0.text import printable
 
 # Qubes' options that do not apply here: the reason is the error a user sees.
 UNSUPPORTED = {
@@ -74,11 +77,23 @@ def parser() -> ArgumentParser:
                    help="restore a dom0 home backed up from another user name (into a new directory)")  # fmt: skip
     p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
                    help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
+    p.add_argument("--restore-devices", action="store_true",
+                   help="also restore the backup's device assignments (PCI, USB, block; with their options) "
+                   "without asking")  # fmt: skip
+    p.add_argument("--restore-risky-settings", action="store_true",
+                   help="also restore the backup's other settings that grant power (autostart, provides_network, "
+                   "guivm, audiovm, kernelopts, virt_mode, GUI/qemu features, tags, wider firewall rules ...) "
+                   "without asking; tags a qrexec policy trusts are never restored")  # fmt: skip
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="also list every file of the backup")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout (docs/JSON.md)")
+    p.add_argument(qubes_tools.OPTION, action="store_true",
+                   help="a backup in Qubes OS' own format: run Qubes' own qvm-backup-restore for it (it asks for the "
+                   "passphrase and for confirmation itself: -p and -y are not passed on); without this option "
+                   f"such a backup is only named, with the command that restores it (exit code "
+                   f"{qubes_tools.EXIT_QUBES_FORMAT})")  # fmt: skip
     p.add_argument("--ignore-size-limit", action="store_true",
                    help="accepted for Qubes' compatibility; no effect (sizes are the authenticated manifest's, "
                    "enforced exactly)")  # fmt: skip
@@ -132,17 +147,37 @@ def main(argv: list[str] | None = None) -> int:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
     command = report.restore_command(args.verify_only, args.list, args.list_backups)
-    return run_cli(lambda: _run_or_hand_over(args, args_list), args.debug, command if args.json else None)
+    return run_cli(lambda: _run_or_qubes_format(args), args.debug, command if args.json else None)
 
 
-def _run_or_hand_over(args: argparse.Namespace, argv: list[str]) -> int:
-    """A backup in Qubes OS' own format goes to Qubes' own qvm-backup-restore (qubes_tools.py)."""
+def _run_or_qubes_format(args: argparse.Namespace) -> int:
+    """A backup in Qubes OS' own format (told by its unauthenticated header) is never restored by a switch to
+    another tool: it is named with the command that restores it, and that runs only with --use-qubes-restore
+    (cli/qubes_tools.py)."""
     try:
         return _run(args)
     except QubesFormatBackup as exc:
-        if args.json or args.list:
+        return _qubes_format(args, exc)
+
+
+def _qubes_format(args: argparse.Namespace, exc: QubesFormatBackup) -> int:
+    command_name = report.restore_command(args.verify_only, args.list, args.list_backups)
+    try:
+        if not args.use_qubes_restore:
+            raise qubes_tools.not_restored(exc, args)
+        command, rc = qubes_tools.run_qubes_restore(exc, args)
+    except qubes_tools.NotRestored as err:
+        if not args.json:
             raise
-        return run_qubes_restore(exc, argv)
+        print(f"{prog()}: error: {printable(str(err))}", file=sys.stderr)
+        emit_json(error_document(command_name, printable(str(err)), err.exit_code)
+                  | {"tool": None, "qubes_restore_command": err.command})  # fmt: skip
+        return err.exit_code
+    if args.json:
+        emit_json(qubes_tools.handed_over_document(command_name, exc, command, rc))
+    else:
+        print(f"Qubes OS' own {command[0]} ran for this backup in Qubes' format (not qubes-backup): exit code {rc}")
+    return rc
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -177,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
         skip_conflicting=args.skip_conflicting, rename_conflicting=args.rename_conflicting,
         skip_dom0_home=args.skip_dom0_home, ignore_username_mismatch=args.ignore_username_mismatch,
-        backup_id=args.backup_id,
+        backup_id=args.backup_id, restore_devices=args.restore_devices,
+        restore_risky_settings=args.restore_risky_settings,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, raise_interrupt)
     if args.paranoid_mode:  # the backup is parsed in a DisposableVM (cli/paranoid.py)
@@ -205,7 +241,7 @@ def _show_list(args: argparse.Namespace, plan: RestorePlan) -> int:
         emit_json(report.list_document(plan, mismatch))
         return 0
     if mismatch is not None:
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     print(summary(plan, verbose=args.verbose, actions=False))
     return 0
 
@@ -215,21 +251,27 @@ Log = Callable[..., None]
 
 def _restore(args: argparse.Namespace, system: System, job: Restore, plan: RestorePlan, log: Log) -> int:
     log(summary(plan, verbose=args.verbose))
+    for line in [*settings.plan_lines(plan), *settings.leftover_lines(job.leftovers)]:
+        log(line)
     mismatch = name_time_mismatch(args.location, plan.header.created)
     if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     if plan.errors:
         raise BackupError(plan.errors[0])
     if plan.home is not None and home_user(plan.manifest) not in (None, system.user):
-        print(f"warning: the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
-              "restoring it as asked (--ignore-username-mismatch)", file=sys.stderr)  # fmt: skip
+        warn(f"the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
+             "restoring it as asked (--ignore-username-mismatch)")  # fmt: skip
     verb = "verify" if args.verify_only else "restore"
     # As Qubes' own tool: a passphrase given with -p means "go ahead"; "no" is not a failure (exit 0).
-    if not confirm(f"Do you want to {verb} the VMs above?", args.yes or args.passphrase_file is not None):
+    unattended = args.yes or args.passphrase_file is not None
+    if not confirm(f"Do you want to {verb} the VMs above?", unattended):
         log("Restore cancelled.")
         if args.json:
             emit_json(report.cancelled_document(report.restore_command(args.verify_only, False, False)))
         return 0
+    if not unattended:  # the user is at a terminal: settings that grant power are theirs to choose
+        settings.ask(plan)
+    dropped = settings.dropped_lines(plan)  # (none when verifying: nothing is restored)
     bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
     job.progress = bar
     start = time.monotonic()
@@ -238,10 +280,14 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
     finally:
         bar.close()
     elapsed = max(time.monotonic() - start, 1e-9)
-    for warning in job.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    for line in job.cleaned:
+        log(line)
+    # One line per setting not restored, even with -q (the restored VMs differ from the backup's); after the
+    # restore, as its account: a failed restore is one error line and nothing else.
+    for warning in dropped + job.warnings:
+        warn(warning)
     if args.json:
-        emit_json(report.restore_document(job, plan, elapsed, mismatch))
+        emit_json(report.restore_document(job, plan, elapsed, mismatch, dropped))
         return 0
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
     which = f"backup {plan.header.backup_id.hex()}, created {plan.header.created}"
