@@ -37,6 +37,7 @@ from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import chunking, crypto, extractor, tarread
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format import manifest as manifest_mod
+from qubes_backup_dom0.qubes.adminapi import AdminAPI
 from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_dom0.qubes.transport import SimTransport
 from qubes_backup_dom0.restore import extract, receive
@@ -103,6 +104,11 @@ def paranoid(sim: Sim, location: str, transport: object = None, vms: tuple[str, 
     return job
 
 
+def para(sim: Sim, *args: str) -> subprocess.CompletedProcess[str]:
+    """qvm-backup-restore --paranoid-mode, unattended (no --restore-devices/--restore-risky-settings: refused)."""
+    return sim.run("qvm-backup-restore", "--paranoid-mode", "-y", "-p", "/pw", *args)
+
+
 def disposables(sim: Sim) -> list[str]:
     return sorted(d.name for d in sim.collection().domains if d.klass == "DispVM")
 
@@ -137,7 +143,7 @@ def test_cli_paranoid_restore_is_byte_exact_with_allowed_settings_only(
     src, _ = source_backup
     sim, location = target
     here_before = set(sim.collection().names())
-    r = sim.restore("--paranoid-mode", "--skip-conflicting", "-d", "backupvm", location)
+    r = para(sim, "--skip-conflicting", "-d", "backupvm", location)
     assert r.returncode == 0, r.stderr
     assert "in paranoid mode" in r.stdout and "dom0 home" in r.stderr and "never restored" in r.stderr
     coll, scoll = sim.collection(), src.collection()
@@ -205,7 +211,7 @@ def test_dom0_runs_no_parser_of_the_backup(target: tuple[Sim, str], source_backu
 
 def test_json_and_list_in_paranoid_mode(target: tuple[Sim, str]) -> None:
     sim, location = target
-    r = sim.restore("--paranoid-mode", "--list", "--json", "-d", "backupvm", location)
+    r = para(sim, "--list", "--json", "-d", "backupvm", location)
     assert r.returncode == 0, r.stderr
     import json
 
@@ -214,10 +220,18 @@ def test_json_and_list_in_paranoid_mode(target: tuple[Sim, str]) -> None:
     vault = next(v for v in doc["vms"] if v["name"] == "vault")
     assert vault["netvm"] is None and "virt_mode" not in vault["properties"]
     assert disposables(sim) == []
-    r = sim.restore("--paranoid-mode", "--json", "--skip-conflicting", "-d", "backupvm", location, "work")
+    r = para(sim, "--json", "--skip-conflicting", "-d", "backupvm", location, "work")
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["ok"] and doc["restored"] == ["work"], r.stderr
     assert doc["disposable_vm"].startswith("disp") and disposables(sim) == []
+
+
+def test_options_that_restore_more_are_refused(target: tuple[Sim, str]) -> None:
+    sim, location = target
+    for option in ("--restore-devices", "--restore-risky-settings", "--use-qubes-restore"):
+        r = para(sim, option, "-d", "backupvm", location)
+        assert r.returncode == 2 and f"{option} does not go with --paranoid-mode" in one_error_line(r.stderr)
+    assert disposables(sim) == []
 
 
 def test_plan_semantics_rename_and_missing_template(target: tuple[Sim, str]) -> None:
@@ -403,8 +417,27 @@ def test_a_backup_in_qubes_own_format_is_named_by_the_disposable(target: tuple[S
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     before = Unchanged(sim)
-    r = sim.restore("--paranoid-mode", "-d", "backupvm", f"{VM_BACKUPS}/qubes-old.tar")
+    r = para(sim, "-d", "backupvm", f"{VM_BACKUPS}/qubes-old.tar")
     assert r.returncode == 3 and "Qubes OS' own format (version 4)" in one_error_line(r.stderr), r.stderr
+    assert_clean(sim, before, [])
+
+
+def test_no_paranoid_restore_while_a_vm_could_manage_it(target: tuple[Sim, str]) -> None:
+    """As a normal restore: no VM tagged in progress while another VM could change it -- a VM holding
+    backup-restore-mgmt, or (a policy rule for disposables) this restore's own DisposableVM."""
+    sim, location = target
+    AdminAPI(sim.system.admin_socket()).call("admin.vm.tag.Set", "backupvm", "backup-restore-mgmt")
+    before = Unchanged(sim)
+    with pytest.raises(BackupError, match=r"backupvm \(tagged backup-restore-mgmt\)"):
+        paranoid(sim, location)
+    assert_clean(sim, before, [])
+    AdminAPI(sim.system.admin_socket()).call("admin.vm.tag.Remove", "backupvm", "backup-restore-mgmt")
+    policy = sim.dom0 / "etc/qubes/policy.d/30-user.policy"
+    policy.write_text("admin.vm.volume.ImportWithSize * @type:DispVM @tag:backup-restore-in-progress allow "
+                      "target=dom0\n")  # fmt: skip
+    before = Unchanged(sim)
+    with pytest.raises(BackupError, match=r"disp[0-9]+ \(allowed admin.vm.volume.ImportWithSize by "):
+        paranoid(sim, location)
     assert_clean(sim, before, [])
 
 

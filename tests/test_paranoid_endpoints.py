@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,6 +72,13 @@ def make_target(tmp_path: Path, source: Source) -> Iterator[Callable[..., Target
         t.stop()
 
 
+def para(t: Target, *vms: str) -> subprocess.CompletedProcess[str]:
+    """The harness's restore, in paranoid mode (which refuses --restore-devices/--restore-risky-settings)."""
+    argv = [a for a in t.argv(*vms) if a not in ("--restore-devices", "--restore-risky-settings")]
+    return subprocess.run([*argv, "--paranoid-mode"], env=t.env(), capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=180, check=False)  # fmt: skip
+
+
 def _writes_to(reqs: list[Req], vm: str) -> list[Req]:
     return [r for r in reqs if r.write and r.dest == vm]
 
@@ -80,7 +88,7 @@ def test_paranoid_restore_through_fake_endpoints(make_target: Callable[..., Targ
                                                  release: str) -> None:  # fmt: skip
     t = make_target(release)
     before = t.qubes().vm_list()
-    proc = t.restore("--paranoid-mode", *WANTED)
+    proc = para(t, *WANTED)
     assert proc.returncode == 0, proc.stderr
     reqs = t.requests()
     (create,) = [r for r in reqs if r.method == "admin.vm.CreateDisposable"]
@@ -141,7 +149,7 @@ def test_paranoid_uses_management_dispvm_and_cleans_up_a_killed_ones(make_target
     api.call("admin.vm.Start", name)
     mine = len(t.requests())
     (t.tmp / "pw").write_text("wrong\n")
-    proc = t.restore("--paranoid-mode", "work")
+    proc = para(t, "work")
     assert proc.returncode == 3 and "wrong passphrase" in one_error_line(proc.stderr), proc.stderr
     reqs = t.requests()[mine:]
     assert [r.dest for r in reqs if r.method == "admin.vm.CreateDisposable"] == ["fedora-41-dvm"]

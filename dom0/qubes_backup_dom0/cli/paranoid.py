@@ -8,16 +8,15 @@ and dom0 takes only the plan's names, classes, labels, templates, allow-listed s
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from qubes_backup_dom0.cli import report
-from qubes_backup_dom0.cli.common import confirm, emit_json, human, table
+from qubes_backup_dom0.cli import report, settings
+from qubes_backup_dom0.cli.common import confirm, emit_json, human, table, warn
 from qubes_backup_dom0.cli.passphrase import read_passphrase
 from qubes_backup_dom0.cli.progress import Progress
-from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.restore.paranoid import ParanoidRestore
@@ -67,7 +66,7 @@ def document(command: str, job: ParanoidRestore, plan: ParanoidPlan, extra: dict
     """The --json document of a paranoid list, verify or restore (docs/JSON.md, "paranoid mode")."""
     info = plan.info
     disposable = job.disposable.created if job.disposable is not None else None
-    return {"version": report.JSON_VERSION, "command": command, "ok": True, "paranoid": True,
+    return {"version": report.JSON_VERSION, "command": command, "ok": True, "tool": "qubes-backup", "paranoid": True,
             "disposable_vm": disposable,
             "backup": {"id": info.backup_id.hex(), "created": info.created, "compression": info.compression,
                        "chunk_size": info.chunk_size, "archives": len(plan.vms) + (1 if info.home_size else 0),
@@ -78,6 +77,11 @@ def document(command: str, job: ParanoidRestore, plan: ParanoidPlan, extra: dict
 
 
 def run(args: argparse.Namespace, system: System, source_vm: str | None, options: RestoreOptions, log: Log) -> int:
+    for option in ("restore_devices", "restore_risky_settings", "use_qubes_restore"):
+        if getattr(args, option, False):
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} does not go with --paranoid-mode, which never restores devices or settings "
+                             "that grant power and parses the backup in a DisposableVM")  # fmt: skip
     command = report.restore_command(args.verify_only, args.list, False)
     job = ParanoidRestore(system, args.location, b"", source_vm=source_vm, options=options)
     try:
@@ -97,12 +101,14 @@ def run(args: argparse.Namespace, system: System, source_vm: str | None, options
                 emit_json(document(command, job, plan, {"warnings": [mismatch] if mismatch else []}))
             else:
                 if mismatch is not None:
-                    print(f"warning: {mismatch}", file=sys.stderr)
+                    warn(mismatch)
                 print(summary(plan, disposable, actions=False))
             return 0
         log(summary(plan, disposable))
+        for line in settings.leftover_lines(job.leftovers):
+            log(line)
         if mismatch is not None:
-            print(f"warning: {mismatch}", file=sys.stderr)
+            warn(mismatch)
         if plan.errors:
             raise BackupError(plan.errors[0])
         verb = "verify" if args.verify_only else "restore"
@@ -119,14 +125,17 @@ def run(args: argparse.Namespace, system: System, source_vm: str | None, options
         finally:
             bar.close()
         elapsed = max(time.monotonic() - start, 1e-9)
+        for line in job.cleaned:
+            log(line)
         for warning in job.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+            warn(warning)
         which = f"backup {plan.info.backup_id.hex()}, created {plan.info.created}"
         rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
         if args.json:
             warnings = ([mismatch] if mismatch else []) + list(job.warnings)
             emit_json(document(command, job, plan, {"restored": list(job.restored), "data": plan.data,
-                                                    "elapsed_seconds": round(elapsed, 3), "warnings": warnings}))
+                                                    "elapsed_seconds": round(elapsed, 3), "warnings": warnings,
+                                                    "cleaned": list(job.cleaned)}))
         elif args.verify_only:
             print(f"Backup verified in {disposable} ({which}): {len(plan.wanted)} VM(s), {rate}; nothing was written")
         else:

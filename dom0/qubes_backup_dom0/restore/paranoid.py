@@ -34,9 +34,11 @@ from qubes_backup_dom0.format.crypto import IV_SIZE, MAC_HEX_SIZE
 from qubes_backup_dom0.format.header import MAX_HEADER_SIZE
 from qubes_backup_dom0.format.manifest import MAX_MANIFEST_SIZE
 from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.policy import read_policy
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport, make_transport
-from qubes_backup_dom0.restore.apply import cleanup_leftovers
+from qubes_backup_dom0.restore import risk
+from qubes_backup_dom0.restore.apply import Leftovers, clean_leftovers, find_leftovers
 from qubes_backup_dom0.restore.dispvm import Disposable, cleanup_disposables
 from qubes_backup_dom0.restore.machine import State
 from qubes_backup_dom0.restore.paranoid_apply import ParanoidApplier
@@ -88,6 +90,8 @@ class ParanoidRestore:
         self._agent_waiting = False  # the relay thread waits for the backup VM's next frame
         self.restored: list[str] = []
         self.warnings: list[str] = []
+        self.leftovers = Leftovers()  # what killed restores left (found by plan(), cleaned by run())
+        self.cleaned: list[str] = []
         self.extracted = 0
 
     @property
@@ -191,18 +195,28 @@ class ParanoidRestore:
     def plan(self) -> ParanoidPlan:
         assert self.info is not None
         try:
-            vms = self.qubes.vm_list()
-            here = Here(
-                {n: klass for n, (klass, _state) in vms.items()},
-                frozenset(self.qubes.labels()),
-                {p: self.qubes.global_property(p) for p in ("default_template", "default_dispvm")},
-            )
-            self.paranoid_plan = plan_paranoid(here, self.vms, self.info, self.options)
+            if not self.options.verify_only:
+                self.leftovers = find_leftovers(self.qubes, self.system.home_dir)
+            gone = self.leftovers.removed_names  # their names are free for this restore
+            vms = {n: klass for n, (klass, _state) in self.qubes.vm_list().items() if n not in gone}
+            here = Here(vms, frozenset(self.qubes.labels()),
+                        {p: self.qubes.global_property(p) for p in ("default_template", "default_dispvm")})  # fmt: skip
+            plan = plan_paranoid(here, self.vms, self.info, self.options)
+            if not self.options.verify_only and (managers := self._managers()):
+                plan.errors.insert(0, risk.managers_error(managers))
+            self.paranoid_plan = plan
             self.state = State.PLANNED
-            return self.paranoid_plan
+            return plan
         except BaseException:
             self._fail()
             raise
+
+    def _managers(self) -> list[str]:
+        """VMs that could change this restore's VMs while they are in progress (risk.restore_managers), this
+        restore's DisposableVM included (a policy rule for @type:DispVM or @dispvm:... would cover it)."""
+        gone = self.leftovers.removed_names
+        vms = {n: klass for n, (klass, _state) in self.qubes.vm_list().items() if klass != "AdminVM" and n not in gone}
+        return risk.restore_managers(vms, {n: self.qubes.tags(n) for n in vms}, read_policy(self.system))
 
     # -- receiving and applying ----------------------------------------------------------------------
 
@@ -215,16 +229,20 @@ class ParanoidRestore:
             if plan.errors:
                 raise BackupError(plan.errors[0])
             wanted = [a.vm.archive for a in plan.wanted]
-            if not self.options.verify_only:
-                left = cleanup_leftovers(self.qubes)
-                self.warnings += [f"removed VM {n} left by an interrupted restore" for n in left]
-                self.applier = ParanoidApplier(self.qubes, plan)
-                self.applier.create_all()
-            for channel in (agent, writer):
+            for channel in (agent, writer):  # first, as a normal restore: the agent starts reading meanwhile
                 for archive in wanted:
                     channel.send(FrameType.WANT, archive)
                 channel.send(FrameType.WANT_END)
             agent.close_input()
+            if not self.options.verify_only:
+                if self.leftovers:  # the user chose to run: now, not earlier
+                    self.cleaned = clean_leftovers(self.qubes, self.leftovers, self.system.home_dir)
+                    self.leftovers = Leftovers()
+                managers = self._managers()  # again, just before the first VM tagged in progress exists
+                if managers:
+                    raise BackupError(risk.managers_error(managers))
+                self.applier = ParanoidApplier(self.qubes, plan)
+                self.applier.create_all()
             self._relay = threading.Thread(target=self._relay_archives, args=(set(wanted), info.chunk_size),
                                            name="paranoid-relay", daemon=True)  # fmt: skip
             self._relay.start()
@@ -245,8 +263,10 @@ class ParanoidRestore:
                 self.restored = [a.target_name for a in plan.wanted]
             self.warnings += plan.warnings
             self.state = State.COMMITTED
-        except BaseException:
+        except BaseException as e:
             self._fail()
+            if self._cancel.is_set() and isinstance(e, BackupError) and not isinstance(e, Cancelled):
+                raise Cancelled("restore cancelled") from None  # what broke was what cancel() stopped
             raise
         finally:
             self.close()
