@@ -121,7 +121,6 @@ def test_dom0_home_of_another_user_needs_ignore_username_mismatch(sim: Sim) -> N
 
 
 @pytest.mark.parametrize(("option", "message"), [
-    ("--paranoid-mode", "--paranoid-mode/--plan-b is not needed and not supported"),
     ("--location-is-service", "--location-is-service is not supported"),
 ])  # fmt: skip
 def test_qubes_options_that_do_not_apply_are_one_line(sim: Sim, option: str, message: str) -> None:

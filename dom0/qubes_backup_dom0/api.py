@@ -25,6 +25,7 @@ from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
 if TYPE_CHECKING:
     from qubes_backup_dom0.restore.machine import Restore, RestoreOptions, RestorePlan, State
+    from qubes_backup_dom0.restore.paranoid import ParanoidRestore
 
 _RESTORE_NAMES = ("Restore", "RestoreOptions", "RestorePlan", "State")
 
@@ -35,11 +36,15 @@ def __getattr__(name: str) -> object:
         from qubes_backup_dom0.restore import machine as restore
 
         return getattr(restore, name)
+    if name == "ParanoidRestore":  # a backup from a compromised machine, parsed in a DisposableVM
+        from qubes_backup_dom0.restore.paranoid import ParanoidRestore
+
+        return ParanoidRestore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "BackupError", "BackupOptions", "BackupPlan", "BackupResult", "Cancelled", "Restore", "RestoreOptions",
-    "RestorePlan", "State", "System", "UsageError", "VerificationError", "plan_backup", "run_backup",
+    "BackupError", "BackupOptions", "BackupPlan", "BackupResult", "Cancelled", "ParanoidRestore", "Restore",
+    "RestoreOptions", "RestorePlan", "State", "System", "UsageError", "VerificationError", "plan_backup", "run_backup",
 ]  # fmt: skip
 
 

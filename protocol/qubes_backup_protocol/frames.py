@@ -28,6 +28,7 @@ class FrameType(enum.IntEnum):
     DATA = 4  # data: a piece of the backup stream (qubes.Backup)
     COMMIT = 5  # the backup stream is complete (qubes.Backup)
     GET = 6  # name: a repository file dom0 wants (repository mode, docs/REPOSITORY.md section 9)
+    PASSPHRASE = 7  # data: the passphrase (qubes.RestoreParanoid, dom0 -> DisposableVM)
     # agent -> dom0
     MEMBER = 16  # name: outer member name; data: its content (qubes.Restore)
     END = 17  # no more members
@@ -35,6 +36,13 @@ class FrameType(enum.IntEnum):
     DONE = 19  # data: where the backup was stored (qubes.Backup)
     ENTRY = 20  # name: a backup file name; data: its size and backup-header member (qubes.Restore listing)
     DAMAGED = 21  # data: a short UTF-8 message: the backup file is malformed (qubes.Restore), else as ERROR
+    # DisposableVM -> dom0 (qubes.RestoreParanoid; grammar in plan_frames.py, docs/PROTOCOL.md section 8)
+    PLAN_VM = 32  # name: archive vmN; data: one VM of the plan
+    PLAN_END = 33  # data: what the backup is (id, time, compression, chunk size, dom0 home)
+    VOLUME_DATA = 34  # name: vmN/VOLUME; data: the volume's next bytes
+    VOLUME_HOLE = 35  # name: vmN/VOLUME; data: how many zero bytes come next (8 bytes, big-endian)
+    VOLUME_END = 36  # name: vmN/VOLUME; the volume is complete
+    VERIFIED = 37  # every wanted archive verified, END seen
 
 
 FrameHeader = Struct(

@@ -660,3 +660,6 @@ def vm_shutdown(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 
 HANDLERS["admin.vm.Kill"] = HANDLERS["admin.vm.Shutdown"]
+
+
+from . import disposable  # noqa: E402, F401 - registers admin.vm.CreateDisposable, auto-cleanup of DispVMs

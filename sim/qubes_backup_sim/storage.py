@@ -163,7 +163,8 @@ class Storage:
 
         troot = tvol(template, "root")
         if klass == "DispVM" and template is not None:
-            troot = tvol(self.coll.get(template.template or "") or None, "root") or troot
+            # the dvm template's own template (explicit, or the default it inherits) holds the root
+            troot = tvol(self.coll.get(self.coll.effective_template(template) or "") or None, "root") or troot
         vols: list[dict[str, str]] = []
         if klass in ("AppVM", "DispVM"):
             if troot is None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from qubes_backup_protocol import names
 
-from qubes_backup_dom0.cli import qubes_tools, report, settings
+from qubes_backup_dom0.cli import paranoid, qubes_tools, report, settings
 from qubes_backup_dom0.cli import repo as repo_cli
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
@@ -51,8 +51,6 @@ from qubes_backup_dom0.text import printable
 UNSUPPORTED = {
     "compression_filter": "-Z/--compression-filter: the compression is the one the backup's authenticated "
     "header names; it cannot be overridden",
-    "paranoid_mode": "--paranoid-mode/--plan-b is not needed and not supported: the backup's tar is parsed by "
-    "the agent (in the backup VM, or confined for a dom0 file), dom0 parses nothing before its MAC verified",
     "location_is_service": "--location-is-service is not supported: give a command as LOCATION instead",
 }
 
@@ -110,7 +108,10 @@ def parser(repo: bool = False) -> ArgumentParser:
                    "enforced exactly)")  # fmt: skip
     p.add_argument("--auto-close", action="store_true", help="accepted for Qubes' compatibility; no effect")
     p.add_argument("-Z", "--compression-filter", metavar="PROG", help=argparse.SUPPRESS)
-    p.add_argument("--paranoid-mode", "--plan-b", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--paranoid-mode", "--plan-b", action="store_true",
+                   help="for a backup made on a compromised machine: verify and parse it in a DisposableVM; "
+                   "restore only names, classes, labels, templates, allow-listed settings and volume data "
+                   "(no dom0 home, devices, tags, firewall)")  # fmt: skip
     p.add_argument("--location-is-service", action="store_true", help=argparse.SUPPRESS)
     repo_cli.add_restore_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -238,6 +239,8 @@ def _run(args: argparse.Namespace) -> int:
         restore_risky_settings=args.restore_risky_settings,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, raise_interrupt)
+    if args.paranoid_mode:  # the backup is parsed in a DisposableVM (cli/paranoid.py)
+        return paranoid.run(args, system, source_vm, options, log)
     job = Restore(system, args.location, b"", source_vm=source_vm, options=options)
     try:
         # Everything that can be found out without the passphrase first: the VM (above), the location, the

@@ -45,6 +45,10 @@ GREETING_HEAD = 1024
 # Environment variables passed to a simulated agent: nothing of dom0's environment beyond these.
 PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
 PASS_ENV_PREFIXES = ("AWS_", "QUBES_AGENT_")
+# The source trees a simulated VM's service sees (read-only), as a template would have them installed: the agent
+# package; the paranoid restore's DisposableVM service also the dom0 package's parsing code (docs/INSTALL.md).
+AGENT_PACKAGES = ("protocol", "vm-agent")
+SERVICE_PACKAGES = {"qubes.RestoreParanoid": ("protocol", "vm-agent", "dom0")}
 
 
 class Transport(Protocol):
@@ -109,18 +113,18 @@ class SimTransport:
             sandbox = os.environ.get("QUBES_SIM_SANDBOX", "1") != "0"
         self.confined = bool(sandbox and self.bwrap)
 
-    def agent_env(self, root: Path) -> dict[str, str]:
+    def agent_env(self, root: Path, packages: tuple[str, ...] = AGENT_PACKAGES) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k in PASS_ENV or k.startswith(PASS_ENV_PREFIXES)}
         env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
         repo = repo_dir()
-        env["PYTHONPATH"] = os.pathsep.join(str(repo / d) for d in ("protocol", "vm-agent"))
+        env["PYTHONPATH"] = os.pathsep.join(str(repo / d) for d in packages)
         env["QUBES_AGENT_ROOT"] = str(root)
         home = root / "home" / "user"
         env["HOME"] = str(home if home.is_dir() else root)
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
-    def sandbox_argv(self, root: Path, writable: bool = True) -> list[str]:
+    def sandbox_argv(self, root: Path, writable: bool = True, packages: tuple[str, ...] = AGENT_PACKAGES) -> list[str]:
         """bubblewrap: system dirs and the Python/agent sources read-only, the VM root read-write, no net."""
         assert self.bwrap is not None
         # --die-with-parent: the sandboxed agent lives exactly as long as the process dom0 started, like a
@@ -135,7 +139,7 @@ class SimTransport:
         argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         repo = repo_dir()
         ro = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]
-        ro += [str(repo / d) for d in ("protocol", "vm-agent")] + [str(self.rpc)]
+        ro += [str(repo / d) for d in packages] + [str(self.rpc)]
         if self.vm_rpc is not None:
             ro.append(str(self.vm_rpc))
         ro.append(str(Path(sys.executable).resolve().parent))
@@ -162,9 +166,10 @@ class SimTransport:
         """Run rpc-policy/SERVICE with ``root`` as the agent's filesystem root."""
         script, argument = self._script(service)
         argv = [sys.executable, str(script)]
+        packages = SERVICE_PACKAGES.get(service.partition("+")[0], AGENT_PACKAGES)
         if self.confined:
-            argv = self.sandbox_argv(root, writable) + argv
-        env = self.agent_env(root)
+            argv = self.sandbox_argv(root, writable, packages) + argv
+        env = self.agent_env(root, packages)
         if argument:
             env["QREXEC_SERVICE_ARGUMENT"] = argument
         return _popen(argv, env, root)
