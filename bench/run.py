@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "dom0"))
 sys.path.insert(0, str(REPO / "protocol"))
 
-from qubes_backup_dom0.qubesxml import Collection  # noqa: E402
+from qubes_backup_dom0.qubes.qubesxml import Collection  # noqa: E402
 from qubes_backup_sim import simgen  # noqa: E402
 from qubes_backup_sim.launch import ensure_qubesd, stop_qubesd  # noqa: E402
 from qubes_backup_sim.storage import set_volume_attr  # noqa: E402
@@ -334,8 +334,8 @@ def qubesd_pid(system: Path) -> int | None:
 
 def planned_data(system: Path, vms: tuple[str, ...] = ()) -> int:
     """The data (non-hole, non-zero bytes) a backup of ``vms`` (default: all) reads, as qvm-backup plans it."""
-    from qubes_backup_dom0.backup import plan_backup
-    from qubes_backup_dom0.system import System
+    from qubes_backup_dom0.backup.plan import plan_backup
+    from qubes_backup_dom0.qubes.system import System
 
     plan = plan_backup(System.from_env({"QUBES_SIM": str(system)}), vms)
     try:
@@ -774,9 +774,9 @@ class Bench:
     def snapshot_cost(self, rounds: int = 5) -> None:
         """What one volume's snapshot costs here: lvcreate + lvremove through pools (the sim's lvm stand-in is
         one Python process per call, like the real lvm is one process per call)."""
-        from qubes_backup_dom0 import pools
-        from qubes_backup_dom0.qubes import Qubes
-        from qubes_backup_dom0.system import System
+        from qubes_backup_dom0.qubes import pools
+        from qubes_backup_dom0.qubes.interface import Qubes
+        from qubes_backup_dom0.qubes.system import System
 
         system = System.from_env({"QUBES_SIM": str(self.src)})
         qubes = Qubes(system)
@@ -805,8 +805,8 @@ class Bench:
         agent_path = os.pathsep.join(str(REPO / d) for d in ("protocol", "vm-agent"))
         probes = {
             "python": [sys.executable, "-c", "pass"],
-            "qvm-backup imports": [sys.executable, "-c", "import qubes_backup_dom0.cli_backup"],
-            "qvm-backup-restore imports": [sys.executable, "-c", "import qubes_backup_dom0.cli_restore"],
+            "qvm-backup imports": [sys.executable, "-c", "import qubes_backup_dom0.cli.backup"],
+            "qvm-backup-restore imports": [sys.executable, "-c", "import qubes_backup_dom0.cli.restore"],
             "agent imports": [sys.executable, "-c", "import qubes_backup_agent.backup_service"],
         }
         out: dict[str, float] = {}
@@ -903,9 +903,9 @@ def sample_data(tree: Path, want: int) -> bytes:
 
 
 def _data_regions(fd: int) -> list[tuple[int, int]]:
-    from qubes_backup_dom0.inner import _scan_fd
+    from qubes_backup_dom0.format.sparse import scan_fd
 
-    return _scan_fd(fd, os.fstat(fd).st_size)
+    return scan_fd(fd, os.fstat(fd).st_size)
 
 
 def measure_limits(tree: Path, smoke: bool) -> Limits:
@@ -916,7 +916,7 @@ def measure_limits(tree: Path, smoke: bool) -> Limits:
 
     import zstandard
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    from qubes_backup_dom0 import inner
+    from qubes_backup_dom0.format import sparse
 
     print("== machine limits", flush=True)
     lim = Limits()
@@ -959,14 +959,14 @@ def measure_limits(tree: Path, smoke: bool) -> Limits:
     try:
         for off in range(0, n, 16 * MIB):
             os.pwrite(fd, zeros[: 16 * MIB], off)  # dense: written zeros, not holes
-        wall, _ = _best(lambda: inner.scan_zeros(fd, n))
-        lim.add("scan", "inner.scan_zeros over dense zeros in memory (memfd)", n / wall)
-        buf = bytearray(inner.SCAN_READ)
+        wall, _ = _best(lambda: sparse.scan_zeros(fd, n))
+        lim.add("scan", "sparse.scan_zeros over dense zeros in memory (memfd)", n / wall)
+        buf = bytearray(sparse.SCAN_READ)
 
         def compare() -> None:
             runs: list[tuple[int, int]] = []
-            for off in range(0, n, inner.SCAN_READ):
-                inner._nonzero_runs(buf, inner.SCAN_READ, off, runs)
+            for off in range(0, n, sparse.SCAN_READ):
+                sparse._nonzero_runs(buf, sparse.SCAN_READ, off, runs)
 
         wall, _ = _best(compare)
         lim.add("scan_compare", "inner's zero test alone (in memory, no read)", n / wall)

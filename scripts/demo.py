@@ -72,7 +72,7 @@ def main() -> int:
     listing = subprocess.run(["tar", "-tvf", str(backup)], text=True, check=True, stdout=subprocess.PIPE).stdout
     lines = listing.splitlines()
     print("\n".join(lines[:8] + (["..."] if len(lines) > 10 else []) + lines[-2:]))
-    from qubes_backup_dom0.qubesxml import Collection
+    from qubes_backup_dom0.qubes.qubesxml import Collection
 
     names = Collection.load(src / QUBES_XML).names()
     header = subprocess.run(["tar", "-xOf", str(backup), "backup-header"], check=True, stdout=subprocess.PIPE).stdout
@@ -121,8 +121,8 @@ def metadata(sim: Path, coll: object, name: str) -> dict[str, object]:
 
 
 def compare(src: Path, dst: Path) -> int:
-    from qubes_backup_dom0.inner import same_content
-    from qubes_backup_dom0.qubesxml import Collection
+    from qubes_backup_dom0.format.sparse import same_content
+    from qubes_backup_dom0.qubes.qubesxml import Collection
 
     a, b = Collection.load(src / QUBES_XML), Collection.load(dst / QUBES_XML)
     vms = [d.name for d in a.domains if d.include_in_backups and not d.is_admin]

@@ -101,8 +101,8 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
     if side == "dom0":
         rel = os.path.relpath(lib, a.bindir)
         dirs = ("protocol", "dom0", "sim")
-        for name, module in (("qvm-backup", "qubes_backup_dom0.cli_backup"),
-                             ("qvm-backup-restore", "qubes_backup_dom0.cli_restore")):  # fmt: skip
+        for name, module in (("qvm-backup", "qubes_backup_dom0.cli.backup"),
+                             ("qvm-backup-restore", "qubes_backup_dom0.cli.restore")):  # fmt: skip
             text = COMMAND.format(python=a.python, name=name, rel=rel, dirs=dirs, module=module)
             files[f"{a.bindir}/{name}"] = (text.encode(), 0o755)
         files[f"{a.policydir}/{POLICY}"] = ((REPO / "rpc-policy" / POLICY).read_bytes(), 0o644)

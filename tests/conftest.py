@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from qubes_backup_dom0.inner import same_content
-from qubes_backup_dom0.qubesxml import FILE_DRIVERS, Collection, Domain, Volume
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.format.sparse import same_content
+from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Collection, Domain, Volume
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import firewall as sim_firewall
 from qubes_backup_sim import launch, simgen
 
@@ -140,7 +140,7 @@ class Sim:
 
     def set_global(self, prop: str, value: str) -> None:
         """Change a global property through the sim qubesd (what ``qubes-prefs`` does)."""
-        from qubes_backup_dom0.adminapi import AdminAPI
+        from qubes_backup_dom0.qubes.adminapi import AdminAPI
 
         AdminAPI(self.system.admin_socket()).call("admin.property.Set", "dom0", prop, value.encode())
 

@@ -6,8 +6,8 @@ import io
 import tarfile
 from pathlib import Path
 
-from qubes_backup_dom0.system import System
-from qubes_backup_dom0.transport import Channel, SimTransport
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import Channel, SimTransport
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import Frame, FrameType
 

@@ -10,11 +10,11 @@ from fakes.qubesd import FakeQubesd, error, ok
 from fakes.system import FakeVM, install, volume_info
 from hypothesis import given
 from hypothesis import strategies as st
-from qubes_backup_dom0 import adminapi, firewall
-from qubes_backup_dom0.adminapi import AdminAPI, AdminAPIError, PolicyDenied, QubesdError
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes import adminapi, firewall
+from qubes_backup_dom0.qubes.adminapi import AdminAPI, AdminAPIError, PolicyDenied, QubesdError
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
 
 
 @pytest.fixture
@@ -283,9 +283,9 @@ def test_firewall_round_trip_property(rules: list[str]) -> None:
 def test_device_options_cannot_smuggle_words(tmp_path: Path) -> None:
     """A device option from a backup is one KEY=VALUE word: a value with a space (``x persistent=False``) or a
     key that is not a plain name is refused before anything is sent."""
-    from qubes_backup_dom0.adminapi import AdminAPIError
-    from qubes_backup_dom0.qubes import Qubes
-    from qubes_backup_dom0.system import System
+    from qubes_backup_dom0.qubes.adminapi import AdminAPIError
+    from qubes_backup_dom0.qubes.interface import Qubes
+    from qubes_backup_dom0.qubes.system import System
 
     class NoCalls:
         socket_path = str(tmp_path / "none")

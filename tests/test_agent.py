@@ -29,7 +29,7 @@ from qubes_backup_agent import confine, restore_service
 from qubes_backup_agent.outer_tar import OuterReader
 from qubes_backup_agent.storage import StorageError
 from qubes_backup_agent.storage.directory import DirectorySink
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType
 
@@ -485,7 +485,7 @@ def test_restore_large_member_in_pieces(system: System) -> None:
 def test_outer_reader_header_is_the_writers(name: str, size: int) -> None:
     """The one header the reader accepts is byte-identical to what dom0's outer writer emits."""
     from qubes_backup_agent.outer_tar import member_header
-    from qubes_backup_dom0.outer import member_header as writer_header
+    from qubes_backup_dom0.format.outer import member_header as writer_header
 
     assert member_header(name, size) == writer_header(name, size)
 
@@ -494,7 +494,7 @@ def test_outer_reader_stream_skips_and_checks_padding() -> None:
     """A non-seekable stream: unwanted members are read through, wanted ones copied, the end marker ends it
     and nothing after it is read."""
     members = outer_members({"vm1": 2, "vm2": 1})
-    from qubes_backup_dom0.outer import OuterWriter
+    from qubes_backup_dom0.format.outer import OuterWriter
 
     buf = io.BytesIO()
     writer = OuterWriter(buf)

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 from fake_qubes import FakeQubes, FakeVm
-from qubes_backup_dom0 import apply, firewall, inner
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.header import Header
-from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
-from qubes_backup_dom0.restore_plan import RestoreOptions, TargetSystem, plan_restore
+from qubes_backup_dom0.format import extractor, tarwriter
+from qubes_backup_dom0.format.header import Header
+from qubes_backup_dom0.format.manifest import ArchiveEntry, FileEntry, Manifest
+from qubes_backup_dom0.qubes import firewall
+from qubes_backup_dom0.restore import apply
+from qubes_backup_dom0.restore.plan import RestoreOptions, TargetSystem, plan_restore
 
 MiB = 1 << 20
-Backup = tuple[Manifest, dict[str, list[inner.InnerFile]]]
+Backup = tuple[Manifest, dict[str, list[tarwriter.InnerFile]]]
 
 
 def _domain(qid: int, klass: str, name: str, props: dict[str, str], vols: list[str]) -> str:
@@ -53,7 +55,7 @@ ORDER = ["fedora", "sys-net", "sys-firewall", "sys-firewall1", "work", "work2"]
 @pytest.fixture
 def backup(tmp_path: Path) -> Backup:
     """A manifest and, per VM, the files of its archive (volumes with holes, firewall.xml)."""
-    files: dict[str, list[inner.InnerFile]] = {}
+    files: dict[str, list[tarwriter.InnerFile]] = {}
     archives = []
     for i, name in enumerate(ORDER, 1):
         d = ("vm-templates/" if name == "fedora" else "appvms/") + name
@@ -64,10 +66,10 @@ def backup(tmp_path: Path) -> Backup:
                 f.truncate(4 * MiB)
                 f.seek(MiB + 3)
                 f.write(f"{name}/{vol}".encode() * 1000)
-            vm_files.append(inner.InnerFile.from_path(f"{d}/{vol}.img", src))
+            vm_files.append(tarwriter.InnerFile.from_path(f"{d}/{vol}.img", src))
         fw = tmp_path / f"{name}-firewall.xml"
         fw.write_bytes(firewall.rules_to_xml([f"action=accept dsthost={name}.example", "action=drop"]))
-        vm_files.insert(0, inner.InnerFile.from_path(f"{d}/firewall.xml", fw))  # first, as backups write it
+        vm_files.insert(0, tarwriter.InnerFile.from_path(f"{d}/firewall.xml", fw))  # first, as backups write it
         files[name] = vm_files
         entries = [FileEntry(f.path, f.type, f.size, f.data) for f in vm_files]
         archives.append(ArchiveEntry(f"vm{i}", name, "vm", entries))
@@ -75,7 +77,7 @@ def backup(tmp_path: Path) -> Backup:
 
 
 def _header() -> Header:
-    from qubes_backup_dom0 import crypto
+    from qubes_backup_dom0.format import crypto
 
     return Header(bytes(16), "2026-12-01T10:00:00Z", crypto.KdfParams(bytes(16), 1024, 8, 1), "none", 1 << 20)
 
@@ -99,8 +101,8 @@ def _restore(fq: FakeQubes, backup: Backup, **opts: object) -> apply.Applier:
         applier.create_all()
         for archive in plan.wanted:
             target = applier.target_for(archive)
-            ex = inner.Extractor(None, archive.files, sinks=target.sinks)
-            for piece in inner.write_archive(files[archive.vm]):
+            ex = extractor.Extractor(None, archive.files, sinks=target.sinks)
+            for piece in tarwriter.write_archive(files[archive.vm]):
                 ex.feed(piece)
             ex.finish()
             if target.done is not None:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, assert_restored_like, new_sim, one_error_line
-from qubes_backup_dom0.manifest import Manifest
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.restore import Restore
+from qubes_backup_dom0.format.manifest import Manifest
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.restore.machine import Restore
 
 NAME_RE = re.compile(r"qubes-backup-\d{4}-\d\d-\d\dT\d{6}")
 

@@ -46,10 +46,11 @@ from conftest import (
     vm_metadata,
 )
 from lxml import etree
-from qubes_backup_dom0 import apply, firewall
 from qubes_backup_dom0.errors import BackupError, Cancelled
-from qubes_backup_dom0.qubes import Qubes, VolumeImport
-from qubes_backup_dom0.restore import Restore, RestoreOptions
+from qubes_backup_dom0.qubes import firewall
+from qubes_backup_dom0.qubes.interface import Qubes, VolumeImport
+from qubes_backup_dom0.restore import apply
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 
 __all__ = ["assert_same_vm"]  # test_s3 and test_ssh compare restored VMs with it
 
@@ -761,7 +762,7 @@ def test_restored_data_is_durable_before_the_commit(
 
 
 def _load_import_service() -> object:
-    path = Path(apply.__file__).parents[2] / "sim/qubes_backup_sim/rpc/admin.vm.volume.ImportWithSize"
+    path = Path(apply.__file__).parents[3] / "sim/qubes_backup_sim/rpc/admin.vm.volume.ImportWithSize"
     loader = importlib.machinery.SourceFileLoader("sim_import_service", str(path))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None

@@ -7,8 +7,8 @@ import subprocess
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qubes_backup_dom0 import crypto, header
 from qubes_backup_dom0.errors import VerificationError
+from qubes_backup_dom0.format import crypto, header
 
 KDF = crypto.KdfParams(bytes(range(16)), 1 << 10, 8, 1)
 BACKUP_ID = bytes.fromhex("00112233445566778899aabbccddeeff")

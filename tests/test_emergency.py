@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0.backup import plan_backup
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.backup.plan import plan_backup
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ import struct
 from fuzz.targets import MEMBER_LIMITS, fuzz_frames, fuzz_header, fuzz_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qubes_backup_dom0 import header as header_mod
-from qubes_backup_dom0.crypto import KdfParams
+from qubes_backup_dom0.format import header as header_mod
+from qubes_backup_dom0.format.crypto import KdfParams
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
 

@@ -17,12 +17,14 @@ from xml.sax.saxutils import escape
 import pytest
 from conftest import PASSPHRASE, VM_BACKUPS, Sim, same_content
 from fake_qubes import FakeQubes, FakeVm
-from qubes_backup_dom0 import apply, inner, manifest, qubes
-from qubes_backup_dom0.cli_common import table
+from qubes_backup_dom0.cli.common import table
 from qubes_backup_dom0.errors import BackupError, VerificationError
-from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
-from qubes_backup_dom0.restore import Restore, RestoreOptions
-from qubes_backup_dom0.restore_plan import TargetSystem, plan_restore
+from qubes_backup_dom0.format import extractor, manifest, tarwriter
+from qubes_backup_dom0.format.manifest import ArchiveEntry, FileEntry, Manifest
+from qubes_backup_dom0.qubes import interface as qubes
+from qubes_backup_dom0.restore import apply
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
+from qubes_backup_dom0.restore.plan import TargetSystem, plan_restore
 
 UNSAFE = ["\n", "\t", "\r", "\x1b", "\x7f", "\x85", "\x9b", "\u2028", "\u2029", "\u202e", "\u2066"]
 
@@ -32,7 +34,7 @@ def test_paths_with_control_characters_are_refused(char: str) -> None:
     path = f"appvms/work/x{char}zz"
     assert not manifest.valid_rel_path(path)
     with pytest.raises(VerificationError):
-        inner.Extractor(None, [inner.InnerFile(path, None, "file", 1, 1)])
+        extractor.Extractor(None, [tarwriter.InnerFile(path, None, "file", 1, 1)])
     assert manifest.valid_rel_path("appvms/work/ünïcödé name.txt")  # ordinary non-ASCII stays fine
 
 
@@ -41,7 +43,7 @@ def test_paths_with_control_characters_are_refused(char: str) -> None:
 MiB = 1 << 20
 
 
-def _crafted(tmp_path: Path, vols: str, paths: list[str]) -> tuple[Manifest, list[inner.InnerFile]]:
+def _crafted(tmp_path: Path, vols: str, paths: list[str]) -> tuple[Manifest, list[tarwriter.InnerFile]]:
     """A backup (as its verified manifest and archive) of VM ``evil`` with the volume-config ``vols`` and
     an archive holding ``paths`` (each 1 MiB naming itself)."""
     xml = (
@@ -57,15 +59,15 @@ def _crafted(tmp_path: Path, vols: str, paths: list[str]) -> tuple[Manifest, lis
     for i, rel in enumerate(paths):
         src = tmp_path / f"f{i}"
         src.write_bytes(rel.encode().ljust(MiB, b"\0"))
-        files.append(inner.InnerFile.from_path(rel, src))
+        files.append(tarwriter.InnerFile.from_path(rel, src))
     entries = [FileEntry(f.path, f.type, f.size, f.data) for f in files]
     archives = [ArchiveEntry("vm1", "evil", "vm", entries)]
     return Manifest("00" * 16, "2026-12-01T10:00:00Z", archives, xml.encode()), files
 
 
-def _apply(fq: FakeQubes, manifest: Manifest, files: list[inner.InnerFile]) -> None:
-    from qubes_backup_dom0 import crypto
-    from qubes_backup_dom0.header import Header
+def _apply(fq: FakeQubes, manifest: Manifest, files: list[tarwriter.InnerFile]) -> None:
+    from qubes_backup_dom0.format import crypto
+    from qubes_backup_dom0.format.header import Header
 
     hdr = Header(bytes(16), "2026-12-01T10:00:00Z", crypto.KdfParams(bytes(16), 1024, 8, 1), "none", 1 << 20)
     target = TargetSystem(frozenset(fq.vm_list()), {})
@@ -76,8 +78,8 @@ def _apply(fq: FakeQubes, manifest: Manifest, files: list[inner.InnerFile]) -> N
         applier.create_all()
         (archive,) = plan.wanted
         sinks = applier.target_for(archive)
-        ex = inner.Extractor(None, archive.files, sinks=sinks.sinks)
-        for piece in inner.write_archive(files):
+        ex = extractor.Extractor(None, archive.files, sinks=sinks.sinks)
+        for piece in tarwriter.write_archive(files):
             ex.feed(piece)
         ex.finish()
         if sinks.done is not None:
@@ -287,7 +289,7 @@ def test_slow_drip_agent_cannot_keep_a_frame_open(monkeypatch: pytest.MonkeyPatc
     import subprocess
     import sys
 
-    from qubes_backup_dom0.transport import Channel
+    from qubes_backup_dom0.qubes.transport import Channel
     from qubes_backup_protocol import frames
 
     drip = (

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from qubes_backup_dom0 import inner
 from qubes_backup_dom0.errors import BackupError, VerificationError
-from qubes_backup_dom0.inner import Extractor, InnerFile, archive_size, scan, write_archive
+from qubes_backup_dom0.format import tarspec, tarwriter
+from qubes_backup_dom0.format.extractor import Extractor
+from qubes_backup_dom0.format.sparse import scan
+from qubes_backup_dom0.format.tarwriter import InnerFile, archive_size, write_archive
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -88,12 +90,12 @@ def only_children(directory: Path) -> set[str]:
 
 
 def hdr(name: str, typeflag: bytes, size: int, mode: int = 0o644, mtime: int = 0, link: bytes = b"") -> bytes:
-    return inner._ustar(name.encode(), mode, size, mtime, typeflag, link)
+    return tarwriter._ustar(name.encode(), mode, size, mtime, typeflag, link)
 
 
 def pax(records: list[tuple[str, bytes]]) -> bytes:
     """A pax header named as the writer names it (DIR/PaxHeaders.0/BASENAME of the real path)."""
-    body = b"".join(inner._pax_record(k, v) for k, v in records)
+    body = b"".join(tarwriter._pax_record(k, v) for k, v in records)
     real = dict(records).get("GNU.sparse.name", dict(records).get("path", b"x")).decode("utf-8", "replace")
     d, _, b = real.rpartition("/")
     return hdr(f"{d + '/' if d else ''}PaxHeaders.0/{b}", b"x", len(body)) + body + bytes(-len(body) % 512)
@@ -106,7 +108,7 @@ def regular(path: str, data: bytes) -> bytes:
 def sparse(path: str, realsize: int, map_nums: list[int], data: bytes) -> bytes:
     text = b"".join(b"%d\n" % n for n in map_nums)
     text += bytes(-len(text) % 512)
-    name = inner._sparse_name(path)
+    name = tarspec.sparse_name(path)
     recs = [
         ("path", name.encode()),
         ("GNU.sparse.major", b"1"),
@@ -593,7 +595,7 @@ def test_huge_stored_size_uses_pax_size(tmp_path: Path) -> None:
     """Entries of >= 8 GiB stored data need a pax size; check the header path without 8 GiB of data."""
     big = 9 * GiB
     f = InnerFile("vm.img", None, "file", big, big, [(0, big)])
-    head, data = inner._plan(f)
+    head, data = tarwriter._plan(f)
     assert data == big
     assert b" size=%d\n" % big in head
     assert archive_size([f]) == len(head) + big + 1024
@@ -666,7 +668,7 @@ def test_validate_only_round_trip_writes_nothing(tmp_path: Path, monkeypatch: py
 def test_validate_only_huge_entry_header(monkeypatch: pytest.MonkeyPatch) -> None:
     big = 9 * GiB
     f = InnerFile("vm.img", None, "file", big, big, [(0, big)])
-    head, _ = inner._plan(f)
+    head, _ = tarwriter._plan(f)
     ex = Extractor(None, [f])
     ex.feed(head)
     ex.feed(b"x" * 4096)
@@ -734,7 +736,7 @@ def test_mutations_same_verdict_in_both_modes(
 
 def test_write_archive_reuse_gives_the_same_stream(tmp_path: Path) -> None:
     """reuse=True (pieces are views of one buffer) yields the same bytes when each piece is used at once."""
-    from qubes_backup_dom0.inner import InnerFile
+    from qubes_backup_dom0.format.tarwriter import InnerFile
 
     img = tmp_path / "v.img"
     with open(img, "wb") as f:

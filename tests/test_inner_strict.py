@@ -7,15 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import inner
 from qubes_backup_dom0.errors import VerificationError
-from qubes_backup_dom0.inner import Extractor, InnerFile
+from qubes_backup_dom0.format import tarread, tarwriter
+from qubes_backup_dom0.format.extractor import Extractor
+from qubes_backup_dom0.format.tarwriter import InnerFile
 
 END = bytes(1024)
 
 
 def _hdr(name: bytes, mode: int, size: int, mtime: int, typeflag: bytes, link: bytes = b"") -> bytes:
-    return inner._ustar(name, mode, size, mtime, typeflag, link)
+    return tarwriter._ustar(name, mode, size, mtime, typeflag, link)
 
 
 def _fix(block: bytearray) -> bytes:
@@ -28,7 +29,7 @@ def _entry(path: str, typeflag: bytes, data: bytes = b"", *, records: list[tuple
            pax_name: bytes | None = None, name: bytes | None = None, mode: int = 0o644, mtime: int = 0,
            pax_mtime: int | None = None, link: bytes = b"", ustar_size: int | None = None) -> bytes:  # fmt: skip
     recs = records if records is not None else [("path", path.encode())]
-    body = b"".join(inner._pax_record(k, v) for k, v in recs)
+    body = b"".join(tarwriter._pax_record(k, v) for k, v in recs)
     d, _, b = path.rpartition("/")
     pname = pax_name if pax_name is not None else f"{d + '/' if d else ''}PaxHeaders.0/{b}".encode()
     out = _hdr(pname, 0o644, len(body), mtime if pax_mtime is None else pax_mtime, b"x") + body
@@ -112,7 +113,7 @@ def test_setuid_bit_stored_but_not_restored(tmp_path: Path) -> None:
     src.write_bytes(b"abc")
     os.chmod(src, 0o4755)
     f = InnerFile.from_path("f", src)
-    stream = b"".join(inner.write_archive([f]))
+    stream = b"".join(tarwriter.write_archive([f]))
     assert stream[1024 + 100 : 1024 + 108] == b"0004755\0"
     out = tmp_path / "out"
     out.mkdir()
@@ -151,7 +152,7 @@ def test_reader_canonical_form_is_the_writers(seed: int) -> None:
         name = "".join(rng.choice(["a", "é", "€", "𝄞", "/"]) for _ in range(rng.randint(1, 80))).encode()
         args = (name, rng.choice([0o644, 0o4755, 0o7777, 0]), rng.randrange(8**11), rng.randrange(8**11),
                 rng.choice([b"0", b"5", b"2", b"x"]), rng.choice([b"", b"t" * 100, "é".encode() * 50]))  # fmt: skip
-        assert inner._canonical_ustar(*args) == inner._ustar(*args)
+        assert tarread._canonical_ustar(*args) == tarwriter._ustar(*args)
 
 
 def test_touching_sparse_regions_refused(dest: Path | None) -> None:

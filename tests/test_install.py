@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim, make_fresh
-from qubes_backup_dom0 import header
-from qubes_backup_dom0.inner import same_content
+from qubes_backup_dom0.format import header
+from qubes_backup_dom0.format.sparse import same_content
 from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,7 +140,7 @@ def test_backup_and_restore_through_installed_files(tmp_path: Path, installed: t
         a, b = src.qubes_root / "appvms/work" / name, fresh.qubes_root / "appvms/work" / name
         assert same_content(a, b), name
     # The installed copies are what ran (Python cached their bytecode there), not this source tree.
-    assert list(at(dom0, f"{LIB}/dom0/qubes_backup_dom0/__pycache__").glob("cli_restore.*.pyc"))
+    assert list(at(dom0, f"{LIB}/dom0/qubes_backup_dom0/cli/__pycache__").glob("restore.*.pyc"))
 
 
 FAKE_BACKUP = """#!/bin/sh

@@ -9,7 +9,7 @@ import time
 
 import pytest
 from conftest import KDF, VM_BACKUPS, Sim, one_error_line
-from qubes_backup_dom0.listing import list_backups
+from qubes_backup_dom0.cli.listing import list_backups
 
 
 def only_json(stdout: str) -> dict:  # type: ignore[type-arg]

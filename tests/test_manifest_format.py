@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from qubes_backup_dom0 import manifest
 from qubes_backup_dom0.errors import VerificationError
-from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest, padded_size
+from qubes_backup_dom0.format import manifest
+from qubes_backup_dom0.format.manifest import ArchiveEntry, FileEntry, Manifest, padded_size
 
 BACKUP_ID = "00112233445566778899aabbccddeeff"
 CREATED = "2026-01-01T00:00:00Z"

@@ -11,14 +11,15 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from qubes_backup_dom0 import inner, pools
-from qubes_backup_dom0.backup import restore_order
+from qubes_backup_dom0.backup.plan import restore_order
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.qubes import VolumeImport
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.format import extractor, sparse, tarwriter
+from qubes_backup_dom0.qubes import pools
+from qubes_backup_dom0.qubes.interface import VolumeImport
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
 
-G = inner.ZERO_GRANULE
+G = sparse.ZERO_GRANULE
 FAKES = Path(__file__).resolve().parent / "fakes"
 
 
@@ -34,7 +35,7 @@ def _file(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> Path:
 def _scan(path: Path) -> list[tuple[int, int]]:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return inner.scan_zeros(fd, os.fstat(fd).st_size)
+        return sparse.scan_zeros(fd, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
@@ -43,14 +44,14 @@ def _archive_roundtrip(tmp: Path, src: Path) -> bytes:
     """Write src as a volume entry (zero runs as holes), extract it, return the extracted bytes."""
     fd = os.open(src, os.O_RDONLY)
     try:
-        f = inner.InnerFile.from_fd("appvms/x/private.img", fd, os.fstat(fd).st_size, "volume x")
+        f = tarwriter.InnerFile.from_fd("appvms/x/private.img", fd, os.fstat(fd).st_size, "volume x")
         f.fd = fd
-        stream = b"".join(inner.write_archive([f]))
+        stream = b"".join(tarwriter.write_archive([f]))
     finally:
         os.close(fd)
     dest = tmp / "out"
     dest.mkdir()
-    with inner.Extractor(dest, [f]) as ex:
+    with extractor.Extractor(dest, [f]) as ex:
         ex.feed(stream)
         ex.finish()
     return (dest / "appvms/x/private.img").read_bytes()
@@ -94,11 +95,11 @@ def test_zero_detection_byte_exact(tmp_path_factory: pytest.TempPathFactory, pie
 
 
 def test_from_bytes_entry(tmp_path: Path) -> None:
-    f = inner.InnerFile.from_bytes("appvms/x/notes.txt", b"hello\n")
-    g = inner.InnerFile.from_bytes("appvms/x/empty", b"")
-    stream = b"".join(inner.write_archive([f, g]))
+    f = tarwriter.InnerFile.from_bytes("appvms/x/notes.txt", b"hello\n")
+    g = tarwriter.InnerFile.from_bytes("appvms/x/empty", b"")
+    stream = b"".join(tarwriter.write_archive([f, g]))
     (tmp_path / "o").mkdir()
-    with inner.Extractor(tmp_path / "o", [f, g]) as ex:
+    with extractor.Extractor(tmp_path / "o", [f, g]) as ex:
         ex.feed(stream)
         ex.finish()
     assert (tmp_path / "o/appvms/x/notes.txt").read_bytes() == b"hello\n"
@@ -268,7 +269,7 @@ def test_scan_zeros_parallel_matches_serial(tmp_path: Path, monkeypatch: pytest.
         f.seek(0)
         f.write(data)
     serial = _scan(src)
-    monkeypatch.setattr(inner, "SCAN_PARALLEL_MIN", 1 << 20)
+    monkeypatch.setattr(sparse, "SCAN_PARALLEL_MIN", 1 << 20)
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
     assert _scan(src) == serial
     assert sum(n for _, n in serial) < 48 << 20
@@ -279,8 +280,8 @@ def test_blockdev_model_reads_holes_as_zeros(tmp_path: Path, monkeypatch: pytest
     src = _file(tmp_path / "v.img", 16 << 20, [(3 * G + 5, b"x" * 100), ((8 << 20), os.urandom(G))])
     expected = _scan(src)
     calls: list[int] = []
-    real = inner._scan_fd
-    monkeypatch.setattr(inner, "_scan_fd", lambda fd, size: calls.append(size) or real(fd, size))
+    real = sparse.scan_fd
+    monkeypatch.setattr(sparse, "scan_fd", lambda fd, size: calls.append(size) or real(fd, size))
     monkeypatch.setenv("QUBES_SIM_BLOCKDEV", "1")
     monkeypatch.delenv("QUBES_SIM", raising=False)
     assert _scan(src) == expected and calls  # not in simulation: the variable is ignored
@@ -293,7 +294,7 @@ def test_blockdev_model_reads_holes_as_zeros(tmp_path: Path, monkeypatch: pytest
 def test_buffer_pool_and_chunker_copy_borrowed_input() -> None:
     """Without compression the chunks are pooled buffers filled by copying: a reused input buffer can be
     overwritten right after feed() without changing a chunk; buffers given back are handed out again."""
-    from qubes_backup_dom0.chunking import BufferPool, Chunker
+    from qubes_backup_dom0.format.chunking import BufferPool, Chunker
 
     pool = BufferPool(1 << 16, keep=2)
     chunker = Chunker("none", 1 << 16, pool=pool)
@@ -335,7 +336,7 @@ def test_chunker_zstd_frames_in_order_and_read_in_place() -> None:
     import shutil
     import subprocess
 
-    from qubes_backup_dom0.chunking import BufferPool, Chunker, ZstdPool, decompressed_reader
+    from qubes_backup_dom0.format.chunking import BufferPool, Chunker, ZstdPool, decompressed_reader
 
     rnd = random.Random(7)
     text = b"".join(b"line %d of some text\n" % i for i in range(20_000))
@@ -375,7 +376,7 @@ def test_chunker_zstd_frames_in_order_and_read_in_place() -> None:
 def test_chunker_none_reads_in_place() -> None:
     """Without compression, data read into space() becomes the chunk itself (no copy); headers fed in
     between are copied; chunks are exactly chunk_size."""
-    from qubes_backup_dom0.chunking import BufferPool, Chunker
+    from qubes_backup_dom0.format.chunking import BufferPool, Chunker
 
     pool = BufferPool(1000, keep=4)
     chunker = Chunker("none", 1000, pool=pool)

@@ -10,8 +10,8 @@ import time
 import pytest
 import yaml
 from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim, one_error_line
-from qubes_backup_dom0.profile import PLAINTEXT_WARNING, resolve
-from qubes_backup_dom0.qubes import Qubes
+from qubes_backup_dom0.cli.profile import PLAINTEXT_WARNING, resolve
+from qubes_backup_dom0.qubes.interface import Qubes
 from test_cli_backup import archived, read_manifest, result_where
 
 

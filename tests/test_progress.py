@@ -7,8 +7,8 @@ import io
 import re
 
 from conftest import KDF, PASSPHRASE, VM_BACKUPS, Sim
-from qubes_backup_dom0.progress import ETA_AFTER_SECONDS, Progress
-from qubes_backup_dom0.restore import Restore, RestoreOptions
+from qubes_backup_dom0.cli.progress import ETA_AFTER_SECONDS, Progress
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 
 MiB = 1 << 20
 DECIMAL_UNITS = re.compile(r"\b[0-9.]+ ?[kMGT]B\b")  # kB, MB, GB: never (binary KiB/MiB/GiB only)

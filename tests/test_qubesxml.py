@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-from qubes_backup_dom0.qubesxml import Collection, QubesXmlError, parse_xml
+from qubes_backup_dom0.qubes.qubesxml import Collection, QubesXmlError, parse_xml
 
 SAMPLE = Path(__file__).parent / "data" / "qubes-r4-sample.xml"
 

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 from fakes.qubesd import FakeQubesd, error, ok
 from fakes.system import FakeVM, install, volume_info
-from qubes_backup_dom0 import firewall
 from qubes_backup_dom0.api import run_backup
-from qubes_backup_dom0.backup import BackupOptions, plan_backup
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.restore import Restore
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.backup.plan import BackupOptions, plan_backup
+from qubes_backup_dom0.qubes import firewall
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore.machine import Restore
 from test_emergency import run_recipe, same_bytes
 
 FAKES = Path(__file__).resolve().parent / "fakes"

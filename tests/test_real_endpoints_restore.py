@@ -37,13 +37,13 @@ import pytest
 import qubes_backup_sim
 from conftest import allocated, one_error_line
 from lxml import etree
-from qubes_backup_dom0 import firewall
-from qubes_backup_dom0.adminapi import AdminAPI, QubesdError
-from qubes_backup_dom0.inner import same_content
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.qubesxml import Collection, Domain
-from qubes_backup_dom0.restore import Restore, RestoreOptions
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.format.sparse import same_content
+from qubes_backup_dom0.qubes import firewall
+from qubes_backup_dom0.qubes.adminapi import AdminAPI, QubesdError
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 from qubes_backup_sim import launch, simgen
 from qubes_backup_sim.store import write_atomic
 

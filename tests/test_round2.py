@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, one_error_line
-from qubes_backup_dom0 import api, cli_restore, crypto, header, naming
+from qubes_backup_dom0 import api
+from qubes_backup_dom0.cli import restore as cli_restore
 from qubes_backup_dom0.errors import BackupError, UsageError
-from qubes_backup_dom0.transport import Channel, stall_timeout
+from qubes_backup_dom0.format import crypto, header, naming
+from qubes_backup_dom0.qubes.transport import Channel, stall_timeout
 from qubes_backup_protocol import frames
 
 RESULT_RE = re.compile(
@@ -56,7 +58,7 @@ def test_result_line_names_the_backup_in_every_mode(sim: Sim, quiet: bool) -> No
 
 def test_api_result_carries_id_created_and_size(sim: Sim) -> None:
     (sim.dom0 / "backups").mkdir()
-    from qubes_backup_dom0.backup import BackupOptions
+    from qubes_backup_dom0.backup.plan import BackupOptions
 
     result = api.run_backup(sim.system, "/backups", PASSPHRASE.encode(), vms=["work"],
                             options=BackupOptions(kdf_n=1024))  # fmt: skip
@@ -227,7 +229,7 @@ def test_scrypt_memory_error_is_one_line(monkeypatch: pytest.MonkeyPatch) -> Non
 
 _SHORT_OF_MEMORY = """\
 import re, resource, sys
-from qubes_backup_dom0 import {module} as cli
+from qubes_backup_dom0.cli import {module} as cli
 size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) << 10
 limit = size + (160 << 20)  # room for the program, not for 256 MiB of scrypt
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -243,8 +245,8 @@ def test_maximum_kdf_on_a_dom0_short_of_memory(sim: Sim) -> None:
     assert r.returncode == 0, r.stderr
     (path,) = (sim.dom0 / "backups").glob("qubes-backup-*")
     for module, tool, args in (
-        ("cli_backup", "qvm-backup", ["-q", "-y", "-p", "/pw", "--kdf-n", str(1 << 18), "/backups", "work"]),
-        ("cli_restore", "qvm-backup-restore", ["-q", "-y", "-p", "/pw", "--verify-only", f"/backups/{path.name}"]),
+        ("backup", "qvm-backup", ["-q", "-y", "-p", "/pw", "--kdf-n", str(1 << 18), "/backups", "work"]),
+        ("restore", "qvm-backup-restore", ["-q", "-y", "-p", "/pw", "--verify-only", f"/backups/{path.name}"]),
     ):
         code = _SHORT_OF_MEMORY.format(module=module, tool=tool)
         r = subprocess.run([sys.executable, "-c", code, *args], env=sim.env(), capture_output=True, text=True,
@@ -319,9 +321,9 @@ def test_api_cancel_stops_a_backup_to_a_slow_reader(sim: Sim, tmp_path: Path) ->
     tamper suite's slow agent): run_backup raises Cancelled within seconds, nothing named like a backup."""
     import threading
 
-    from qubes_backup_dom0.backup import BackupOptions
+    from qubes_backup_dom0.backup.plan import BackupOptions
     from qubes_backup_dom0.errors import Cancelled
-    from qubes_backup_dom0.transport import SimTransport
+    from qubes_backup_dom0.qubes.transport import SimTransport
     from tamper.test_round2 import SLOW_AGENT
 
     rpc = tmp_path / "rpc"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_sim import launch, simgen, store
 
 MiB = 1 << 20

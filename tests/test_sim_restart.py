@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import Sim
-from qubes_backup_dom0.qubes import Qubes
+from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_sim import launch, simgen
 
 

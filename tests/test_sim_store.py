@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_sim.store import write_atomic
 
 SAMPLE = Path("/work/shared/reference/qubes-r4-sample.xml")

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import simgen
 
 MiB = 1024 * 1024

@@ -54,7 +54,7 @@ from helpers_agent import (
 )
 from qubes_backup_agent.storage import StorageError, classify
 from qubes_backup_agent.storage import ssh as ssh_storage
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType
 from qubes_backup_sim import simgen

@@ -1,4 +1,4 @@
-"""The thin LV allocation map (dom0/qubes_backup_dom0/thinmap.py): the parser against the real ``thin_dump``'s
+"""The thin LV allocation map (dom0/qubes_backup_dom0/qubes/thinmap.py): the parser against the real ``thin_dump``'s
 XML, strict fallbacks, the metadata snapshot always released, and a backup under ``QUBES_SIM_BLOCKDEV=1`` that
 reads only the provisioned part of a mostly unallocated LV and restores byte-exact."""
 
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, KDF, VM_BACKUPS, Sim, new_sim
-from qubes_backup_dom0 import backup, inner, thinmap
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.backup import plan as backup_plan
+from qubes_backup_dom0.format import sparse
+from qubes_backup_dom0.qubes import thinmap
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import thintools
 from qubes_backup_sim.lvstore import LvStore
 from qubes_backup_sim.storage import set_volume_attr
@@ -213,10 +215,10 @@ def test_blockdev_backup_reads_only_the_mapped_part(
     monkeypatch.setenv("QUBES_SIM_BLOCKDEV", "1")
     if not mapped:
         monkeypatch.setenv("QUBES_SIM_THIN_FAIL", "dump")
-    before = inner.SCANNED[0]
-    plan = backup.plan_backup(sim.system, ["work"])
+    before = sparse.SCANNED[0]
+    plan = backup_plan.plan_backup(sim.system, ["work"])
     try:
-        scanned = inner.SCANNED[0] - before
+        scanned = sparse.SCANNED[0] - before
         (vol,) = [pv for a in plan.archives for pv in a.volumes if pv.ref.volume == "private"]
         # provisioned: 4 + 1 + 1 chunks of 64 KiB out of 512 MiB; the fallback reads everything
         assert vol.file.data <= 6 * BS
@@ -243,8 +245,8 @@ def test_blockdev_backup_reads_only_the_mapped_part(
 
 
 def _record_lvm(monkeypatch: pytest.MonkeyPatch, fail_create: int = 0) -> list[list[str]]:
-    from qubes_backup_dom0 import pools
     from qubes_backup_dom0.errors import BackupError
+    from qubes_backup_dom0.qubes import pools
 
     calls: list[list[str]] = []
     real = pools.run_lvm
@@ -267,7 +269,7 @@ def test_snapshots_of_an_archive_removed_by_one_lvremove(tmp_path: Path, monkeyp
     sim = new_sim(tmp_path / "sim")
     monkeypatch.setenv("QUBES_SIM", str(sim.dir))
     calls = _record_lvm(monkeypatch)
-    plan = backup.plan_backup(sim.system, ["legacy-hvm"])  # a StandaloneVM: root and private
+    plan = backup_plan.plan_backup(sim.system, ["legacy-hvm"])  # a StandaloneVM: root and private
     assert len(_snapshots(sim)) == 2
     plan.close()
     creates = [c[-1] for c in calls if c[0] == "lvcreate"]
@@ -283,13 +285,13 @@ def test_a_failed_plan_still_removes_its_snapshots(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("QUBES_SIM", str(sim.dir))
     calls = _record_lvm(monkeypatch, fail_create=2)  # the second volume's snapshot fails
     with pytest.raises(BackupError, match="injected"):
-        backup.plan_backup(sim.system, ["legacy-hvm"])
+        backup_plan.plan_backup(sim.system, ["legacy-hvm"])
     assert _snapshots(sim) == []
     assert [len(c) for c in calls if c[0] == "lvremove"] == [3]  # the first volume's, once
 
 
 def test_leftovers_of_a_killed_run_go_in_one_lvremove(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qubes_backup_dom0 import pools
+    from qubes_backup_dom0.qubes import pools
 
     sim = new_sim(tmp_path / "sim")
     monkeypatch.setenv("QUBES_SIM", str(sim.dir))
@@ -315,7 +317,7 @@ def test_metadata_snapshot_released_when_the_backup_is_killed(lvs: tuple[System,
     os.mkfifo(fifo)
     gated = ["sh", "-c", f'cat {shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"', *system.thin_dump_argv]
     env = dict(os.environ, QUBES_SIM=str(system.sim_dir), QUBES_THIN_DUMP=shlex.join(gated))
-    code = ("from qubes_backup_dom0 import thinmap; from qubes_backup_dom0.system import System; "
+    code = ("from qubes_backup_dom0.qubes import thinmap; from qubes_backup_dom0.qubes.system import System; "
             "thinmap.provisioned(System.from_env(), 'qubes_dom0', 'vm-work-private', 16 << 20)")  # fmt: skip
     parent = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
     log = store.devdir / "thintools.log"

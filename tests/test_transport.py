@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from helpers_agent import REPLY, VM, make_sim
-from qubes_backup_dom0 import transport
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.system import System
-from qubes_backup_dom0.transport import Channel, ChannelClosed, QrexecTransport, SimTransport
+from qubes_backup_dom0.qubes import transport
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, QrexecTransport, SimTransport
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
 
@@ -195,7 +195,7 @@ def test_unconfined_python_is_this_one(system: System, tmp_path: Path) -> None:
 
 def test_local_file_transport_reads_a_dom0_backup(tmp_path: Path) -> None:
     from helpers_agent import RESTORE_REPLY, outer_members, write_tar
-    from qubes_backup_dom0.transport import LocalFileTransport
+    from qubes_backup_dom0.qubes.transport import LocalFileTransport
     from qubes_backup_protocol import names
 
     members = outer_members({"vm1": 1})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qubes_backup_dom0 import crypto, header, inner, manifest
+from qubes_backup_dom0.format import crypto, extractor, header, manifest, tarwriter
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 GENERATOR = Path(__file__).resolve().parent.parent / "tools" / "make_vectors.py"
@@ -221,10 +221,10 @@ def test_d_tiny_backup_implementation(vec: dict[str, Any], tmp_path: Path) -> No
     (archive,) = man.archives
     assert {f.path: f.size for f in archive.files} == {p: f["size"] for p, f in t["files"].items()}
     (tmp_path / "out").mkdir()
-    extractor = inner.Extractor(tmp_path / "out", archive.files)
-    extractor.feed(stream)
-    extractor.finish()
-    extractor.close()
+    ex = extractor.Extractor(tmp_path / "out", archive.files)
+    ex.feed(stream)
+    ex.finish()
+    ex.close()
     check_restored(tmp_path / "out", t["files"])
 
 
@@ -255,8 +255,8 @@ def test_d_tiny_backup_openssl_and_tar(vec: dict[str, Any], openssl: str, tmp_pa
 # ------------------------------------------------------------------------------------------- (e)
 
 
-def _inner_expected(v: dict[str, Any]) -> list[inner.InnerFile]:
-    return [inner.InnerFile(e["path"], None, e["type"], e["size"], e["data"]) for e in v["entries"]]
+def _inner_expected(v: dict[str, Any]) -> list[tarwriter.InnerFile]:
+    return [tarwriter.InnerFile(e["path"], None, e["type"], e["size"], e["data"]) for e in v["entries"]]
 
 
 def _check_inner_restored(root: Path, v: dict[str, Any], modes: bool) -> None:
@@ -301,7 +301,7 @@ def test_e_inner_archive_implementation(vec: dict[str, Any], tmp_path: Path, mod
     dest = None if mode == "validate" else tmp_path / "out"
     if dest is not None:
         dest.mkdir()
-    ex = inner.Extractor(dest, _inner_expected(v))
+    ex = extractor.Extractor(dest, _inner_expected(v))
     data = (VECTORS / v["file"]).read_bytes()
     for i in range(0, len(data), 333):  # odd-sized pieces
         ex.feed(data[i : i + 333])

@@ -6,7 +6,7 @@ a whole backup) to debug against, and the test suite needs them to notice when t
 from the committed format.  Every input is fixed here, so (a)-(c) and (e) regenerate byte for byte ((e) on
 a filesystem that keeps 64 KiB-aligned holes) and (f) as long as lxml serializes the same way.
 
-(d), the tiny complete backup, is made by the real backup pipeline (``backup.write_backup``) with its
+(d), the tiny complete backup, is made by the real backup pipeline (``pipeline.write_backup``) with its
 randomness (salt, backup id, IVs) and clock replaced by fixed values.  Its bytes also depend on the
 simulated system and on lxml's XML serialization, so the committed ``tiny-backup.tar`` is the reference:
 tests verify and restore it rather than regenerate it.  Run with ``--tiny`` to rewrite it (only when the
@@ -27,9 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qubes_backup_dom0 import backup, crypto
-from qubes_backup_dom0.header import Header
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.backup import pipeline
+from qubes_backup_dom0.backup import plan as backup_plan
+from qubes_backup_dom0.format import crypto
+from qubes_backup_dom0.format.header import Header
+from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import simgen
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "vectors"
@@ -136,11 +138,11 @@ def _make_tiny_sim(root: Path) -> System:
     return system
 
 
-def _deterministic_write(plan: backup.BackupPlan, sink: Any) -> Header:
+def _deterministic_write(plan: backup_plan.BackupPlan, sink: Any) -> Header:
     """Run the real pipeline with fixed salt/id, clock and IVs (IV = a hash of the plaintext, never reused
     here because every plaintext differs)."""
     fixed = [SALT, BACKUP_ID]
-    real_random, real_encrypt, real_now = crypto.random_bytes, crypto.encrypt, backup.now_utc
+    real_random, real_encrypt, real_now = crypto.random_bytes, crypto.encrypt, pipeline.now_utc
 
     def fake_random(n: int) -> bytes:
         value = fixed.pop(0)
@@ -151,21 +153,21 @@ def _deterministic_write(plan: backup.BackupPlan, sink: Any) -> Header:
         iv = hashlib.sha256(b"qubes-backup vector iv\n" + bytes(plaintext)).digest()[:16] if iv is None else iv
         return real_encrypt(k, plaintext, iv=iv)
 
-    crypto.random_bytes, crypto.encrypt, backup.now_utc = fake_random, fake_encrypt, lambda: CREATED
+    crypto.random_bytes, crypto.encrypt, pipeline.now_utc = fake_random, fake_encrypt, lambda: CREATED
     try:
-        options = backup.BackupOptions(
+        options = backup_plan.BackupOptions(
             compression="none", chunk_size=TINY_CHUNK_SIZE, kdf_n=KDF_N, kdf_r=KDF_R, kdf_p=KDF_P, workers=1
         )
-        return backup.write_backup(plan, PASSPHRASE.encode("utf-8"), sink, options)
+        return pipeline.write_backup(plan, PASSPHRASE.encode("utf-8"), sink, options)
     finally:
-        crypto.random_bytes, crypto.encrypt, backup.now_utc = real_random, real_encrypt, real_now
+        crypto.random_bytes, crypto.encrypt, pipeline.now_utc = real_random, real_encrypt, real_now
 
 
 def vector_tiny(out: Path) -> dict[str, Any]:
     """(d) a complete one-VM backup, compression none, with what restoring it must give."""
     with tempfile.TemporaryDirectory() as tmp:
         system = _make_tiny_sim(Path(tmp) / "sim")
-        plan = backup.plan_backup(system, [TINY_VM])
+        plan = backup_plan.plan_backup(system, [TINY_VM])
         with (out / "tiny-backup.tar").open("wb") as sink:
             _deterministic_write(plan, sink)
         files = {}
@@ -213,7 +215,7 @@ def _inner_bytes(path: str, offset: int, length: int) -> bytes:
 
 
 def _make_inner_files(root: Path) -> list[Any]:
-    from qubes_backup_dom0 import inner
+    from qubes_backup_dom0.format import tarwriter
 
     files = []
     for spec in INNER_SPECS:
@@ -236,7 +238,7 @@ def _make_inner_files(root: Path) -> list[Any]:
         mtime = spec.get("mtime", INNER_MTIME)
         os.utime(src, (mtime, mtime), follow_symlinks=False)
     for spec in INNER_SPECS:
-        f = inner.InnerFile.from_path(spec["path"], root / spec["path"])
+        f = tarwriter.InnerFile.from_path(spec["path"], root / spec["path"])
         if f.type == "file" and [list(r) for r in f.regions] != spec["regions"]:
             raise RuntimeError(f"this filesystem does not keep the holes of {spec['path']}")
         files.append(f)
@@ -245,11 +247,11 @@ def _make_inner_files(root: Path) -> list[Any]:
 
 def vector_inner(out: Path) -> dict[str, Any]:
     """(e) an inner archive (uncompressed tar) and what extracting it must give."""
-    from qubes_backup_dom0 import inner
+    from qubes_backup_dom0.format import tarspec, tarwriter
 
     with tempfile.TemporaryDirectory() as tmp:
         files = _make_inner_files(Path(tmp))
-        data = b"".join(inner.write_archive(files))
+        data = b"".join(tarwriter.write_archive(files))
     (out / "inner-archive.tar").write_bytes(data)
     entries = []
     for spec, f in zip(INNER_SPECS, files, strict=True):
@@ -270,13 +272,13 @@ def vector_inner(out: Path) -> dict[str, Any]:
         "file": "inner-archive.tar",
         "sha256": hashlib.sha256(data).hexdigest(),
         "entries": entries,
-        "sparse_ustar_name_hex": inner._sparse_name(INNER_LONG).encode("utf-8")[:100].hex(),
+        "sparse_ustar_name_hex": tarspec.sparse_name(INNER_LONG).encode("utf-8")[:100].hex(),
     }
 
 
 def vector_manifest(out: Path) -> dict[str, Any]:
     """(f) a manifest plaintext with its padding (FORMAT.md section 6)."""
-    from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
+    from qubes_backup_dom0.format.manifest import ArchiveEntry, FileEntry, Manifest
 
     qubes = (
         b"<qubes><labels><label color=\"0x000000\" id=\"label-8\">black</label></labels><pools/><properties/>"

@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from .backup import BackupOptions, BackupPlan, ProgressCallback, plan_backup, write_backup
-from .errors import BackupError, Cancelled, UsageError, VerificationError
-from .header import Header, format_created
-from .system import System
-from .targets import AgentTarget, LocalTarget, backup_file_name, check_location
-from .transport import Transport, make_transport
+from qubes_backup_dom0.backup.pipeline import write_backup
+from qubes_backup_dom0.backup.plan import BackupOptions, BackupPlan, ProgressCallback, plan_backup
+from qubes_backup_dom0.backup.targets import AgentTarget, LocalTarget, backup_file_name, check_location
+from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
+from qubes_backup_dom0.format.header import Header, format_created
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
 if TYPE_CHECKING:
-    from .restore import Restore, RestoreOptions, RestorePlan, State
+    from qubes_backup_dom0.restore.machine import Restore, RestoreOptions, RestorePlan, State
 
 _RESTORE_NAMES = ("Restore", "RestoreOptions", "RestorePlan", "State")
 
@@ -31,7 +32,7 @@ _RESTORE_NAMES = ("Restore", "RestoreOptions", "RestorePlan", "State")
 def __getattr__(name: str) -> object:
     """The restore side is imported on first use: a backup's start-up does not pay for it (~25 ms)."""
     if name in _RESTORE_NAMES:
-        from . import restore
+        from qubes_backup_dom0.restore import machine as restore
 
         return getattr(restore, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from lxml import etree
-from qubes_backup_dom0.qubesxml import QubesXmlError, parse_xml
+from qubes_backup_dom0.qubes.qubesxml import QubesXmlError, parse_xml
 
 from .exc import ApiError
 from .store import write_bytes_atomic

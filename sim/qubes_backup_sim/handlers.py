@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lxml import etree
-from qubes_backup_dom0.qubesxml import Collection, Domain, QubesXmlError, validate_name
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, QubesXmlError, validate_name
 
 from . import devices, firewall, props
 from .exc import ApiError, protocol_error, value_error, vm_not_found

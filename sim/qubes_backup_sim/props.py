@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from qubes_backup_dom0.qubesxml import Collection, Domain
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
 
 from .exc import ApiError, no_such_property, prop_value_error
 

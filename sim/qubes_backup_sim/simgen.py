@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0.qubes.qubesxml import Collection
 
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
 from .release import DEFAULT as DEFAULT_RELEASE

@@ -19,7 +19,7 @@ import time
 from pathlib import Path, PurePosixPath
 
 from lxml import etree
-from qubes_backup_dom0.qubesxml import Collection, Domain, Volume
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, Volume
 
 from .exc import ApiError
 from .lvstore import LvError, LvStore, clone_file

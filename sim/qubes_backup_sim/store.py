@@ -13,7 +13,7 @@ import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from qubes_backup_dom0.qubesxml import Collection
+from qubes_backup_dom0.qubes.qubesxml import Collection
 
 QUBES_XML = "var/lib/qubes/qubes.xml"
 RUN_STATE = "var/run/qubes-sim/state.json"

@@ -21,9 +21,9 @@ from fuzz.targets import fuzz_all
 
 def seeds() -> list[bytes]:
     """Valid inputs the fuzzer mutates: a frame sequence, a header, a manifest."""
-    from qubes_backup_dom0.crypto import KdfParams
-    from qubes_backup_dom0.header import Header
-    from qubes_backup_dom0.manifest import ArchiveEntry, FileEntry, Manifest
+    from qubes_backup_dom0.format.crypto import KdfParams
+    from qubes_backup_dom0.format.header import Header
+    from qubes_backup_dom0.format.manifest import ArchiveEntry, FileEntry, Manifest
     from qubes_backup_protocol import frames
     from qubes_backup_protocol.frames import FrameType
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import collections
 import io
 
-from qubes_backup_dom0 import header as header_mod
-from qubes_backup_dom0 import manifest as manifest_mod
 from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.format import header as header_mod
+from qubes_backup_dom0.format import manifest as manifest_mod
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType, ProtocolError
 

@@ -32,14 +32,15 @@ from typing import Any
 
 import pytest
 from lxml import etree
-from qubes_backup_dom0 import apply, crypto, extract, inner
-from qubes_backup_dom0 import header as header_mod
-from qubes_backup_dom0 import manifest as manifest_mod
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.qubesxml import Collection
-from qubes_backup_dom0.restore import Restore, RestoreOptions
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.format import crypto, extractor
+from qubes_backup_dom0.format import header as header_mod
+from qubes_backup_dom0.format import manifest as manifest_mod
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore import apply, extract
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
 from qubes_backup_sim import simgen
@@ -403,7 +404,7 @@ class OrderGuard:
     import or in-memory file (firewall rules, notes) <- a piece of what the extractor is being fed right then,
     Collection.from_bytes <- a verified manifest's <qubes> (dom0 parses no qubes.xml of its own any more: it
     asks qubesd).  The names are patched where the restore looks them up: module attributes of crypto and
-    manifest, ``extract.decompressed_reader`` (imported there), methods of extract.ChunkFeed, inner.Extractor,
+    manifest, ``extract.decompressed_reader`` (imported there), methods of extract.ChunkFeed, extractor.Extractor,
     apply.ImportSink and extract.MemorySink.  Violations are collected, not raised, since some stages run in
     the extraction thread whose exceptions the restore turns into error messages.
     """
@@ -483,7 +484,7 @@ class OrderGuard:
 
     def _install_unpack(self, mp: pytest.MonkeyPatch) -> None:
         guard = self
-        orig_reader, orig_put, orig_feed = extract.decompressed_reader, extract.ChunkFeed.put, inner.Extractor.feed
+        orig_reader, orig_put, orig_feed = extract.decompressed_reader, extract.ChunkFeed.put, extractor.Extractor.feed
 
         def put(self: extract.ChunkFeed, data: bytes | memoryview | None) -> None:
             if data is not None:
@@ -507,7 +508,7 @@ class OrderGuard:
                 guard._bad(f"decompressor reads from {type(raw).__name__}, not the verified chunk feed")
             return Reader(orig_reader(compression, raw))
 
-        def feed(self: inner.Extractor, data: Any) -> None:
+        def feed(self: extractor.Extractor, data: Any) -> None:
             guard.calls["extract"] += 1
             if _h(data) not in guard.decompressed:
                 guard._bad("extractor got bytes that did not come out of the decompressor")
@@ -519,7 +520,7 @@ class OrderGuard:
 
         mp.setattr(extract, "decompressed_reader", decompressed_reader)
         mp.setattr(extract.ChunkFeed, "put", put)
-        mp.setattr(inner.Extractor, "feed", feed)
+        mp.setattr(extractor.Extractor, "feed", feed)
 
     def _install_sinks(self, mp: pytest.MonkeyPatch) -> None:
         for cls, what in ((apply.ImportSink, "volume import"), (extract.MemorySink, "in-memory file")):

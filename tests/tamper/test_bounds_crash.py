@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qubes_backup_dom0 import apply
-from qubes_backup_dom0.apply import IN_PROGRESS, OWNER_PREFIX, STAGING_PREFIX
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.restore import Restore, RestoreOptions
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore import apply
+from qubes_backup_dom0.restore.apply import IN_PROGRESS, OWNER_PREFIX, STAGING_PREFIX
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 from qubes_backup_sim import simgen
 
 from .harness import (

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from qubes_backup_dom0 import apply
-from qubes_backup_dom0.restore import Restore
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore import apply
+from qubes_backup_dom0.restore.machine import Restore
 
 from .harness import (
     OrderGuard,

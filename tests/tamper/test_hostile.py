@@ -4,7 +4,7 @@ frame types, hostile error text, stalls and endless streams."""
 from __future__ import annotations
 
 import pytest
-from qubes_backup_dom0 import crypto
+from qubes_backup_dom0.format import crypto
 from qubes_backup_protocol import frames, names
 from qubes_backup_protocol.frames import FrameType
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qubes_backup_dom0 import crypto, manifest
+from qubes_backup_dom0.format import crypto, manifest
 
 from .harness import World
 

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qubes_backup_dom0.apply import IN_PROGRESS, OWNER_PREFIX
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.restore import Restore, RestoreOptions
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
+from qubes_backup_dom0.restore.apply import IN_PROGRESS, OWNER_PREFIX
+from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 from qubes_backup_sim import simgen
 
 from .harness import (
@@ -33,9 +33,9 @@ from .harness import (
 CLEANUP = """
 import sys
 from pathlib import Path
-from qubes_backup_dom0.apply import cleanup_home_staging, cleanup_leftovers
-from qubes_backup_dom0.qubes import Qubes
-from qubes_backup_dom0.system import System
+from qubes_backup_dom0.restore.apply import cleanup_home_staging, cleanup_leftovers
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
 s = System(Path(sys.argv[1]), Path(sys.argv[1]) / "dom0", "user")
 print(len(cleanup_leftovers(Qubes(s))), len(cleanup_home_staging(s.home_dir)))
 """

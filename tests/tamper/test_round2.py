@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0 import crypto
+from qubes_backup_dom0.format import crypto
 
 from .harness import BIN, VM, OrderGuard, World, assert_one_line, encode_stream, refuse_stream
 from .test_hostile import with_header_values

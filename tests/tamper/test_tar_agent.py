@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from qubes_backup_dom0.transport import SimTransport
+from qubes_backup_dom0.qubes.transport import SimTransport
 
 from .harness import BIN, VM, World, assert_one_line, assert_unchanged, expect_refused, refuse_tar, snapshot
 
@@ -232,7 +232,7 @@ def _huge_header_file(path: Path, typeflag: bytes) -> None:
 
 _MEASURE = """
 import json, os, sys, time
-from qubes_backup_dom0.transport import Channel, LocalFileTransport
+from qubes_backup_dom0.qubes.transport import Channel, LocalFileTransport
 from qubes_backup_protocol import frames
 from qubes_backup_protocol.frames import FrameType
 folder, sandbox = sys.argv[1], sys.argv[2] == "1"
@@ -274,7 +274,7 @@ def test_dom0_file_huge_extended_header_bounded_memory(tmp_path: Path, sandbox: 
 
 def test_dom0_file_valid_backup_still_verifies(world: World) -> None:
     """The same reader still reads a real backup held in dom0 (verify-only through the API, no -d)."""
-    from qubes_backup_dom0.restore import Restore, RestoreOptions
+    from qubes_backup_dom0.restore.machine import Restore, RestoreOptions
 
     from .harness import PASSPHRASE
 
@@ -332,7 +332,7 @@ def test_outer_header_deviations_refused(world: World, case: str) -> None:
 def test_outer_padding_after_end_marker_ignored(world: World) -> None:
     """What follows the end marker (record padding, the rest of a block device) is not read: a backup
     with 1 MiB of junk after its end marker still verifies."""
-    from qubes_backup_dom0.restore import RestoreOptions
+    from qubes_backup_dom0.restore.machine import RestoreOptions
 
     from .harness import run_restore
 

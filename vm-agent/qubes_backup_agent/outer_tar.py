@@ -3,7 +3,7 @@
 ``tarfile`` reads a pax or GNU long-name header's data whole: a small sparse file that claims a 1 GiB
 pax header made the agent allocate 1 GiB (issue 10 item 5).  A backup's outer tar never needs any of
 that: every member is a plain ustar regular file with a short name, mode 0600, uid/gid 0, mtime 0.
-This reader accepts exactly the header the writer (``qubes_backup_dom0.outer.member_header``) emits for
+This reader accepts exactly the header the writer (``qubes_backup_dom0.format.outer.member_header``) emits for
 a valid member name and size, byte for byte, and nothing else.  It never buffers more than one 512-byte
 block plus the piece the caller asks for.
 

@@ -1,0 +1,1 @@
+"""The commands qvm-backup and qvm-backup-restore, and what only they need: reports, progress, profiles."""

@@ -1,0 +1,213 @@
+"""Backup profiles: ``/etc/qubes/backup/NAME.conf`` in the YAML format of Qubes' own qvm-backup.
+
+Keys (as qubes-core-admin's ``_load_backup_profile`` reads them): ``include`` (required; a list of VM names,
+``@tag:NAME``, ``@type:CLASS``, or null for every VM with include_in_backups), ``exclude`` (same forms),
+``destination_vm`` (``dom0`` for a dom0 directory), ``destination_path``, ``compression`` (true/false or a
+filter name) and ``passphrase_text`` or ``passphrase_vm`` (the passphrase is then the one line the
+``qubes.BackupPassphrase+NAME`` service of that VM prints).  Old ``$tag:``/``$type:`` forms are read as
+``@``, as Qubes does.  The file is read with ``yaml.safe_load`` only (no object construction), bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE
+from qubes_backup_dom0.errors import BackupError, UsageError
+from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.system import System
+
+PROFILE_DIR = "/etc/qubes/backup"
+MAX_PROFILE = 64 * 1024
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+COMPRESSIONS = {"zstd": "zstd", "gzip": "gzip", "none": "none"}
+# Qubes Manager's words (qubes-manager ui/backupdlg.ui), with our file location.
+PLAINTEXT_WARNING = "WARNING: Passphrase will be saved in dom0 in plain text."
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    include: list[str] | None  # None: every VM with include_in_backups
+    exclude: list[str]
+    destination_vm: str | None  # None: dom0
+    destination_path: str
+    compression: str
+    passphrase_text: str | None = None
+    passphrase_vm: str | None = None
+
+
+def profile_path(system: System, name: str) -> Path:
+    if _NAME_RE.fullmatch(name) is None:
+        raise UsageError(f"bad profile name {name[:64]!r}: letters, digits, '_', '.', '-' (not first), at most 64")
+    return system.dom0_path(f"{PROFILE_DIR}/{name}.conf")
+
+
+def _names(value: object, key: str, name: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise UsageError(f"backup profile {name}: {key} must be a list of VM names")
+    return [v.replace("$", "@", 1) if v.startswith("$") else v for v in value]
+
+
+def _compression(value: object, name: str) -> str:
+    if value is True:
+        return "zstd"
+    if value is False:
+        return "none"
+    if isinstance(value, str) and value in COMPRESSIONS:
+        return COMPRESSIONS[value]
+    raise UsageError(f"backup profile {name}: compression {str(value)[:40]!r} is not supported here "
+                     "(true, false, zstd, gzip or none)")  # fmt: skip
+
+
+def _text(data: Mapping[str, Any], key: str, name: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise UsageError(f"backup profile {name}: {key} must be text")
+    return str(value)
+
+
+def load_profile(system: System, name: str) -> Profile:
+    path = profile_path(system, name)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROFILE + 1)
+    except FileNotFoundError:
+        raise UsageError(f"backup profile does not exist: {name} ({PROFILE_DIR}/{name}.conf)") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read backup profile {name}: {exc.strerror}") from None
+    if len(raw) > MAX_PROFILE:
+        raise UsageError(f"backup profile {name} is larger than {MAX_PROFILE} bytes")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"backup profile {name} is not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"backup profile {name}: not a mapping of keys to values")
+    for key in ("destination_vm", "destination_path", "include"):
+        if key not in data:
+            raise UsageError(f"invalid backup profile {name}: missing {key}")
+    dest_vm, dest_path = _text(data, "destination_vm", name), _text(data, "destination_path", name)
+    if not dest_vm or not dest_path:
+        raise UsageError(f"invalid backup profile {name}: destination_vm and destination_path must be set")
+    include = None if data["include"] is None else _names(data["include"], "include", name)
+    exclude = _names(data.get("exclude") or [], "exclude", name)
+    text, vm = _text(data, "passphrase_text", name), _text(data, "passphrase_vm", name)
+    if text is None and vm is None:
+        raise UsageError(f"invalid backup profile {name}: you need to specify passphrase_text or passphrase_vm")
+    return Profile(name, include, exclude, None if dest_vm == "dom0" else dest_vm, dest_path,
+                   _compression(data.get("compression", True), name), text, vm)  # fmt: skip
+
+
+def render_profile(profile: Profile) -> str:
+    """The YAML Qubes' qvm-backup writes (``write_backup_profile``), keys in its order."""
+    data: dict[str, Any] = {"include": profile.include or None}
+    if profile.exclude:
+        data["exclude"] = profile.exclude
+    if profile.passphrase_text:
+        data["passphrase_text"] = profile.passphrase_text
+    if profile.passphrase_vm:
+        data["passphrase_vm"] = profile.passphrase_vm
+    data["compression"] = {"zstd": True, "none": False}.get(profile.compression, profile.compression)
+    data["destination_vm"] = profile.destination_vm or "dom0"
+    data["destination_path"] = profile.destination_path
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def save_profile(system: System, profile: Profile) -> Path:
+    """Write the profile atomically, readable by root only (it may hold the passphrase)."""
+    path = profile_path(system, profile.name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{profile.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(render_profile(profile))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise BackupError(f"cannot save backup profile {profile.name}: {exc.strerror}") from None
+    return path
+
+
+# ------------------------------------------------------------------------------------ @tag: and @type:
+
+def is_special(name: str) -> bool:
+    return name.startswith("@")
+
+
+def resolve(qubes: Qubes, patterns: Iterable[str]) -> list[str]:
+    """VM names for names, ``@tag:NAME`` and ``@type:CLASS`` (qubes-core-admin's match_vm_name_with_special):
+    plain names are kept as given (checked later), specials expanded through qubesd (vm_list, tags)."""
+    patterns = list(patterns)
+    if not any(is_special(p) for p in patterns):
+        return patterns
+    vms = qubes.vm_list()
+    tags: dict[str, list[str]] = {}
+    out: list[str] = []
+    for p in patterns:
+        if not is_special(p):
+            out.append(p)
+        elif p.startswith("@type:"):
+            out += [n for n, (klass, _state) in vms.items() if klass == p[len("@type:"):]]
+        elif p.startswith("@tag:"):
+            tag = p[len("@tag:"):]
+            for n in vms:
+                if n not in tags:
+                    tags[n] = qubes.tags(n)
+                if tag in tags[n]:
+                    out.append(n)
+        else:
+            raise UsageError(f"unknown VM selector {p[:40]!r}: use a VM name, @tag:NAME or @type:CLASS")
+    return list(dict.fromkeys(out))
+
+
+# ------------------------------------------------------------------------------------ passphrase_vm
+
+def passphrase_from_vm(system: System, vm: str, profile: str, transport: Any = None) -> bytes:
+    """The one line ``qubes.BackupPassphrase+PROFILE`` prints in ``vm`` (bounded; the service's exit status
+    must be 0).  Surrounding white space is stripped, as Qubes does; a second line is refused."""
+    from qubes_backup_dom0.qubes.transport import Channel, make_transport
+
+    service = f"qubes.BackupPassphrase+{profile}"
+    channel = Channel((transport or make_transport(system)).start(service, vm), vm=vm)
+    what = f"failed to retrieve the passphrase from VM {vm} ({service})"
+    try:
+        channel.close_input()
+        raw = bytearray()
+        while len(raw) <= MAX_PASSPHRASE + 2:
+            piece = channel.read(MAX_PASSPHRASE + 3 - len(raw))
+            if not piece:
+                break
+            raw += piece
+        if len(raw) > MAX_PASSPHRASE + 2:
+            raise BackupError(f"{what}: more than {MAX_PASSPHRASE} bytes")
+        rc = channel.wait()
+        if rc != 0:
+            tail = channel.stderr_tail()
+            raise BackupError(f"{what}: exit status {rc}" + (f" ({tail})" if tail else ""))
+    finally:
+        channel.close()
+    phrase = bytes(raw).strip()
+    if b"\n" in phrase or b"\r" in phrase:
+        raise BackupError(f"{what}: the passphrase must be one line")
+    if not phrase:
+        raise BackupError(f"{what}: it printed nothing")
+    return phrase

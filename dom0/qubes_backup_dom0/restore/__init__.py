@@ -1,0 +1,1 @@
+"""Restoring: stream -> verify (receive) -> extract, plan -> apply, driven by the state machine (machine.py)."""

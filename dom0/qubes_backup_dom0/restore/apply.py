@@ -1,0 +1,521 @@
+"""Applying a restore plan to this system through qubesd, with rollback.
+
+Every change goes through the system interface (qubes.py, i.e. the Admin API): no file of Qubes' is
+written here.  The sequence, per restored VM, in the manifest's restore order (templates first):
+
+1. ``admin.vm.Create.CLASS`` (template given at creation), then at once the tag
+   ``backup-restore-in-progress`` (Qubes refuses to start such a VM) and our owner tag;
+2. properties (except the VM references), features, tags, devices;
+3. while the archives arrive (only verified plaintext): firewall rules and notes (first in each archive),
+   then volume data through ``admin.vm.volume.ImportWithSize``;
+4. after everything verified: ``netvm``, ``default_dispvm`` and the other VM references, mapped through the
+   restore's renames, in a last pass;
+5. the commit: the in-progress tags removed, then the owner tags.
+
+Any failure or interruption before the commit removes every VM this restore created (``admin.vm.Remove``);
+a restore that was killed leaves VMs carrying both tags, which the next restore removes (or, if its commit
+had started, finishes committing — their data was verified by then).  dom0's home goes to a staging
+directory beside it and is renamed into place after the VMs are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+
+from qubes_backup_dom0.errors import BackupError, VerificationError
+from qubes_backup_dom0.format import extractor, tarwriter
+from qubes_backup_dom0.format import manifest as manifest_mod
+from qubes_backup_dom0.qubes import firewall
+from qubes_backup_dom0.qubes.interface import Qubes, VolumeImport
+from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Domain
+from qubes_backup_dom0.restore.extract import ArchiveTarget, MemorySink
+from qubes_backup_dom0.restore.plan import RestorePlan, VmAction
+
+IN_PROGRESS = "backup-restore-in-progress"  # Qubes' own tag: such a VM cannot be started
+OWNER_PREFIX = "qubes-backup-restore-"  # + PID-STARTTIME-NONCE: which restore created the VM
+STAGING_PREFIX = ".qubes-backup-restore-"  # dom0 home staging, beside the home it is restored into
+MAX_FIREWALL = 1 << 20
+MAX_NOTES = 256 << 10
+#: Properties not set from the backup: identity (new here), set at creation, or set in the last pass.
+SKIP_PROPERTIES = frozenset({"name", "qid", "uuid", "label", "template", "dispid", "installed_by_rpm",
+                             "template_for_dispvms", "backup_timestamp"})  # fmt: skip
+#: VM references set in the last pass (after every restored VM exists), mapped through renames.
+LAST_PASS = ("netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
+#: Properties whose value may not exist here (e.g. a kernel version): refused -> default, with a warning.
+SOFT_PROPERTIES = frozenset({"kernel", "kernelopts"})
+
+_VOLUME_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # Qubes' volume names: root, private, volatile, kernel
+_live_nonces: set[str] = set()  # restores of this process that are running (their VMs are not leftovers)
+_live_lock = threading.Lock()
+
+
+def _proc_start(pid: int) -> str | None:
+    """A process's start time (field 22 of /proc/PID/stat): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+    except OSError:
+        return None
+    return stat.rsplit(b")", 1)[-1].split()[19].decode()
+
+
+def _owner_alive(tag: str) -> bool:
+    parts = tag[len(OWNER_PREFIX) :].split("-")
+    if len(parts) != 3 or not parts[0].isdigit():
+        return False
+    pid, start, nonce = int(parts[0]), parts[1], parts[2]
+    if pid == os.getpid():
+        with _live_lock:
+            return nonce in _live_nonces
+    return _proc_start(pid) == start
+
+
+def new_owner_tag() -> str:
+    nonce = os.urandom(4).hex()
+    with _live_lock:
+        _live_nonces.add(nonce)
+    return f"{OWNER_PREFIX}{os.getpid()}-{_proc_start(os.getpid()) or '0'}-{nonce}"
+
+
+def release_owner_tag(tag: str) -> None:
+    with _live_lock:
+        _live_nonces.discard(tag.rsplit("-", 1)[-1])
+
+
+# ------------------------------------------------------------------------------------------------ leftovers
+
+def cleanup_leftovers(qubes: Qubes) -> list[str]:
+    """Undo what a killed restore left: its VMs (both tags, owner dead) are removed — or, when its commit
+    had started (some of its VMs have no in-progress tag any more), the commit is finished."""
+    groups: dict[str, list[tuple[str, bool]]] = {}
+    for name, (klass, _state) in qubes.vm_list().items():
+        if klass == "AdminVM":
+            continue
+        tags = qubes.tags(name)
+        for tag in tags:
+            if tag.startswith(OWNER_PREFIX) and not _owner_alive(tag):
+                groups.setdefault(tag, []).append((name, IN_PROGRESS in tags))
+    doomed: list[str] = []
+    for tag, vms in groups.items():
+        if all(in_progress for _, in_progress in vms):
+            doomed += [name for name, _ in vms]
+        else:  # the commit had started: every VM was complete and verified
+            for name, in_progress in vms:
+                if in_progress:
+                    qubes.remove_tag(name, IN_PROGRESS)
+            for name, _ in vms:
+                qubes.remove_tag(name, tag)
+    # All at once: a VM of one dead restore may use a VM of another (two restores that ran side by side) as
+    # its template or netvm, so removing restore by restore would leave the one that is still referenced.
+    left = _remove_all(qubes, doomed)
+    return [name for name in doomed if name not in left]
+
+
+def _remove_all(qubes: Qubes, names: list[str]) -> list[str]:
+    """Remove VMs, dependants first; a VM still referenced by another one of the list is retried after
+    it.  Returns the names that could not be removed."""
+    left = list(reversed(names))
+    for _round in range(3):
+        failed = []
+        for name in left:
+            try:
+                qubes.remove_vm(name)
+            except BackupError:
+                failed.append(name)
+        if not failed or len(failed) == len(left):
+            left = failed
+            break
+        left = failed
+    for name in left:  # last resort: drop its references to other VMs of ours, then try again
+        for prop in LAST_PASS:
+            with contextlib.suppress(BackupError):
+                qubes.reset_property(name, prop)
+    return [n for n in left if not _try_remove(qubes, n)]
+
+
+def _try_remove(qubes: Qubes, name: str) -> bool:
+    try:
+        qubes.remove_vm(name)
+    except BackupError:
+        return False
+    return True
+
+
+# -------------------------------------------------------------------------------------------------- sinks
+
+FINISHING = 2  # volume imports finished at once beside the extraction (each one is a process)
+
+
+class Finisher:
+    """Finishes volume imports on background threads: a volume's trailing hole (often most of it: a
+    2 GiB private volume holding 50 MiB), the service's fdatasync and ImportEnd overlap the extraction of
+    the next volumes.  At most FINISHING at a time (``submit`` waits for a free slot).  The first failure
+    is raised by the next ``submit`` or by ``wait`` (the commit waits for every import)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=FINISHING, thread_name_prefix="import-finish")
+        self._slots = threading.BoundedSemaphore(FINISHING)
+        self._futures: list[Future[None]] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.check()
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(fn)
+        except BaseException:
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+
+    def check(self) -> None:
+        for f in self._futures:
+            if f.done() and f.exception() is not None:
+                f.result()
+
+    def wait(self) -> None:
+        for f in self._futures:
+            f.result()
+
+    def close(self) -> None:
+        """Wait for the threads (after the imports were aborted, they end at once); errors are dropped."""
+        self._pool.shutdown(wait=True)
+
+
+class ImportSink:
+    """A volume import fed by the extractor: data at ascending offsets, holes as zeros (the import service
+    takes exactly SIZE bytes and writes them sparsely).  With a ``finisher`` the end of the import (the
+    trailing hole, the service's own finishing) runs in the background."""
+
+    def __init__(self, imp: VolumeImport, finisher: Finisher | None = None) -> None:
+        self.imp = imp
+        self.pos = 0
+        self.finisher = finisher
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        if offset > self.pos:
+            self.imp.write_zeros(offset - self.pos)
+        self.imp.write(data)
+        self.pos = offset + len(data)
+
+    def finish(self, size: int) -> None:
+        tail, self.pos = size - self.pos, size
+        if self.finisher is None:
+            self._finish(tail)
+        else:
+            self.finisher.submit(lambda: self._finish(tail))
+
+    def _finish(self, tail: int) -> None:
+        if tail > 0:
+            self.imp.write_zeros(tail)
+        self.imp.finish()
+
+    def abort(self) -> None:
+        self.imp.abort()
+
+
+@dataclass
+class _VmFiles:
+    """Where one VM archive's entries go."""
+
+    volumes: dict[str, str]  # path in the archive -> volume name
+    firewall: str
+    notes: str
+
+
+def _vm_files(plan: RestorePlan, action: VmAction) -> _VmFiles:
+    dom = plan.backup[action.name]
+    base = (dom.features.get("backup-path") or plan.backup.vm_dir(dom) or "").rstrip("/")
+    volumes: dict[str, str] = {}
+    for vol in dom.volumes:
+        if vol.save_on_stop and not _VOLUME_NAME.fullmatch(vol.name):
+            # it would be the import service's argument: a plain volume name or nothing
+            raise VerificationError(f"VM {action.name}: the backup names a volume {vol.name[:40]!r}, which is no "
+                                    "valid volume name")  # fmt: skip
+        if vol.save_on_stop:
+            volumes[f"{base}/{vol.name}.img"] = vol.name
+            driver = plan.backup.pools.get(vol.pool, {}).get("driver")
+            if vol.vid and "/" in vol.vid and driver in FILE_DRIVERS:
+                volumes.setdefault(f"{vol.vid}.img", vol.name)  # backups of file pools name the image by vid
+    return _VmFiles(volumes, f"{base}/firewall.xml", f"{base}/notes.txt")
+
+
+def _devices(dom: Domain) -> Iterator[tuple[str, str, str, dict[str, str]]]:
+    """(class, backend, ident, options) of each persistent device assignment in the backup's qubes.xml."""
+    for devs in dom.element.iterfind("devices"):
+        for dev in devs.iterfind("device"):
+            options = {o.get("name", ""): o.text or "" for o in dev.iterfind("option")}
+            yield devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), options
+
+
+# ------------------------------------------------------------------------------------------------ applier
+
+class Applier:
+    """Creates the plan's VMs, feeds their data, commits — or removes everything it created."""
+
+    def __init__(self, qubes: Qubes, plan: RestorePlan, home_dir: Path) -> None:
+        self.qubes = qubes
+        self.plan = plan
+        self.home_dir = home_dir
+        self.owner = new_owner_tag()
+        self.created: list[str] = []
+        self.warnings: list[str] = []
+        self.committed = False
+        self.home_staging: Path | None = None
+        self.home_restored_to: Path | None = None
+        self._imports: list[VolumeImport] = []
+        self._lock = threading.Lock()
+        self._finisher = Finisher()
+
+    # -- 1, 2: create
+    def create_all(self) -> None:
+        """Create every restored VM: templates, then templates for disposables, then the rest (Qubes' own
+        restore order; a VM's template is thereby created before it, whatever order the manifest has)."""
+        labels = set(self.qubes.labels())
+        for action in sorted(self._restored(), key=self._rank):
+            self._create(action, labels)
+
+    def _restored(self) -> list[VmAction]:
+        return [a for a in self.plan.vms if a.restore and a.archive is not None]
+
+    def _rank(self, action: VmAction) -> int:
+        dom = self.plan.backup[action.name]
+        if dom.klass == "TemplateVM":
+            return 0
+        return 1 if dom.raw_property("template_for_dispvms") == "True" else 2
+
+    def _create(self, action: VmAction, labels: set[str]) -> None:
+        dom = self.plan.backup[action.name]
+        name = action.target_name
+        label = dom.label or "red"
+        if label not in labels:
+            self.warnings.append(f"VM {name}: label {label} does not exist here; using red")
+            label = "red"
+        explicit, template = self.plan.reference(action, "template")
+        try:  # qubesd's error names dom0 (the call's destination), not the VM
+            if dom.klass in ("AppVM", "DispVM"):
+                self.qubes.create_vm(dom.klass, name, label, template if explicit else None)
+            else:
+                self.qubes.create_vm(dom.klass, name, label, None)
+        except BackupError as e:
+            raise BackupError(f"restoring VM {name}: cannot create it: {e}") from None
+        self.created.append(name)
+        self.qubes.set_tag(name, IN_PROGRESS)  # before any other write to the new VM
+        self.qubes.set_tag(name, self.owner)
+        props = dom.properties
+        if "template_for_dispvms" in props:
+            self.qubes.set_property(name, "template_for_dispvms", props["template_for_dispvms"])
+        for prop, value in props.items():
+            if prop in SKIP_PROPERTIES or prop in LAST_PASS:
+                continue
+            try:
+                self.qubes.set_property(name, prop, value)
+            except BackupError as e:
+                if prop not in SOFT_PROPERTIES:
+                    raise BackupError(f"restoring VM {name}: property {prop}: {e}") from None
+                self.warnings.append(f"VM {name}: {prop} {value!r} refused here ({e}); left at the default")
+        for feature, value in dom.features.items():
+            if feature not in ("backup-content", "backup-path", "backup-size"):
+                self.qubes.set_feature(name, feature, value)
+        for tag in dom.tags:
+            if not tag.startswith("created-by-") and tag != IN_PROGRESS and not tag.startswith(OWNER_PREFIX):
+                self.qubes.set_tag(name, tag)
+        for devclass, backend, ident, options in _devices(dom):
+            backend = self.plan.renames.get(backend, backend)
+            try:
+                self.qubes.attach_device(name, devclass, backend, ident, options)
+            except BackupError as e:  # as Qubes' restore: the VM is fine without it; say so
+                self.warnings.append(f"VM {name}: {devclass} device {backend}:{ident} not attached: {e}")
+
+    # -- 3: data
+    def target_for(self, archive: manifest_mod.ArchiveEntry) -> ArchiveTarget:
+        if archive.kind == "home":
+            self.home_staging = _make_home_staging(self.home_dir)
+            return ArchiveTarget(dest=self.home_staging / archive.member)
+        action = next(a for a in self.plan.vms if a.archive is archive)
+        files = _vm_files(self.plan, action)
+        name = action.target_name
+
+        def set_firewall(data: bytes) -> None:
+            try:
+                rules = firewall.xml_to_rules(data)
+            except (BackupError, etree.LxmlError) as e:
+                raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
+            self.qubes.set_firewall(name, rules)
+
+        def set_notes(data: bytes) -> None:
+            if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
+                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+
+        def sinks(entry: tarwriter.InnerFile) -> extractor.FileSink | None:
+            # Backups put firewall.xml and notes.txt before the volumes: they are applied as soon as they are
+            # complete (verified chunks; the VM is still tagged in progress), before the VM's data is imported.
+            if entry.path == files.firewall:
+                return MemorySink(entry.path, entry.size, MAX_FIREWALL, set_firewall)
+            if entry.path == files.notes:
+                return MemorySink(entry.path, entry.size, MAX_NOTES, set_notes)
+            if entry.path in files.volumes:
+                imp = self.qubes.import_volume(name, files.volumes[entry.path], entry.size)
+                with self._lock:
+                    self._imports.append(imp)
+                return ImportSink(imp, self._finisher)
+            return None  # other files of older backups (icons ...): verified, then dropped
+
+        return ArchiveTarget(sinks=sinks)
+
+    # -- 4, 5: last pass and commit
+    def commit(self) -> None:
+        self._finisher.wait()  # every volume imported (ImportEnd accepted) before anything is committed
+        self._finisher.close()
+        for action in self._restored():
+            for prop in LAST_PASS:
+                explicit, value = self.plan.reference(action, prop)
+                if explicit:
+                    self._set_reference(action.target_name, prop, value)
+        if self.home_staging is not None:
+            _fsync_tree(self.home_staging)
+        for name in self.created:  # the commit: from here on, the restore is finished even if killed
+            self.qubes.remove_tag(name, IN_PROGRESS)
+        self.committed = True
+        for name in self.created:
+            self.qubes.remove_tag(name, self.owner)
+        release_owner_tag(self.owner)
+        self._move_home()
+
+    def _set_reference(self, name: str, prop: str, value: str | None) -> None:
+        try:
+            self.qubes.set_property(name, prop, value or "")
+        except BackupError as e:
+            if prop in ("netvm", "default_dispvm"):
+                raise BackupError(f"restoring VM {name}: {prop} {value or 'none'}: {e}") from None
+            self.warnings.append(f"VM {name}: {prop} {value!r} refused here ({e}); left at the default")
+
+    def _move_home(self) -> None:
+        plan = self.plan
+        if self.home_staging is None or plan.home is None or plan.home_target is None:
+            return
+        user_dir = next(f.path for f in plan.home.files)
+        with _home_lock(self.home_dir):
+            dst = _free_path(self.home_dir / plan.home_target)
+            os.rename(self.home_staging / plan.home.member / user_dir, dst)
+            _fsync_dir(self.home_dir)
+        self._drop_home_staging()
+        self.home_restored_to = dst
+
+    def _drop_home_staging(self) -> None:
+        """Delete the home staging and forget it as a live restore's (idempotent)."""
+        if self.home_staging is not None:
+            shutil.rmtree(self.home_staging, ignore_errors=True)
+            release_owner_tag(self.home_staging.name)  # its name ends in the nonce, like an owner tag
+            self.home_staging = None
+
+    # -- rollback
+    def abort_imports(self) -> None:
+        """From any thread: stop running imports (their processes are killed)."""
+        with self._lock:
+            imports = list(self._imports)
+        for imp in imports:
+            imp.abort()
+
+    def rollback(self) -> None:
+        """Remove every VM this restore created (before the commit) and the home staging."""
+        self.abort_imports()
+        self._finisher.close()  # no import thread writes any more
+        self._drop_home_staging()  # first: also when some VM cannot be removed
+        if not self.committed and self.created:
+            left = _remove_all(self.qubes, self.created)
+            if left:
+                release_owner_tag(self.owner)  # the next restore cleans them up
+                raise BackupError(f"could not remove VM(s) {', '.join(left)} created by this restore; "
+                                  "remove them with qvm-remove")  # fmt: skip
+        release_owner_tag(self.owner)
+
+
+# --------------------------------------------------------------------------------------------- dom0 home
+
+@contextlib.contextmanager
+def _home_lock(home: Path) -> Iterator[None]:
+    """Serialises stale-staging cleanup and the final rename of concurrent restores."""
+    fd = os.open(home, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _make_home_staging(home: Path) -> Path:
+    if not home.is_dir():
+        raise BackupError(f"cannot restore dom0's home: {home} does not exist")
+    cleanup_home_staging(home)
+    path = home / f"{STAGING_PREFIX}{os.getpid()}-{_proc_start(os.getpid()) or '0'}-{os.urandom(4).hex()}"
+    path.mkdir(mode=0o700)
+    with _live_lock:
+        _live_nonces.add(path.name.rsplit("-", 1)[-1])
+    return path
+
+
+def cleanup_home_staging(home: Path) -> list[Path]:
+    """Remove home staging that no live restore owns (a killed restore's)."""
+    removed: list[Path] = []
+    if not home.is_dir():
+        return removed
+    with _home_lock(home):
+        for entry in home.iterdir():
+            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink():
+                if _owner_alive(OWNER_PREFIX + entry.name[len(STAGING_PREFIX) :]):
+                    continue
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _free_path(path: Path) -> Path:
+    if not os.path.lexists(path):
+        return path
+    for i in range(1, 1000):
+        candidate = path.with_name(f"{path.name}-{i}")
+        if not os.path.lexists(candidate):
+            return candidate
+    raise BackupError(f"no free name to restore dom0's home beside {path}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(tree: Path) -> None:
+    """fsync every regular file and directory under ``tree`` (no symlink followed; errors are errors)."""
+
+    def fail(e: OSError) -> None:
+        raise e
+
+    try:
+        for _dirpath, _dirnames, filenames, dirfd in os.fwalk(tree, onerror=fail):
+            for name in filenames:
+                if not stat.S_ISREG(os.lstat(name, dir_fd=dirfd).st_mode):
+                    continue  # symlinks are made durable by their directory
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.fsync(dirfd)
+    except OSError as e:
+        raise BackupError(f"cannot write the restored home to disk: {e.strerror or e}") from None
