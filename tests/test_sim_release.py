@@ -32,8 +32,8 @@ REAL_43_IDENTITY = ("dom0+00_04.0:8086:1234::p020000 device_id='8086:1234::p0200
 REAL_43_EXISTS = "'pci device dom0:00_04.0:* already assigned to vault'"
 REAL_43_ATTACH_HALTED = "VM not running, cannot attach device, do you mean `assign`?"
 # what Qubes' own client (qubesadmin.devices.assign) sends for a restored PCI assignment
-CLIENT_43_ASSIGN = ("device_id='*' port_id='00_04.0' devclass='pci' backend_domain='dom0' mode='required' "
-                    "frontend_domain='vault' _no-strict-reset='True'").encode()  # fmt: skip
+CLIENT_43_ASSIGN = (b"device_id='*' port_id='00_04.0' devclass='pci' backend_domain='dom0' mode='required' "
+                    b"frontend_domain='vault' _no-strict-reset='True'")  # fmt: skip
 
 
 class Qd:
@@ -103,7 +103,8 @@ def test_simgen_writes_the_release_and_its_files(tmp_path: Path) -> None:
         sim = tmp_path / rel
         simgen.generate(sim, "small", release=rel)
         assert release.read_release(sim / "dom0") == rel
-        assert (sim / "dom0/etc/qubes-release").read_text() == f"Qubes release {rel}{'.4' if rel == '4.2' else '.0'} (R{rel})\n"
+        point = ".4" if rel == "4.2" else ".0"
+        assert (sim / "dom0/etc/qubes-release").read_text() == f"Qubes release {rel}{point} (R{rel})\n"
         root = etree.parse(str(sim / "dom0/var/lib/qubes/qubes.xml")).getroot()
         devs = {dev.get("id"): dict(dev.attrib) for dev in root.iter("device")}
         extra = {"mode": "required", "identity": "*"} if rel == "4.3" else {}
@@ -199,8 +200,9 @@ def test_r43_assigned_and_assign(qd43: Qd) -> None:
     assert {"id": "sdc", "backend-domain": "sys-net", "mode": "auto-attach", "identity": "*",
             "option:devtype": "cdrom", "class": "block"} in q.xml_devices("vault")  # fmt: skip
     # refused by closing the connection: manual or unknown modes, unknown keys, a mismatching port, R4.2's payload
-    for payload in (b"mode='manual'", b"mode='bogus'", b"mode='required' color='x'", b"port_id='00_05.0' mode='required'",
-                    b"persistent=True no-strict-reset=True", b"mode='required' _k='\xff'"):  # fmt: skip
+    for payload in (b"mode='manual'", b"mode='bogus'", b"mode='required' color='x'",
+                    b"port_id='00_05.0' mode='required'", b"persistent=True no-strict-reset=True",
+                    b"mode='required' _k='\xff'"):  # fmt: skip
         assert q.refused("admin.vm.device.pci.Assign", "work", "dom0+00_04.0", payload), payload
     assert q.refused("admin.vm.device.block.Assign", "vault", "nosuchvm+sdc", b"mode='auto-attach'")
     # live attachment only

@@ -35,7 +35,7 @@ import string
 from typing import TYPE_CHECKING
 
 from lxml import etree
-from qubes_backup_dom0.qubesxml import Collection, Domain
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
 
 from . import props
 from .exc import ApiError, protocol_error
