@@ -109,7 +109,7 @@ def test_simgen_writes_the_release_and_its_files(tmp_path: Path) -> None:
         devs = {dev.get("id"): dict(dev.attrib) for dev in root.iter("device")}
         extra = {"mode": "required", "identity": "*"} if rel == "4.3" else {}
         assert devs == {"00_14.3": {"id": "00_14.3", "backend-domain": "dom0", **extra},
-                        "sda1": {"id": "sda1", "backend-domain": "sys-net", **extra}}  # fmt: skip
+                        "loop7": {"id": "loop7", "backend-domain": "dom0", **extra}}  # fmt: skip
         notes = sorted(p.parent.name for p in (sim / "dom0/var/lib/qubes").rglob("notes.txt"))
         assert notes == ([] if rel == "4.2" else sorted(notes)) and (rel == "4.2" or "work" in notes)
     assert release.read_release(tmp_path / "nothing") == release.DEFAULT == "4.3"  # built before releases
@@ -142,7 +142,7 @@ def test_vm_list_fields(qd42: Qd, qd43: Qd) -> None:
 def test_r42_device_list_and_attach(qd42: Qd) -> None:
     q = qd42
     assert q.ok("admin.vm.device.pci.List", "sys-net") == "dom0+00_14.3 persistent=yes\n"
-    assert q.ok("admin.vm.device.block.List", "work") == REAL_42_BLOCK.replace("sys-usb", "sys-net")
+    assert q.ok("admin.vm.device.block.List", "work") == REAL_42_BLOCK.replace("sys-usb+sda1", "dom0+loop7")
     # Qubes' R4.2 restore: Attach with persistent=True and the options; the list shows them, persistent last
     assert q.ok("admin.vm.device.pci.Attach", "legacy-hvm", "dom0+00_03.0",
                 b"persistent=True no-strict-reset=True permissive=True") == ""  # fmt: skip
@@ -180,7 +180,8 @@ def test_r42_device_list_and_attach(qd42: Qd) -> None:
 def test_r43_assigned_and_assign(qd43: Qd) -> None:
     q = qd43
     assert q.refused("admin.vm.device.pci.List", "sys-net")
-    assert q.ok("admin.vm.device.block.Assigned", "work") == REAL_43_BLOCK.replace("sys-usb", "sys-net")
+    assert q.ok("admin.vm.device.block.Assigned", "work") == REAL_43_BLOCK.replace("sys-usb+sda1", "dom0+loop7") \
+        .replace("port_id='sda1'", "port_id='loop7'").replace("backend_domain='sys-usb'", "backend_domain='dom0'")
     assert q.ok("admin.vm.device.pci.Attached", "sys-net") == ""  # nothing runs: nothing is attached
     # Qubes' client's serialization, and a minimal one (every key but mode is optional)
     assert q.ok("admin.vm.device.pci.Assign", "legacy-hvm", "dom0+00_03.0",

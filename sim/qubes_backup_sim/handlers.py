@@ -75,6 +75,8 @@ class Api:
         props.set_release(self.release)
         for dom in self.coll.domains:  # qubes.xml's <device> elements as this release's qubesd writes them
             devices.normalize(dom, self.release)
+            if not dom.is_admin and not dom.raw_property("uuid"):  # qubesd gives every VM one when it loads
+                dom.set_property("uuid", str(uuidlib.uuid4()))
         self.current_method = ""
         # (vm, volume) between ImportBegin and ImportEnd: while one is open the server does not idle out (an
         # import service writes for as long as the data takes, without talking to qubesd)

@@ -90,7 +90,7 @@ VMS: tuple[VmSpec, ...] = (
            private=(2 * GiB, 2 * MiB), features=(("appmenus-dispvm", "1"),)),
     VmSpec("work", "AppVM", "blue", (("memory", "800"), ("maxmem", "4000")), private=(2 * GiB, 14 * MiB),
            features=(("service.meminfo-writer", "1"),),
-           block=("sys-net", "sda1", (("frontend-dev", "xvdi"), ("read-only", "yes")))),
+           block=("dom0", "loop7", (("frontend-dev", "xvdi"), ("read-only", "yes")))),
     VmSpec("personal", "AppVM", "yellow", (("template", "debian-12"), ("netvm", "sys-firewall")),
            private=(2 * GiB, 10 * MiB)),
     VmSpec("vault", "AppVM", "black", (("netvm", ""), ("virt_mode", "pv")), private=(2 * GiB, 5 * MiB)),
