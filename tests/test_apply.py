@@ -268,7 +268,7 @@ def test_finisher_bounds_work_and_reports_the_first_failure() -> None:
 # -- across releases: devices, labels, properties -----------------------------------------------------------------
 
 def _one_vm_backup(tmp_path: Path, devices: str = "", label: str = "red", props: str = "",
-                   labels: str = "") -> Backup:  # fmt: skip
+                   labels: str = "", notes: str = "") -> Backup:  # fmt: skip
     """A backup of one AppVM ``vm`` (no data but its firewall) with the given device elements and label."""
     xml = ('<qubes><labels><label id="label-1" color="0xcc0000">red</label>' + labels + '</labels><pools/>'
            '<properties/><domains><domain id="domain-0" class="AdminVM"><properties>'
@@ -278,9 +278,11 @@ def _one_vm_backup(tmp_path: Path, devices: str = "", label: str = "red", props:
            f'<features/>{devices}<tags/><volume-config/></domain></domains></qubes>')  # fmt: skip
     fw = tmp_path / "fw.xml"
     fw.write_bytes(firewall.rules_to_xml(["action=drop"]))
-    f = tarwriter.InnerFile.from_path("appvms/vm/firewall.xml", fw)
-    archive = ArchiveEntry("vm1", "vm", "vm", [FileEntry(f.path, f.type, f.size, f.data)])
-    return Manifest("00" * 16, "2026-12-01T10:00:00Z", [archive], xml.encode()), {"vm": [f]}
+    files = [tarwriter.InnerFile.from_path("appvms/vm/firewall.xml", fw)]
+    if notes:
+        files.append(tarwriter.InnerFile.from_bytes("appvms/vm/notes.txt", notes.encode(), 0o644, 0))
+    archive = ArchiveEntry("vm1", "vm", "vm", [FileEntry(f.path, f.type, f.size, f.data) for f in files])
+    return Manifest("00" * 16, "2026-12-01T10:00:00Z", [archive], xml.encode()), {"vm": files}
 
 
 R42_DEVICES = ('<devices class="pci"><device backend-domain="dom0" id="00_14.3">'
@@ -388,3 +390,39 @@ def test_property_the_release_lacks_is_a_warning(tmp_path: Path) -> None:
     fq = FakeQubes({}, release="4.3")
     _restore(fq, _one_vm_backup(tmp_path, props=props))
     assert fq.vms["vm"].props["bootmode"] == "debug"
+
+
+def test_notes_per_release_and_a_refusal_is_a_warning(tmp_path: Path) -> None:
+    """Notes are restored on R4.3; R4.2 has none (a warning, no call); qubesd refusing them (its limit of
+    256000 bytes, its sanitiser missing) is a warning too: the VM is fine without its notes."""
+    fq = FakeQubes({})
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert fq.vms["vm"].notes == "hello\n" and applier.warnings == []
+    fq = FakeQubes({}, release="4.2")
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert ("notes", "vm") not in fq.calls
+    assert applier.warnings == ["VM vm: notes not restored (this Qubes release has no notes)"]
+    fq = FakeQubes({})
+    fq.fail_on = ("notes",)
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert applier.committed and "vm" in fq.vms
+    assert [w for w in applier.warnings if w.startswith("VM vm: notes not restored (injected failure")]
+
+
+def test_interrupted_while_qubesd_creates_a_vm(backup: Backup) -> None:
+    """SIGTERM/Ctrl-C arrives while admin.vm.Create is under way: qubesd created the VM, the restore never saw
+    the reply (nor tagged it).  The rollback still removes it: a VM of that name was not there before."""
+    fq = _system_with("fedora")
+    create = fq.create_vm
+
+    def create_then_interrupted(klass: str, name: str, *args: object, **kw: object) -> None:
+        create(klass, name, *args, **kw)  # type: ignore[arg-type]
+        if name == "work":
+            raise KeyboardInterrupt
+
+    fq.create_vm = create_then_interrupted  # type: ignore[method-assign]
+    before = set(fq.vm_list())
+    with pytest.raises(KeyboardInterrupt):
+        _restore(fq, backup, vms=("sys-net", "sys-firewall", "work"))
+    assert set(fq.vm_list()) == before
+    assert ("remove", "work") in fq.calls

@@ -332,7 +332,9 @@ class Qubes:
         self.api.call("admin.vm.firewall.Set", vm, "", "".join(f"{r}\n" for r in rules).encode())
 
     def set_notes(self, vm: str, text: str) -> bool:
-        """False (nothing written) where the release has no notes (R4.2: no call is made)."""
+        """False (nothing written) where the release has no notes (R4.2: no call is made).  A refusal (qubesd
+        closes the connection: e.g. notes over its 256000 bytes, or its sanitiser library missing) is a
+        BackupError for the caller to report; the VM is fine without its notes."""
         if self.release == RELEASE_42 or self._has_notes is False:
             return False
         try:

@@ -330,6 +330,8 @@ class Applier:
         self.home_staging: Path | None = None
         self.home_restored_to: Path | None = None
         self.created_labels: list[str] = []
+        self._creating: str | None = None  # the VM being created (Create sent, not yet in self.created)
+        self._before: set[str] = set()  # the VMs there were before the first creation
         self._labels_later: dict[str, tuple[str, str]] = {}  # VM -> (label, colour) to create at the commit
         self._imports: list[VolumeImport] = []
         self._lock = threading.Lock()
@@ -340,6 +342,7 @@ class Applier:
         """Create every restored VM: templates, then templates for disposables, then the rest (Qubes' own
         restore order; a VM's template is thereby created before it, whatever order the manifest has)."""
         labels = set(self.qubes.labels())
+        self._before = set(self.qubes.vm_list())
         for action in sorted(self._restored(), key=self._rank):
             self._create(action, labels)
 
@@ -364,14 +367,17 @@ class Applier:
                 self.warnings.append(f"VM {name}: label {label} does not exist here; using red")
             label = "red"
         explicit, template = self.plan.reference(action, "template")
+        self._creating = name  # an interruption from here until it is in self.created: see rollback
         try:  # qubesd's error names dom0 (the call's destination), not the VM
             if dom.klass in ("AppVM", "DispVM"):
                 self.qubes.create_vm(dom.klass, name, label, template if explicit else None)
             else:
                 self.qubes.create_vm(dom.klass, name, label, None)
         except BackupError as e:
+            self._creating = None  # qubesd answered: it did not create it
             raise BackupError(f"restoring VM {name}: cannot create it: {e}") from None
         self.created.append(name)
+        self._creating = None
         self.qubes.set_tag(name, IN_PROGRESS)  # before any other write to the new VM
         self.qubes.set_tag(name, self.owner)
         props = dom.properties
@@ -438,8 +444,11 @@ class Applier:
             self.qubes.set_firewall(name, rules)
 
         def set_notes(data: bytes) -> None:
-            if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
-                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+            try:
+                if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
+                    self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+            except BackupError as e:  # as a device: the VM is fine without them; say so
+                self.warnings.append(f"VM {name}: notes not restored ({e})")
 
         def sinks(entry: tarwriter.InnerFile) -> extractor.FileSink | None:
             # Backups put firewall.xml and notes.txt before the volumes: they are applied as soon as they are
@@ -537,6 +546,13 @@ class Applier:
         self.abort_imports()
         self._finisher.close()  # no import thread writes any more
         self._drop_home_staging()  # first: also when some VM cannot be removed
+        pending, self._creating = self._creating, None
+        if pending is not None and pending not in self.created and not self.committed:
+            # interrupted while qubesd was creating it (SIGTERM, Ctrl-C during admin.vm.Create): a VM of that
+            # name that was not there before is this restore's (qubesd refuses to create an existing name)
+            with contextlib.suppress(BackupError):
+                if pending in self.qubes.vm_list() and pending not in self._before:
+                    self.created.append(pending)
         if not self.committed and self.created:
             left = _remove_all(self.qubes, self.created)
             if left:
