@@ -86,9 +86,11 @@ def main() -> int:
     (dst / "dom0/passphrase").write_text(PASSPHRASE + "\n")
     os.link(backup, dst / "vms/backupvm/home/user/backups" / backup.name)
     env2 = dict(os.environ, QUBES_SIM=str(dst))
+    # Our own backup, so everything it holds is restored: devices and the settings that grant power too
+    # (without these two options, -y restores neither: docs/SECURITY.md, "Backups from a compromised machine").
     out = run(
-        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/passphrase",
-         f"/home/user/backups/{backup.name}"],
+        [str(BIN / "qvm-backup-restore"), "-y", "-d", "backupvm", "-p", "/passphrase", "--restore-devices",
+         "--restore-risky-settings", f"/home/user/backups/{backup.name}"],
         env2, stdout=subprocess.PIPE,
     )  # fmt: skip
     print(out.stdout, end="")

@@ -65,6 +65,8 @@ RUNTIME = ("var/run/qubesd.sock", "var/run/qubesd.lock", "var/run/qubesd-sim.pid
 #: Identity and bookkeeping properties: never the same on a restored VM (or set by the backup itself).
 IDENTITY = ("name", "qid", "uuid", "backup_timestamp")
 VM_REFS = ("template", "netvm", "default_dispvm")
+#: The options that restore a backup's device assignments and other settings that grant power.
+ALL_SETTINGS = ("--restore-devices", "--restore-risky-settings")
 
 
 @dataclass
@@ -180,7 +182,9 @@ class Sim:
         return self.run("qvm-backup", "-y", "-p", "/pw", *KDF, *args)
 
     def restore(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.run("qvm-backup-restore", "-y", "-p", "/pw", *args)
+        """A restore of everything the user can agree to (round trips compare whole VMs); what is restored
+        without ``ALL_SETTINGS``: tests/test_hostile_backup.py."""
+        return self.run("qvm-backup-restore", "-y", "-p", "/pw", *ALL_SETTINGS, *args)
 
     def backup_to_vm(self, *vms: str, extra: tuple[str, ...] = ()) -> Path:
         """Back up into backupvm's backup directory and return the host path of the one new file."""

@@ -178,6 +178,9 @@ class FakeQubes:
             raise FakeQubesdError("label still in use")
         del self.label_colors[label]
 
+    def firewall_rules(self, vm: str) -> list[str]:
+        return list(self._vm(vm).firewall) or ["action=accept"]  # qubesd's default for a new VM
+
     def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
         self._write(vm, "firewall").firewall = list(rules)
 

@@ -93,7 +93,10 @@ def _system_with(*names: str) -> FakeQubes:
 
 
 def _restore(fq: FakeQubes, backup: Backup, **opts: object) -> apply.Applier:
+    """Restore ``backup`` into ``fq``; everything the user may agree to is restored unless ``opts`` say
+    otherwise (what is not restored by default: tests/test_hostile_backup.py)."""
     manifest, files = backup
+    opts = {"restore_devices": True, "restore_risky_settings": True, **opts}
     plan = plan_restore(_target(fq), _header(), manifest, RestoreOptions(**opts))  # type: ignore[arg-type]
     assert not plan.errors, plan.errors
     applier = apply.Applier(fq, plan, Path("/nonexistent-home"))  # type: ignore[arg-type]
@@ -426,3 +429,44 @@ def test_interrupted_while_qubesd_creates_a_vm(backup: Backup) -> None:
         _restore(fq, backup, vms=("sys-net", "sys-firewall", "work"))
     assert set(fq.vm_list()) == before
     assert ("remove", "work") in fq.calls
+
+
+def test_settings_that_grant_power_need_the_options(backup: Backup) -> None:
+    """Without the options: no device, no risky property or tag; sys-firewall (whose provides_network is
+    not restored) is nobody's netvm: its users are left without network, never on another netvm."""
+    fq = FakeQubes({})
+    applier = _restore(fq, backup, restore_devices=False, restore_risky_settings=False)
+    assert fq.vms["sys-net"].devices == [] and "provides_network" not in fq.vms["sys-net"].props
+    assert "virt_mode" not in fq.vms["sys-net"].props  # it goes with the PCI device
+    assert fq.vms["work"].tags == {"created-by-dom0"} and fq.vms["work"].props["memory"] == "800"
+    assert fq.vms["work"].props["netvm"] == "" and fq.vms["sys-firewall"].props["netvm"] == ""
+    assert any("work: netvm sys-firewall not set" in w for w in applier.warnings), applier.warnings
+    plan = applier.plan
+    dropped = {(s.vm, s.kind, s.name) for s in plan.settings.not_restored()}
+    assert ("sys-net", "device", "pci:dom0:00_14.3") in dropped and ("work", "tag", "mine") in dropped
+    fq2 = FakeQubes({})
+    _restore(fq2, backup, restore_devices=True, restore_risky_settings=False)
+    assert fq2.vms["sys-net"].devices == [("pci", "dom0", "00_14.3", {"no-strict-reset": "True"})]
+    assert fq2.vms["sys-net"].props["virt_mode"] == "hvm"
+
+
+def test_policy_tags_are_never_restored_whatever_is_granted(backup: Backup) -> None:
+    manifest, files = backup
+    xml = manifest.qubes.replace(b'<tag name="mine"/>', b'<tag name="mine"/><tag name="backup-restore-mgmt"/>'
+                                 b'<tag name="created-by-sys-gui"/><tag name="disp-created-by-x"/>'
+                                 b'<tag name="qubes-backup-restore-1-1-deadbeef"/>')  # fmt: skip
+    fq = FakeQubes({})
+    _restore(fq, (Manifest(manifest.backup_id, manifest.created, manifest.archives, xml), files))
+    assert {n: fq.vms[n].tags for n in ORDER} == {n: {"created-by-dom0", "mine"} for n in ORDER}
+
+
+@pytest.mark.parametrize(("default", "restored"), [(["action=accept"], True),
+                                                   (["action=accept dsthost=a.example", "action=drop"], False)])
+def test_firewall_wider_than_a_new_vms_default_needs_the_option(backup: Backup, default: list[str],
+                                                                restored: bool) -> None:  # fmt: skip
+    fq = FakeQubes({})
+    fq.firewall_rules = lambda vm: list(default)  # type: ignore[method-assign]
+    applier = _restore(fq, backup, restore_risky_settings=False)
+    assert (fq.vms["work"].firewall == ["action=accept dsthost=work.example", "action=drop"]) == restored
+    assert any("firewall rules wider" in w for w in applier.warnings) != restored
+    assert firewall.wider(["action=drop"], default) is False

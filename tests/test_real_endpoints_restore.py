@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import qubes_backup_sim
-from conftest import allocated, one_error_line
+from conftest import ALL_SETTINGS, allocated, one_error_line
 from lxml import etree
 from qubes_backup_dom0.format.sparse import same_content
 from qubes_backup_dom0.qubes import firewall
@@ -263,7 +263,7 @@ class Target:
 
     def argv(self, *args: str) -> list[str]:
         return [str(BIN / "qvm-backup-restore"), "-y", "-p", str(self.tmp / "pw"), "--skip-dom0-home",
-                "-d", "backupvm", self.location, *args]  # fmt: skip
+                *ALL_SETTINGS, "-d", "backupvm", self.location, *args]  # fmt: skip
 
     def restore(self, *vms: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*vms), env=self.env(**extra), capture_output=True, text=True,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, QubesXmlError, validate_name
 
-from . import devices, firewall, props
+from . import devices, firewall, policy, props
 from .exc import ApiError, protocol_error, value_error, vm_not_found
 from .release import DEFAULT as DEFAULT_RELEASE
 from .release import check as check_release
@@ -78,6 +78,7 @@ class Api:
             if not dom.is_admin and not dom.raw_property("uuid"):  # qubesd gives every VM one when it loads
                 dom.set_property("uuid", str(uuidlib.uuid4()))
         self.current_method = ""
+        self.current_src = "dom0"
         # (vm, volume) between ImportBegin and ImportEnd: while one is open the server does not idle out (an
         # import service writes for as long as the data takes, without talking to qubesd)
         self.imports_open: set[tuple[str, str]] = set()
@@ -90,10 +91,13 @@ class Api:
         spec = self._dynamic(method) if method.startswith(DYNAMIC) else HANDLERS.get(method)
         if spec is None or method in RELEASE_ONLY.get(self.release, ()):
             raise protocol_error(f"no such method: {method!r}")
-        if src != "dom0":
-            raise ApiError("PermissionDenied", f"calls from {src!r} are not allowed")
         self.current_method = method
+        self.current_src = src
         dom = self.coll.get(dest)
+        if src != "dom0":  # a VM's call: only what the qrexec policy allows it (policy.py)
+            if self.coll.get(src) is None or dom is None:
+                raise ApiError("PermissionDenied", f"calls from {src!r} to {dest!r} are not allowed")
+            policy.check(self.store.dom0, self.coll, method, arg, src, dest)
         if dom is None:
             raise vm_not_found(dest)
         if spec.admin_dest is True and not dom.is_admin:
@@ -357,6 +361,13 @@ def _tags_el(dom: Domain) -> etree._Element:
     return etree.SubElement(dom.element, "tags") if el is None else el
 
 
+def _check_created_by(self: Api, arg: str) -> None:
+    """created-by-* tags: qubes/ext/admin.py refuses changing them to callers other than dom0 (an AdminVM)."""
+    _check_tag(arg)
+    if arg.startswith("created-by-") and self.current_src != "dom0":
+        raise ApiError("PermissionDenied", f"changing tag {arg!r} is not allowed")
+
+
 def _check_tag(arg: str) -> None:
     if not _TAG_RE.match(arg):
         raise ApiError("QubesInvalidTagError", "disallowed characters" if arg else "tag cannot be empty")
@@ -370,8 +381,7 @@ def tag_get(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 @api("admin.vm.tag.Set", arg=True, write=True)
 def tag_set(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
-    # created-by-* tags: qubes/ext/admin.py refuses changing them to callers other than dom0, the only one here
-    _check_tag(arg)
+    _check_created_by(self, arg)
     if arg not in dom.tags:
         etree.SubElement(_tags_el(dom), "tag", name=arg)
     return ""
@@ -379,7 +389,7 @@ def tag_set(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 @api("admin.vm.tag.Remove", arg=True, write=True)
 def tag_remove(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
-    _check_tag(arg)
+    _check_created_by(self, arg)
     el = _tags_el(dom)
     found = [t for t in el.findall("tag") if t.get("name") == arg]
     if not found:

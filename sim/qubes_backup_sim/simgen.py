@@ -31,6 +31,7 @@ from pathlib import Path
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection
 
+from . import policy
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
 from .release import DEFAULT as DEFAULT_RELEASE
 from .release import RELEASES, write_release
@@ -569,6 +570,7 @@ def generate(
                 _write(vdir / "notes.txt", f"{spec.name}: {spec.klass}, simulated by qubes-backup-simgen\n")
     _write_volumes(_Volumes(dir, pool), sizes, seed, compressible, set(running))
     save_run_state(dir / "dom0", set(running))
+    policy.install_shipped(dir / "dom0")  # /etc/qubes/policy.d as Qubes ships it (the restore rules)
 
     if keep is None:
         _make_home(dir / "dom0/home" / USER, rng)

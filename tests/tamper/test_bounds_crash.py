@@ -235,10 +235,15 @@ def test_killed_restore_leaves_dom0_consistent_and_next_run_works(world: World, 
     assert left and len(owners) <= 1, left
     assert all(owners and owners <= set(tags) for tags in left.values() if IN_PROGRESS in tags), left
     commit_started = any(IN_PROGRESS not in tags for tags in left.values())
-    # The next restore's open() cleans up: the VM list is as before or, if the commit had started, complete.
+    # The next restore finds the leftovers when it plans, and changes nothing before it runs (its backup
+    # verified, the user agreed); then the VM list is as before or, if the commit had started, complete.
+    killed, staging = vm_state(system), home_staging(system)
     job = Restore(system, world.a_location, PASSPHRASE, source_vm=VM)
     try:
         job.open()
+        job.plan()
+        assert vm_state(system) == killed and home_staging(system) == staging and job.leftovers
+        apply.clean_leftovers(job.qubes, job.leftovers, system.home_dir)  # what run() does first
         state = vm_state(system)
     finally:
         job.close()

@@ -129,7 +129,8 @@ def test_rename_conflicting_keeps_references_on_the_right_copies(tmp_path: Path)
     (dst.vm_root(VM) / "home/user/backups").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(backup, dst.vm_root(VM) / "home/user/backups" / backup.name)
 
-    job = run_restore(dst, f"/home/user/backups/{backup.name}", options=RestoreOptions(rename_conflicting=True))
+    everything = RestoreOptions(rename_conflicting=True, restore_devices=True, restore_risky_settings=True)
+    job = run_restore(dst, f"/home/user/backups/{backup.name}", options=everything)
     plan = job.restore_plan
     assert plan is not None
     renames = plan.renames

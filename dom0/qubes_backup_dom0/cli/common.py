@@ -32,6 +32,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
+def warn(text: str) -> None:
+    """One ``warning:`` line on stderr; its text may come from a backup or a VM, so it is neutralised."""
+    print(f"warning: {printable(text)}", file=sys.stderr)
+
+
 def confirm(question: str, assume_yes: bool) -> bool:
     """Ask on stderr (stdout may carry a JSON document); anything but y/yes is no, so is Ctrl-D."""
     if assume_yes:

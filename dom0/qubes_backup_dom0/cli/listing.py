@@ -20,13 +20,21 @@ from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
-from qubes_backup_dom0.qubes.transport import Channel, LocalFileTransport, Transport, make_transport
+from qubes_backup_dom0.qubes.transport import MIN_RATE, Channel, LocalFileTransport, Transport, make_transport
 
 _LIMITS = {
     FrameType.ENTRY: (names.MAX_NAME_LEN, names.MAX_LIST_HEADER),
     FrameType.END: (0, 0),
     FrameType.ERROR: (0, MAX_ERROR_LEN),
 }
+#: The most a whole listing may carry: every entry at its largest, the END or ERROR.
+LIST_MAX_BYTES = (names.MAX_LIST_ENTRIES + 1) * (10 + names.MAX_NAME_LEN + max(names.MAX_LIST_HEADER, MAX_ERROR_LEN))
+
+
+def list_deadline(timeout: float) -> float:
+    """Seconds a whole listing may take: the stall timeout to start, the largest listing at MIN_RATE, and a
+    timeout for the agent's end (however the frames are spread, not more)."""
+    return 2 * timeout + LIST_MAX_BYTES / MIN_RATE
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ def list_backups(system: System, location: str, source_vm: str | None = None,
                  transport: Transport | None = None) -> list[Listed]:  # fmt: skip
     """The backups in directory LOCATION (in ``source_vm``, or in dom0), oldest first by name."""
     channel = _open(system, location, source_vm, transport)
+    channel.set_deadline(list_deadline(channel.timeout))
     try:
         found: list[Listed] = []
         while True:

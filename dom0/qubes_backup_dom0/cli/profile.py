@@ -78,6 +78,15 @@ def _text(data: Mapping[str, Any], key: str, name: str) -> str | None:
     return str(value)
 
 
+def _safe_load(text: str, name: str) -> Any:
+    """``yaml.safe_load``, but a document with an anchor or alias is refused before it is built: a few
+    hundred bytes of nested aliases expand to gigabytes (Qubes' profiles never use them)."""
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, yaml.AliasToken | yaml.AnchorToken):
+            raise UsageError(f"backup profile {name}: YAML anchors and aliases (& and *) are not accepted")
+    return yaml.safe_load(text)
+
+
 def load_profile(system: System, name: str) -> Profile:
     path = profile_path(system, name)
     try:
@@ -90,7 +99,7 @@ def load_profile(system: System, name: str) -> Profile:
     if len(raw) > MAX_PROFILE:
         raise UsageError(f"backup profile {name} is larger than {MAX_PROFILE} bytes")
     try:
-        data = yaml.safe_load(raw.decode("utf-8"))
+        data = _safe_load(raw.decode("utf-8"), name)
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"backup profile {name} is not valid YAML: {problem}") from None
@@ -107,6 +116,9 @@ def load_profile(system: System, name: str) -> Profile:
     text, vm = _text(data, "passphrase_text", name), _text(data, "passphrase_vm", name)
     if text is None and vm is None:
         raise UsageError(f"invalid backup profile {name}: you need to specify passphrase_text or passphrase_vm")
+    if vm is not None and vm == dest_vm:
+        raise UsageError(f"invalid backup profile {name}: passphrase_vm is the backup VM ({vm}): the VM that "
+                         "stores the backups must not hold their passphrase; name another VM")  # fmt: skip
     return Profile(name, include, exclude, None if dest_vm == "dom0" else dest_vm, dest_path,
                    _compression(data.get("compression", True), name), text, vm)  # fmt: skip
 
@@ -190,6 +202,8 @@ def passphrase_from_vm(system: System, vm: str, profile: str, transport: Any = N
     channel = Channel((transport or make_transport(system)).start(service, vm), vm=vm)
     what = f"failed to retrieve the passphrase from VM {vm} ({service})"
     try:
+        # One timeout for the VM to start and one for its answer, whole: never byte by byte without end.
+        channel.set_deadline(2 * channel.timeout)
         channel.close_input()
         raw = bytearray()
         while len(raw) <= MAX_PASSPHRASE + 2:

@@ -71,6 +71,10 @@ def _vms(plan: RestorePlan, files: bool) -> list[dict[str, Any]]:
         }  # fmt: skip
         if not files:
             entry |= {"restore": v.restore, "new_name": v.new_name, "action": v.action}
+            if v.restore:
+                from qubes_backup_dom0.cli import settings
+
+                entry["settings"] = settings.to_json(plan, v.name)
         if files and v.archive is not None:
             entry["files"] = _files(v.archive)
         out.append(entry)
@@ -98,16 +102,21 @@ def list_document(plan: RestorePlan, name_mismatch: str | None) -> dict[str, Any
             "warnings": [name_mismatch] if name_mismatch else []}  # fmt: skip
 
 
-def restore_document(job: Restore, plan: RestorePlan, elapsed: float, name_mismatch: str | None) -> dict[str, Any]:
+def restore_document(job: Restore, plan: RestorePlan, elapsed: float, name_mismatch: str | None,
+                     dropped: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    from qubes_backup_dom0.cli import settings
+
     verify = job.options.verify_only
     home = _home(plan, files=False)
     if home is not None and job.home_restored_to is not None:
         home["restored_to"] = home_shown(job.system, job)
-    warnings = ([name_mismatch] if name_mismatch else []) + list(job.warnings)
+    warnings = ([name_mismatch] if name_mismatch else []) + list(dropped) + list(job.warnings)
+    not_restored = [s for s in settings.to_json(plan) if not s["restore"]]
     return {"version": JSON_VERSION, "command": "verify" if verify else "restore", "ok": True,
             "backup": _backup(plan), "vms": _vms(plan, files=False), "dom0_home": home,
             "restored": [] if verify else list(job.restored), "data": plan.data,
-            "elapsed_seconds": round(elapsed, 3), "warnings": warnings}  # fmt: skip
+            "elapsed_seconds": round(elapsed, 3), "warnings": warnings, "dropped": not_restored,
+            "cleaned": list(job.cleaned)}  # fmt: skip
 
 
 def cancelled_document(command: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from qubes_backup_dom0.cli import report
+from qubes_backup_dom0.cli import report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
     check_text_arg,
@@ -24,6 +24,7 @@ from qubes_backup_dom0.cli.common import (
     raise_interrupt,
     run_cli,
     table,
+    warn,
 )
 from qubes_backup_dom0.cli.listing import list_backups
 from qubes_backup_dom0.cli.passphrase import read_passphrase
@@ -76,6 +77,13 @@ def parser() -> ArgumentParser:
                    help="restore a dom0 home backed up from another user name (into a new directory)")  # fmt: skip
     p.add_argument("--backup-id", metavar="ID", type=backup_id_arg,
                    help="restore only the backup with this id (qvm-backup prints it); refuse any other")  # fmt: skip
+    p.add_argument("--restore-devices", action="store_true",
+                   help="also restore the backup's device assignments (PCI, USB, block; with their options) "
+                   "without asking")  # fmt: skip
+    p.add_argument("--restore-risky-settings", action="store_true",
+                   help="also restore the backup's other settings that grant power (autostart, provides_network, "
+                   "guivm, audiovm, kernelopts, virt_mode, GUI/qemu features, tags, wider firewall rules ...) "
+                   "without asking; tags a qrexec policy trusts are never restored")  # fmt: skip
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print only errors and the result")
@@ -176,7 +184,8 @@ def _run(args: argparse.Namespace) -> int:
         skip_broken=args.skip_broken, ignore_missing=args.ignore_missing,
         skip_conflicting=args.skip_conflicting, rename_conflicting=args.rename_conflicting,
         skip_dom0_home=args.skip_dom0_home, ignore_username_mismatch=args.ignore_username_mismatch,
-        backup_id=args.backup_id,
+        backup_id=args.backup_id, restore_devices=args.restore_devices,
+        restore_risky_settings=args.restore_risky_settings,
     )  # fmt: skip
     signal.signal(signal.SIGTERM, raise_interrupt)
     job = Restore(system, args.location, b"", source_vm=source_vm, options=options)
@@ -202,7 +211,7 @@ def _show_list(args: argparse.Namespace, plan: RestorePlan) -> int:
         emit_json(report.list_document(plan, mismatch))
         return 0
     if mismatch is not None:
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     print(summary(plan, verbose=args.verbose, actions=False))
     return 0
 
@@ -212,21 +221,27 @@ Log = Callable[..., None]
 
 def _restore(args: argparse.Namespace, system: System, job: Restore, plan: RestorePlan, log: Log) -> int:
     log(summary(plan, verbose=args.verbose))
+    for line in [*settings.plan_lines(plan), *settings.leftover_lines(job.leftovers)]:
+        log(line)
     mismatch = name_time_mismatch(args.location, plan.header.created)
     if mismatch is not None:  # shown even with -q: it may mean an older backup under a newer name
-        print(f"warning: {mismatch}", file=sys.stderr)
+        warn(mismatch)
     if plan.errors:
         raise BackupError(plan.errors[0])
     if plan.home is not None and home_user(plan.manifest) not in (None, system.user):
-        print(f"warning: the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
-              "restoring it as asked (--ignore-username-mismatch)", file=sys.stderr)  # fmt: skip
+        warn(f"the dom0 home is user {home_user(plan.manifest)}'s (this system's user is {system.user}); "
+             "restoring it as asked (--ignore-username-mismatch)")  # fmt: skip
     verb = "verify" if args.verify_only else "restore"
     # As Qubes' own tool: a passphrase given with -p means "go ahead"; "no" is not a failure (exit 0).
-    if not confirm(f"Do you want to {verb} the VMs above?", args.yes or args.passphrase_file is not None):
+    unattended = args.yes or args.passphrase_file is not None
+    if not confirm(f"Do you want to {verb} the VMs above?", unattended):
         log("Restore cancelled.")
         if args.json:
             emit_json(report.cancelled_document(report.restore_command(args.verify_only, False, False)))
         return 0
+    if not unattended:  # the user is at a terminal: settings that grant power are theirs to choose
+        settings.ask(plan)
+    dropped = settings.dropped_lines(plan)  # (none when verifying: nothing is restored)
     bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
     job.progress = bar
     start = time.monotonic()
@@ -235,10 +250,14 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
     finally:
         bar.close()
     elapsed = max(time.monotonic() - start, 1e-9)
-    for warning in job.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+    for line in job.cleaned:
+        log(line)
+    # One line per setting not restored, even with -q (the restored VMs differ from the backup's); after the
+    # restore, as its account: a failed restore is one error line and nothing else.
+    for warning in dropped + job.warnings:
+        warn(warning)
     if args.json:
-        emit_json(report.restore_document(job, plan, elapsed, mismatch))
+        emit_json(report.restore_document(job, plan, elapsed, mismatch, dropped))
         return 0
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
     which = f"backup {plan.header.backup_id.hex()}, created {plan.header.created}"

@@ -121,3 +121,21 @@ def xml_to_rules(data: bytes) -> list[str]:
         parse_rule(line)  # unique keys, an action
         rules.append(line)
     return rules
+
+
+def _accepts_everything(rule: str) -> bool:
+    """``action=accept`` with no condition (a comment aside): every packet."""
+    pairs = [(k, v) for k, v in parse_rule(rule) if k != "comment"]
+    return pairs == [("action", "accept")]
+
+
+def wider(rules: Sequence[str], default: Sequence[str]) -> bool:
+    """True when ``rules`` may let the VM reach something that ``default`` (what qubesd gives a new VM here)
+    does not.  Conservative: False only when that is certain -- the default accepts everything first
+    (Qubes' default, a single ``action=accept``), ``rules`` is the default itself, or ``rules`` accepts
+    nothing at all (drop rules only; what no rule matches is dropped)."""
+    if default and _accepts_everything(default[0]):
+        return False
+    if list(rules) == list(default):
+        return False
+    return any(dict(parse_rule(r)).get("action") == "accept" for r in rules)

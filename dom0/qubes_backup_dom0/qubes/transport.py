@@ -286,9 +286,22 @@ class Channel:
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
         self._interrupted = False
+        # set_deadline(): when the whole exchange must be over, whatever each frame's own budget says
+        self._deadline: float | None = None
+        self._deadline_seconds = 0.0
+        self._past_deadline = False
+
+    def set_deadline(self, seconds: float) -> None:
+        """Every later wait on the agent fails once ``seconds`` from now have passed: an answer that must
+        be short (a listing, a passphrase) cannot be dragged out frame by frame, byte by byte."""
+        self._deadline_seconds = seconds
+        self._deadline = time.monotonic() + seconds
 
     # -- waiting -------------------------------------------------------------------------------------
     def _stalled(self) -> BackupError:
+        if self._past_deadline:
+            return BackupError(f"{self.vm} did not finish answering within {self._deadline_seconds:g} s"
+                               f"{self._tail_suffix()}")  # fmt: skip
         if self._too_slow:
             verb = "accepts the backup" if self._writing else "sends"
             return BackupError(
@@ -345,6 +358,10 @@ class Channel:
         self._too_slow = deadline is not None and deadline < limit
         if deadline is not None and self._too_slow:
             limit = deadline  # the frame as a whole is due earlier: too slow
+        self._past_deadline = self._deadline is not None and self._deadline < limit
+        if self._deadline is not None and self._past_deadline:
+            limit = self._deadline  # the whole exchange is due earlier still
+            self._too_slow = False
         while True:
             self._check_interrupted()
             poller = select.poll()
@@ -515,6 +532,9 @@ class Channel:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for the agent to exit (draining stderr); kill it and raise if it takes too long."""
         limit = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._past_deadline = self._deadline is not None and self._deadline < limit
+        if self._deadline is not None and self._past_deadline:
+            limit = self._deadline
         while True:
             rc = self.proc.poll()
             if rc is not None:

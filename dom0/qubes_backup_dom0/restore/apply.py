@@ -5,7 +5,8 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 
 1. ``admin.vm.Create.CLASS`` (template given at creation), then at once the tag
    ``backup-restore-in-progress`` (Qubes refuses to start such a VM) and our owner tag;
-2. properties (except the VM references), features, tags, devices;
+2. properties (except the VM references), features, tags, devices -- those the plan restores
+   (``plan.settings``, restore/risk.py: settings that grant power only when granted, policy tags never);
 3. while the archives arrive (only verified plaintext): firewall rules and notes (first in each archive),
    then volume data through ``admin.vm.volume.ImportWithSize``;
 4. after everything verified: ``netvm``, ``default_dispvm`` and the other VM references, mapped through the
@@ -14,14 +15,16 @@ written here.  The sequence, per restored VM, in the manifest's restore order (t
 
 Any failure or interruption before the commit removes every VM this restore created (``admin.vm.Remove``);
 a restore that was killed leaves VMs carrying both tags, which the next restore removes (or, if its commit
-had started, finishes committing — their data was verified by then).  dom0's home goes to a staging
-directory beside it and is renamed into place after the VMs are committed.
+had started, finishes committing — their data was verified by then): found when it plans
+(``find_leftovers``), done only after its own backup verified and the user agreed (``clean_leftovers``).
+dom0's home goes to a staging directory beside it and is renamed into place after the VMs are committed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -29,7 +32,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxml import etree
@@ -41,6 +44,7 @@ from qubes_backup_dom0.qubes import firewall
 from qubes_backup_dom0.qubes.adminapi import ANY, DeviceAssignment, QubesdError
 from qubes_backup_dom0.qubes.interface import RELEASE_42, Qubes, VolumeImport
 from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Collection, Domain
+from qubes_backup_dom0.restore import risk
 from qubes_backup_dom0.restore.extract import ArchiveTarget, MemorySink
 from qubes_backup_dom0.restore.plan import RestorePlan, VmAction
 
@@ -64,6 +68,12 @@ _live_nonces: set[str] = set()  # restores of this process that are running (the
 _live_lock = threading.Lock()
 
 
+_OWNER_RE = re.compile(r"qubes-backup-restore-([1-9][0-9]{0,9})-([1-9][0-9]{0,19})-([0-9a-f]{8})")
+COMMITTED_MARK = ".committed"  # in a home staging: its data is complete and where it goes (JSON)
+_HOME_TARGET_RE = re.compile(r"home-restore-[0-9]{4}-[0-9]{2}-[0-9]{2}-[0-9]{6}")
+MAX_MARK = 4096
+
+
 def _proc_start(pid: int) -> str | None:
     """A process's start time (field 22 of /proc/PID/stat): with the pid, it names one process for good."""
     try:
@@ -74,15 +84,29 @@ def _proc_start(pid: int) -> str | None:
     return stat.rsplit(b")", 1)[-1].split()[19].decode()
 
 
-def _owner_alive(tag: str) -> bool:
-    parts = tag[len(OWNER_PREFIX) :].split("-")
-    if len(parts) != 3 or not parts[0].isdigit():
+def _owner_dead(tag: str) -> bool:
+    """True only when ``tag`` is exactly one of our owner tags and its restore provably ended: its process
+    is gone (no /proc entry), or the pid now names another process (another start time), or it is this
+    process and no restore of ours with that nonce is running.  Anything else (a malformed tag, a /proc
+    that cannot be read, an owner whose start time was not known) is not a leftover."""
+    m = _OWNER_RE.fullmatch(tag)
+    if m is None:
         return False
-    pid, start, nonce = int(parts[0]), parts[1], parts[2]
+    pid, start, nonce = int(m.group(1)), m.group(2), m.group(3)
     if pid == os.getpid():
         with _live_lock:
-            return nonce in _live_nonces
-    return _proc_start(pid) == start
+            return nonce not in _live_nonces and start == _proc_start(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read(4096)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        return stat.rsplit(b")", 1)[-1].split()[19].decode() != start
+    except (IndexError, UnicodeDecodeError):
+        return False
 
 
 def new_owner_tag() -> str:
@@ -99,31 +123,146 @@ def release_owner_tag(tag: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ leftovers
 
-def cleanup_leftovers(qubes: Qubes) -> list[str]:
-    """Undo what a killed restore left: its VMs (both tags, owner dead) are removed — or, when its commit
-    had started (some of its VMs have no in-progress tag any more), the commit is finished."""
+@dataclass
+class Leftovers:
+    """What killed restores left, found before anything is changed: shown to the user, removed (or, for a
+    restore killed inside its commit, finished) only after the backup verified and the user agreed."""
+
+    remove: list[tuple[str, str]] = field(default_factory=list)  # (VM, owner tag): every VM still in progress
+    finish: list[tuple[str, str, bool]] = field(default_factory=list)  # (VM, owner, in progress): commit started
+    staging_remove: list[Path] = field(default_factory=list)
+    staging_move: list[tuple[Path, str, str]] = field(default_factory=list)  # (staging, ~/NAME, path inside)
+
+    @property
+    def removed_names(self) -> set[str]:
+        return {name for name, _ in self.remove}
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.finish or self.staging_remove or self.staging_move)
+
+    def describe(self) -> list[str]:
+        """One line per thing to be done (names are ours or qubesd's: no text of a backup)."""
+        out = [f"remove VM {name} (left by a killed restore: {owner}, process gone)" for name, owner in self.remove]
+        done = sorted({name for name, _, _ in self.finish})
+        if done:
+            out.append(f"finish the commit of VM(s) {', '.join(done)} (a restore killed after verifying them)")
+        out += [f"remove the unfinished dom0-home staging ~/{p.name}" for p in self.staging_remove]
+        out += [f"move the verified dom0-home staging ~/{p.name} to ~/{to} (a restore killed in its commit)"
+                for p, to, _ in self.staging_move]  # fmt: skip
+        return out
+
+
+def find_leftovers(qubes: Qubes | None, home: Path | None) -> Leftovers:
+    """Find (change nothing) the VMs and home staging of restores that were killed."""
+    found = Leftovers()
     groups: dict[str, list[tuple[str, bool]]] = {}
-    for name, (klass, _state) in qubes.vm_list().items():
-        if klass == "AdminVM":
-            continue
-        tags = qubes.tags(name)
-        for tag in tags:
-            if tag.startswith(OWNER_PREFIX) and not _owner_alive(tag):
-                groups.setdefault(tag, []).append((name, IN_PROGRESS in tags))
-    doomed: list[str] = []
+    if qubes is not None:
+        for name, (klass, _state) in qubes.vm_list().items():
+            if klass == "AdminVM":
+                continue
+            tags = qubes.tags(name)
+            for tag in tags:
+                if tag.startswith(OWNER_PREFIX) and _owner_dead(tag):
+                    groups.setdefault(tag, []).append((name, IN_PROGRESS in tags))
+    rolled_back = set()
     for tag, vms in groups.items():
         if all(in_progress for _, in_progress in vms):
-            doomed += [name for name, _ in vms]
+            found.remove += [(name, tag) for name, _ in vms]
+            rolled_back.add(tag)
         else:  # the commit had started: every VM was complete and verified
-            for name, in_progress in vms:
-                if in_progress:
-                    qubes.remove_tag(name, IN_PROGRESS)
-            for name, _ in vms:
-                qubes.remove_tag(name, tag)
-    # All at once: a VM of one dead restore may use a VM of another (two restores that ran side by side) as
-    # its template or netvm, so removing restore by restore would leave the one that is still referenced.
-    left = _remove_all(qubes, doomed)
-    return [name for name in doomed if name not in left]
+            found.finish += [(name, tag, in_progress) for name, in_progress in vms]
+    if home is not None and home.is_dir():
+        for entry in sorted(home.iterdir()):
+            if not entry.name.startswith(STAGING_PREFIX) or entry.is_symlink() or not entry.is_dir():
+                continue
+            owner = OWNER_PREFIX + entry.name[len(STAGING_PREFIX) :]
+            if not _owner_dead(owner):
+                continue
+            target = None if owner in rolled_back else _committed_target(entry)
+            if target is None:
+                found.staging_remove.append(entry)
+            else:
+                found.staging_move.append((entry, *target))
+    return found
+
+
+def _committed_target(staging: Path) -> tuple[str, str] | None:
+    """Where a staging's home goes if its restore had reached its commit (its mark, strictly checked)."""
+    try:
+        fd = os.open(staging / COMMITTED_MARK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, MAX_MARK + 1)
+    finally:
+        os.close(fd)
+    try:
+        mark = json.loads(data) if len(data) <= MAX_MARK else None
+    except ValueError:
+        return None
+    if not isinstance(mark, dict) or not isinstance(mark.get("from"), str) or not isinstance(mark.get("to"), str):
+        return None
+    src = mark["from"]
+    if not _HOME_TARGET_RE.fullmatch(mark["to"]) or not manifest_mod.valid_rel_path(src) or src.count("/") > 3:
+        return None
+    path = staging / src
+    if path.is_symlink() or not path.is_dir():
+        return None
+    return mark["to"], src
+
+
+def clean_leftovers(qubes: Qubes | None, found: Leftovers, home: Path | None) -> list[str]:
+    """Do what ``found`` lists (each owner checked dead again); returns one line per thing done."""
+    done: list[str] = []
+    if qubes is not None:
+        finished: set[str] = set()
+        for name, owner, in_progress in found.finish:
+            if _owner_dead(owner) and in_progress:
+                qubes.remove_tag(name, IN_PROGRESS)
+        for name, owner, _ in found.finish:
+            if _owner_dead(owner):
+                qubes.remove_tag(name, owner)
+                finished.add(name)
+        if finished:
+            done.append(f"finished the commit of VM(s) {', '.join(sorted(finished))} (a killed restore's)")
+        # All at once: a VM of one dead restore may use a VM of another (two restores that ran side by side)
+        # as its template or netvm, so removing restore by restore would leave the one still referenced.
+        doomed = [name for name, owner in found.remove if _owner_dead(owner)]
+        left = _remove_all(qubes, doomed)
+        done += [f"removed VM {name} (left by a killed restore)" for name in doomed if name not in left]
+        done += [f"could not remove VM {name} (left by a killed restore): remove it with qvm-remove"
+                 for name in left]  # fmt: skip
+    if home is not None and (found.staging_remove or found.staging_move):
+        with _home_lock(home):
+            for path in found.staging_remove:
+                if path.is_dir() and _owner_dead(OWNER_PREFIX + path.name[len(STAGING_PREFIX) :]):
+                    shutil.rmtree(path, ignore_errors=True)
+                    done.append(f"removed the unfinished dom0-home staging ~/{path.name}")
+            for path, to, src in found.staging_move:
+                if not path.is_dir() or not _owner_dead(OWNER_PREFIX + path.name[len(STAGING_PREFIX) :]):
+                    continue
+                dst = _free_path(home / to)
+                os.rename(path / src, dst)
+                _fsync_dir(home)
+                shutil.rmtree(path, ignore_errors=True)
+                done.append(f"moved a killed restore's verified dom0 home to ~/{dst.name}")
+    return done
+
+
+def cleanup_leftovers(qubes: Qubes) -> list[str]:
+    """Find and undo what killed restores left of VMs; returns the names of the VMs removed."""
+    found = find_leftovers(qubes, None)
+    clean_leftovers(qubes, found, None)
+    vms = set(qubes.vm_list())
+    return [name for name, _ in found.remove if name not in vms]
+
+
+def cleanup_home_staging(home: Path) -> list[Path]:
+    """Remove (or, when its restore had reached its commit, move into place) home staging no live restore
+    owns; returns the stagings handled."""
+    found = find_leftovers(None, home)
+    clean_leftovers(None, found, home)
+    return [*found.staging_remove, *(p for p, _, _ in found.staging_move)]
 
 
 def _remove_all(qubes: Qubes, names: list[str]) -> list[str]:
@@ -380,11 +519,12 @@ class Applier:
         self._creating = None
         self.qubes.set_tag(name, IN_PROGRESS)  # before any other write to the new VM
         self.qubes.set_tag(name, self.owner)
+        settings = self.plan.settings
         props = dom.properties
         if "template_for_dispvms" in props:
             self.qubes.set_property(name, "template_for_dispvms", props["template_for_dispvms"])
         for prop, value in props.items():
-            if prop in SKIP_PROPERTIES or prop in LAST_PASS:
+            if prop in SKIP_PROPERTIES or prop in LAST_PASS or settings.dropped(dom.name, "property", prop):
                 continue
             try:
                 self.qubes.set_property(name, prop, value)
@@ -407,13 +547,18 @@ class Applier:
         except BackupError as e:
             self.warnings.append(f"VM {name}: backup_timestamp not set ({e})")
         for feature, value in dom.features.items():
-            if feature not in ("backup-content", "backup-path", "backup-size"):
+            if feature in ("backup-content", "backup-path", "backup-size"):
+                continue
+            if not settings.dropped(dom.name, "feature", feature):
                 self.qubes.set_feature(name, feature, value)
         for tag in dom.tags:
-            if not tag.startswith("created-by-") and tag != IN_PROGRESS and not tag.startswith(OWNER_PREFIX):
+            # Tags a policy trusts never come back, whatever was granted (risk.py); the rest as the plan says.
+            if not risk.is_restore_tag(tag) and not settings.dropped(dom.name, "tag", tag):
                 self.qubes.set_tag(name, tag)
         release = self.qubes.release
         for dev in _devices(dom):
+            if settings.dropped(dom.name, "device", f"{dev.devclass}:{dev.backend}:{dev.port}"):
+                continue
             backend = self.plan.renames.get(dev.backend, dev.backend)
             what = f"{dev.devclass} device {backend}:{dev.port}"
             assignment, note = map_device(dev, backend, release)
@@ -430,7 +575,7 @@ class Applier:
     # -- 3: data
     def target_for(self, archive: manifest_mod.ArchiveEntry) -> ArchiveTarget:
         if archive.kind == "home":
-            self.home_staging = _make_home_staging(self.home_dir)
+            self.home_staging = _make_home_staging(self.home_dir, self.owner)
             return ArchiveTarget(dest=self.home_staging / archive.member)
         action = next(a for a in self.plan.vms if a.archive is archive)
         files = _vm_files(self.plan, action)
@@ -441,6 +586,12 @@ class Applier:
                 rules = firewall.xml_to_rules(data)
             except (BackupError, etree.LxmlError) as e:
                 raise VerificationError(f"VM {name}: firewall rules in the backup are malformed: {e}") from None
+            if risk.RISKY not in self.plan.settings.granted:
+                default = self.qubes.firewall_rules(name)  # what qubesd gave the new VM
+                if firewall.wider(rules, default):
+                    setting = risk.Setting(action.name, "firewall", "firewall", "", risk.RISKY)
+                    self.warnings.append(self.plan.settings.warning(setting, name))
+                    return
             self.qubes.set_firewall(name, rules)
 
         def set_notes(data: bytes) -> None:
@@ -471,20 +622,52 @@ class Applier:
         self._finisher.wait()  # every volume imported (ImportEnd accepted) before anything is committed
         self._finisher.close()
         self._restore_labels()
+        offline = self._without_network()
         for action in self._restored():
             for prop in LAST_PASS:
+                if self.plan.settings.dropped(action.name, "property", prop):
+                    continue
                 explicit, value = self.plan.reference(action, prop)
+                if prop == "netvm" and explicit and value in offline:
+                    self.warnings.append(f"VM {action.target_name}: netvm {value} not set ({value}'s "
+                                         "provides_network was not restored): it has no network; set it with "
+                                         f"qvm-prefs {action.target_name} netvm")  # fmt: skip
+                    value = None
                 if explicit:
                     self._set_reference(action.target_name, prop, value)
         if self.home_staging is not None:
             _fsync_tree(self.home_staging)
+            self._mark_home_committed()
         for name in self.created:  # the commit: from here on, the restore is finished even if killed
             self.qubes.remove_tag(name, IN_PROGRESS)
         self.committed = True
         for name in self.created:
             self.qubes.remove_tag(name, self.owner)
-        release_owner_tag(self.owner)
         self._move_home()
+        release_owner_tag(self.owner)
+
+    def _mark_home_committed(self) -> None:
+        """The staging's mark: complete and verified, and where it goes.  A restore killed from here on
+        has its home moved into place by the next one (unless its VMs were all still in progress: then it
+        is rolled back as a whole, home included)."""
+        plan, staging = self.plan, self.home_staging
+        if staging is None or plan.home is None or plan.home_target is None:
+            return
+        user_dir = next(f.path for f in plan.home.files)
+        mark = json.dumps({"from": f"{plan.home.member}/{user_dir}", "to": plan.home_target}).encode()
+        fd = os.open(staging / COMMITTED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, mark)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(staging)
+
+    def _without_network(self) -> set[str]:
+        """Names (here) of restored VMs whose provides_network from the backup is not restored: other VMs
+        cannot use them as netvm (qubesd refuses); they stay offline instead of using another netvm."""
+        return {a.target_name for a in self._restored()
+                if self.plan.settings.dropped(a.name, "property", "provides_network")}  # fmt: skip
 
     def _restore_labels(self) -> None:
         """The user's own labels the backup's VMs have and this system lacks: created with the backup's colour
@@ -580,30 +763,17 @@ def _home_lock(home: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _make_home_staging(home: Path) -> Path:
+def _make_home_staging(home: Path, owner: str | None = None) -> Path:
+    """A new staging directory named after the restore's owner tag (``owner``; a new one if None): a killed
+    restore's staging and VMs are thereby one group for the next restore's clean-up (``find_leftovers``)."""
     if not home.is_dir():
         raise BackupError(f"cannot restore dom0's home: {home} does not exist")
-    cleanup_home_staging(home)
-    path = home / f"{STAGING_PREFIX}{os.getpid()}-{_proc_start(os.getpid()) or '0'}-{os.urandom(4).hex()}"
+    owner = owner or new_owner_tag()
+    path = home / (STAGING_PREFIX + owner[len(OWNER_PREFIX) :])
     path.mkdir(mode=0o700)
     with _live_lock:
         _live_nonces.add(path.name.rsplit("-", 1)[-1])
     return path
-
-
-def cleanup_home_staging(home: Path) -> list[Path]:
-    """Remove home staging that no live restore owns (a killed restore's)."""
-    removed: list[Path] = []
-    if not home.is_dir():
-        return removed
-    with _home_lock(home):
-        for entry in home.iterdir():
-            if entry.name.startswith(STAGING_PREFIX) and entry.is_dir() and not entry.is_symlink():
-                if _owner_alive(OWNER_PREFIX + entry.name[len(STAGING_PREFIX) :]):
-                    continue
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
-    return removed
 
 
 def _free_path(path: Path) -> Path:

@@ -23,9 +23,11 @@ from pathlib import Path
 from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import manifest as manifest_mod
 from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.policy import PolicyFacts, read_policy
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport
-from qubes_backup_dom0.restore.apply import Applier, cleanup_home_staging, cleanup_leftovers
+from qubes_backup_dom0.restore import risk
+from qubes_backup_dom0.restore.apply import Applier, Leftovers, clean_leftovers, find_leftovers
 from qubes_backup_dom0.restore.extract import ArchiveTarget, Extraction
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan, TargetSystem, VmAction, plan_restore
 from qubes_backup_dom0.restore.receive import Opened, Receiver
@@ -81,6 +83,9 @@ class Restore:
         self.restored: list[str] = []
         self.warnings: list[str] = []
         self.home_restored_to: Path | None = None
+        self.leftovers = Leftovers()  # what killed restores left (found by plan(), cleaned by run())
+        self.cleaned: list[str] = []  # what run() did about them, one line each
+        self._policy: PolicyFacts | None = None
 
     @property
     def qubes(self) -> Qubes:
@@ -116,11 +121,8 @@ class Restore:
     def open(self) -> manifest_mod.Manifest:
         """Connect, verify the header and the manifest; returns the manifest."""
         try:
-            if not self.options.verify_only:
-                # A killed earlier restore may have left VMs tagged in progress, and home staging: undo it
-                # first, so that it is neither restored over nor mistaken for existing VMs.
-                cleanup_leftovers(self.qubes)
-                cleanup_home_staging(self.system.home_dir)
+            # What killed restores left is found by plan() and cleaned by run(): only once this backup has
+            # verified under the passphrase and the user agreed (a wrong passphrase changes nothing).
             if self.receiver.channel is None:
                 self.receiver.connect()
             self.opened = self.receiver.open(self.passphrase)
@@ -141,10 +143,20 @@ class Restore:
     def _target(self) -> TargetSystem:
         if self.options.verify_only:  # verifying needs nothing of this system (and asks qubesd nothing)
             return TargetSystem(frozenset(), {})
-        names = frozenset(self.qubes.vm_list())
+        self.leftovers = find_leftovers(self.qubes, self.system.home_dir)
+        # The leftovers' VMs go before anything is created: their names are free for this restore.
+        names = frozenset(self.qubes.vm_list()) - self.leftovers.removed_names
         defaults = {p: self.qubes.global_property(p) or None for p in ("default_template", "default_netvm",
                                                                       "default_dispvm")}  # fmt: skip
-        return TargetSystem(names, defaults, self.system.user)
+        self._policy = read_policy(self.system)
+        return TargetSystem(names, defaults, self.system.user, self._policy, tuple(self._managers()))
+
+    def _managers(self) -> list[str]:
+        """VMs that could change this restore's VMs while they are in progress (risk.restore_managers)."""
+        vms = {n: klass for n, (klass, _state) in self.qubes.vm_list().items()
+               if klass != "AdminVM" and n not in self.leftovers.removed_names}  # fmt: skip
+        tags = {n: self.qubes.tags(n) for n in vms}
+        return risk.restore_managers(vms, tags, self._policy)
 
     def plan(self) -> RestorePlan:
         assert self.opened is not None
@@ -168,6 +180,12 @@ class Restore:
                 raise BackupError(plan.errors[0])
             self.receiver.want(plan.wanted)
             if not self.options.verify_only:
+                if self.leftovers:  # the backup verified and the caller chose to run: now, not earlier
+                    self.cleaned = clean_leftovers(self.qubes, self.leftovers, self.system.home_dir)
+                    self.leftovers = Leftovers()
+                managers = self._managers()  # again, just before the first VM tagged in progress exists
+                if managers:
+                    raise BackupError(risk.managers_error(managers))
                 self.applier = Applier(self.qubes, plan, self.system.home_dir)
                 self.applier.create_all()
             self._worker = Extraction(opened.header.compression)

@@ -14,7 +14,9 @@ from datetime import datetime
 from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
 from qubes_backup_dom0.format import header as header_mod
 from qubes_backup_dom0.format import manifest as manifest_mod
+from qubes_backup_dom0.qubes.policy import PolicyFacts
 from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
+from qubes_backup_dom0.restore import risk
 
 #: The properties of a VM that name another VM; ``template`` is given when the VM is created, the others
 #: are set in the last pass, mapped through renames.
@@ -34,6 +36,8 @@ class RestoreOptions:
     skip_dom0_home: bool = False
     ignore_username_mismatch: bool = False  # restore dom0 home of another user (Qubes' option)
     backup_id: str | None = None  # refuse a backup with another id (rollback/substitution protection)
+    restore_devices: bool = False  # device assignments (risk.DEVICES) without asking
+    restore_risky_settings: bool = False  # the other settings that grant power (risk.RISKY) without asking
 
 
 @dataclass
@@ -73,6 +77,7 @@ class RestorePlan:
     home: manifest_mod.ArchiveEntry | None  # dom0 home, when it will be restored
     home_target: str | None
     errors: list[str]
+    settings: risk.Settings = field(default_factory=risk.Settings)  # what grants power, and what is granted
 
     @property
     def wanted(self) -> list[manifest_mod.ArchiveEntry]:
@@ -111,6 +116,8 @@ class TargetSystem:
     names: frozenset[str]
     defaults: Mapping[str, str | None]  # default_template, default_netvm, default_dispvm
     user: str | None = None  # dom0's user (None: not checked, e.g. verify-only)
+    policy: PolicyFacts | None = None  # what this system's qrexec policy trusts (None: not read)
+    managers: tuple[str, ...] = ()  # VMs that could change VMs being restored (risk.restore_managers)
 
 
 def _free_name(base: str, taken: Callable[[str], bool]) -> str:
@@ -148,7 +155,26 @@ def plan_restore(
         _check_home_user(target, manifest, home_archive, options, errors)
     if not any(a.restore for a in actions) and home is None and not errors:
         errors.append("nothing to restore: every VM of the backup is skipped")
-    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors)
+    settings = risk.Settings()
+    if not options.verify_only:
+        settings = _settings(target, backup, actions, options)
+        if target.managers:
+            errors.insert(0, risk.managers_error(list(target.managers)))
+    return RestorePlan(hdr, manifest, backup, actions, home, home_target, errors, settings)
+
+
+def _settings(target: TargetSystem, backup: Collection, actions: list[VmAction],
+              options: RestoreOptions) -> risk.Settings:  # fmt: skip
+    """The settings of the restored VMs that grant power; granted as far as the options say."""
+    settings = risk.Settings(policy_problems=list(target.policy.problems) if target.policy else [])
+    for act in actions:
+        if act.restore and act.archive is not None:
+            settings.items += risk.classify(backup[act.name], target.policy)
+    if options.restore_devices:
+        settings.granted.add(risk.DEVICES)
+    if options.restore_risky_settings:
+        settings.granted.add(risk.RISKY)
+    return settings
 
 
 def home_user(manifest: manifest_mod.Manifest) -> str | None:

@@ -184,11 +184,12 @@ class RangeReader(SeekableReader):
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=rng, **kw)
                 got = resp.get("ContentRange")
-                if got is not None and not str(got).startswith(f"bytes {start}-"):
-                    raise _ReadError(f"S3 read failed: asked for {rng}, got {got}")
-                if got is None and start != 0:
+                if got is not None and not str(got).startswith(f"bytes {start}-{end - 1}/"):
+                    raise _ReadError(f"S3 read failed: asked for {rng}, got {str(got)[:80]}")
+                if got is None and (start, end) != (0, self.size):
+                    # a whole object where a range was asked: never read it (it may be the whole backup)
                     raise _ReadError("S3 read failed: the server ignored the Range header")
-                data = resp["Body"].read()
+                data = _read_body(resp["Body"], end - start)
             except _ReadError:
                 raise
             except Exception as exc:
@@ -200,6 +201,19 @@ class RangeReader(SeekableReader):
                 return bytes(data)
             error = "S3 object shorter than announced"
         raise OSError(f"S3 read failed: {error}")
+
+
+def _read_body(body: Any, want: int) -> bytes:
+    """At most ``want`` bytes of a response body (a server sending more than the range it announced is
+    refused, without reading on); the body is closed."""
+    try:
+        data = body.read(want + 1)
+    finally:
+        with contextlib.suppress(Exception):
+            body.close()
+    if len(data) > want:
+        raise _ReadError("S3 read failed: the server sent more than the range asked for")
+    return bytes(data)
 
 
 def open_object(url: str) -> BinaryIO:

@@ -369,8 +369,13 @@ class SshSink:
 
     def _wait_ready(self) -> None:
         assert self.proc.stdout is not None
-        if self.proc.stdout.readline() == b"ready\n":
+        line = self.proc.stdout.readline(len(b"ready\n"))  # bounded: a server cannot make us buffer more
+        if line == b"ready\n":
             return
+        if line:  # not our script's answer (it prints nothing else): do not read, or wait, any further
+            self.proc.kill()
+            self.proc.wait()
+            raise StorageError(f"unexpected answer from {self.target.url()} when starting the upload")
         rc = self.proc.wait()
         err = self.tail.text()
         why = reason(err)
