@@ -21,6 +21,7 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,12 @@ VM_BACKUPS = "/home/user/backups"  # the backup directory inside backupvm
 STAGING_PREFIX = ".qubes-backup-restore-"  # dom0 home staging (beside the home it is restored into)
 IN_PROGRESS = "backup-restore-in-progress"
 SMALL_FILE = 1 << 20  # snapshot hashes files up to this size; larger ones by size/mtime/blocks
-POOL = "lvm_thin"  # what the CLI suites run on (a fresh R4.2 install); use cases also run on the others
+POOL = "lvm_thin"  # what the CLI suites run on (a fresh install); use cases also run on the others
+#: The Qubes release the suites' systems are (simgen --release): R4.3, the current one.  A test parametrized
+#: with ``release`` (the fixture of that name) runs on each value given: the backup/restore/rollback use
+#: cases of test_cli_restore.py and test_releases.py also run on R4.2 (RELEASES).
+RELEASE = "4.3"
+RELEASES = ("4.2", "4.3")
 POOL_KINDS = simgen.POOL_KINDS
 RUNNING_VMS = ("sys-firewall",)  # running while the session's source system is backed up
 QUBES_XML = "var/lib/qubes/qubes.xml"
@@ -99,6 +105,13 @@ class Sim:
 
     def collection(self) -> Collection:
         return Collection.load(self.qubes_xml)
+
+    @property
+    def release(self) -> str:
+        """The Qubes release whose qubesd the simulated one is (DIR/dom0/etc/qubes-release)."""
+        from qubes_backup_sim.release import read_release
+
+        return read_release(self.dom0)
 
     @property
     def pool_kind(self) -> str:
@@ -249,12 +262,15 @@ def assert_restored_like(src: Path, dst: Path) -> None:
     assert abs(a - b) <= max(64 << 10, a // 20), f"{dst}: {b} bytes allocated, original {a}"
 
 
-def make_fresh(base: Path, source: Sim, keep: tuple[str, ...] = ("dom0", "backupvm"), seed: int = 0) -> Sim:
-    """A freshly installed second system of the source's pool kind with only the VMs in ``keep`` (simgen
-    keep=: consistent, no global default names a VM it lacks), an empty home and an empty backupvm
-    (see scripts/demo.py).  ``seed`` other than the source's gives the kept VMs other data."""
+def make_fresh(base: Path, source: Sim, keep: tuple[str, ...] = ("dom0", "backupvm"), seed: int = 0,
+               release: str | None = None) -> Sim:  # fmt: skip
+    """A freshly installed second system of the source's pool kind and release (or ``release``) with only
+    the VMs in ``keep`` (simgen keep=: consistent, no global default names a VM it lacks), an empty home and
+    an empty backupvm (see scripts/demo.py).  ``seed`` other than the source's gives the kept VMs other data."""
     fresh = Sim(base)
-    simgen.generate(base, "small", seed=seed, pool=source.pool_kind, keep=[k for k in keep if k != "dom0"])
+    simgen.generate(base, "small", seed=seed, pool=source.pool_kind, keep=[k for k in keep if k != "dom0"],
+                    release=release or source.release)  # fmt: skip
+    settle(base)
     (fresh.dom0 / "pw").write_text(PASSPHRASE + "\n")
     return fresh
 
@@ -276,25 +292,62 @@ def one_error_line(stderr: str) -> str:
     return errors[0]
 
 
+def settle(path: Path) -> None:
+    """fsync every file of a just generated system: its block counts are final once written back (ext4 adds
+    an extent block to a file with many extents at writeback), so snapshots taken now stay equal."""
+    for p in path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 def new_sim(path: Path, **kw: object) -> Sim:
     kw.setdefault("pool", POOL)
+    kw.setdefault("release", RELEASE)
     simgen.generate(path, "small", seed=0, **kw)  # type: ignore[arg-type]
+    settle(path)
     sim = Sim(path)
     (sim.dom0 / "pw").write_text(PASSPHRASE + "\n")
     return sim
 
 
 @pytest.fixture
-def sim(tmp_path: Path) -> Sim:
+def release() -> str:
+    """The Qubes release of the test's systems (RELEASE unless the test is parametrized with ``release``)."""
+    return RELEASE
+
+
+@pytest.fixture
+def sim(tmp_path: Path, release: str) -> Sim:
     """A small simulated system (deterministic: every test gets the same bytes) with ``/pw`` in dom0."""
-    return new_sim(tmp_path / "sim")
+    return new_sim(tmp_path / "sim", release=release)
+
+
+SourceBackups = Callable[[str], tuple[Sim, Path]]
 
 
 @pytest.fixture(scope="session")
-def source_backup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sim, Path]:
-    """One full backup of the small system, made once: restore tests treat both as read-only."""
-    src = new_sim(tmp_path_factory.mktemp("source") / "sim", running=RUNNING_VMS)
-    return src, src.backup_to_vm()
+def source_backups(tmp_path_factory: pytest.TempPathFactory) -> SourceBackups:
+    """One full backup of the small system of each release, made once (on first use): restore tests treat
+    both as read-only."""
+    made: dict[str, tuple[Sim, Path]] = {}
+
+    def get(release: str) -> tuple[Sim, Path]:
+        if release not in made:
+            src = new_sim(tmp_path_factory.mktemp(f"source-r{release}") / "sim", running=RUNNING_VMS, release=release)
+            made[release] = src, src.backup_to_vm()
+        return made[release]
+
+    return get
+
+
+@pytest.fixture
+def source_backup(source_backups: SourceBackups, release: str) -> tuple[Sim, Path]:
+    """The full backup of the small system of the test's release (made once)."""
+    return source_backups(release)
 
 
 @pytest.fixture
@@ -348,7 +401,9 @@ def _devices(dom: Domain) -> list[tuple[str, ...]]:
     for devs in dom.element.iterfind("devices"):
         for dev in devs.iterfind("device"):
             opts = tuple(sorted((o.get("name", ""), o.text or "") for o in dev.iterfind("option")))
-            out.append((devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), repr(opts)))
+            # R4.3's qubes.xml has the mode and the device identity too (an R4.2 one: neither)
+            out.append((devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""),
+                        dev.get("mode", ""), dev.get("identity", ""), repr(opts)))  # fmt: skip
     return sorted(out)
 
 

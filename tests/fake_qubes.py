@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.qubes.adminapi import QubesdError, check_assignment
 
 REFS = ("template", "netvm", "default_dispvm")
 
@@ -47,18 +48,33 @@ class FakeImport:
         self.owner._call("import-end", self.vm, self.volume)
         self.owner.vms[self.vm].volumes[self.volume] = bytes(self.data)
 
+    def hang_up(self) -> None:
+        self.aborted = True
+
     def abort(self) -> None:
         self.aborted = True
 
 
+LABELS = {"red": "0xcc0000", "orange": "0xf57900", "yellow": "0xedd400", "green": "0x73d216", "gray": "0x555753",
+          "blue": "0x3465a4", "purple": "0x75507b", "black": "0x000000"}  # fmt: skip
+#: Properties only R4.3 has (an R4.2 qubesd: QubesNoSuchPropertyError).
+R43_PROPERTIES = frozenset({"bootmode", "devices_denied", "appvm_default_bootmode"})
+
+
 class FakeQubes:
-    def __init__(self, vms: Mapping[str, FakeVm], defaults: Mapping[str, str] | None = None) -> None:
+    """``release``: what Qubes.release says (4.3 or 4.2: notes, device calls, properties)."""
+
+    def __init__(self, vms: Mapping[str, FakeVm], defaults: Mapping[str, str] | None = None,
+                 release: str = "4.3") -> None:  # fmt: skip
+        self.release = release
+        self.label_colors = dict(LABELS)
         self.vms: dict[str, FakeVm] = {"dom0": FakeVm("AdminVM", "black"), **vms}
         self.defaults = dict(defaults or {})
         self.calls: list[tuple[str, ...]] = []
         self.fail_on: tuple[str, ...] | None = None  # a call prefix that raises
         self.imports: list[FakeImport] = []
         self.created: set[str] = set()
+        self.assignments: list[tuple[str, str, object]] = []
 
     def _call(self, *call: str) -> None:
         self.calls.append(call)
@@ -86,7 +102,7 @@ class FakeQubes:
         return self.defaults.get(name)
 
     def labels(self) -> list[str]:
-        return ["red", "orange", "yellow", "green", "gray", "blue", "purple", "black"]
+        return list(self.label_colors)
 
     def tags(self, vm: str) -> list[str]:
         return sorted(self._vm(vm).tags)
@@ -108,6 +124,13 @@ class FakeQubes:
         v = self._write(vm, "property", prop, value)
         if prop in REFS and value and value not in self.vms:
             raise FakeQubesdError(f"No such domain: {value!r}")
+        if self.release == "4.2" and prop in R43_PROPERTIES:
+            raise QubesdError("admin.vm.property.Set", vm, "QubesNoSuchPropertyError", f"Invalid property {prop!r}")
+        if prop == "label":
+            if value not in self.label_colors:
+                raise FakeQubesdError(f"Label does not exist: {value!r}")
+            v.label = value
+            return
         v.props[prop] = value
 
     def reset_property(self, vm: str, prop: str) -> None:
@@ -129,9 +152,31 @@ class FakeQubes:
         self._call("untag", tag, vm)
         self._vm(vm).tags.discard(tag)
 
-    def attach_device(self, vm: str, devclass: str, backend: str, ident: str, options: Mapping[str, str]) -> None:
-        self._write(vm, "attach", devclass, f"{backend}+{ident}").devices.append((devclass, backend, ident,
-                                                                               dict(options)))  # fmt: skip
+    def assign_device(self, vm: str, devclass: str, a: object) -> None:
+        from qubes_backup_dom0.qubes.adminapi import DeviceAssignment
+
+        assert isinstance(a, DeviceAssignment)
+        check_assignment(devclass, a)
+        if self.release == "4.2":  # R4.2: a persistent attachment of a port, no identity, no mode
+            assert a.device_id == "*" and a.mode == "required" and a.port != "*", a
+            self._write(vm, "attach", devclass, f"{a.backend}+{a.port}").devices.append(
+                (devclass, a.backend, a.port, dict(a.options)))
+        else:
+            self._write(vm, "assign", devclass, f"{a.backend}+{a.port}", a.device_id, a.mode).devices.append(
+                (devclass, a.backend, a.port, dict(a.options)))
+        self.assignments.append((vm, devclass, a))
+
+    def create_label(self, label: str, color: str) -> None:
+        self._call("label-create", label, color)
+        if label in self.label_colors:
+            raise FakeQubesdError("label already exists")
+        self.label_colors[label] = color
+
+    def remove_label(self, label: str) -> None:
+        self._call("label-remove", label)
+        if any(v.label == label for v in self.vms.values()):
+            raise FakeQubesdError("label still in use")
+        del self.label_colors[label]
 
     def firewall_rules(self, vm: str) -> list[str]:
         return list(self._vm(vm).firewall) or ["action=accept"]  # qubesd's default for a new VM
@@ -140,6 +185,8 @@ class FakeQubes:
         self._write(vm, "firewall").firewall = list(rules)
 
     def set_notes(self, vm: str, text: str) -> bool:
+        if self.release == "4.2":
+            return False
         self._write(vm, "notes").notes = text
         return True
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,8 @@ def test_getall_escaping_round_trip(value: str) -> None:
 @given(st.binary(max_size=200))
 def test_parsers_never_crash(data: bytes) -> None:
     for parse in (adminapi.parse_properties, adminapi.parse_kv, adminapi.parse_names, adminapi.parse_vm_list,
-                  adminapi.parse_devices, adminapi.parse_property):  # fmt: skip
+                  adminapi.parse_devices, adminapi.parse_property,
+                  lambda d: adminapi.parse_assigned(d, "pci")):  # fmt: skip
         with contextlib.suppress(AdminAPIError):
             parse(data)  # type: ignore[operator]
 
@@ -140,11 +142,63 @@ def test_kv_names_vmlist_devices() -> None:
         "dom0": ("AdminVM", "Running"), "work": ("AppVM", "Halted")}  # fmt: skip
     with pytest.raises(AdminAPIError):
         adminapi.parse_vm_list(b"work class=AppVM\n")
+    # R4.3: every line ends with the VM's uuid (dom0's is all zeros)
+    r43 = adminapi.parse_vm_list_full(b"dom0 class=AdminVM state=Running uuid=00000000-0000-0000-0000-000000000000\n"
+                                      b"work class=AppVM state=Halted uuid=8e4154df-6083-4a59-8316-58b408edbca8\n")
+    assert r43.vms == {"dom0": ("AdminVM", "Running"), "work": ("AppVM", "Halted")}
+    assert r43.uuids["work"] == "8e4154df-6083-4a59-8316-58b408edbca8"
+    assert adminapi.parse_vm_list_full(b"dom0 class=AdminVM state=Running\n").uuids == {}
+    for bad in (b"work class=AppVM state=Halted uuid=x\n", b"work class=AppVM state=Halted id=1\n",
+                b"a class=AppVM state=Halted uuid=8e4154df-6083-4a59-8316-58b408edbca8\nb class=AppVM state=Halted\n"):
+        with pytest.raises(AdminAPIError):
+            adminapi.parse_vm_list(bad)
     devs = adminapi.parse_devices(b"dom0+00_14.0 persistent=yes no-strict-reset=True\nsys-usb+2-1 persistent=no\n")
-    assert devs[0] == adminapi.DeviceAssignment("dom0", "00_14.0", True, {"no-strict-reset": "True"})
-    assert not devs[1].persistent
+    assert devs[0] == adminapi.DeviceAssignment("dom0", "00_14.0", "*", "required", {"no-strict-reset": "True"})
+    assert not devs[1].persistent and devs[1].mode == "manual"
     with pytest.raises(AdminAPIError):
         adminapi.parse_devices(b"nobackend persistent=yes\n")
+
+
+# R4.3's admin.vm.device.CLASS.Assigned lines, as the real qubesd answered (release4.3 68fc8b6bb917)
+REAL_ASSIGNED = (b"dom0+00_03.0:* device_id='*' port_id='00_03.0' devclass='pci' backend_domain='dom0' mode='required' "
+                 b"frontend_domain='legacy-hvm' _no-strict-reset='True' _permissive='True'\n"
+                 b"dom0+00_04.0:8086:1234::p020000 device_id='8086:1234::p020000' port_id='00_04.0' devclass='pci' "
+                 b"backend_domain='dom0' mode='auto-attach'\n")  # fmt: skip
+
+
+def test_r43_assigned_lines() -> None:
+    devs = adminapi.parse_assigned(REAL_ASSIGNED, "pci")
+    assert devs == [
+        adminapi.DeviceAssignment("dom0", "00_03.0", "*", "required",
+                                  {"no-strict-reset": "True", "permissive": "True"}),
+        adminapi.DeviceAssignment("dom0", "00_04.0", "8086:1234::p020000", "auto-attach", {})]  # fmt: skip
+    # a quote inside a value is sent as \' and read back as it was
+    line = (b"sys-usb+sda1:* device_id='*' port_id='sda1' devclass='block' backend_domain='sys-usb' mode='required' "
+            b"_label='it\\'s mine'\n")  # fmt: skip
+    assert adminapi.parse_assigned(line, "block")[0].options == {"label": "it's mine"}
+    good = b"dom0+00_03.0:* device_id='*' port_id='00_03.0' devclass='pci' backend_domain='dom0' mode='required'"
+    for bad in (good.replace(b"dom0+00_03.0:*", b"dom0+00_05.0:*"),  # the head is not the assignment
+                good.replace(b"mode='required'", b"mode='manual'"),  # live attachments are not assignments
+                good.replace(b" mode='required'", b""),  # no mode
+                good + b" colour='red'",  # an unknown key
+                good + b" mode='required'",  # a key twice
+                good.replace(b"devclass='pci'", b"devclass='block'"),
+                good.replace(b"'*'", b"'\x01'", 1), good[:-1], b"dom0+00_03.0:*"):  # fmt: skip
+        with pytest.raises(AdminAPIError):
+            adminapi.parse_assigned(bad + b"\n", "pci")
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z][a-z0-9-]{0,10}", fullmatch=True),
+                       st.from_regex(r"[A-Za-z0-9_.,+:-]{0,12}", fullmatch=True), max_size=4),
+       st.sampled_from(["*", "8086:a0f0::p028000", "0000:0000::?******"]),
+       st.sampled_from(adminapi.ASSIGNMENT_MODES))  # fmt: skip
+def test_assign_serialization_round_trip(options: dict[str, str], device_id: str, mode: str) -> None:
+    """What ``…Assign`` is sent reads back, through qubesd's own splitting, as the same assignment."""
+    a = adminapi.DeviceAssignment("sys-usb", "sda1", device_id, mode, options)
+    adminapi.check_assignment("block", a)
+    payload = adminapi.serialize_assignment("block", a, "work").decode()
+    line = f"sys-usb+sda1:{device_id} {payload}\n".encode()
+    assert adminapi.parse_assigned(line, "block") == [a]
 
 
 # -- the Qubes interface ----------------------------------------------------------------------------------
@@ -200,13 +254,24 @@ def test_collection_unknown_vm(fq: FakeQubesd) -> None:
         _qubes(fq).collection(["ghost"])
 
 
-def test_notes_absent_on_r42_and_present(fq: FakeQubesd) -> None:
-    install(fq, [FakeVM("a", notes=None), FakeVM("b", qid=2, notes="hello\n")], {})
+def test_notes_never_asked_on_r42(fq: FakeQubesd) -> None:
+    """R4.2 has no notes: not one admin.vm.notes.* call (the release is told from the VM list)."""
+    install(fq, [FakeVM("a"), FakeVM("b", qid=2)], {}, release="4.2")
     q = _qubes(fq)
-    assert q.notes("a") is None
-    assert q.notes("b") == "hello\n"
-    fq.add("admin.vm.notes.Get", "a", reply=error("QubesException", "unknown method admin.vm.notes.Get"))
-    assert q.notes("a") is None
+    assert q.notes("a") is None and q.notes("b") is None and q.set_notes("a", "x") is False
+    assert q.release == "4.2"
+    assert [r[0] for r in fq.requests] == ["admin.vm.List"] and not fq.unexpected
+
+
+def test_notes_on_r43_and_refused_once(fq: FakeQubesd) -> None:
+    install(fq, [FakeVM("a", notes=""), FakeVM("b", qid=2, notes="hello\n")], {}, release="4.3")
+    q = _qubes(fq)
+    assert q.notes("a") == "" and q.notes("b") == "hello\n" and q.release == "4.3"
+    # refused (a policy without notes): asked once per run, then remembered
+    fq.add("admin.vm.notes.Get", "a", reply=b"")
+    q = _qubes(fq)
+    assert q.notes("a") is None and q.notes("b") is None and q.notes("a") is None
+    assert [r[1] for r in fq.requests if r[0] == "admin.vm.notes.Get"][2:] == ["a"]
 
 
 def test_restore_writes_send_exact_requests(fq: FakeQubesd) -> None:
@@ -218,6 +283,13 @@ def test_restore_writes_send_exact_requests(fq: FakeQubesd) -> None:
                 ("admin.vm.tag.Set", "work", "backup-restore-in-progress", b""),
                 ("admin.vm.tag.Remove", "work", "backup-restore-in-progress", b""),
                 ("admin.vm.device.pci.Attach", "work", "dom0+00_14.0", b"persistent=True no-strict-reset=True"),
+                ("admin.vm.device.pci.Assign", "work", "dom0+00_14.0",
+                 b"device_id='8086:a0f0::p028000' port_id='00_14.0' devclass='pci' backend_domain='dom0' "
+                 b"mode='required' frontend_domain='work' _no-strict-reset='True'"),
+                ("admin.vm.device.usb.Assign", "work", "sys-usb+_",
+                 b"device_id='1234:5678::u030102' port_id='*' devclass='usb' backend_domain='sys-usb' "
+                 b"mode='ask-to-attach' frontend_domain='work'"),
+                ("admin.label.Create", "dom0", "teal", b"0x008080"), ("admin.label.Remove", "dom0", "teal", b""),
                 ("admin.vm.firewall.Set", "work", "", b"action=accept proto=tcp dstports=443-443\naction=drop\n"),
                 ("admin.vm.notes.Set", "work", "", b"n"),
                 ("admin.vm.Remove", "work", "", b"")]:  # fmt: skip
@@ -230,11 +302,18 @@ def test_restore_writes_send_exact_requests(fq: FakeQubesd) -> None:
     q.set_feature("work", "gui", "1")
     q.set_tag("work", "backup-restore-in-progress")
     q.remove_tag("work", "backup-restore-in-progress")
-    q.attach_device("work", "pci", "dom0", "00_14.0", {"no-strict-reset": "True"})
+    pci = adminapi.DeviceAssignment("dom0", "00_14.0", "8086:a0f0::p028000", "required", {"no-strict-reset": "True"})
+    q._release = "4.2"  # as its VM list would have said
+    q.assign_device("work", "pci", dataclasses.replace(pci, device_id="*"))
+    q._release = "4.3"
+    q.assign_device("work", "pci", pci)
+    q.assign_device("work", "usb", adminapi.DeviceAssignment("sys-usb", "*", "1234:5678::u030102", "ask-to-attach", {}))
+    q.create_label("teal", "0x008080")
+    q.remove_label("teal")
     q.set_firewall("work", ["action=accept proto=tcp dstports=443-443", "action=drop"])
     q.set_notes("work", "n")
     q.remove_vm("work")
-    assert not fq.unexpected and len(fq.requests) == 11
+    assert not fq.unexpected and len(fq.requests) == 15
 
 
 # -- firewall.xml -----------------------------------------------------------------------------------------
@@ -294,6 +373,17 @@ def test_device_options_cannot_smuggle_words(tmp_path: Path) -> None:
             raise AssertionError(f"sent {a}")
 
     q = Qubes(System(None, Path("/"), "user"), api=NoCalls())  # type: ignore[arg-type]
-    for devclass, options in (("pci", {"x": "1 persistent=False"}), ("pci", {"A B": "1"}), ("pci.Detach", {})):
-        with pytest.raises(AdminAPIError):
-            q.attach_device("vm", devclass, "dom0", "00_14.3", options)
+    for release in ("4.2", "4.3"):
+        q._release = release
+        for devclass, options, devid in (("pci", {"x": "1 persistent=False"}, "*"), ("pci", {"A B": "1"}, "*"),
+                                         ("pci.Detach", {}, "*"), ("pci", {"x": "a'b"}, "*"),
+                                         ("pci", {"x": "a=b"}, "*"), ("pci", {}, "x' mode='manual"),
+                                         ("pci", {}, "a b")):  # fmt: skip
+            with pytest.raises(AdminAPIError):
+                a = adminapi.DeviceAssignment("dom0", "00_14.3", devid, "required", options)
+                q.assign_device("vm", devclass, a)
+        with pytest.raises(AdminAPIError):  # modes R4.3 assigns, nothing else
+            q.assign_device("vm", "pci", adminapi.DeviceAssignment("dom0", "00_14.3", "*", "manual", {}))
+    q._release = "4.2"
+    with pytest.raises(AdminAPIError, match="by port only"):
+        q.assign_device("vm", "usb", adminapi.DeviceAssignment("dom0", "*", "1234:5678::u030102", "required", {}))

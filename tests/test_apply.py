@@ -130,7 +130,9 @@ def test_full_restore_creates_tags_first_then_commits(backup: Backup) -> None:
         for f in backup[1][name]:
             if f.path.endswith(".img"):
                 assert vm.volumes[Path(f.path).stem] == Path(str(f.source)).read_bytes()  # byte-exact, holes zero
-    assert fq.vms["work"].props == {"template": "fedora", "netvm": "sys-firewall", "memory": "800"}
+    # backup_timestamp: the backup's (authenticated) creation time, 2026-12-01T10:00:00Z
+    assert fq.vms["work"].props == {"template": "fedora", "netvm": "sys-firewall", "memory": "800",
+                                    "backup_timestamp": "1796119200"}  # fmt: skip
     assert fq.vms["sys-net"].props["netvm"] == "" and fq.vms["sys-net"].props["virt_mode"] == "hvm"
     assert fq.vms["sys-net"].devices == [("pci", "dom0", "00_14.3", {"no-strict-reset": "True"})]
     # netvm is set in the last pass, after every VM has its data; the in-progress tags go last of all.
@@ -264,6 +266,169 @@ def test_finisher_bounds_work_and_reports_the_first_failure() -> None:
     with pytest.raises(BackupError, match="injected"):
         fin.submit(job)
     fin.close()
+
+
+# -- across releases: devices, labels, properties -----------------------------------------------------------------
+
+def _one_vm_backup(tmp_path: Path, devices: str = "", label: str = "red", props: str = "",
+                   labels: str = "", notes: str = "") -> Backup:  # fmt: skip
+    """A backup of one AppVM ``vm`` (no data but its firewall) with the given device elements and label."""
+    xml = ('<qubes><labels><label id="label-1" color="0xcc0000">red</label>' + labels + '</labels><pools/>'
+           '<properties/><domains><domain id="domain-0" class="AdminVM"><properties>'
+           '<property name="label">label-1</property></properties></domain>'
+           '<domain id="domain-1" class="AppVM"><properties><property name="name">vm</property>'
+           f'<property name="qid">1</property><property name="label">{label}</property>{props}</properties>'
+           f'<features/>{devices}<tags/><volume-config/></domain></domains></qubes>')  # fmt: skip
+    fw = tmp_path / "fw.xml"
+    fw.write_bytes(firewall.rules_to_xml(["action=drop"]))
+    files = [tarwriter.InnerFile.from_path("appvms/vm/firewall.xml", fw)]
+    if notes:
+        files.append(tarwriter.InnerFile.from_bytes("appvms/vm/notes.txt", notes.encode(), 0o644, 0))
+    archive = ArchiveEntry("vm1", "vm", "vm", [FileEntry(f.path, f.type, f.size, f.data) for f in files])
+    return Manifest("00" * 16, "2026-12-01T10:00:00Z", [archive], xml.encode()), {"vm": files}
+
+
+R42_DEVICES = ('<devices class="pci"><device backend-domain="dom0" id="00_14.3">'
+               '<option name="no-strict-reset">True</option></device></devices>'
+               '<devices class="block"><device backend-domain="dom0" id="loop7">'
+               '<option name="read-only">yes</option></device></devices>'
+               '<devices class="usb"><device backend-domain="dom0" id="2-1"/></devices>')  # fmt: skip
+R43_DEVICES = ('<devices class="pci"><device backend-domain="dom0" id="00_14.3" mode="required" '
+               'identity="8086:a0f0::p028000"><option name="no-strict-reset">True</option></device></devices>'
+               '<devices class="block"><device backend-domain="dom0" id="loop7" mode="auto-attach" identity="*">'
+               '<option name="read-only">yes</option></device></devices>'
+               '<devices class="usb"><device backend-domain="dom0" id="*" mode="ask-to-attach" '
+               'identity="1234:5678:0042:u030102"/></devices>')  # fmt: skip
+
+
+@pytest.mark.parametrize("target", ["4.2", "4.3"])
+@pytest.mark.parametrize("made_on", ["4.2", "4.3"])
+def test_device_assignments_across_releases(tmp_path: Path, made_on: str, target: str) -> None:
+    """Each assignment is made the way the target release makes one, mapped as docs/ARCHITECTURE.md says:
+    R4.2 -> R4.3 required (PCI, block) / auto-attach (others); R4.3 -> R4.2 by port, persistent, with a
+    warning for what R4.2 cannot express (identity, a mode that is not required) and none for any-port."""
+    fq = FakeQubes({}, release=target)
+    applier = _restore(fq, _one_vm_backup(tmp_path, R42_DEVICES if made_on == "4.2" else R43_DEVICES))
+    got = [(c, a.backend, a.port, a.device_id, a.mode, a.options)  # type: ignore[attr-defined]
+           for _, c, a in fq.assignments]
+    warnings = [w for w in applier.warnings if "device" in w]
+    pci, block = ("pci", "dom0", "00_14.3"), ("block", "dom0", "loop7")
+    if target == "4.3" and made_on == "4.2":
+        assert got == [(*pci, "*", "required", {"no-strict-reset": "True"}),
+                       (*block, "*", "required", {"read-only": "yes"}),
+                       ("usb", "dom0", "2-1", "*", "auto-attach", {})]  # fmt: skip
+        assert warnings == []
+    elif target == "4.3":  # R4.3 -> R4.3: as it was
+        assert got == [(*pci, "8086:a0f0::p028000", "required", {"no-strict-reset": "True"}),
+                       (*block, "*", "auto-attach", {"read-only": "yes"}),
+                       ("usb", "dom0", "*", "1234:5678:0042:u030102", "ask-to-attach", {})]  # fmt: skip
+        assert warnings == []
+    elif made_on == "4.2":  # R4.2 -> R4.2: as it was
+        assert [c for c in fq.calls if c[0] == "attach"] == [("attach", "pci", "dom0+00_14.3", "vm"),
+                                                            ("attach", "block", "dom0+loop7", "vm"),
+                                                            ("attach", "usb", "dom0+2-1", "vm")]  # fmt: skip
+        assert warnings == []
+    else:  # R4.3 -> R4.2
+        assert got == [(*pci, "*", "required", {"no-strict-reset": "True"}),
+                       (*block, "*", "required", {"read-only": "yes"})]
+        assert warnings == [
+            "VM vm: pci device dom0:00_14.3: assigned by port only (R4.2 has no device identities: 8086:a0f0::p028000)",
+            "VM vm: block device dom0:loop7: auto-attach on R4.3, attached whenever the VM starts on R4.2",
+            "VM vm: usb device dom0:* not assigned: R4.2 assigns devices by port only (this assigns device "
+            "1234:5678:0042:u030102 in any port)"]  # fmt: skip
+
+
+def test_device_options_that_could_smuggle_fields_are_not_sent(tmp_path: Path) -> None:
+    """An authentic backup may be an attacker's: an option or identity that could end a field or add one
+    (a quote, a space, '=') is not sent at all; the VM is restored without it, with a warning."""
+    devices = ('<devices class="pci"><device backend-domain="dom0" id="00_14.3" mode="required" '
+               """identity="x' mode='required"/></devices>"""
+               '<devices class="block"><device backend-domain="dom0" id="loop7" mode="required" identity="*">'
+               """<option name="read-only">yes' _x='1</option></device></devices>""")  # fmt: skip
+    for release in ("4.2", "4.3"):
+        fq = FakeQubes({}, release=release)
+        applier = _restore(fq, _one_vm_backup(tmp_path, devices))
+        sent = [c for c in fq.calls if c[0] in ("attach", "assign")]
+        if release == "4.3":
+            assert sent == [] and len([w for w in applier.warnings if "not assigned" in w]) == 2, applier.warnings
+        else:  # R4.2 sends no identity at all: the port alone is assigned
+            assert sent == [("attach", "pci", "dom0+00_14.3", "vm")] and fq.assignments[0][2].device_id == "*"  # type: ignore[attr-defined]
+            assert len([w for w in applier.warnings if "not assigned" in w]) == 1, applier.warnings
+
+
+def test_custom_label_is_created_with_the_backup_colour(tmp_path: Path) -> None:
+    """A label made with admin.label.Create (teal) is created again at the commit, with the colour the backup
+    has, and the VM gets it; until then the VM is red.  A rollback removes the label it created."""
+    teal = '<label id="label-9" color="0x008080">teal</label>'
+    fq = FakeQubes({})
+    applier = _restore(fq, _one_vm_backup(tmp_path, label="label-9", labels=teal))
+    assert fq.vms["vm"].label == "teal" and fq.label_colors["teal"] == "0x008080"
+    assert applier.warnings == [] and applier.created_labels == ["teal"]
+    creates = [c for c in fq.calls if c[0] == "create"]
+    assert creates and fq.calls.index(("label-create", "teal", "0x008080")) > fq.calls.index(creates[0])
+    # the commit fails after the label was made: the VM and the label are gone again
+    fq = FakeQubes({})
+    fq.fail_on = ("untag", "backup-restore-in-progress")
+    with pytest.raises(BackupError):
+        _restore(fq, _one_vm_backup(tmp_path, label="label-9", labels=teal))
+    assert "vm" not in fq.vms and "teal" not in fq.label_colors and ("label-remove", "teal") in fq.calls
+    # a label that exists here is used as it is; one that cannot be a label name is red, with a warning
+    fq = FakeQubes({})
+    fq.label_colors["teal"] = "0x00ff00"
+    _restore(fq, _one_vm_backup(tmp_path, label="label-9", labels=teal))
+    assert fq.vms["vm"].label == "teal" and fq.label_colors["teal"] == "0x00ff00"
+    assert not [c for c in fq.calls if c[0] == "label-create"]
+    fq = FakeQubes({})
+    applier = _restore(fq, _one_vm_backup(tmp_path, label="label-9", labels=teal.replace("teal", "12")))
+    assert fq.vms["vm"].label == "red" and applier.warnings == ["VM vm: label 12 does not exist here; using red"]
+
+
+def test_property_the_release_lacks_is_a_warning(tmp_path: Path) -> None:
+    """R4.3's bootmode restored on R4.2: not restored, said in one warning; the rest of the VM is."""
+    props = '<property name="bootmode">debug</property><property name="memory">600</property>'
+    fq = FakeQubes({}, release="4.2")
+    applier = _restore(fq, _one_vm_backup(tmp_path, props=props))
+    assert fq.vms["vm"].props["memory"] == "600" and "bootmode" not in fq.vms["vm"].props
+    assert applier.warnings == ["VM vm: property bootmode does not exist on this Qubes release; not restored ('debug')"]
+    fq = FakeQubes({}, release="4.3")
+    _restore(fq, _one_vm_backup(tmp_path, props=props))
+    assert fq.vms["vm"].props["bootmode"] == "debug"
+
+
+def test_notes_per_release_and_a_refusal_is_a_warning(tmp_path: Path) -> None:
+    """Notes are restored on R4.3; R4.2 has none (a warning, no call); qubesd refusing them (its limit of
+    256000 bytes, its sanitiser missing) is a warning too: the VM is fine without its notes."""
+    fq = FakeQubes({})
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert fq.vms["vm"].notes == "hello\n" and applier.warnings == []
+    fq = FakeQubes({}, release="4.2")
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert ("notes", "vm") not in fq.calls
+    assert applier.warnings == ["VM vm: notes not restored (this Qubes release has no notes)"]
+    fq = FakeQubes({})
+    fq.fail_on = ("notes",)
+    applier = _restore(fq, _one_vm_backup(tmp_path, notes="hello\n"))
+    assert applier.committed and "vm" in fq.vms
+    assert [w for w in applier.warnings if w.startswith("VM vm: notes not restored (injected failure")]
+
+
+def test_interrupted_while_qubesd_creates_a_vm(backup: Backup) -> None:
+    """SIGTERM/Ctrl-C arrives while admin.vm.Create is under way: qubesd created the VM, the restore never saw
+    the reply (nor tagged it).  The rollback still removes it: a VM of that name was not there before."""
+    fq = _system_with("fedora")
+    create = fq.create_vm
+
+    def create_then_interrupted(klass: str, name: str, *args: object, **kw: object) -> None:
+        create(klass, name, *args, **kw)  # type: ignore[arg-type]
+        if name == "work":
+            raise KeyboardInterrupt
+
+    fq.create_vm = create_then_interrupted  # type: ignore[method-assign]
+    before = set(fq.vm_list())
+    with pytest.raises(KeyboardInterrupt):
+        _restore(fq, backup, vms=("sys-net", "sys-firewall", "work"))
+    assert set(fq.vm_list()) == before
+    assert ("remove", "work") in fq.calls
 
 
 def test_settings_that_grant_power_need_the_options(backup: Backup) -> None:

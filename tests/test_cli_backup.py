@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, KDF, PASSPHRASE, VM_BACKUPS, Sim, assert_restored_like, new_sim, one_error_line
+from conftest import BIN, KDF, PASSPHRASE, RELEASES, VM_BACKUPS, Sim, assert_restored_like, new_sim, one_error_line
 from qubes_backup_dom0.format.manifest import Manifest
 from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_dom0.restore.machine import Restore
@@ -158,18 +158,28 @@ def test_compression_choices_restore(sim: Sim, flags: tuple[str, ...]) -> None:
     assert_restored_like(sim.volume_files("work")["private"], sim.volume_files("work1")["private"])
 
 
-def test_backup_writes_nothing_but_backup_timestamp(sim: Sim, tmp_path: Path) -> None:
+@pytest.mark.parametrize("release", RELEASES)
+def test_backup_writes_nothing_but_backup_timestamp(sim: Sim, tmp_path: Path, release: str) -> None:
     """A source system gets no write but, as Qubes' own backup, each backed-up VM's backup_timestamp (the sim
     qubesd's request log); its volumes are read in their committed state: the running VM's (lvm_thin)
-    snapshot is removed afterwards, nothing of the backup is left in the volume group."""
+    snapshot is removed afterwards, nothing of the backup is left in the volume group.  Each release is
+    asked in its own calls only: R4.2 devices with ``…List`` and no notes, R4.3 ``…Assigned`` and notes."""
     log = tmp_path / "requests.jsonl"
     lvs_before = sorted(p.name for p in (sim.dom0 / "dev/qubes_dom0").iterdir())
     sim.start_qubesd(log)
     sim.backup_to_vm("work", "vault")
     requests = [json.loads(line) for line in log.read_text().splitlines()]
-    reads = (".List", ".Get", ".GetAll", ".Info", ".GetDefault", ".Index")
+    reads = (".List", ".Get", ".GetAll", ".Info", ".GetDefault", ".Index", ".Assigned")
     writes = [(q["method"], q["arg"], q["dest"]) for q in requests if not q["method"].endswith(reads)]
     assert sorted(writes) == [("admin.vm.property.Set", "backup_timestamp", vm) for vm in ("vault", "work")]
+    methods = {q["method"] for q in requests}
+    lists = {m for m in methods if m.startswith("admin.vm.device.")}
+    if release == "4.2":
+        assert lists == {f"admin.vm.device.{c}.List" for c in ("pci", "usb", "block", "mic")}
+        assert not {m for m in methods if m.startswith("admin.vm.notes.")}
+    else:
+        assert lists == {f"admin.vm.device.{c}.Assigned" for c in ("pci", "usb", "block", "mic")}
+        assert sorted(q["dest"] for q in requests if q["method"] == "admin.vm.notes.Get") == ["vault", "work"]
     assert sorted(p.name for p in (sim.dom0 / "dev/qubes_dom0").iterdir()) == lvs_before
 
 

@@ -58,7 +58,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sim, Path]:
     api.call("admin.vm.property.Set", "personal", "kernelopts", b"init=/bin/sh")
     api.call("admin.vm.property.Set", "personal", "debug", b"True")
     api.call("admin.vm.property.Set", "personal", "memory", b"700")  # an ordinary property
-    api.call("admin.vm.device.pci.Attach", "sys-net", "dom0+00_1f.6", b"persistent=True permissive=True")
+    api.call("admin.vm.device.pci.Assign", "sys-net", "dom0+00_1f.6", b"mode='required' _permissive='True'")  # R4.3
     return src, src.backup_to_vm(*VMS)
 
 

@@ -1,6 +1,7 @@
 """The real ``qvm-backup`` with QUBES_SIM unset, against fake endpoints (issue 9 item 4).
 
-A fake qubesd on a temporary socket (QUBES_ADMIN_SOCKET) answers as R4.2 does and records every request, a
+A fake qubesd on a temporary socket (QUBES_ADMIN_SOCKET) answers as R4.2 or R4.3 does and records every
+request (a call the release does not have is unexpected), a
 fake ``lvm`` (QUBES_LVM, several words) makes snapshots as files under QUBES_DEV_DIR, and a fake ``qvm-run``
 on PATH starts the agent's real service file.  Checked: the exact requests (no write but
 backup_timestamp), the committed state read per driver (lvm_thin snapshot, file-reflink clean image of a
@@ -36,12 +37,27 @@ PASSPHRASE = "fake endpoints passphrase"
 VG = "qubes_dom0"
 MIB = 1 << 20
 WORK_RULES = ["action=accept proto=tcp dsthost=example.com dstports=443-443", "action=drop"]
-READS = {
+COMMON_READS = {
     "admin.vm.List", "admin.label.List", "admin.label.Get", "admin.label.Index", "admin.pool.List",
     "admin.pool.Info", "admin.property.GetAll", "admin.deviceclass.List", "admin.vm.property.GetAll",
     "admin.vm.feature.List", "admin.vm.feature.Get", "admin.vm.tag.List", "admin.vm.firewall.Get",
-    "admin.vm.notes.Get", "admin.vm.volume.List", "admin.vm.volume.Info",
-} | {f"admin.vm.device.{c}.List" for c in ("pci", "usb", "block", "mic")}  # fmt: skip
+    "admin.vm.volume.List", "admin.vm.volume.Info",
+}  # fmt: skip
+#: The reads of each release: R4.2 lists devices with ``…List`` and has no notes; R4.3 has ``…Assigned``.
+READS = {
+    "4.2": COMMON_READS | {f"admin.vm.device.{c}.List" for c in ("pci", "usb", "block", "mic")},
+    "4.3": COMMON_READS | {"admin.vm.notes.Get"}
+    | {f"admin.vm.device.{c}.Assigned" for c in ("pci", "usb", "block", "mic")},
+}  # fmt: skip
+#: work's device assignments as each release lists them (the same two assignments).
+WORK_DEVICES = {
+    "4.2": {"pci": ["dom0+00_14.0 no-strict-reset=True persistent=yes"],
+            "block": ["sys-usb+sda1 frontend-dev=xvdi read-only=yes persistent=yes"]},
+    "4.3": {"pci": ["dom0+00_14.0:8086:a0f0::p028000 device_id='8086:a0f0::p028000' port_id='00_14.0' devclass='pci' "
+                    "backend_domain='dom0' mode='required' frontend_domain='work' _no-strict-reset='True'"],
+            "block": ["sys-usb+sda1:* device_id='*' port_id='sda1' devclass='block' backend_domain='sys-usb' "
+                      "mode='auto-attach' frontend_domain='work' _frontend-dev='xvdi' _read-only='yes'"]},
+}  # fmt: skip
 
 
 def write_image(path: Path, size: int, pieces: list[tuple[int, bytes]]) -> None:
@@ -110,7 +126,7 @@ DIRTY = [(0, b"running VM write " * 4096)]
 FILE_DATA = [(MIB, RANDOM.randbytes(10 << 10))]
 
 
-def build(tmp: Path, fq: FakeQubesd, fvm_state: str = "Halted") -> Endpoints:
+def build(tmp: Path, fq: FakeQubesd, fvm_state: str = "Halted", release: str = "4.2") -> Endpoints:
     ep = Endpoints(tmp, fq)
     write_image(ep.dev / VG / "vm-fedora-root", 4 * MIB, FEDORA_DATA)
     write_image(ep.dev / VG / "vm-work-private", 8 * MIB, WORK_DATA)
@@ -131,6 +147,7 @@ def build(tmp: Path, fq: FakeQubesd, fvm_state: str = "Halted") -> Endpoints:
             "volatile": volume_info("lvm", f"{VG}/vm-fedora-volatile", 4 * MIB, False)}),
         FakeVM("work", qid=3, label="blue", state="Running", firewall=WORK_RULES, features={"gui": "1"},
                props={"template": (False, "vm", "fedora"), "memory": (False, "int", "800")},
+               devices=WORK_DEVICES[release], notes="" if release == "4.3" else None,
                volumes={"private": volume_info("lvm", f"{VG}/vm-work-private", 8 * MIB, True, **lvm_vol),
                         "root": volume_info("lvm", f"{VG}/vm-work-root", 4 * MIB, False,
                                             source=f"{VG}/vm-fedora-root")}),
@@ -149,7 +166,7 @@ def build(tmp: Path, fq: FakeQubesd, fvm_state: str = "Halted") -> Endpoints:
     }
     dom0 = FakeVM("dom0", "AdminVM", "Running", "black", 0, tags=[], firewall=[],
                   props={"include_in_backups": (False, "bool", "False")})  # fmt: skip
-    install(fq, vms, pools, {"default_template": (False, "vm", "fedora")}, dom0=dom0)
+    install(fq, vms, pools, {"default_template": (False, "vm", "fedora")}, dom0=dom0, release=release)
     return ep
 
 
@@ -170,7 +187,9 @@ def restore_with_recipe(tmp: Path, backup: Path) -> Path:
     return res.target
 
 
-def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
+@pytest.mark.parametrize("release", ["4.2", "4.3"])
+def test_backup_all_through_fake_endpoints(tmp_path: Path, fq: FakeQubesd, release: str) -> None:
+    ep = build(tmp_path, fq, release=release)
     leftover_dead = "qbackup-999999-deadbeef-1"  # pid 999999 does not exist (pid_max is below it here)
     leftover_alive = f"qbackup-{os.getpid()}-cafecafe-1"
     untagged = "qbackup-999999-00000000-2"
@@ -201,10 +220,13 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
         assert a[:8] == ["lvcreate", "--setactivationskip=n", "--activate=y", "--snapshot", "--type=thin",
                          "--permission=r", "--addtag=qubes-backup-snapshot", a[7]]  # fmt: skip
 
-    # requests: reads only, plus backup_timestamp on each backed-up VM, after the backup
+    # requests: reads only (this release's: no call it does not have), plus backup_timestamp on each backed-up
+    # VM, after the backup
     fq = ep.fq
     assert not fq.unexpected and not fq.malformed
-    assert {r[0] for r in fq.requests} - {"admin.vm.property.Set"} <= READS
+    assert {r[0] for r in fq.requests} - {"admin.vm.property.Set"} <= READS[release]
+    notes_asked = sorted(d for m, d, *_ in fq.requests if m == "admin.vm.notes.Get")
+    assert notes_asked == ([] if release == "4.2" else ["fedora", "fvm", "rvm", "work"])
     writes = fq.writes()
     assert [(m, d, a) for m, d, a, _ in writes] == [
         ("admin.vm.property.Set", vm, "backup_timestamp") for vm in ("fedora", "fvm", "rvm", "work")]  # fmt: skip
@@ -224,8 +246,11 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
     assert same_bytes(rvm, ep.tmp / "reflink-pool/appvms/rvm/private.img")  # the committed state, not -dirty
     assert same_bytes(target / "appvms/fvm/private.img", ep.tmp / "file-pool/appvms/fvm/private.img")
     assert firewall.xml_to_rules((target / "appvms/work/firewall.xml").read_bytes()) == WORK_RULES
-    assert (target / "appvms/rvm/notes.txt").read_text() == "my notes\nline 2\n"
-    assert not (target / "appvms/work/notes.txt").exists()  # R4.2: no notes
+    if release == "4.3":
+        assert (target / "appvms/rvm/notes.txt").read_text() == "my notes\nline 2\n"
+    else:  # R4.2: no notes, and they are not asked for
+        assert not (target / "appvms/rvm/notes.txt").exists()
+    assert not (target / "appvms/work/notes.txt").exists()  # empty notes: no file
     assert sorted(p.name for p in (target / "appvms/work").iterdir()) == ["firewall.xml", "private.img"]
 
     manifest = Restore(ep.system(), str(backup), PASSPHRASE.encode()).open()
@@ -237,6 +262,17 @@ def test_backup_all_through_fake_endpoints(ep: Endpoints) -> None:
     work = coll["work"]
     assert work.features["backup-path"] == "appvms/work" and work.features["gui"] == "1"
     assert work.properties["memory"] == "800" and "include_in_backups" not in work.properties
+    # device assignments as this release's qubes.xml holds them (R4.3: mode and the device's identity)
+    devices = sorted((devs.get("class"), dict(dev.attrib), {o.get("name"): o.text for o in dev.iter("option")})
+                     for devs in work.element.iter("devices") for dev in devs.iter("device"))  # fmt: skip
+    r43 = release == "4.3"
+    assert devices == [
+        ("block", {"backend-domain": "sys-usb", "id": "sda1",
+                   **({"mode": "auto-attach", "identity": "*"} if r43 else {})},
+         {"frontend-dev": "xvdi", "read-only": "yes"}),
+        ("pci", {"backend-domain": "dom0", "id": "00_14.0",
+                 **({"mode": "required", "identity": "8086:a0f0::p028000"} if r43 else {})},
+         {"no-strict-reset": "True"})]  # fmt: skip
     assert coll["fedora"].features["backup-path"] == "vm-templates/fedora"
     assert coll.global_properties == {"default_template": "fedora"}
 

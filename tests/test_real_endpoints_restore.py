@@ -2,21 +2,24 @@
 
 The restore needs a qubesd that remembers what it created, so the endpoints are: the simulated qubesd as a
 separate process on a temporary socket (QUBES_ADMIN_SOCKET; ``--host-paths``, ``--log`` = every request as
-one JSON line, ``--release 4.2`` by default), owning a freshly installed system built by simgen
-(``keep=("backupvm",)``); QUBES_RPC_DIR = a directory whose ``admin.vm.volume.ImportWithSize`` records its
-argv and qrexec environment and then runs the sim's import service; the fake ``qvm-run`` of tests/fakes on
-PATH, which starts the agent's real ``qubes.Restore`` service file with QUBES_AGENT_ROOT.  The backup is made
-once by the real ``qvm-backup`` in a simulated source system (lvm_thin, a running VM, a custom tag, a block
-device with options, a PCI device behind ``virt_mode=hvm``).
+one JSON line, ``--release`` the target's: R4.3 unless a test says R4.2), owning a freshly installed system
+built by simgen (``keep=("backupvm",)``); QUBES_RPC_DIR = a directory whose
+``admin.vm.volume.ImportWithSize`` records its argv and qrexec environment and then runs the sim's import
+service; the fake ``qvm-run`` of tests/fakes on PATH, which starts the agent's real ``qubes.Restore``
+service file with QUBES_AGENT_ROOT.  The backup is made once (per release) by the real ``qvm-backup`` in a
+simulated source system (lvm_thin, a running VM, a custom tag, block devices with options, a PCI device
+behind ``virt_mode=hvm``).
 
 Checked, on the exact requests sent: the order per VM (Create; the in-progress tag before any other write;
-exactly the backup's non-default properties; features; tags but no created-by-*; device Attach with a
-``persistent=True`` payload after the properties; data and firewall; netvm/default_dispvm in the last pass
-after all data; the in-progress tag removed after the last write), that no write targets a VM the restore
-did not create, the import service's invocation, and volumes byte-exact with holes kept.  Then a restore
-failing at each step (create, property, import with an error reply and exit 0, import that stops reading,
-firewall, last pass, SIGTERM/SIGINT mid-import, SIGKILL with the next run cleaning up) leaves the qubesd's
-VM list, qubes.xml and its LVs as they were, with one error line naming the VM and a non-zero exit.
+exactly the backup's non-default properties and backup_timestamp; features; tags but no created-by-*; each
+device assignment after the properties, as the release makes one (R4.2: Attach with ``persistent=True`` and
+the options; R4.3: Assign with Qubes' serialization), and no call the release does not have; data and
+firewall; netvm/default_dispvm in the last pass after all data; the in-progress tag removed after the last
+write), that no write targets a VM the restore did not create, the import service's invocation, and volumes
+byte-exact with holes kept.  Then a restore failing at each step (create, property, import with an error
+reply and exit 0, import that stops reading, firewall, last pass, SIGTERM/SIGINT mid-import, SIGKILL with
+the next run cleaning up) leaves the qubesd's VM list, qubes.xml and its LVs as they were, with one error
+line naming the VM and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,7 +65,7 @@ AT_CREATION = frozenset({"name", "qid", "uuid", "label", "template"})
 LAST_PASS = frozenset({"netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm"})
 READ_SUFFIXES = (".List", ".Get", ".GetAll", ".GetDefault", ".Info", ".Index")
 SMALL = ("fedora-41", "vault")  # a template and an AppVM on it: what the failure tests restore
-BLOCK_DEVICE = ("dom0", "loop7", {"frontend-dev": "xvdi", "read-only": "yes"})
+BLOCK_DEVICE = ("dom0", "loop8", {"frontend-dev": "xvdj", "read-only": "yes"})  # simgen's work has dom0:loop7
 WORK_TAG = "project-x"
 
 
@@ -106,6 +110,8 @@ class Source:
     dir: Path
     backup: Path
     manifest: Collection  # the qubes.xml the backup's manifest embeds
+    created: int  # the backup's creation time (its header's): each restored VM's backup_timestamp
+    release: str
 
     def lv(self, vm: str, vol: str) -> Path:
         return self.dir / "dom0/dev" / VG / f"vm-{vm}-{vol}"
@@ -137,9 +143,28 @@ def _customise(sim: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
-    sim = tmp_path_factory.mktemp("source") / "sim"
-    simgen.generate(sim, "bench", seed=9, data_mib=6, apparent_gib=0.12, pool="lvm_thin", running=("work",))
+def sources(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Source]:
+    """The backup of a source system of a release (made once per release, on first use)."""
+    made: dict[str, Source] = {}
+
+    def get(release: str) -> Source:
+        if release not in made:
+            made[release] = _make_source(tmp_path_factory, release)
+        return made[release]
+
+    return get
+
+
+@pytest.fixture
+def source(sources: Callable[[str], Source]) -> Source:
+    """The R4.3 source system's backup (what the failure tests restore)."""
+    return sources("4.3")
+
+
+def _make_source(tmp_path_factory: pytest.TempPathFactory, release: str) -> Source:
+    sim = tmp_path_factory.mktemp(f"source-r{release}") / "sim"
+    simgen.generate(sim, "bench", seed=9, data_mib=6, apparent_gib=0.12, pool="lvm_thin", running=("work",),
+                    release=release)  # fmt: skip
     _customise(sim)
     (sim / "dom0/pw").write_text(PASSPHRASE + "\n")
     argv = [str(BIN / "qvm-backup"), "-y", "-q", "-p", "/pw", "--kdf-n", "1024", "--weak-kdf-ok",
@@ -152,10 +177,12 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Source]:
     job = Restore(System.from_env(clean_env()), str(backup), PASSPHRASE.encode(),
                   options=RestoreOptions(verify_only=True))  # fmt: skip
     try:
-        manifest = Collection.from_bytes(job.open().qubes)
+        opened = job.open()
+        manifest = Collection.from_bytes(opened.qubes)
+        created = int(datetime.strptime(opened.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
     finally:
         job.close()
-    yield Source(sim, backup, manifest)
+    return Source(sim, backup, manifest, created, release)
 
 
 # ---------------------------------------------------------------------------------- the fake endpoints
@@ -197,7 +224,7 @@ class Target:
     def import_log(self) -> Path:
         return self.tmp / "import.log"
 
-    def start(self, fail: str = "", release: str = "4.2") -> None:
+    def start(self, fail: str = "", release: str = "4.3") -> None:
         argv = [sys.executable, "-m", "qubes_backup_sim.qubesd", str(self.dir), "--socket", str(self.sock),
                 "--host-paths", "--log", str(self.log), "--release", release, "--idle", "300"]  # fmt: skip
         env = clean_env() | ({"QUBES_SIM_FAIL": fail} if fail else {})
@@ -290,9 +317,10 @@ def make_target(tmp_path: Path, source: Source) -> Iterator[Callable[..., Target
     (``fail``: QUBES_SIM_FAIL for it; ``release``: 4.2 or 4.3)."""
     made: list[Target] = []
 
-    def make(fail: str = "", release: str = "4.2") -> Target:
+    def make(fail: str = "", release: str = "4.3", source: Source = source) -> Target:
         t = Target(tmp_path, f"{BACKUPS}/{source.backup.name}")
-        simgen.generate(t.dir, "bench", seed=1, data_mib=1, apparent_gib=0.02, pool="lvm_thin", keep=("backupvm",))
+        simgen.generate(t.dir, "bench", seed=1, data_mib=1, apparent_gib=0.02, pool="lvm_thin", keep=("backupvm",),
+                        release=release)  # fmt: skip
         backups = t.dir / "vms/backupvm" / BACKUPS.lstrip("/")
         backups.mkdir(parents=True, exist_ok=True)
         os.link(source.backup, backups / source.backup.name)
@@ -339,8 +367,9 @@ def expected_template(man: Collection, dom: Domain) -> str:
     return dom.template or man.global_properties["default_template"]
 
 
-def check_vm_sequence(reqs: list[Req], man: Collection, name: str) -> None:
-    """The writes to one restored VM, in order, against what the backup holds."""
+def check_vm_sequence(reqs: list[Req], source: Source, name: str, release: str) -> None:
+    """The writes to one restored VM, in order, against what the backup holds, as ``release`` takes them."""
+    man = source.manifest
     dom = man[name]
     create = next(i for i, r in enumerate(reqs) if r.method.startswith("admin.vm.Create.")
                   and r.payload.startswith(f"name={name} "))  # fmt: skip
@@ -355,18 +384,18 @@ def check_vm_sequence(reqs: list[Req], man: Collection, name: str) -> None:
     owner = writes[1].arg
     cats = [_category(r, owner) for r in writes]
     assert cats == sorted(cats), [(r.method, r.arg) for r in writes]
-    # properties: exactly the backup's non-default ones (each once), VM references in the last pass
+    # properties: exactly the backup's non-default ones (each once), VM references in the last pass, and
+    # backup_timestamp the backup's creation time
     sets = [(r.arg, r.payload) for r in writes if r.method == "admin.vm.property.Set"]
     assert len({p for p, _ in sets}) == len(sets)
-    assert dict(sets) == {p: v for p, v in dom.properties.items() if p not in AT_CREATION}
+    assert dict(sets) == {**{p: v for p, v in dom.properties.items() if p not in AT_CREATION},
+                          "backup_timestamp": str(source.created)}  # fmt: skip
     features = {r.arg: r.payload for r in writes if r.method == "admin.vm.feature.Set"}
     assert features == {k: v for k, v in dom.features.items() if not k.startswith("backup-")}
     tags = [r.arg for r in writes if r.method == "admin.vm.tag.Set"]
     assert sorted(tags) == sorted([IN_PROGRESS, owner, *(t for t in dom.tags if not t.startswith("created-by-"))])
-    attaches = [(r.method, r.arg, r.payload) for r in writes if r.method.startswith("admin.vm.device.")]
-    assert attaches == [(f"admin.vm.device.{cls}.Attach", f"{backend}+{ident}",
-                         " ".join(["persistent=True", *(f"{k}={v}" for k, v in opts.items())]))
-                        for cls, backend, ident, opts in devices(dom)]  # fmt: skip
+    assigns = [(r.method, r.arg, r.payload) for r in writes if r.method.startswith("admin.vm.device.")]
+    assert assigns == [expected_assign(release, name, *d) for d in devices(dom)]
     # data: one import per save_on_stop volume, committed; the firewall once
     begins = {r.arg: r.payload for r in writes if r.method == "internal.vm.volume.ImportBegin"}
     assert begins == {v.name: str(v.size) for v in dom.volumes if v.save_on_stop}
@@ -380,13 +409,29 @@ def check_vm_sequence(reqs: list[Req], man: Collection, name: str) -> None:
                                                         ("admin.vm.tag.Remove", owner)]  # fmt: skip
 
 
-def devices(dom: Domain) -> list[tuple[str, str, str, dict[str, str]]]:
+def devices(dom: Domain) -> list[tuple[str, str, str, str, str, dict[str, str]]]:
+    """(class, backend, port, mode, identity, options) of each assignment in a backup's qubes.xml (an R4.2
+    backup's: mode and identity empty)."""
     out = []
     for devs in dom.element.iterfind("devices"):
         for dev in devs.iterfind("device"):
             opts = {o.get("name", ""): o.text or "" for o in dev.iterfind("option")}
-            out.append((devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), opts))
+            out.append((devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""),
+                        dev.get("mode", ""), dev.get("identity", ""), opts))  # fmt: skip
     return out
+
+
+def expected_assign(release: str, vm: str, cls: str, backend: str, port: str, mode: str, identity: str,
+                    opts: dict[str, str]) -> tuple[str, str, str]:  # fmt: skip
+    """The exact request that makes one assignment on ``release`` (R4.2: Attach of the port, persistent, with
+    the options; R4.3: Assign with Qubes' client's serialization)."""
+    if release == "4.2":
+        return (f"admin.vm.device.{cls}.Attach", f"{backend}+{port}",
+                " ".join(["persistent=True", *(f"{k}={v}" for k, v in opts.items())]))  # fmt: skip
+    mode = mode or ("required" if cls in ("pci", "block") else "auto-attach")
+    fields = [("device_id", identity or "*"), ("port_id", port), ("devclass", cls), ("backend_domain", backend),
+              ("mode", mode), ("frontend_domain", vm), *((f"_{k}", v) for k, v in opts.items())]  # fmt: skip
+    return f"admin.vm.device.{cls}.Assign", f"{backend}+{port}", " ".join(f"{k}='{v}'" for k, v in fields)
 
 
 def check_writes_only_to_created(reqs: list[Req], created: set[str]) -> None:
@@ -406,9 +451,11 @@ def created_by(reqs: list[Req]) -> list[str]:
 # -------------------------------------------------------------------------------------- the round trip
 
 @pytest.mark.parametrize("release", ["4.2", "4.3"])
-def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target], source: Source,
+def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target], sources: Callable[[str], Source],
                                              release: str) -> None:  # fmt: skip
-    t = make_target(release=release)
+    """A backup of a system of each release restored on that release: the exact calls it takes."""
+    source = sources(release)
+    t = make_target(release=release, source=source)
     before = t.qubes().vm_list()
     proc = t.restore()
     assert proc.returncode == 0, proc.stderr
@@ -420,17 +467,22 @@ def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target],
     check_writes_only_to_created(reqs, set(created))
     assert not any(r.method == "admin.vm.tag.Set" and r.arg.startswith("created-by-") for r in reqs)
     for name in wanted:
-        check_vm_sequence(reqs, man, name)
+        check_vm_sequence(reqs, source, name, release)
     # the last pass comes after every volume's data, and every commit after the last pass
     writes = [(i, r) for i, r in enumerate(reqs) if r.write]
     last_data = max(i for i, r in writes if r.method.startswith("internal.vm.volume."))
     last_pass = [i for i, r in writes if r.method == "admin.vm.property.Set" and r.arg in LAST_PASS]
     commits = [i for i, r in writes if r.method == "admin.vm.tag.Remove"]
     assert last_pass and min(last_pass) > last_data and min(commits) > max(last_pass)
-    # a PCI device is refused while virt_mode is pvh: sys-net's hvm is set before its Attach
+    # a PCI device is refused while virt_mode is pvh (R4.2): sys-net's hvm is set before its assignment
     sysnet = [(r.method, r.arg) for r in reqs if r.dest == "sys-net" and r.write]
     assert sysnet.index(("admin.vm.property.Set", "virt_mode")) < sysnet.index(
-        ("admin.vm.device.pci.Attach", "dom0+00_14.3"))
+        (f"admin.vm.device.pci.{'Attach' if release == '4.2' else 'Assign'}", "dom0+00_14.3"))
+    # no call the release does not have
+    assert not [r for r in reqs if r.method.startswith("admin.vm.notes.")] or release == "4.3"
+    assert not [r for r in reqs if r.method.endswith((".Assign", ".Assigned"))] or release == "4.3"
+    assert not [r for r in reqs if r.method.startswith("admin.vm.device.")
+                and r.method.endswith((".Attach", ".List"))] or release == "4.2"  # fmt: skip
     # the import service ran as Qubes' restore runs it, once per volume, and exited 0
     starts = [e for e in t.imports() if e["event"] == "start"]
     assert sorted((e["target"], tuple(e["argv"])) for e in starts) == sorted(
@@ -448,7 +500,8 @@ def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target],
         dom = man[name]
         props = q.properties(name)
         nondefault = {p: v.value for p, v in props.items() if not v.default and p not in AT_CREATION}
-        assert nondefault == {p: v for p, v in dom.properties.items() if p not in AT_CREATION}, name
+        assert nondefault == {**{p: v for p, v in dom.properties.items() if p not in AT_CREATION},
+                              "backup_timestamp": str(source.created)}, name  # fmt: skip
         assert props["label"].value == dom.label
         if dom.klass in ("AppVM", "DispVM"):
             assert props["template"].value == expected_template(man, dom)
@@ -462,14 +515,14 @@ def test_full_restore_through_fake_endpoints(make_target: Callable[..., Target],
                 assert_restored_like(source.lv(name, vol.name), t.lv(name, vol.name))  # byte-exact, holes kept
     # work was running at the backup: its committed state came back, not what it wrote since its start
     assert not same_content(source.lv("work", "private"), source.lv("work", "private-snap"))
-    backend, ident, options = BLOCK_DEVICE
+    backend, port, options = BLOCK_DEVICE
     block = q.devices("work", "block")
-    assert [(d.backend, d.ident, d.options) for d in block] == [(backend, ident, options)]
+    assert [(d.backend, d.port, d.device_id, d.mode, d.options) for d in block] == [
+        ("dom0", "loop7", "*", "required", {"frontend-dev": "xvdi", "read-only": "yes"}),
+        (backend, port, "*", "required", options)]  # fmt: skip
     assert WORK_TAG in q.tags("work")
-    # an R4.2 qubesd has no notes: the backup's (made on R4.3) are skipped with a warning, not a failure
     warnings = sorted(line for line in proc.stderr.splitlines() if line.startswith("qvm-backup-restore: warning:"))
-    assert warnings == ([] if release == "4.3" else sorted(
-        f"qvm-backup-restore: warning: VM {n}: notes not restored (this Qubes release has no notes)" for n in wanted))
+    assert warnings == []
 
 
 # ------------------------------------------------------------------------------------- failing restores
@@ -523,8 +576,10 @@ def test_qubesd_failure_removes_what_was_created(make_target: Callable[..., Targ
     ("reply", "injected failure (QUBES_SIM_IMPORT_FAIL=reply)"),  # exit status 0: the reply decides
     ("stop-reading", "stopped reading"),  # broken pipe
 ], ids=["error-reply", "broken-pipe"])  # fmt: skip
-def test_import_failure_removes_what_was_created(make_target: Callable[..., Target], mode: str, words: str) -> None:
-    t = make_target()
+@pytest.mark.parametrize("release", ["4.2", "4.3"])
+def test_import_failure_removes_what_was_created(make_target: Callable[..., Target], mode: str, words: str,
+                                                 release: str) -> None:  # fmt: skip
+    t = make_target(release=release)
     before = t.state()
     proc = t.restore(*SMALL, QUBES_SIM_IMPORT_FAIL=f"{mode}@vault/private")
     line = check_rolled_back(t, before, proc.returncode, proc.stderr, "vault")
@@ -556,7 +611,7 @@ def test_interrupted_mid_import_removes_what_was_created(make_target: Callable[.
                                                          sig: signal.Signals) -> None:  # fmt: skip
     t = make_target()
     before = t.state()
-    proc = t.popen(*SMALL, QUBES_SIM_IMPORT_FAIL="stall@vault/private")
+    proc = t.popen(*SMALL, QUBES_SIM_IMPORT_FAIL="stall@vault/private", QUBES_BACKUP_IMPORT_GRACE="1")
     try:
         _wait_for(_importing(t, "vault", "private"), proc, "the import of vault's private volume")
         assert (t.lv("vault", "private").parent / "vm-vault-private-import").exists()  # mid-import
@@ -572,6 +627,51 @@ def test_interrupted_mid_import_removes_what_was_created(make_target: Callable[.
     created = created_by(reqs)
     assert sorted(created) == sorted(SMALL)
     check_writes_only_to_created(reqs, set(created))
+    assert_same_state(t.state(), before)
+
+
+@pytest.mark.parametrize(("release", "mode"), [("4.2", "slow"), ("4.3", "slow"), ("4.3", "stall")])
+def test_interrupted_restore_leaves_nothing_in_tmp(make_target: Callable[..., Target], tmp_path: Path,
+                                                   release: str, mode: str) -> None:  # fmt: skip
+    """With an import service that keeps a temporary file as Qubes' script does (tests/fakes/
+    import_like_qubes.sh: mktemp + EXIT trap), a restore interrupted mid-import stops the imports by ending
+    their input: an import still reading (``slow``) ends itself (ImportEnd fail), no signal needed; one that
+    hangs (``stall``: it reads nothing, the restore's write into its full pipe blocks) gets SIGTERM after the
+    grace time, and its trap still runs.  Either way nothing of the script's or ours is left in dom0's /tmp
+    (TMPDIR)."""
+    t = make_target(release=release)
+    service = t.tmp / "rpc" / IMPORT
+    service.write_text((FAKES / "import_like_qubes.sh").read_text())
+    service.chmod(0o755)
+    dom0_tmp = tmp_path / "dom0-tmp"
+    dom0_tmp.mkdir()
+    trace = tmp_path / "trace"
+    before = t.state()
+    proc = t.popen(*SMALL, TMPDIR=str(dom0_tmp), FAKE_PYTHON=sys.executable, FAKE_SIM_IMPORT=str(SIM_IMPORT),
+                   FAKE_IMPORT_TRACE=str(trace), QUBES_SIM_IMPORT_FAIL=f"{mode}@vault/private",
+                   QUBES_BACKUP_IMPORT_GRACE="1")  # fmt: skip
+    try:
+        _wait_for(_importing(t, "vault", "private"), proc, "the import of vault's private volume")
+        assert list(dom0_tmp.iterdir())  # the script's temporary file, while it runs
+        time.sleep(0.2)  # data flowing
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and one_error_line(err).endswith("interrupted"), err
+    events = trace.read_text().splitlines()
+    assert "start vault private" in events
+    ends = [r for r in t.requests() if (r.method, r.dest, r.arg) == ("internal.vm.volume.ImportEnd", "vault",
+                                                                      "private")]  # fmt: skip
+    if mode == "slow":
+        assert "exit vault private 0" in events  # ended by the end of its input
+        assert not [e for e in events if e.startswith("TERM")], events
+        assert [r.payload.split("\n")[0] for r in ends] == ["fail"]  # the script ended the import itself
+    else:
+        assert "TERM vault private" in events and ends == []  # qubesd drops the -import LV with the VM
+    assert list(dom0_tmp.iterdir()) == []
     assert_same_state(t.state(), before)
 
 
@@ -613,7 +713,7 @@ def test_killed_restore_is_cleaned_up_by_the_next(make_target: Callable[..., Tar
     after = t.state()
     assert set(after.vms) == set(before.vms) | set(SMALL)
     for name in SMALL:
-        check_vm_sequence(second[min(creates):], source.manifest, name)
+        check_vm_sequence(second[min(creates):], source, name, "4.3")
         for vol in source.manifest[name].volumes:
             if vol.save_on_stop:
                 assert_restored_like(source.lv(name, vol.name), t.lv(name, vol.name))

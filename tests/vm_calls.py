@@ -3,7 +3,7 @@ the simulated qubesd checks them against the policy files' rules (qubes_backup_s
 
 from __future__ import annotations
 
-from qubes_backup_dom0.qubes.adminapi import AdminAPI, QubesdError, parse_reply
+from qubes_backup_dom0.qubes.adminapi import AdminAPI, PolicyDenied, QubesdError, parse_reply
 from qubes_backup_dom0.qubes.system import System
 
 
@@ -15,9 +15,12 @@ def call_as(system: System, src: str, method: str, dest: str, arg: str = "", pay
 
 
 def refused(system: System, src: str, method: str, dest: str, arg: str = "", payload: bytes = b"") -> bool:
-    """True when qubesd refuses the call with PermissionDenied (what a policy refusal is to the caller)."""
+    """True when the call is refused as a policy refuses it: no answer, the connection closed (qubesd does
+    that with a PermissionDenied; the simulated one too)."""
     try:
         call_as(system, src, method, dest, arg, payload)
+    except PolicyDenied:
+        return True
     except QubesdError as e:
         return e.exc_type == "PermissionDenied"
     return False

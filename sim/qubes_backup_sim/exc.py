@@ -1,4 +1,6 @@
-"""qubesd's exception replies: ``2\\0EXCTYPE\\0TRACEBACK\\0MESSAGE\\0``."""
+"""qubesd's exception replies: ``2\\0EXCTYPE\\0TRACEBACK\\0MESSAGE\\0`` for a QubesException; for a
+PermissionDenied, a ProtocolError (a malformed or unknown call) or any other exception qubesd closes the
+connection without a reply (qubes/api/__init__.py ``respond``), and so does the simulation."""
 
 from __future__ import annotations
 
@@ -11,8 +13,19 @@ class ApiError(Exception):
         self.exc_type = exc_type
         self.message = message
 
+    @property
+    def closes(self) -> bool:
+        """qubesd answers these by closing the connection without a reply (``transport.abort()``): a
+        PermissionDenied, a ProtocolError (also: no such method), or an exception that is no QubesException."""
+        return self.exc_type in CLOSING
+
     def reply(self) -> bytes:
+        if self.closes:
+            return b""
         return b"2\0" + self.exc_type.encode() + b"\0\0" + self.message.encode("utf-8", "replace") + b"\0"
+
+
+CLOSING = frozenset({"ProtocolError", "PermissionDenied"})
 
 
 def value_error(message: str) -> ApiError:

@@ -7,6 +7,7 @@ Every change is saved to qubes.xml (atomically) before the reply is sent, as qub
 from __future__ import annotations
 
 import re
+import string
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,18 +15,22 @@ from dataclasses import dataclass
 from lxml import etree
 from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, QubesXmlError, validate_name
 
-from . import firewall, policy, props
+from . import devices, firewall, policy, props
 from .exc import ApiError, protocol_error, value_error, vm_not_found
+from .release import DEFAULT as DEFAULT_RELEASE
+from .release import check as check_release
 from .storage import Storage, write_volume_config
 from .store import Store
 
 IN_PROGRESS_TAG = "backup-restore-in-progress"
+ADMIN_UUID = "00000000-0000-0000-0000-000000000000"
+DYNAMIC = ("admin.vm.device.", "admin.vm.Create.", "admin.vm.CreateInPool.")
+#: Methods a release does not have (its qubesd closes the connection: "no such method").
+RELEASE_ONLY = {"4.2": frozenset({"admin.vm.notes.Get", "admin.vm.notes.Set"})}
 DEVICE_CLASSES = ("pci", "usb", "block", "mic")
 MAX_IMPORT = 1 << 44  # 16 TiB
 _TAG_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _FEATURE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_IDENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_OPTION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 Handler = Callable[["Api", Domain, str, bytes], str]
 
@@ -63,11 +68,17 @@ def _lines(items: list[str]) -> str:
 
 
 class Api:
-    def __init__(self, store: Store, *, host_paths: bool = False, notes: bool = True) -> None:
+    def __init__(self, store: Store, *, host_paths: bool = False, release: str = DEFAULT_RELEASE) -> None:
         self.store = store
         self.storage = Storage(store, host_paths)
-        self.notes = notes
+        self.release = check_release(release)
+        props.set_release(self.release)
+        for dom in self.coll.domains:  # qubes.xml's <device> elements as this release's qubesd writes them
+            devices.normalize(dom, self.release)
+            if not dom.is_admin and not dom.raw_property("uuid"):  # qubesd gives every VM one when it loads
+                dom.set_property("uuid", str(uuidlib.uuid4()))
         self.current_method = ""
+        self.current_src = "dom0"
         # (vm, volume) between ImportBegin and ImportEnd: while one is open the server does not idle out (an
         # import service writes for as long as the data takes, without talking to qubesd)
         self.imports_open: set[tuple[str, str]] = set()
@@ -77,10 +88,11 @@ class Api:
         return self.store.coll
 
     def call(self, method: str, arg: str, src: str, dest: str, payload: bytes) -> bytes:
-        spec = HANDLERS.get(method) or self._dynamic(method)
-        if spec is None or (not self.notes and method.startswith("admin.vm.notes.")):
-            raise ApiError("QubesException", f"unknown method {method!r}")
+        spec = self._dynamic(method) if method.startswith(DYNAMIC) else HANDLERS.get(method)
+        if spec is None or method in RELEASE_ONLY.get(self.release, ()):
+            raise protocol_error(f"no such method: {method!r}")
         self.current_method = method
+        self.current_src = src
         dom = self.coll.get(dest)
         if src != "dom0":  # a VM's call: only what the qrexec policy allows it (policy.py)
             if self.coll.get(src) is None or dom is None:
@@ -112,10 +124,16 @@ class Api:
         return out.encode("utf-8")
 
     def _dynamic(self, method: str) -> Spec | None:
-        """``admin.vm.device.CLASS.OP``, ``admin.vm.Create.CLASS``, ``admin.vm.CreateInPool.CLASS``."""
+        """``admin.vm.device.CLASS.OP`` (this release's OPs), ``admin.vm.Create.CLASS``,
+        ``admin.vm.CreateInPool.CLASS``."""
         parts = method.split(".")
-        if len(parts) == 5 and method.startswith("admin.vm.device.") and parts[3] in DEVICE_CLASSES:
-            return HANDLERS.get(f"admin.vm.device.*.{parts[4]}")
+        if method.startswith("admin.vm.device.") and len(parts) >= 5 and parts[3] in DEVICE_CLASSES:
+            op = ".".join(parts[4:])
+            found = devices.OPERATIONS.get((self.release, op))
+            if found is None:
+                return None
+            arg, payload, write = found
+            return Spec(_device_handler(op), arg, payload, None, write)
         if len(parts) == 4 and parts[2] in ("Create", "CreateInPool"):
             return HANDLERS.get(f"admin.vm.{parts[2]}.*")
         return None
@@ -150,7 +168,13 @@ class Api:
 @api("admin.vm.List")
 def vm_list(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     doms = self.coll.domains if dom.is_admin else [dom]
-    return _lines([f"{d.name} class={d.klass} state={'Running' if self.running(d) else 'Halted'}" for d in doms])
+    lines = []
+    for d in sorted(doms, key=lambda d: (not d.is_admin, d.name)):  # qubesd sorts dom0 first, then by name
+        line = f"{d.name} class={d.klass} state={'Running' if self.running(d) else 'Halted'}"
+        if self.release != "4.2":  # R4.3 adds the VM's uuid (dom0's is all zeros)
+            line += f" uuid={ADMIN_UUID if d.is_admin else d.raw_property('uuid')}"
+        lines.append(line)
+    return _lines(lines)
 
 
 @api("admin.vm.property.GetAll")
@@ -255,6 +279,46 @@ def label_index(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     return _label_el(self, arg).get("id", "").removeprefix("label-")
 
 
+MAX_DEFAULT_LABEL = 8  # qubes.config.max_default_label: labels 1..8 are Qubes' own
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@api("admin.label.Create", arg=True, payload=True, admin_dest=True, write=True)
+def label_create(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
+    """A new label (name = ARG, colour = payload ``0xRRGGBB``) with the next index above Qubes' own."""
+    if arg.isdigit() or not _LABEL_NAME_RE.match(arg):
+        raise ApiError("PermissionDenied", "label name")
+    if self.coll.label_id(arg) is not None:
+        raise ApiError("QubesValueError", "label already exists")
+    try:
+        color = payload.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise protocol_error("label colour is not ASCII") from None
+    if len(color) != 8 or not color.startswith("0x") or not all(c in string.hexdigits for c in color[2:]):
+        raise ApiError("PermissionDenied", "label colour")
+    labels = self.coll.root.find("labels")
+    assert labels is not None
+    index = max([MAX_DEFAULT_LABEL, *(int(el.get("id", "label-0").removeprefix("label-"))
+                                      for el in labels.findall("label"))]) + 1  # fmt: skip
+    etree.SubElement(labels, "label", color=color, id=f"label-{index}").text = arg
+    return ""
+
+
+@api("admin.label.Remove", arg=True, admin_dest=True, write=True)
+def label_remove(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
+    try:
+        el = _label_el(self, arg)
+    except ApiError:
+        raise ApiError("QubesValueError", "") from None
+    lid = el.get("id", "")
+    if int(lid.removeprefix("label-") or 0) <= MAX_DEFAULT_LABEL:
+        raise ApiError("PermissionDenied", "a default label")
+    if any(d.raw_property("label") == lid for d in self.coll.domains):
+        raise ApiError("QubesException", "label still in use")
+    el.getparent().remove(el)  # type: ignore[union-attr]
+    return ""
+
+
 @api("admin.vm.feature.List")
 def feature_list(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     return _lines(list(dom.features))
@@ -297,6 +361,13 @@ def _tags_el(dom: Domain) -> etree._Element:
     return etree.SubElement(dom.element, "tags") if el is None else el
 
 
+def _check_created_by(self: Api, arg: str) -> None:
+    """created-by-* tags: qubes/ext/admin.py refuses changing them to callers other than dom0 (an AdminVM)."""
+    _check_tag(arg)
+    if arg.startswith("created-by-") and self.current_src != "dom0":
+        raise ApiError("PermissionDenied", f"changing tag {arg!r} is not allowed")
+
+
 def _check_tag(arg: str) -> None:
     if not _TAG_RE.match(arg):
         raise ApiError("QubesInvalidTagError", "disallowed characters" if arg else "tag cannot be empty")
@@ -310,9 +381,7 @@ def tag_get(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 @api("admin.vm.tag.Set", arg=True, write=True)
 def tag_set(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
-    _check_tag(arg)
-    if arg.startswith("created-by-"):
-        raise ApiError("PermissionDenied", f"changing tag {arg!r} is not allowed")
+    _check_created_by(self, arg)
     if arg not in dom.tags:
         etree.SubElement(_tags_el(dom), "tag", name=arg)
     return ""
@@ -320,9 +389,7 @@ def tag_set(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 @api("admin.vm.tag.Remove", arg=True, write=True)
 def tag_remove(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
-    _check_tag(arg)
-    if arg.startswith("created-by-"):
-        raise ApiError("PermissionDenied", f"changing tag {arg!r} is not allowed")
+    _check_created_by(self, arg)
     el = _tags_el(dom)
     found = [t for t in el.findall("tag") if t.get("name") == arg]
     if not found:
@@ -333,90 +400,17 @@ def tag_remove(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
 
 
 # -- devices --------------------------------------------------------------------------------------------------
-def _devclass(method: str) -> str:
-    return method.split(".")[3]
-
-
-def _devices_el(dom: Domain, cls: str) -> etree._Element:
-    el = dom.element.find(f"devices[@class='{cls}']")
-    if el is None:
-        el = etree.SubElement(dom.element, "devices")
-        el.set("class", cls)
-    return el
-
-
 @api("admin.deviceclass.List", admin_dest=True)
 def deviceclass_list(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
     return _lines(list(DEVICE_CLASSES))
 
 
-def device_list(self: Api, dom: Domain, cls: str, arg: str) -> str:
-    out = []
-    for dev in _devices_el(dom, cls).findall("device"):
-        ident = f"{dev.get('backend-domain', '')}+{dev.get('id', '')}"
-        if arg and arg != ident:
-            continue
-        opts = [f"{o.get('name', '')}={o.text or ''}" for o in dev.findall("option")]
-        out.append(" ".join([ident, "persistent=yes", *opts]))
-    return _lines(out)
-
-
-def device_attach(self: Api, dom: Domain, cls: str, arg: str, payload: bytes) -> str:
-    backend, sep, ident = arg.partition("+")
-    if not sep or not _IDENT_RE.match(ident):
-        raise protocol_error(f"invalid device {arg!r}")
-    if self.coll.get(backend) is None:
-        raise vm_not_found(backend)
-    words = _text(payload).split()
-    options: dict[str, str] = {}
-    persistent = False
-    for w in words:
-        k, eq, v = w.partition("=")
-        if not eq or not _OPTION_RE.match(k) or "\0" in v:
-            raise protocol_error(f"invalid device option {w!r}")
-        if k == "persistent":
-            persistent = v == "True"
-        else:
-            options[k] = v
-    if not persistent:
-        raise ApiError("QubesVMNotRunningError", f"Non-persistent attach needs a running VM: {dom.name!r}")
-    if cls == "pci" and props.value_text(self.coll, dom, "virt_mode") == "pvh":
-        raise ApiError("QubesException", f"{dom.name}: PCI passthrough is not supported in PVH mode")
-    devs = _devices_el(dom, cls)
-    if any(f"{d.get('backend-domain')}+{d.get('id')}" == arg for d in devs.findall("device")):
-        raise ApiError("DeviceAlreadyAttached", f"device {arg} already attached to {dom.name}")
-    el = etree.SubElement(devs, "device", id=ident)
-    el.set("backend-domain", backend)
-    for k, v in options.items():
-        etree.SubElement(el, "option", name=k).text = v
-    return ""
-
-
-def device_detach(self: Api, dom: Domain, cls: str, arg: str) -> str:
-    devs = _devices_el(dom, cls)
-    found = [d for d in devs.findall("device") if f"{d.get('backend-domain')}+{d.get('id')}" == arg]
-    if not found:
-        raise ApiError("DeviceNotAssigned", f"device {arg} is not attached to {dom.name}")
-    for d in found:
-        devs.remove(d)
-    return ""
-
-
-def _device_dispatch(op: str) -> Handler:
+def _device_handler(op: str) -> Handler:
     def handler(self: Api, dom: Domain, arg: str, payload: bytes) -> str:
-        cls = self.current_method.split(".")[3]
-        if op == "List":
-            return device_list(self, dom, cls, arg)
-        if op == "Attach":
-            return device_attach(self, dom, cls, arg, payload)
-        return device_detach(self, dom, cls, arg)
+        devclass = self.current_method.split(".")[3]
+        return devices.handle(self, self.release, dom, devclass, op, arg, payload)
 
     return handler
-
-
-HANDLERS["admin.vm.device.*.List"] = Spec(_device_dispatch("List"), None, False, None, False)
-HANDLERS["admin.vm.device.*.Attach"] = Spec(_device_dispatch("Attach"), True, True, False, True)
-HANDLERS["admin.vm.device.*.Detach"] = Spec(_device_dispatch("Detach"), True, False, False, True)
 
 
 # -- firewall, notes --------------------------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def _accepts(sock: Path) -> bool:
 
 
 def ensure_qubesd(sim_dir: Path, socket_path: Path | None = None, *, host_paths: bool = False,
-                  log: Path | None = None, idle: float | None = None) -> Path:  # fmt: skip
-    """The socket of a running simulated qubesd for ``sim_dir``, started if none answers."""
+                  log: Path | None = None, idle: float | None = None, release: str | None = None) -> Path:  # fmt: skip
+    """The socket of a running simulated qubesd for ``sim_dir``, started if none answers (``release``:
+    serve that release's API instead of the system's own, see release.py)."""
     sim_dir = Path(sim_dir).resolve()
     dom0 = sim_dir / "dom0"
     sock = Path(socket_path) if socket_path is not None else dom0 / SOCKET
@@ -65,6 +66,8 @@ def ensure_qubesd(sim_dir: Path, socket_path: Path | None = None, *, host_paths:
             argv += ["--log", str(log)]
         if idle is not None:
             argv += ["--idle", str(idle)]
+        if release is not None:
+            argv += ["--release", release]
         logfile = dom0 / LOG
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -1,4 +1,5 @@
-"""The property catalog of an R4.2 qubesd: per class which properties exist, their type and default.
+"""The property catalog of an R4.2 / R4.3 qubesd: per class which properties exist, their type and default
+(``bootmode``, ``devices_denied``, ``stubdom_uuid`` and templates' ``appvm_default_bootmode`` are R4.3's).
 
 qubes.xml stores only non-default values; a property absent from ``<properties>`` is default and its value is
 computed here (from the globals, the template, or a constant), as qubesd does.  Stored text: ``''`` means
@@ -24,6 +25,13 @@ VIRT_MODES = ("pv", "pvh", "hvm")
 _INT_RE = re.compile(r"^-?[0-9]{1,19}$")
 
 Default = Callable[[Collection, Domain], "str | None"]
+R43 = frozenset({"4.3"})
+_release = "4.3"  # the simulated qubesd's release (set_release): which properties exist
+
+
+def set_release(release: str) -> None:
+    global _release
+    _release = release
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,7 @@ class Prop:
     default: Default | None  # None: no default (a value must be stored)
     classes: frozenset[str] = QUBES_VMS
     readonly: bool = False
+    releases: frozenset[str] = frozenset({"4.2", "4.3"})
 
 
 def _const(value: str | None) -> Default:
@@ -96,11 +105,12 @@ VM_PROPS: tuple[Prop, ...] = (
     Prop("auto_cleanup", "bool", _const("False"), frozenset({"DispVM"})),
     Prop("autostart", "bool", _const("False")),
     Prop("backup_timestamp", "int", _const(None)),
-    Prop("bootmode", "str", _const("default")),
+    Prop("appvm_default_bootmode", "str", _const("default"), frozenset({"TemplateVM"}), releases=R43),
+    Prop("bootmode", "str", _const("default"), releases=R43),
     Prop("debug", "bool", _const("False")),
     Prop("default_dispvm", "vm", _default_dispvm, ALL),
     Prop("default_user", "str", _from_template("default_user", _const("user"))),
-    Prop("devices_denied", "str", _const("")),
+    Prop("devices_denied", "str", _const(""), releases=R43),
     Prop("dispid", "int", None, frozenset({"DispVM"}), readonly=True),
     Prop("guivm", "vm", _const("dom0")),
     Prop("icon", "str", _icon, ALL, readonly=True),
@@ -123,6 +133,7 @@ VM_PROPS: tuple[Prop, ...] = (
     Prop("shutdown_timeout", "int", _from_template("shutdown_timeout", _global("default_shutdown_timeout"))),
     Prop("start_time", "str", _const(""), readonly=True),
     Prop("stubdom_mem", "int", _const(None)),
+    Prop("stubdom_uuid", "str", _const(""), readonly=True, releases=R43),
     Prop("stubdom_xid", "int", _const("-1"), readonly=True),
     Prop("template", "vm", _template, frozenset({"AppVM", "DispVM"})),
     Prop("template_for_dispvms", "bool", _const("False"), DVM_CLASSES),
@@ -178,8 +189,8 @@ _ADMIN_PROPS = frozenset({"default_dispvm", "icon", "include_in_backups", "keybo
 
 def vm_props(dom: Domain) -> list[Prop]:
     if dom.is_admin:
-        return [p for p in VM_PROPS if p.name in _ADMIN_PROPS]
-    return [p for p in VM_PROPS if dom.klass in p.classes]
+        return [p for p in VM_PROPS if p.name in _ADMIN_PROPS and _release in p.releases]
+    return [p for p in VM_PROPS if dom.klass in p.classes and _release in p.releases]
 
 
 def vm_prop(dom: Domain, name: str) -> Prop:

@@ -1,11 +1,17 @@
 """The simulated qubesd: ``python -m qubes_backup_sim.qubesd DIR [--socket PATH] [--host-paths] [--log FILE]
 [--idle SECONDS] [--release 4.2|4.3]``.
 
+It serves the Admin API of the system's Qubes release (``DIR/dom0/etc/qubes-release``, written by simgen;
+``--release`` overrides it): VM list, device calls, notes and refusals as that release's qubesd
+(``release.py``).
+
 A separate process that owns ``DIR/dom0/var/lib/qubes/qubes.xml`` (loaded at start, saved atomically after
 every change) and the simulated pools, and answers qubesd's Admin API on a UNIX socket (default
 ``DIR/dom0/var/run/qubesd.sock``) with qubesd's wire protocol: request ``METHOD+ARG SRC name DEST\\0PAYLOAD``
 (at most 64 KiB, read to EOF), reply ``0\\0DATA`` or ``2\\0EXCTYPE\\0\\0MESSAGE\\0``.  Requests are handled one
-at a time, like qubesd's single event loop.  The calls and their strictness are in ``handlers.py``.
+at a time, like qubesd's single event loop.  A request qubesd refuses without an answer (PermissionDenied,
+ProtocolError, no such method, an unhandled exception) gets none here either: the connection is closed.
+The calls and their strictness are in ``handlers.py`` and ``devices.py``.
 
 Test hook: ``QUBES_SIM_FAIL="RULE[,RULE...]"`` in the server's environment, each RULE
 ``METHOD[+ARG][@DEST][#N]``, makes matching requests fail with a qubesd error reply (``QubesException``,
@@ -29,6 +35,7 @@ from pathlib import Path
 
 from .exc import ApiError, protocol_error
 from .handlers import Api
+from .release import RELEASES, read_release
 from .store import SOCKET, Store
 
 MAX_REQUEST = 64 * 1024
@@ -97,10 +104,11 @@ IMPORT_IDLE = 900.0
 
 class Server:
     def __init__(self, sim_dir: Path, sock_path: Path, *, host_paths: bool = False, log: Path | None = None,
-                 idle: float = 15.0, notes: bool = True) -> None:  # fmt: skip
+                 idle: float = 15.0, release: str | None = None) -> None:  # fmt: skip
         self.sim_dir = Path(sim_dir).resolve()
         self.sock_path = sock_path
-        self.api = Api(Store(self.sim_dir), host_paths=host_paths, notes=notes)
+        self.release = release or read_release(self.sim_dir / "dom0")
+        self.api = Api(Store(self.sim_dir), host_paths=host_paths, release=self.release)
         self.log = log
         self.idle = idle
         self.fail_rules = parse_fail_rules(os.environ.get(FAIL_ENV, ""))
@@ -119,6 +127,9 @@ class Server:
         try:
             return b"0\0" + self.api.call(method, arg, src, dest, payload)
         except ApiError as e:
+            if e.closes:  # as qubesd logs it; the client only sees the connection closed
+                print(f"{e.exc_type.lower()} for call {method}+{arg} (dom0 -> {dest}): {e.message}",
+                      file=sys.stderr, flush=True)  # fmt: skip
             return e.reply()
 
     def _log(self, method: str, arg: str, dest: str, payload: bytes) -> None:
@@ -171,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-paths", action="store_true", help="report host paths instead of dom0 paths")
     ap.add_argument("--log", type=Path, help="append one JSON line per request")
     ap.add_argument("--idle", type=float, default=15.0, help="exit after this many seconds without a request")
-    ap.add_argument("--release", choices=["4.2", "4.3"], default="4.3", help="4.2: no admin.vm.notes.* calls")
+    ap.add_argument("--release", choices=RELEASES,
+                    help="the Admin API of this Qubes release (default: the system's, DIR/dom0/etc/qubes-release)")
     args = ap.parse_args(argv)
     sim_dir = args.dir.resolve()
     sock = args.socket or sim_dir / "dom0" / SOCKET
     try:
         server = Server(sim_dir, sock, host_paths=args.host_paths, log=args.log, idle=args.idle,
-                        notes=args.release != "4.2")  # fmt: skip
+                        release=args.release)  # fmt: skip
     except (OSError, ValueError) as e:
         print(f"qubes_backup_sim.qubesd: cannot load {sim_dir}: {e}", file=sys.stderr)
         return 1

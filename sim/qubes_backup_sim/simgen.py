@@ -10,7 +10,8 @@ Layout (see docs/SIMULATION.md): dom0's root is ``DIR/dom0`` (Qubes root ``DIR/d
 install: pool ``lvm`` on VG qubes_dom0, LVs are files under ``DIR/dom0/dev/qubes_dom0``, plus ``varlibqubes``
 as a ``file`` pool; the default, of ``generate()`` and of the command line), ``file-reflink`` (a btrfs install:
 ``varlibqubes``), or ``file`` (legacy; what this generator made before it knew pools).  ``--running VM`` marks
-a VM as running: its save_on_stop volumes then have diverging -snap LVs / -dirty images.
+a VM as running: its save_on_stop volumes then have diverging -snap LVs / -dirty images.  ``--release``
+(4.3, the default, or 4.2): the Qubes release whose qubesd the simulated one is (``DIR/dom0/etc/qubes-release``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from qubes_backup_dom0.qubes.qubesxml import Collection
 
 from . import endpoints, policy
 from .lvstore import DEFAULT_THIN_POOL, DEFAULT_VG, LvInfo, LvStore, clone_file
+from .release import DEFAULT as DEFAULT_RELEASE
+from .release import RELEASES, write_release
+from .release import check as check_release
 from .store import save_run_state, write_atomic
 
 BLOCK = 4096
@@ -67,6 +71,8 @@ class VmSpec:
     root: tuple[int, int] | None = None  # own root.img (templates, standalone)
     features: tuple[tuple[str, str], ...] = ()
     pci: str | None = None
+    #: a block device assignment: (backend VM, port, options), as R4.2's qubesd stores one (read-only made yes/no)
+    block: tuple[str, str, tuple[tuple[str, str], ...]] | None = None
 
 
 # Order matters only for qids and readability.  Absent template/netvm mean "global default".
@@ -84,7 +90,8 @@ VMS: tuple[VmSpec, ...] = (
     VmSpec("fedora-41-dvm", "AppVM", "red", (("template_for_dispvms", "True"),),
            private=(2 * GiB, 2 * MiB), features=(("appmenus-dispvm", "1"),)),
     VmSpec("work", "AppVM", "blue", (("memory", "800"), ("maxmem", "4000")), private=(2 * GiB, 14 * MiB),
-           features=(("service.meminfo-writer", "1"),)),
+           features=(("service.meminfo-writer", "1"),),
+           block=("dom0", "loop7", (("frontend-dev", "xvdi"), ("read-only", "yes")))),
     VmSpec("personal", "AppVM", "yellow", (("template", "debian-12"), ("netvm", "sys-firewall")),
            private=(2 * GiB, 10 * MiB)),
     VmSpec("vault", "AppVM", "black", (("netvm", ""), ("virt_mode", "pv")), private=(2 * GiB, 5 * MiB)),
@@ -320,8 +327,21 @@ def _sizes(
     return out
 
 
+def _device(parent: etree._Element, backend: str, port: str, options: Iterable[tuple[str, str]],
+            release: str) -> None:  # fmt: skip
+    """A persistent assignment as the release's qubes.xml holds it (R4.3: mode and identity too)."""
+    el = etree.SubElement(parent, "device", id=port)
+    el.set("backend-domain", backend)
+    if release == "4.3":
+        el.set("mode", "required")
+        el.set("identity", "*")
+    for k, v in options:
+        etree.SubElement(el, "option", name=k).text = v
+
+
 def _build_xml(
-    sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random, pool_kind: str = "file"
+    sizes: dict[tuple[str, str], tuple[int, int]], rng: random.Random, pool_kind: str = "file",
+    release: str = DEFAULT_RELEASE,
 ) -> Collection:
     root = etree.Element("qubes")
     labels = etree.SubElement(root, "labels")
@@ -364,8 +384,11 @@ def _build_xml(
         pci = etree.SubElement(el, "devices")
         pci.set("class", "pci")
         if spec.pci:
-            etree.SubElement(pci, "device", id=spec.pci).set("backend-domain", "dom0")
-        etree.SubElement(el, "devices").set("class", "block")
+            _device(pci, "dom0", spec.pci, (), release)
+        block = etree.SubElement(el, "devices")
+        block.set("class", "block")
+        if spec.block:
+            _device(block, spec.block[0], spec.block[1], spec.block[2], release)
         tags = etree.SubElement(el, "tags")
         etree.SubElement(tags, "tag", name="created-by-dom0")
         vc = etree.SubElement(el, "volume-config")
@@ -507,6 +530,7 @@ def generate(
     pool: str = "lvm_thin",
     running: tuple[str, ...] | list[str] = (),
     keep: Iterable[str] | None = None,
+    release: str = DEFAULT_RELEASE,
 ) -> None:
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
     ``dir/dom0``, ``dir/vms`` and ``dir/sim-endpoints.json`` are replaced, nothing else in ``dir`` is touched).
@@ -514,8 +538,10 @@ def generate(
     ``pool``: lvm_thin (the default, as a fresh R4.2 install and the command line), file-reflink or file (what
     older versions built); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
     a freshly installed system to restore into; references to the others are dropped, as they would not
-    exist there."""
+    exist there; ``release``: the Qubes release (4.3, the default, or 4.2) whose qubesd the simulated one is
+    (``DIR/dom0/etc/qubes-release``), and whose qubes.xml and files it starts from (R4.2: no notes)."""
     scale = scale.lower()
+    check_release(release)
     if pool not in POOL_KINDS:
         raise ValueError(f"unknown pool kind {pool!r} ({', '.join(POOL_KINDS)})")
     runnable = {s.name for s in VMS if s.klass != "DispVM"}
@@ -533,10 +559,11 @@ def generate(
     (qroot / "vm-kernels" / KERNEL).mkdir(parents=True)
     for sub in ("appvms", "vm-templates"):  # there on every install, even without VMs of that kind
         (qroot / sub).mkdir()
-    coll = _build_xml(sizes, rng, pool)
+    coll = _build_xml(sizes, rng, pool, release)
     if keep is not None:
         _reduce(coll, kept)
     write_atomic(coll, qroot / "qubes.xml")
+    write_release(dir / "dom0", release)
 
     colors = dict(LABELS)
     for spec in (s for s in VMS if s.name in kept):
@@ -545,7 +572,8 @@ def generate(
         _write(vdir / "icon.png", _png(colors[spec.label]))
         if spec.klass != "DispVM":
             _write(vdir / "firewall.xml", FIREWALL_XML.format(host=f"{spec.name}.example.org"))
-            _write(vdir / "notes.txt", f"{spec.name}: {spec.klass}, simulated by qubes-backup-simgen\n")
+            if release != "4.2":  # notes came with R4.3
+                _write(vdir / "notes.txt", f"{spec.name}: {spec.klass}, simulated by qubes-backup-simgen\n")
     _write_volumes(_Volumes(dir, pool), sizes, seed, compressible, set(running))
     save_run_state(dir / "dom0", set(running))
     policy.install_shipped(dir / "dom0")  # /etc/qubes/policy.d as Qubes ships it (the restore rules)
@@ -569,6 +597,9 @@ def _reduce(coll: Collection, kept: set[str]) -> None:
             dom.element.getparent().remove(dom.element)  # type: ignore[union-attr]
     names = set(coll.names())
     for dom in coll.domains:
+        for dev in dom.element.findall("devices/device"):  # qubesd drops an assignment to a VM it lacks
+            if dev.get("backend-domain") not in names:
+                dev.getparent().remove(dev)  # type: ignore[union-attr]
         for prop in ("template", "netvm", "default_dispvm"):
             if dom.raw_property(prop) and dom.raw_property(prop) not in names:
                 dom.set_property(prop, None)
@@ -593,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing simulation in DIR")
     ap.add_argument("--pool", choices=POOL_KINDS, default="lvm_thin",
                     help="storage of the VMs' volumes (default lvm_thin, as a fresh R4.2 install)")  # fmt: skip
+    ap.add_argument("--release", choices=RELEASES, default=DEFAULT_RELEASE,
+                    help="the Qubes release the simulated qubesd is (default %(default)s)")  # fmt: skip
     ap.add_argument("--only", action="append", metavar="VM",
                     help="build only these VMs (repeatable): a freshly installed system to restore into")  # fmt: skip
     ap.add_argument("--running", action="append", metavar="VM",
@@ -603,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         generate(args.dir, args.scale, args.seed, force=args.force, data_mib=args.data_mib,
                  apparent_gib=args.apparent_gib, compressible=args.compressible, pool=args.pool,
-                 running=running, keep=args.only)  # fmt: skip
+                 running=running, keep=args.only, release=args.release)  # fmt: skip
     except (FileExistsError, ValueError) as e:
         print(f"qubes-backup-simgen: {e}", file=sys.stderr)
         return 2

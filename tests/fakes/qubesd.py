@@ -126,6 +126,6 @@ class FakeQubesd:
         return [r[0] for r in self.requests]
 
     def writes(self) -> list[Request]:
-        """Requests that would change Qubes state (anything but List/Get/GetAll/Info/Index)."""
-        reads = (".List", ".Get", ".GetAll", ".Info", ".Index")
+        """Requests that would change Qubes state (anything but List/Get/GetAll/Info/Index/Assigned/Attached)."""
+        reads = (".List", ".Get", ".GetAll", ".Info", ".Index", ".Assigned", ".Attached")
         return [r for r in self.requests if not r[0].endswith(reads) and r[0] != "admin.vm.List"]

@@ -1,4 +1,6 @@
-"""A described Qubes system served by a FakeQubesd: every read call a backup makes, answered as R4.2 does."""
+"""A described Qubes system served by a FakeQubesd: every read call a backup makes, answered as R4.2 or R4.3
+does (``install(..., release=)``).  A call the release does not have is not registered: making it shows up
+in ``fq.unexpected``."""
 
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ class FakeVM:
     props: dict[str, tuple[bool, str, str]] = field(default_factory=dict)  # name -> (default, type, value)
     features: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=lambda: ["created-by-dom0"])
-    devices: dict[str, list[str]] = field(default_factory=dict)  # class -> List lines
+    devices: dict[str, list[str]] = field(default_factory=dict)  # class -> List (R4.2) / Assigned (R4.3) lines
     firewall: list[str] = field(default_factory=lambda: ["action=accept"])
-    notes: str | None = None  # None: the release has no notes (R4.2)
+    notes: str | None = None  # R4.3's notes ('' when empty); never asked on R4.2
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def all_props(self) -> dict[str, tuple[bool, str, str]]:
@@ -64,11 +66,12 @@ def install(
     pools: dict[str, dict[str, str]],
     global_props: dict[str, tuple[bool, str, str]] | None = None,
     dom0: FakeVM | None = None,
+    release: str = "4.2",
 ) -> None:
-    """Register replies for every read a backup makes, and accept backup_timestamp writes."""
+    """Register replies for every read a backup makes on ``release``, and accept backup_timestamp writes."""
     dom0 = dom0 or FakeVM("dom0", "AdminVM", "Running", "black", 0, tags=[], firewall=[])
     everything = [dom0, *vms]
-    fq.add("admin.vm.List", reply=ok("".join(f"{v.name} class={v.klass} state={v.state}\n" for v in everything)))
+    fq.add("admin.vm.List", reply=ok("".join(vm_line(v, release) for v in everything)))
     fq.add("admin.label.List", reply=ok(names(list(LABELS))))
     for label, (color, index) in LABELS.items():
         fq.add("admin.label.Get", "dom0", label, reply=ok(color))
@@ -81,25 +84,32 @@ def install(
     fq.add("admin.property.GetAll", reply=ok(getall(gprops)))
     fq.add("admin.deviceclass.List", reply=ok(names(DEVICE_CLASSES)))
     for vm in everything:
-        _install_vm(fq, vm)
+        _install_vm(fq, vm, release)
 
 
-def _install_vm(fq: FakeQubesd, vm: FakeVM) -> None:
+def vm_line(vm: FakeVM, release: str) -> str:
+    """An admin.vm.List line: R4.3 adds the uuid (dom0's is all zeros)."""
+    line = f"{vm.name} class={vm.klass} state={vm.state}"
+    if release == "4.3":
+        line += f" uuid=00000000-0000-0000-0000-{vm.qid:012d}"
+    return line + "\n"
+
+
+def _install_vm(fq: FakeQubesd, vm: FakeVM, release: str) -> None:
     n = vm.name
     if vm.klass != "AdminVM":  # admin.vm.List on dom0 lists every VM
-        fq.add("admin.vm.List", n, reply=ok(f"{n} class={vm.klass} state={vm.state}\n"))
+        fq.add("admin.vm.List", n, reply=ok(vm_line(vm, release)))
     fq.add("admin.vm.property.GetAll", n, reply=ok(getall(vm.all_props())))
     fq.add("admin.vm.feature.List", n, reply=ok(names(list(vm.features))))
     for f, value in vm.features.items():
         fq.add("admin.vm.feature.Get", n, f, reply=ok(value))
     fq.add("admin.vm.tag.List", n, reply=ok(names(vm.tags)))
+    listing = "List" if release == "4.2" else "Assigned"
     for cls in DEVICE_CLASSES:
-        fq.add(f"admin.vm.device.{cls}.List", n, reply=ok("".join(f"{x}\n" for x in vm.devices.get(cls, []))))
+        fq.add(f"admin.vm.device.{cls}.{listing}", n, reply=ok("".join(f"{x}\n" for x in vm.devices.get(cls, []))))
     fq.add("admin.vm.firewall.Get", n, reply=ok("".join(f"{r}\n" for r in vm.firewall)))
-    if vm.notes is None:
-        fq.add("admin.vm.notes.Get", n, reply=b"")  # R4.2: no such method; qubesd closes the connection
-    else:
-        fq.add("admin.vm.notes.Get", n, reply=ok(vm.notes))
+    if release == "4.3" and vm.klass != "AdminVM":
+        fq.add("admin.vm.notes.Get", n, reply=ok(vm.notes or ""))
     fq.add("admin.vm.volume.List", n, reply=ok(names(list(vm.volumes))))
     for vol, info in vm.volumes.items():
         fq.add("admin.vm.volume.Info", n, vol, reply=ok(kv(info)))

@@ -2,18 +2,21 @@
 
 Wire protocol: connect to the UNIX socket, send ``METHOD+ARG dom0 name DEST\\0`` and the payload, shut down
 the write side, read the reply to EOF.  ``0\\0DATA`` is success, ``2\\0EXCTYPE\\0TRACEBACK\\0MESSAGE\\0`` an
-error, an empty reply a refusal by policy.  qubesd is trusted, but every reply is bounded and parsed
+error, an empty reply a refusal (by policy, or of a call qubesd does not have or finds malformed: it closes
+the connection without a word).  qubesd is trusted, but every reply is bounded and parsed
 strictly: a reply of the wrong shape is one clear error line, never a traceback.
 
-The parsers at the bottom turn the R4.2 text formats into Python values: property lines (``GetAll``, with
-``\\\\`` and ``\\n`` unescaped), ``key=value`` lines (volume and pool Info), name lists, the VM list and
-device assignment lines.
+The parsers at the bottom turn qubesd's text formats into Python values: property lines (``GetAll``, with
+``\\\\`` and ``\\n`` unescaped), ``key=value`` lines (volume and pool Info), name lists, the VM list (R4.3
+adds ``uuid=``) and device assignments (R4.2's ``…List`` lines, R4.3's ``…Assigned`` lines with Qubes'
+serialization), and ``serialize_assignment`` writes R4.3's serialization for ``…Assign``.
 """
 
 from __future__ import annotations
 
 import re
 import socket
+import string
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,36 +264,74 @@ def parse_names(data: bytes, what: str = "list") -> list[str]:
     return names
 
 
-def parse_vm_list(data: bytes) -> dict[str, tuple[str, str]]:
-    """``admin.vm.List``: ``NAME class=CLASS state=STATE`` lines -> name -> (class, state)."""
-    out: dict[str, tuple[str, str]] = {}
-    for line in _lines(data, "VM list"):
-        parts = line.split(" ")
-        ok = len(parts) == 3 and parts[1].startswith("class=") and parts[2].startswith("state=")
-        if not ok or parts[0] in out or not parts[0]:
-            raise AdminAPIError(f"qubesd: malformed VM list line {safe_text(line)!r}")
-        klass, state = parts[1][len("class=") :], parts[2][len("state=") :]
-        if not klass or not state:
-            raise AdminAPIError(f"qubesd: malformed VM list line {safe_text(line)!r}")
-        out[parts[0]] = (klass, state)
-    return out
+#: R4.3 assignment modes that qubesd stores (``manual`` is a live attachment's, never an assignment's).
+ASSIGNMENT_MODES = ("required", "auto-attach", "ask-to-attach")
+ANY = "*"
+_SERIAL_KEY = frozenset(string.digits + string.ascii_letters + r"!#$%&()*+,-./:;<>?@[\]^_{|}~")
+_SERIAL_VALUE = _SERIAL_KEY | frozenset(string.punctuation + " ")
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
 class DeviceAssignment:
+    """A device assignment as either release lists it: the device in port ``port`` of VM ``backend``,
+    ``device_id`` the identity of the device itself (R4.3; ``*``: whatever is in that port, and always on
+    R4.2), ``mode`` R4.3's (``required``, ``auto-attach``, ``ask-to-attach``; R4.2's persistent assignments
+    are ``required``, its live attachments ``manual``), ``options`` without R4.3's ``_`` prefix."""
+
     backend: str
-    ident: str
-    persistent: bool
+    port: str
+    device_id: str
+    mode: str
     options: dict[str, str]
+
+    @property
+    def persistent(self) -> bool:
+        return self.mode != "manual"
+
+
+@dataclass(frozen=True)
+class VmList:
+    """``admin.vm.List``: name -> (class, state); ``uuids`` (R4.3 lists them; empty on R4.2)."""
+
+    vms: dict[str, tuple[str, str]]
+    uuids: dict[str, str]
+
+
+def parse_vm_list_full(data: bytes) -> VmList:
+    """``NAME class=CLASS state=STATE`` (R4.2) or ``… uuid=UUID`` (R4.3) lines; every line the same kind."""
+    vms: dict[str, tuple[str, str]] = {}
+    uuids: dict[str, str] = {}
+    for line in _lines(data, "VM list"):
+        parts = line.split(" ")
+        ok = len(parts) in (3, 4) and parts[1].startswith("class=") and parts[2].startswith("state=")
+        if len(parts) == 4:
+            ok = ok and parts[3].startswith("uuid=") and bool(_UUID_RE.match(parts[3][len("uuid="):]))
+        if not ok or parts[0] in vms or not parts[0]:
+            raise AdminAPIError(f"qubesd: malformed VM list line {safe_text(line)!r}")
+        klass, state = parts[1][len("class="):], parts[2][len("state="):]
+        if not klass or not state:
+            raise AdminAPIError(f"qubesd: malformed VM list line {safe_text(line)!r}")
+        vms[parts[0]] = (klass, state)
+        if len(parts) == 4:
+            uuids[parts[0]] = parts[3][len("uuid="):]
+    if uuids and len(uuids) != len(vms):
+        raise AdminAPIError("qubesd: VM list with and without uuids")
+    return VmList(vms, uuids)
+
+
+def parse_vm_list(data: bytes) -> dict[str, tuple[str, str]]:
+    return parse_vm_list_full(data).vms
 
 
 def parse_devices(data: bytes) -> list[DeviceAssignment]:
-    """``admin.vm.device.CLASS.List``: ``BACKEND+IDENT persistent=yes|no [KEY=VALUE ...]`` lines."""
+    """R4.2's ``admin.vm.device.CLASS.List``: ``BACKEND+PORT [KEY=VALUE ...] persistent=yes|no`` lines (a
+    persistent one is an assignment, ``required`` in R4.3's words; the others are live attachments)."""
     out: list[DeviceAssignment] = []
     for line in _lines(data, "device list"):
         parts = line.split(" ")
-        backend, sep, ident = parts[0].partition("+")
-        if not sep or not backend or not ident:
+        backend, sep, port = parts[0].partition("+")
+        if not sep or not backend or not port:
             raise AdminAPIError(f"qubesd: malformed device line {safe_text(line)!r}")
         options: dict[str, str] = {}
         for tok in parts[1:]:
@@ -301,5 +342,111 @@ def parse_devices(data: bytes) -> list[DeviceAssignment]:
         persistent = options.pop("persistent", "no")
         if persistent not in ("yes", "no", "True", "False"):
             raise AdminAPIError(f"qubesd: malformed device line {safe_text(line)!r}")
-        out.append(DeviceAssignment(backend, ident, persistent in ("yes", "True"), options))
+        mode = "required" if persistent in ("yes", "True") else "manual"
+        out.append(DeviceAssignment(backend, port, ANY, mode, options))
     return out
+
+
+def unpack_serialized(text: str, what: str) -> tuple[dict[str, str], dict[str, str]]:
+    """R4.3's serialization (qubes/device_protocol.py ``DeviceSerializer``): ``key='value' …`` with ``'``
+    inside a value as ``\\'``; keys starting with ``_`` are options.  Split as qubesd splits it; duplicate
+    keys and characters qubesd would not send are errors."""
+    text = text.strip()
+    props: dict[str, str] = {}
+    options: dict[str, str] = {}
+    if not text:
+        return props, options
+    keys: list[str] = []
+    values: list[str] = []
+    key, sep, rest = text.partition("='")
+    if not sep or not rest.endswith("'"):
+        raise AdminAPIError(f"qubesd: malformed {what}")
+    keys.append(key)
+    while "='" in rest:
+        value_key, _, rest = rest.partition("='")
+        value, sep, key = value_key.rpartition("' ")
+        if not sep:
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        values.append(value.replace("\\'", "'"))
+        keys.append(key)
+    values.append(rest[:-1].replace("\\'", "'"))
+    for key, value in zip(keys, values, strict=True):
+        if not key or set(key) - _SERIAL_KEY or set(value) - _SERIAL_VALUE:
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        target = options if key.startswith("_") else props
+        name = key[1:] if key.startswith("_") else key
+        if name in target or not name:
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        target[name] = value
+    return props, options
+
+
+def parse_assigned(data: bytes, devclass: str) -> list[DeviceAssignment]:
+    """R4.3's ``admin.vm.device.CLASS.Assigned``: ``BACKEND+PORT:DEVID SERIALIZATION`` lines, the
+    serialization ``device_id='…' port_id='…' devclass='…' backend_domain='…' mode='…'
+    [frontend_domain='…'] [_OPTION='…' …]``."""
+    out: list[DeviceAssignment] = []
+    for line in _lines(data, "device assignment list"):
+        head, sep, rest = line.partition(" ")
+        what = f"device assignment line {safe_text(line)!r}"
+        props, options = unpack_serialized(rest, what) if sep else ({}, {})
+        needed = ("device_id", "port_id", "devclass", "backend_domain", "mode")
+        if any(k not in props for k in needed) or set(props) - {*needed, "frontend_domain"}:
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        backend, port, devid = props["backend_domain"], props["port_id"], props["device_id"]
+        if head != f"{backend}+{port}:{devid}" or props["devclass"] != devclass or not backend or not port:
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        if props["mode"] not in ASSIGNMENT_MODES:
+            raise AdminAPIError(f"qubesd: {what}: unknown mode")
+        if any(not _KEY_RE.match(k) for k in options):
+            raise AdminAPIError(f"qubesd: malformed {what}")
+        out.append(DeviceAssignment(backend, port, devid or ANY, props["mode"], options))
+    return out
+
+
+#: What a device assignment we send may hold (an authentic backup may still be an attacker's): one word per
+#: value, none of the characters that delimit R4.2's options (space, ``=``) or R4.3's serialization (``'``,
+#: ``\\``, space), so nothing can add, end or override a field.  Names are R4.2's option names.
+_DEV_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_DEV_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,+:-]{0,256}$")
+_DEV_ID_RE = re.compile(r"^[A-Za-z0-9_.,+:*?@-]{1,256}$")  # device ids: VENDOR:PRODUCT:SERIAL:INTERFACES
+_PORT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_BACKEND_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+_DEVCLASS_RE = re.compile(r"^[a-z0-9_-]{1,32}$")  # one word of the method name
+
+
+def check_assignment(devclass: str, a: DeviceAssignment) -> None:
+    """AdminAPIError (one line) for an assignment that cannot be sent as it is."""
+    what = f"{devclass} device {a.backend}:{a.port}"[:120]
+    if not _DEVCLASS_RE.match(devclass) or not _BACKEND_RE.match(a.backend):
+        raise AdminAPIError(f"{what}: not a device class and VM name")
+    if a.port != ANY and not _PORT_RE.match(a.port):
+        raise AdminAPIError(f"{what}: not a port")
+    if a.device_id != ANY and not _DEV_ID_RE.match(a.device_id):
+        raise AdminAPIError(f"{what}: not a device identity")
+    if a.mode not in ASSIGNMENT_MODES:
+        raise AdminAPIError(f"{what}: mode {safe_text(a.mode, limit=40)!r}")
+    for key, value in a.options.items():
+        if not _DEV_NAME_RE.match(key) or not _DEV_VALUE_RE.match(value):
+            raise AdminAPIError(f"{what}: option {safe_text(key, limit=40)!r}")
+
+
+def assignment_arg(a: DeviceAssignment) -> str:
+    """The call's argument: ``BACKEND+PORT`` (``_`` for any port, as qrexec arguments spell ``*``); the device
+    identity goes in the payload (an argument with one makes qubesd look the device up first)."""
+    return f"{a.backend}+{'_' if a.port == ANY else a.port}"
+
+
+def attach_payload(a: DeviceAssignment) -> bytes:
+    """R4.2's ``admin.vm.device.CLASS.Attach`` payload of a persistent assignment: ``persistent=True K=V ...``."""
+    return " ".join(["persistent=True", *(f"{k}={v}" for k, v in a.options.items())]).encode()
+
+
+def serialize_assignment(devclass: str, a: DeviceAssignment, frontend: str) -> bytes:
+    """R4.3's serialization of an assignment for ``admin.vm.device.CLASS.Assign``, as Qubes' own client
+    sends it (qubesadmin ``DeviceAssignment.serialize``): device, port, class, backend, mode, frontend, then
+    each option as ``_NAME``.  Every value was checked by ``check_assignment``: no quoting is needed."""
+    fields = [("device_id", a.device_id), ("port_id", a.port), ("devclass", devclass),
+              ("backend_domain", a.backend), ("mode", a.mode), ("frontend_domain", frontend),
+              *((f"_{k}", v) for k, v in a.options.items())]  # fmt: skip
+    return " ".join(f"{k}='{v}'" for k, v in fields).encode("ascii")

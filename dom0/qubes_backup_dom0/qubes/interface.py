@@ -36,13 +36,28 @@ POOL_STATS = frozenset({"size", "usage", "usage_details"})
 VOLUME_ATTRS = ("pool", "vid", "size", "revisions_to_keep", "source")
 VOLUME_BOOLS = ("rw", "snap_on_start", "save_on_stop", "ephemeral")
 _DEVCLASS_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
-_OPTION_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-_OPTION_VALUE_RE = re.compile(r"^[\x21-\x7e]{0,256}$")  # printable ASCII, no space
+_LABEL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_COLOR_RE = re.compile(r"^0x[0-9a-fA-F]{6}$")
+#: The two Admin APIs (Qubes.release): R4.3's is also that of later releases (qubes-core-admin main).
+RELEASE_42 = "4.2"
+RELEASE_43 = "4.3"
 _NOTES_UNSUPPORTED = frozenset({"QubesDaemonNoResponseError", "ProtocolError", "QubesNotImplementedError"})
 MAX_NOTES = 256 * 1024
 IMPORT_SERVICE = "admin.vm.volume.ImportWithSize"
 IMPORT_REPLY_MAX = 64 * 1024
 IMPORT_TIMEOUT = 600.0
+#: An aborted import: how long its service may take to end the import itself once its input ended, then
+#: after SIGTERM (QUBES_BACKUP_IMPORT_GRACE: the first, for tests).
+def _grace(default: float) -> float:
+    try:
+        value = float(os.environ.get("QUBES_BACKUP_IMPORT_GRACE", default))
+    except ValueError:
+        return default
+    return value if 0 <= value <= 600 else default
+
+
+ABORT_GRACE = _grace(10.0)
+TERM_GRACE = 5.0
 _ZEROS = bytes(1 << 20)
 _ZERO_FD: int | None = None  # /dev/zero, opened on first use; -1 when it cannot be spliced from
 PIPE_SIZE = 1 << 20
@@ -82,10 +97,23 @@ class Qubes:
             restart = system.admin_socket if system.simulated and not system.admin_socket_override else None
             api = AdminAPI(system.admin_socket(), restart=restart)
         self.api = api
+        self._release: str | None = None
+        self._has_notes: bool | None = None  # None: not asked yet
 
     # ------------------------------------------------------------------------------------------- reading
     def vm_list(self) -> dict[str, tuple[str, str]]:
-        return adminapi.parse_vm_list(self.api.call("admin.vm.List"))
+        listing = adminapi.parse_vm_list_full(self.api.call("admin.vm.List"))
+        self._release = RELEASE_43 if listing.uuids else RELEASE_42
+        return listing.vms
+
+    @property
+    def release(self) -> str:
+        """Which Admin API this qubesd has, told from its own VM list (R4.3's lines carry ``uuid=``):
+        ``4.3`` (device assignments with modes, notes) or ``4.2``.  Nothing else decides it."""
+        if self._release is None:
+            self.vm_list()
+        assert self._release is not None
+        return self._release
 
     def global_property(self, name: str) -> str | None:
         prop = adminapi.parse_property(self.api.call("admin.property.Get", "dom0", name), name)
@@ -112,23 +140,32 @@ class Qubes:
         return classes
 
     def devices(self, vm: str, devclass: str) -> list[adminapi.DeviceAssignment]:
-        """Persistent device assignments of one class."""
-        assigned = adminapi.parse_devices(self.api.call(f"admin.vm.device.{devclass}.List", vm))
-        return [d for d in assigned if d.persistent]
+        """The VM's device assignments of one class (what qubes.xml holds: R4.2's persistent ones, R4.3's
+        ``…Assigned``), not live attachments."""
+        if self.release == RELEASE_42:
+            assigned = adminapi.parse_devices(self.api.call(f"admin.vm.device.{devclass}.List", vm))
+            return [d for d in assigned if d.persistent]
+        return adminapi.parse_assigned(self.api.call(f"admin.vm.device.{devclass}.Assigned", vm), devclass)
 
     def firewall_rules(self, vm: str) -> list[str]:
         return adminapi.parse_lines(self.api.call("admin.vm.firewall.Get", vm), "firewall rules")
 
     def notes(self, vm: str) -> str | None:
-        """The VM's notes ('' when empty); None where the release has no notes (R4.2 and older)."""
+        """The VM's notes ('' when empty); None where the release has no notes (R4.2: not asked at all) or
+        qubesd refuses them (asked once per run: the answer is remembered)."""
+        if self.release == RELEASE_42 or self._has_notes is False:
+            return None
         try:
             data = self.api.call("admin.vm.notes.Get", vm)
         except PolicyDenied:
+            self._has_notes = False
             return None
         except QubesdError as exc:
             if exc.exc_type in _NOTES_UNSUPPORTED or "unknown method" in exc.message.lower():
+                self._has_notes = False
                 return None
             raise
+        self._has_notes = True
         if len(data) > MAX_NOTES:
             raise AdminAPIError(f"qubesd: notes of {vm} exceed {MAX_NOTES >> 10} KiB")
         return self._text(data, f"notes of {vm}")
@@ -211,7 +248,11 @@ class Qubes:
         for devclass in classes:
             dev_el = etree.SubElement(el, "devices", attrib={"class": devclass})
             for dev in self.devices(name, devclass):
-                d = etree.SubElement(dev_el, "device", attrib={"backend-domain": dev.backend, "id": dev.ident})
+                # as this release's qubes.xml has it: R4.3 adds the mode and the device's identity
+                d = etree.SubElement(dev_el, "device", attrib={"backend-domain": dev.backend, "id": dev.port})
+                if self.release != RELEASE_42:
+                    d.set("mode", dev.mode)
+                    d.set("identity", dev.device_id)
                 for key, value in dev.options.items():
                     etree.SubElement(d, "option", name=key).text = value
         tags = etree.SubElement(el, "tags")
@@ -261,24 +302,46 @@ class Qubes:
     def remove_tag(self, vm: str, tag: str) -> None:
         self.api.call("admin.vm.tag.Remove", vm, tag)
 
-    def attach_device(self, vm: str, devclass: str, backend: str, ident: str, options: Mapping[str, str]) -> None:
-        if not _DEVCLASS_RE.match(devclass):
-            raise AdminAPIError(f"bad device class {devclass[:40]!r}")
-        for key, value in options.items():  # one KEY=VALUE word each: nothing can add or override an option
-            if not _OPTION_KEY_RE.match(key) or not _OPTION_VALUE_RE.match(value):
-                raise AdminAPIError(f"bad option {key[:40]!r} of {devclass} device {backend}:{ident}")
-        payload = " ".join(["persistent=True", *(f"{k}={v}" for k, v in options.items())])
-        self.api.call(f"admin.vm.device.{devclass}.Attach", vm, f"{backend}+{ident}", payload.encode())
+    def assign_device(self, vm: str, devclass: str, assignment: adminapi.DeviceAssignment) -> None:
+        """A persistent assignment, as this release makes one: R4.2 ``…Attach`` with ``persistent=True``
+        and the options (port only, no mode); R4.3 ``…Assign`` with Qubes' serialization (device identity,
+        mode, options).  Checked first (``adminapi.check_assignment``): nothing can add or override a field."""
+        adminapi.check_assignment(devclass, assignment)
+        arg = adminapi.assignment_arg(assignment)
+        if self.release == RELEASE_42:
+            if assignment.port == adminapi.ANY:
+                raise AdminAPIError("R4.2 assigns devices by port only")
+            self.api.call(f"admin.vm.device.{devclass}.Attach", vm, arg, adminapi.attach_payload(assignment))
+        else:
+            payload = adminapi.serialize_assignment(devclass, assignment, vm)
+            self.api.call(f"admin.vm.device.{devclass}.Assign", vm, arg, payload)
+
+    def label_color(self, label: str) -> str:
+        return self._text(self.api.call("admin.label.Get", "dom0", label), f"label {label}").strip()
+
+    def create_label(self, label: str, color: str) -> None:
+        """``admin.label.Create``: a label NAME (``[A-Za-z0-9_.-]``, not all digits) of colour ``0xRRGGBB``."""
+        if not _LABEL_RE.match(label) or label.isdigit() or not _COLOR_RE.match(color):
+            raise AdminAPIError(f"not a label name and colour: {label[:40]!r} {color[:20]!r}")
+        self.api.call("admin.label.Create", "dom0", label, color.encode("ascii"))
+
+    def remove_label(self, label: str) -> None:
+        self.api.call("admin.label.Remove", "dom0", label)
 
     def set_firewall(self, vm: str, rules: Sequence[str]) -> None:
         self.api.call("admin.vm.firewall.Set", vm, "", "".join(f"{r}\n" for r in rules).encode())
 
     def set_notes(self, vm: str, text: str) -> bool:
-        """False (nothing written) where the release has no notes (R4.2 and older), as ``notes()`` reads."""
+        """False (nothing written) where the release has no notes (R4.2: no call is made).  A refusal (qubesd
+        closes the connection: e.g. notes over its 256000 bytes, or its sanitiser library missing) is a
+        BackupError for the caller to report; the VM is fine without its notes."""
+        if self.release == RELEASE_42 or self._has_notes is False:
+            return False
         try:
             self.api.call("admin.vm.notes.Set", vm, "", text.encode())
         except QubesdError as exc:
             if exc.exc_type in _NOTES_UNSUPPORTED or "unknown method" in exc.message.lower():
+                self._has_notes = False
                 return False
             raise
         return True
@@ -305,13 +368,20 @@ def _xml_value(prop: Property, label_ids: Mapping[str, str]) -> str:
 class VolumeImport:
     """One running ``admin.vm.volume.ImportWithSize VOLUME`` (env QREXEC_REMOTE_DOMAIN=dom0
     QREXEC_REQUESTED_TARGET=VM), fed ``SIZE\\n`` and then exactly SIZE bytes.  The service exits 0 even when
-    the import failed: its stdout (a qubesd reply) decides."""
+    the import failed: its stdout (a qubesd reply) decides.
+
+    Aborted as Qubes' own restore aborts one (it stops feeding it): the input ends (``hang_up``), the service
+    sees a short import, ends it with ``ImportEnd fail`` (qubesd removes the half-written volume) and its EXIT
+    trap removes its temporary file from /tmp.  Only a service still running ABORT_GRACE seconds later gets
+    SIGTERM (the trap still runs), and SIGKILL TERM_GRACE seconds after that."""
 
     def __init__(self, system: System, vm: str, volume: str, size: int, socket_path: str) -> None:
         self.vm, self.volume, self.size = vm, volume, size
         self.written = 0
         self._done = False
+        self._hung_up = False
         self._abort_lock = threading.Lock()
+        self._stdin_lock = threading.Lock()  # closing stdin vs. hang_up from another thread
         script = system.rpc_dir / IMPORT_SERVICE
         if not script.is_file():
             raise BackupError(f"cannot restore {vm}: {script} is missing")
@@ -344,6 +414,8 @@ class VolumeImport:
             raise BackupError(f"import of {self._what()} failed: the service stopped reading{reason}") from None
 
     def write(self, data: bytes | memoryview) -> None:
+        if self._hung_up:
+            raise BackupError(f"import of {self._what()} was aborted")
         if self.written + len(data) > self.size:
             self.abort()
             raise BackupError(f"import of {self._what()}: more than {self.size} bytes")
@@ -383,6 +455,8 @@ class VolumeImport:
             self.abort()
             raise BackupError(f"import of {self._what()} failed: the service stopped reading{reason}") from None
         except OSError as exc:
+            if self._hung_up:  # stdin is /dev/null now (hang_up): not a pipe, so splice refuses it
+                raise BackupError(f"import of {self._what()} was aborted") from None
             if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise BackupError(f"import of {self._what()} failed: {exc.strerror or exc}") from None
             global _ZERO_FD
@@ -395,8 +469,7 @@ class VolumeImport:
             raise BackupError(f"import of {self._what()}: {self.written} of {self.size} bytes written")
         assert self.proc.stdin is not None
         try:
-            with contextlib.suppress(BrokenPipeError):
-                self.proc.stdin.close()
+            self._close_stdin()
             try:
                 self.proc.wait(IMPORT_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -421,21 +494,53 @@ class VolumeImport:
         text = " ".join(tail.split())
         return f" ({text})" if text else ""
 
+    def hang_up(self) -> None:
+        """End the service's input now, from any thread, without waiting.  The pipe is not closed under a
+        writer on another thread (its descriptor could be reused by then): /dev/null takes its place (dup2),
+        so the service sees the end of its input as soon as a write in progress returns."""
+        with self._stdin_lock:
+            if self._hung_up:
+                return
+            self._hung_up = True
+            stdin = self.proc.stdin
+            if stdin is None or stdin.closed:
+                return
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(devnull, stdin.fileno(), inheritable=False)
+            finally:
+                os.close(devnull)
+
     def abort(self) -> None:
-        """Kill the service (if still running), reap it, release everything; idempotent, from any thread (an
-        import finishing in the background may be aborted by a cancelled restore)."""
+        """Stop the service (if still running) the way its script expects, reap it, release everything;
+        idempotent, from any thread (an import finishing in the background may be aborted by a cancelled
+        restore).  ``hang_up`` every import first to let them all end at once."""
         with self._abort_lock:
             if self._done:
                 return
             self._done = True
+        self.hang_up()
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
+            self._stop()
+        self._close_stdin()
         self._close_files()
+
+    def _stop(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(ABORT_GRACE)  # it ends the import itself (ImportEnd fail) and cleans up
+            return
+        for sig, grace in ((signal.SIGTERM, TERM_GRACE), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace)
+                return
+
+    def _close_stdin(self) -> None:
+        with self._stdin_lock:
+            if self.proc.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.proc.stdin.close()
 
     def _close_files(self) -> None:
         self._out.close()

@@ -41,8 +41,9 @@ from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import extractor, tarwriter
 from qubes_backup_dom0.format import manifest as manifest_mod
 from qubes_backup_dom0.qubes import firewall
-from qubes_backup_dom0.qubes.interface import Qubes, VolumeImport
-from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Domain
+from qubes_backup_dom0.qubes.adminapi import ANY, DeviceAssignment, QubesdError
+from qubes_backup_dom0.qubes.interface import RELEASE_42, Qubes, VolumeImport
+from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Collection, Domain
 from qubes_backup_dom0.restore import risk
 from qubes_backup_dom0.restore.extract import ArchiveTarget, MemorySink
 from qubes_backup_dom0.restore.plan import RestorePlan, VmAction
@@ -60,7 +61,9 @@ LAST_PASS = ("netvm", "default_dispvm", "management_dispvm", "audiovm", "guivm")
 #: Properties whose value may not exist here (e.g. a kernel version): refused -> default, with a warning.
 SOFT_PROPERTIES = frozenset({"kernel", "kernelopts"})
 
-_VOLUME_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")  # Qubes' volume names: root, private, volatile, kernel
+_VOLUME_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # what admin.label.Create takes (not all digits)
+_COLOR = re.compile(r"0x[0-9a-fA-F]{6}")  # Qubes' volume names: root, private, volatile, kernel
 _live_nonces: set[str] = set()  # restores of this process that are running (their VMs are not leftovers)
 _live_lock = threading.Lock()
 
@@ -391,12 +394,63 @@ def _vm_files(plan: RestorePlan, action: VmAction) -> _VmFiles:
     return _VmFiles(volumes, f"{base}/firewall.xml", f"{base}/notes.txt")
 
 
-def _devices(dom: Domain) -> Iterator[tuple[str, str, str, dict[str, str]]]:
-    """(class, backend, ident, options) of each persistent device assignment in the backup's qubes.xml."""
+@dataclass(frozen=True)
+class BackedUpDevice:
+    """One device assignment in the backup's qubes.xml: an R4.2 backup's ``<device backend-domain id>`` (a
+    persistent assignment: no mode, no identity), an R4.3 backup's with ``mode`` and ``identity`` (the
+    device's own id; ``*``: whatever is in that port)."""
+
+    devclass: str
+    backend: str
+    port: str
+    identity: str
+    mode: str | None  # None: R4.2's persistent assignment
+    options: dict[str, str]
+
+
+def _devices(dom: Domain) -> Iterator[BackedUpDevice]:
     for devs in dom.element.iterfind("devices"):
         for dev in devs.iterfind("device"):
             options = {o.get("name", ""): o.text or "" for o in dev.iterfind("option")}
-            yield devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), options
+            mode = dev.get("mode")
+            legacy = dev.get("required")  # R4.3's own reader takes this older spelling too
+            if mode is None and legacy is not None:
+                mode = "required" if legacy.lower() in ("1", "yes", "true", "on") else "auto-attach"
+            identity = options.pop("identity", None) or dev.get("identity") or ANY
+            yield BackedUpDevice(devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ANY),
+                                 identity, mode, options)  # fmt: skip
+
+
+def map_device(dev: BackedUpDevice, backend: str, release: str) -> tuple[DeviceAssignment | None, str | None]:
+    """The assignment to make on this system (of ``release``) for one in the backup, and what to tell the
+    user about it (None: nothing).
+
+    R4.3 here: the backup's mode and device identity; an R4.2 backup's persistent assignment becomes
+    ``required`` for PCI and block devices (as R4.3's qubesd reads an R4.2 qubes.xml, and as Qubes' own
+    restore does) and ``auto-attach`` for the others (R4.3 makes only PCI and block devices required).
+    R4.2 here: R4.2's only kind, a persistent assignment of a port (attached whenever the VM starts): an
+    assignment of a device identity in any port cannot be made; a device identity is dropped and a mode
+    other than required is said."""
+    if release != RELEASE_42:
+        mode = dev.mode or ("required" if dev.devclass in ("pci", "block") else "auto-attach")
+        return DeviceAssignment(backend, dev.port, dev.identity, mode, dev.options), None
+    if dev.port == ANY:
+        return None, f"R4.2 assigns devices by port only (this assigns device {dev.identity} in any port)"
+    notes = []
+    if dev.identity != ANY:
+        notes.append(f"assigned by port only (R4.2 has no device identities: {dev.identity})")
+    if dev.mode not in (None, "required"):
+        notes.append(f"{dev.mode} on R4.3, attached whenever the VM starts on R4.2")
+    return DeviceAssignment(backend, dev.port, ANY, "required", dev.options), "; ".join(notes) or None
+
+
+def _label_color(backup: Collection, label: str) -> str | None:
+    """The colour (``0xRRGGBB``) the backup's qubes.xml gives label ``label``."""
+    labels = backup.root.find("labels")
+    for el in [] if labels is None else labels.iterfind("label"):
+        if el.text == label:
+            return el.get("color")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ applier
@@ -414,6 +468,10 @@ class Applier:
         self.committed = False
         self.home_staging: Path | None = None
         self.home_restored_to: Path | None = None
+        self.created_labels: list[str] = []
+        self._creating: str | None = None  # the VM being created (Create sent, not yet in self.created)
+        self._before: set[str] = set()  # the VMs there were before the first creation
+        self._labels_later: dict[str, tuple[str, str]] = {}  # VM -> (label, colour) to create at the commit
         self._imports: list[VolumeImport] = []
         self._lock = threading.Lock()
         self._finisher = Finisher()
@@ -423,6 +481,7 @@ class Applier:
         """Create every restored VM: templates, then templates for disposables, then the rest (Qubes' own
         restore order; a VM's template is thereby created before it, whatever order the manifest has)."""
         labels = set(self.qubes.labels())
+        self._before = set(self.qubes.vm_list())
         for action in sorted(self._restored(), key=self._rank):
             self._create(action, labels)
 
@@ -439,18 +498,25 @@ class Applier:
         dom = self.plan.backup[action.name]
         name = action.target_name
         label = dom.label or "red"
-        if label not in labels:
-            self.warnings.append(f"VM {name}: label {label} does not exist here; using red")
+        if label not in labels:  # a label of the user's (admin.label.Create): made at the commit, red till then
+            color = _label_color(self.plan.backup, label)
+            if color is not None and _LABEL.fullmatch(label) and not label.isdigit() and _COLOR.fullmatch(color):
+                self._labels_later[name] = (label, color)
+            else:
+                self.warnings.append(f"VM {name}: label {label} does not exist here; using red")
             label = "red"
         explicit, template = self.plan.reference(action, "template")
+        self._creating = name  # an interruption from here until it is in self.created: see rollback
         try:  # qubesd's error names dom0 (the call's destination), not the VM
             if dom.klass in ("AppVM", "DispVM"):
                 self.qubes.create_vm(dom.klass, name, label, template if explicit else None)
             else:
                 self.qubes.create_vm(dom.klass, name, label, None)
         except BackupError as e:
+            self._creating = None  # qubesd answered: it did not create it
             raise BackupError(f"restoring VM {name}: cannot create it: {e}") from None
         self.created.append(name)
+        self._creating = None
         self.qubes.set_tag(name, IN_PROGRESS)  # before any other write to the new VM
         self.qubes.set_tag(name, self.owner)
         settings = self.plan.settings
@@ -462,10 +528,24 @@ class Applier:
                 continue
             try:
                 self.qubes.set_property(name, prop, value)
+            except QubesdError as e:
+                if e.exc_type == "QubesNoSuchPropertyError":  # e.g. R4.3's bootmode restored on R4.2
+                    self.warnings.append(f"VM {name}: property {prop} does not exist on this Qubes release; "
+                                         f"not restored ({value!r})")  # fmt: skip
+                    continue
+                if prop not in SOFT_PROPERTIES:
+                    raise BackupError(f"restoring VM {name}: property {prop}: {e}") from None
+                self.warnings.append(f"VM {name}: {prop} {value!r} refused here ({e}); left at the default")
             except BackupError as e:
                 if prop not in SOFT_PROPERTIES:
                     raise BackupError(f"restoring VM {name}: property {prop}: {e}") from None
                 self.warnings.append(f"VM {name}: {prop} {value!r} refused here ({e}); left at the default")
+        # the restored data is this backup's: its (authenticated) creation time is the VM's last backup
+        created = int(self.plan.header.created_datetime.timestamp())
+        try:
+            self.qubes.set_property(name, "backup_timestamp", str(created))
+        except BackupError as e:
+            self.warnings.append(f"VM {name}: backup_timestamp not set ({e})")
         for feature, value in dom.features.items():
             if feature in ("backup-content", "backup-path", "backup-size"):
                 continue
@@ -475,14 +555,22 @@ class Applier:
             # Tags a policy trusts never come back, whatever was granted (risk.py); the rest as the plan says.
             if not risk.is_restore_tag(tag) and not settings.dropped(dom.name, "tag", tag):
                 self.qubes.set_tag(name, tag)
-        for devclass, backend, ident, options in _devices(dom):
-            if settings.dropped(dom.name, "device", f"{devclass}:{backend}:{ident}"):
+        release = self.qubes.release
+        for dev in _devices(dom):
+            if settings.dropped(dom.name, "device", f"{dev.devclass}:{dev.backend}:{dev.port}"):
                 continue
-            backend = self.plan.renames.get(backend, backend)
+            backend = self.plan.renames.get(dev.backend, dev.backend)
+            what = f"{dev.devclass} device {backend}:{dev.port}"
+            assignment, note = map_device(dev, backend, release)
             try:
-                self.qubes.attach_device(name, devclass, backend, ident, options)
+                if assignment is None:
+                    raise BackupError(note or "")
+                self.qubes.assign_device(name, dev.devclass, assignment)
             except BackupError as e:  # as Qubes' restore: the VM is fine without it; say so
-                self.warnings.append(f"VM {name}: {devclass} device {backend}:{ident} not attached: {e}")
+                self.warnings.append(f"VM {name}: {what} not assigned: {e}")
+                continue
+            if note:
+                self.warnings.append(f"VM {name}: {what}: {note}")
 
     # -- 3: data
     def target_for(self, archive: manifest_mod.ArchiveEntry) -> ArchiveTarget:
@@ -507,8 +595,11 @@ class Applier:
             self.qubes.set_firewall(name, rules)
 
         def set_notes(data: bytes) -> None:
-            if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
-                self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+            try:
+                if not self.qubes.set_notes(name, data.decode("utf-8", "replace")):
+                    self.warnings.append(f"VM {name}: notes not restored (this Qubes release has no notes)")
+            except BackupError as e:  # as a device: the VM is fine without them; say so
+                self.warnings.append(f"VM {name}: notes not restored ({e})")
 
         def sinks(entry: tarwriter.InnerFile) -> extractor.FileSink | None:
             # Backups put firewall.xml and notes.txt before the volumes: they are applied as soon as they are
@@ -530,6 +621,7 @@ class Applier:
     def commit(self) -> None:
         self._finisher.wait()  # every volume imported (ImportEnd accepted) before anything is committed
         self._finisher.close()
+        self._restore_labels()
         offline = self._without_network()
         for action in self._restored():
             for prop in LAST_PASS:
@@ -577,6 +669,23 @@ class Applier:
         return {a.target_name for a in self._restored()
                 if self.plan.settings.dropped(a.name, "property", "provides_network")}  # fmt: skip
 
+    def _restore_labels(self) -> None:
+        """The user's own labels the backup's VMs have and this system lacks: created with the backup's colour
+        (``admin.label.Create``) and set, now that everything verified; removed again by a rollback."""
+        if not self._labels_later:
+            return
+        existing = set(self.qubes.labels())
+        for name, (label, color) in self._labels_later.items():
+            if label not in existing:
+                try:
+                    self.qubes.create_label(label, color)
+                except BackupError as e:
+                    self.warnings.append(f"VM {name}: label {label} ({color}) could not be created ({e}); using red")
+                    continue
+                self.created_labels.append(label)
+                existing.add(label)
+            self.qubes.set_property(name, "label", label)
+
     def _set_reference(self, name: str, prop: str, value: str | None) -> None:
         try:
             self.qubes.set_property(name, prop, value or "")
@@ -606,9 +715,12 @@ class Applier:
 
     # -- rollback
     def abort_imports(self) -> None:
-        """From any thread: stop running imports (their processes are killed)."""
+        """From any thread: stop running imports, all at once: each one's input ends (its service then ends the
+        import itself), then each is waited for (and killed only when it does not end: VolumeImport.abort)."""
         with self._lock:
             imports = list(self._imports)
+        for imp in imports:
+            imp.hang_up()
         for imp in imports:
             imp.abort()
 
@@ -617,12 +729,24 @@ class Applier:
         self.abort_imports()
         self._finisher.close()  # no import thread writes any more
         self._drop_home_staging()  # first: also when some VM cannot be removed
+        pending, self._creating = self._creating, None
+        if pending is not None and pending not in self.created and not self.committed:
+            # interrupted while qubesd was creating it (SIGTERM, Ctrl-C during admin.vm.Create): a VM of that
+            # name that was not there before is this restore's (qubesd refuses to create an existing name)
+            with contextlib.suppress(BackupError):
+                if pending in self.qubes.vm_list() and pending not in self._before:
+                    self.created.append(pending)
         if not self.committed and self.created:
             left = _remove_all(self.qubes, self.created)
             if left:
                 release_owner_tag(self.owner)  # the next restore cleans them up
                 raise BackupError(f"could not remove VM(s) {', '.join(left)} created by this restore; "
                                   "remove them with qvm-remove")  # fmt: skip
+        if not self.committed:
+            for label in self.created_labels:  # unused again once its VMs are gone
+                with contextlib.suppress(BackupError):
+                    self.qubes.remove_label(label)
+            self.created_labels.clear()
         release_owner_tag(self.owner)
 
 

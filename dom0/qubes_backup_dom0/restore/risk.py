@@ -125,10 +125,13 @@ def policy_tag_reason(tag: str, facts: PolicyFacts | None) -> str | None:
 
 
 def _devices(dom: Domain) -> Iterator[tuple[str, str, str, dict[str, str]]]:
+    """(class, backend, port, what is shown: an R4.3 backup's mode unless ``required`` and device identity
+    unless ``*`` (any device in that port), then the options)."""
     for devs in dom.element.iterfind("devices"):
         for dev in devs.iterfind("device"):
+            shown = {k: dev.get(k, "") for k in ("mode", "identity") if dev.get(k) not in (None, "*", "required")}
             options = {o.get("name", ""): o.text or "" for o in dev.iterfind("option")}
-            yield devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), options
+            yield devs.get("class", ""), dev.get("backend-domain", ""), dev.get("id", ""), {**shown, **options}
 
 
 def is_risky_feature(name: str) -> bool:
