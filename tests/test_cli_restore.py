@@ -504,7 +504,7 @@ def test_restore_from_dom0_file(tmp_path: Path, source_backup: tuple[Sim, Path])
 def test_api_progress_and_result(fresh: tuple[Sim, str], source_backup: tuple[Sim, Path]) -> None:
     dst, location = fresh
     seen: list[tuple[int, int]] = []
-    options = RestoreOptions(vms=("fedora-41", "work"))
+    options = RestoreOptions(vms=("fedora-41", "work"), restore_devices=True)  # work has a block device
     job = Restore(dst.system, location, PASSPHRASE.encode(), source_vm="backupvm", options=options,
                   progress=lambda d, t: seen.append((d, t)))  # fmt: skip
     try:

@@ -535,7 +535,7 @@ def generate(
     """Create the simulation in ``dir``; refuses a non-empty ``dir`` unless ``force`` (then only
     ``dir/dom0``, ``dir/vms`` and ``dir/sim-endpoints.json`` are replaced, nothing else in ``dir`` is touched).
 
-    ``pool``: lvm_thin (the default, as a fresh R4.2 install and the command line), file-reflink or file (what
+    ``pool``: lvm_thin (the default, as a fresh install and the command line), file-reflink or file (what
     older versions built); ``running``: VMs to mark as running; ``keep``: build only these VMs (and dom0) —
     a freshly installed system to restore into; references to the others are dropped, as they would not
     exist there; ``release``: the Qubes release (4.3, the default, or 4.2) whose qubesd the simulated one is
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compressible", type=float, default=0.5, help="fraction of data extents that compress")
     ap.add_argument("--force", action="store_true", help="replace an existing simulation in DIR")
     ap.add_argument("--pool", choices=POOL_KINDS, default="lvm_thin",
-                    help="storage of the VMs' volumes (default lvm_thin, as a fresh R4.2 install)")  # fmt: skip
+                    help="storage of the VMs' volumes (default lvm_thin, as a fresh install)")  # fmt: skip
     ap.add_argument("--release", choices=RELEASES, default=DEFAULT_RELEASE,
                     help="the Qubes release the simulated qubesd is (default %(default)s)")  # fmt: skip
     ap.add_argument("--only", action="append", metavar="VM",
