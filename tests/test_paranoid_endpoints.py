@@ -36,7 +36,7 @@ from test_real_endpoints_restore import (
     Target,
     assert_restored_like,
     assert_same_state,
-    source,  # noqa: F401 - the module's backup, made once
+    sources,  # noqa: F401 - the module's backups, made once per release
 )
 
 DISP_TAG = "qubes-backup-disp-"
@@ -45,12 +45,16 @@ WANTED = ("work", "vault", "sys-net")
 
 
 @pytest.fixture
-def make_target(tmp_path: Path, source: Source) -> Iterator[Callable[..., Target]]:  # noqa: F811
+def make_target(tmp_path: Path, sources: Callable[[str], Source]) -> Iterator[Callable[..., Target]]:  # noqa: F811
+    """A fresh system of ``release`` with a template for disposables, the backup of a system of that release
+    linked into its backupvm, its qubesd started."""
     made: list[Target] = []
 
     def make(release: str) -> Target:
+        source = sources(release)
         t = Target(tmp_path, f"{BACKUPS}/{source.backup.name}")
-        simgen.generate(t.dir, "bench", seed=1, data_mib=1, apparent_gib=0.02, pool="lvm_thin", keep=KEEP)
+        simgen.generate(t.dir, "bench", seed=1, data_mib=1, apparent_gib=0.02, pool="lvm_thin", keep=KEEP,
+                        release=release)  # fmt: skip
         backups = t.dir / "vms/backupvm" / BACKUPS.lstrip("/")
         backups.mkdir(parents=True, exist_ok=True)
         os.link(source.backup, backups / source.backup.name)
@@ -84,9 +88,10 @@ def _writes_to(reqs: list[Req], vm: str) -> list[Req]:
 
 
 @pytest.mark.parametrize("release", ["4.2", "4.3"])
-def test_paranoid_restore_through_fake_endpoints(make_target: Callable[..., Target], source: Source,  # noqa: F811
-                                                 release: str) -> None:  # fmt: skip
+def test_paranoid_restore_through_fake_endpoints(make_target: Callable[..., Target],
+                                                 sources: Callable[[str], Source], release: str) -> None:  # noqa: F811
     t = make_target(release)
+    source = sources(release)
     before = t.qubes().vm_list()
     proc = para(t, *WANTED)
     assert proc.returncode == 0, proc.stderr
