@@ -8,8 +8,10 @@ the same files.  Layout (LIB = /usr/lib/qubes-backup, laid out like this reposit
 package scripts byte-compile it after install and remove the bytecode before removal):
 
 agent (qubes-backup-agent, in a template):
-  LIB/protocol/qubes_backup_protocol/, LIB/vm-agent/qubes_backup_agent/
-  LIB/rpc-policy/qubes.Backup, qubes.Restore        the services (they find LIB relative to themselves)
+  LIB/protocol/qubes_backup_protocol/, LIB/vm-agent/qubes_backup_agent/, LIB/dom0/qubes_backup_dom0/ (the parsing
+  modules qubes.RestoreParanoid runs in a paranoid restore's DisposableVM)
+  LIB/rpc-policy/qubes.Backup, qubes.Restore, qubes.RestoreParanoid   the services (they find LIB relative to
+                                                     themselves)
   /usr/lib/tmpfiles.d/qubes-backup-agent.conf        links them into /run/qubes-rpc at every boot (R4.3 qrexec
                                                      looks there first; not a file of any Qubes package)
   /etc/profile.d/qubes-backup-agent.sh               R4.2 only: makes qrexec's multiplexer look there too
@@ -42,11 +44,13 @@ QUBES_OWNED = frozenset(
         "/etc/qubes-rpc/qubes.Restore",
     )
 )
+# The agent package carries the dom0 package's code too: qubes.RestoreParanoid (a paranoid restore's DisposableVM,
+# based on a template with this package) runs its parsing modules there, with no privilege.
 SOURCES = {
-    "agent": ("protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent"),
+    "agent": ("protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent", "dom0/qubes_backup_dom0"),
     "dom0": ("protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent", "dom0/qubes_backup_dom0"),
 }
-SERVICES = {"agent": ("qubes.Backup", "qubes.Restore"), "dom0": ("qubes.Restore",)}
+SERVICES = {"agent": ("qubes.Backup", "qubes.Restore", "qubes.RestoreParanoid"), "dom0": ("qubes.Restore",)}
 # The dom0 commands: name -> the module whose main() they run.
 COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli.backup", "qvm-backup-restore": "qubes_backup_dom0.cli.restore"}
 

@@ -38,6 +38,9 @@ DEPENDENCIES = {
     "dom0": ("construct", "cryptography", "lxml", "zstandard", "yaml"),
     "vm": ("construct",),
 }
+# Only qubes.RestoreParanoid needs these in a VM (the template of a paranoid restore's DisposableVMs).
+PARANOID_DEPENDENCIES = ("cryptography", "lxml", "zstandard")
+SERVICES = {"dom0": ("qubes.Backup", "qubes.Restore"), "vm": ("qubes.Backup", "qubes.Restore", "qubes.RestoreParanoid")}
 RPM_NAMES = {"yaml": "python3-pyyaml"}  # the module a package provides, where the names differ
 
 COMMAND = '''#!{python} -s
@@ -76,13 +79,11 @@ class InstallError(Exception):
 
 def packages(side: str) -> list[str]:
     """Source package directories (relative to the repo) a side needs."""
-    pkgs = ["protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent"]
-    if side == "dom0":
-        # dom0 restores from a dom0 file by running the agent's qubes.Restore itself (qubes/transport.py), so the
-        # agent comes too.  Never the simulator: the installed commands reach a simulated system (QUBES_SIM) through
-        # the endpoints its generator wrote (DIR/sim-endpoints.json), as they reach a real dom0's.
-        pkgs.insert(1, "dom0/qubes_backup_dom0")
-    return pkgs
+    # dom0 restores from a dom0 file by running the agent's qubes.Restore itself (qubes/transport.py), so the agent
+    # comes too; a VM gets the dom0 package's parsing modules for qubes.RestoreParanoid (a paranoid restore's
+    # DisposableVM).  Never the simulator: the installed commands reach a simulated system (QUBES_SIM) through the
+    # endpoints its generator wrote (DIR/sim-endpoints.json), as they reach a real dom0's.
+    return ["protocol/qubes_backup_protocol", "dom0/qubes_backup_dom0", "vm-agent/qubes_backup_agent"]
 
 
 def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
@@ -93,7 +94,7 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
         for src in sorted((REPO / pkg).rglob("*.py")):
             if "__pycache__" not in src.parts:
                 files[f"{lib}/{src.relative_to(REPO)}"] = (src.read_bytes(), 0o644)
-    for service in ("qubes.Backup", "qubes.Restore"):
+    for service in SERVICES[side]:
         files[f"{lib}/rpc-policy/{service}"] = ((REPO / "rpc-policy" / service).read_bytes(), 0o755)
     if side == "dom0":
         rel = os.path.relpath(lib, a.bindir)
@@ -105,7 +106,7 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
         files[f"{a.policydir}/{POLICY}"] = ((REPO / "rpc-policy" / POLICY).read_bytes(), 0o644)
     else:
         rel = os.path.relpath(lib, a.servicedir)
-        for name in ("qubes.Backup", "qubes.Restore"):
+        for name in SERVICES[side]:
             files[f"{a.servicedir}/{name}"] = (SERVICE.format(python=a.python, name=name, rel=rel).encode(), 0o755)
     return files
 
@@ -191,6 +192,12 @@ def check_dependencies(side: str, python: str) -> None:
         rpms = " ".join(RPM_NAMES.get(m, f"python3-{m}") for m in missing)
         print(f"warning: {python} cannot import {', '.join(missing)}: install {rpms} (docs/INSTALL.md)",
               file=sys.stderr)  # fmt: skip
+    if side == "vm":
+        paranoid = [m for m in PARANOID_DEPENDENCIES
+                    if subprocess.run([python, "-c", f"import {m}"], capture_output=True).returncode]  # fmt: skip
+        if paranoid:
+            print(f"note: {python} cannot import {', '.join(paranoid)}: needed only where qubes.RestoreParanoid "
+                  "runs (the template of a paranoid restore's DisposableVMs, docs/INSTALL.md)", file=sys.stderr)
 
 
 def remove_file(target: Path) -> None:

@@ -26,7 +26,8 @@ from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent
 LIB = "/usr/lib/qubes-backup"
-SERVICES = ("qubes.Backup", "qubes.Restore")
+SERVICES = ("qubes.Backup", "qubes.Restore")  # Qubes has its own of these two
+AGENT_SERVICES = (*SERVICES, "qubes.RestoreParanoid")  # what the agent package links into /run/qubes-rpc
 QUBES_OWNED = ("/usr/bin/qvm-backup", "/usr/bin/qvm-backup-restore", "/etc/qubes-rpc/qubes.Backup",
                "/etc/qubes-rpc/qubes.Restore")  # fmt: skip
 RPM = ["rpm", "--dbpath", "/var/lib/rpm"]  # rpm on Debian keeps its database in ~/.rpmdb otherwise
@@ -208,34 +209,46 @@ def test_agent_package_contents(dist: Path, tmp_path: Path, kind: str) -> None:
         assert re.search(r"^Package: qubes-backup-agent$", fields, re.M)
         assert re.search(rf"^Version: {re.escape(VERSION)}$", fields, re.M)
         assert re.search(r"^Architecture: all$", fields, re.M)
-        depends = re.search(r"^Depends: (.*)$", fields, re.M)
-        assert depends, fields
-        required = {d.split()[0] for d in depends.group(1).split(", ")}
-        suggested = set(re.findall(r"^Suggests: (.*)$", fields, re.M))
+
+        def field(name: str) -> set[str]:
+            m = re.search(rf"^{name}: (.*)$", fields, re.M)
+            return {d.split()[0] for d in m.group(1).split(", ")} if m else set()
+
+        required, recommended, suggested = field("Depends"), field("Recommends"), field("Suggests")
     else:
         files, root = rpm_files(pkg), extract_rpm(pkg, tmp_path / "x")
-        required = {line.split()[0] for line in rpm_query(pkg, "--requires").splitlines()}
-        suggested = {line.split()[0] for line in rpm_query(pkg, "--suggests").splitlines()}
+
+        def field(name: str) -> set[str]:
+            return {line.split()[0] for line in rpm_query(pkg, f"--{name}").splitlines()}
+
+        required, recommended, suggested = field("requires"), field("recommends"), field("suggests")
     ours = {p for p in files if p.startswith(f"{LIB}/")}
-    # The agent, its protocol and the service entry points; nothing of the dom0 package, the sim or the tests.
-    sources = ("protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent")
+    # The agent, its protocol, the dom0 package's code (for qubes.RestoreParanoid) and the service entry points;
+    # nothing of the sim or the tests.
+    sources = ("protocol/qubes_backup_protocol", "vm-agent/qubes_backup_agent", "dom0/qubes_backup_dom0")
     expected = {f"{LIB}/{p.relative_to(REPO)}" for d in sources for p in (REPO / d).rglob("*.py")
                 if "__pycache__" not in p.parts}  # fmt: skip
-    expected |= {f"{LIB}/rpc-policy/{s}" for s in SERVICES}
+    expected |= {f"{LIB}/rpc-policy/{s}" for s in AGENT_SERVICES}
     assert ours == expected
+    assert not [p for p in files if "qubes_backup_sim" in p or "/tests/" in p]
     assert set(files) - ours - {
         "/usr/lib/tmpfiles.d/qubes-backup-agent.conf",
         "/etc/profile.d/qubes-backup-agent.sh",
     } <= {p for p in files if p.startswith(("/usr/share/doc/", "/usr/share/python3/runtime.d/"))}
     assert not set(files) & set(QUBES_OWNED)
-    for service in SERVICES:
+    for service in AGENT_SERVICES:
         assert files[f"{LIB}/rpc-policy/{service}"].startswith("-rwxr-xr-x root")
         installed = root / f"{LIB}/rpc-policy/{service}".lstrip("/")
         assert installed.read_bytes() == (REPO / "rpc-policy" / service).read_bytes()
-    # Every module the agent imports comes from a dependency (boto3: only for s3://, suggested).
-    imports = third_party_imports(packaged_python(files, root))
-    assert imports == {"construct", "boto3"}, imports
-    assert "python3-construct" in required and "python3" in required
+    # Every module a VM runs comes from a dependency: the agent's (construct) required; what only
+    # qubes.RestoreParanoid needs recommended; boto3 (only s3://) suggested.  (dom0's command lines, cli/, never
+    # run in a VM.)
+    in_vm = {p: s for p, s in packaged_python(files, root).items() if f"{LIB}/dom0/qubes_backup_dom0/cli/" not in p}
+    agent = {p: s for p, s in in_vm.items() if p.startswith((f"{LIB}/vm-agent/", f"{LIB}/protocol/"))}
+    assert third_party_imports(agent) - {"boto3"} == {"construct"}
+    assert third_party_imports(in_vm) == {"construct", "boto3", "cryptography", "lxml", "zstandard"}
+    assert {"python3", "python3-construct"} <= required
+    assert {"python3-cryptography", "python3-lxml", "python3-zstandard"} <= recommended
     assert "python3-boto3" in suggested
 
 
@@ -337,9 +350,12 @@ def test_agent_package_in_a_template(dist: Path, tmp_path: Path, kind: str, rele
     for boot in ("installed in the running template", "a qube based on it, after its start"):
         if boot.startswith("a qube"):
             restart(root)
-        for service in SERVICES:
+        for service in AGENT_SERVICES:
             found = which_service(root, release, service)
             assert resolved(root, found) == f"{LIB}/rpc-policy/{service}", (boot, found)
+        # qubes.RestoreParanoid starts with the system's python3 and its packages (a request cut short: one line).
+        r = call(root, release, "qubes.RestoreParanoid", b"\n")
+        assert r.returncode != 0 and b"Traceback" not in r.stderr and b"bad request" in r.stderr, r.stderr
         # A request in Qubes' own protocol still reaches Qubes' own service, unchanged, through ours.
         r = call(root, release, "qubes.Backup", b"/media/usb\n" + b"x" * 100_000)
         assert r.returncode == 0, r.stderr.decode()
@@ -359,6 +375,8 @@ def test_agent_package_in_a_template(dist: Path, tmp_path: Path, kind: str, rele
             restart(root)
         for service in SERVICES:
             assert which_service(root, release, service) == f"/etc/qubes-rpc/{service}", boot
+        r = root.run([QREXEC[release], "qubes.RestoreParanoid"], env=root.env(WHICH="1"))
+        assert r.returncode == 127 and b"Service not found" in r.stderr, boot
     after = files_outside_databases(root)
     assert after == before, sorted(set(after.items()) ^ set(before.items()))
     assert not root.path(LIB).exists()
@@ -451,14 +469,31 @@ def test_backup_and_restore_through_the_installed_packages(tmp_path: Path, insta
     share_backup(backup, fresh)
     r = run("qvm-backup-restore", "--verify-only", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", sim=fresh)
     assert r.returncode == 0 and "Backup verified" in r.stdout, r.stderr
-    r = run("qvm-backup-restore", "-d", "backupvm", f"{VM_BACKUPS}/{backup.name}", "fedora-41", "work", sim=fresh)
+    r = run(
+        "qvm-backup-restore",
+        "-d",
+        "backupvm",
+        f"{VM_BACKUPS}/{backup.name}",
+        "fedora-41",
+        "work",
+        "--restore-devices",
+        sim=fresh,
+    )
     assert r.returncode == 0, r.stderr
     assert_same_vm(src, "work", fresh)
     # From a file in dom0: the dom0 package's own agent reads it (confined by bubblewrap).
     other = make_fresh(tmp_path / "other", src)
     os.link(backup, other.dom0 / "backup.tar")
-    r = run("qvm-backup-restore", "/backup.tar", "fedora-41", "work", sim=other, QUBES_SIM_SANDBOX="1",
-            QUBES_BACKUP_RPC_DIR="")
+    r = run(
+        "qvm-backup-restore",
+        "/backup.tar",
+        "fedora-41",
+        "work",
+        "--restore-devices",
+        sim=other,
+        QUBES_SIM_SANDBOX="1",
+        QUBES_BACKUP_RPC_DIR="",
+    )
     assert r.returncode == 0, r.stderr
     assert_same_vm(src, "work", other)
     # What ran was the installed dom0 code (Python compiled it at install; no source tree on its path).
