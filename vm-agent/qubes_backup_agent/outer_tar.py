@@ -57,6 +57,10 @@ class TarError(StorageError):
     """The stored stream is not an outer tar of a backup (one line, sent to dom0 as an ERROR frame)."""
 
 
+class ForeignFormatError(TarError):
+    """The file is a tar of another tool (Qubes OS' own backup): not ours, but not damaged either."""
+
+
 class TruncatedError(TarError):
     """The input ended inside a member's data or padding."""
 
@@ -166,7 +170,7 @@ class OuterReader:
         if self._ended:
             return None
         if self._foreign:
-            raise TarError("not a qubes-backup tar: its first member's tar header was written by another "
+            raise ForeignFormatError("not a qubes-backup tar: its first member's tar header was written by another "
                            "tool (Qubes OS' own qvm-backup, or a tar re-packed by hand); nothing after it is read")
         if self._member is not None:
             self._skip(self._data_left + self._pad_left)

@@ -24,7 +24,7 @@ from qubes_backup_protocol.frames import FrameType
 
 from . import confine
 from .common import EXIT_FAILED, EXIT_OK, install_signal_handlers, send_error, silence
-from .outer_tar import MAX_MEMBER_SIZE, Member, OuterReader, TarError, TruncatedError
+from .outer_tar import MAX_MEMBER_SIZE, ForeignFormatError, Member, OuterReader, TarError, TruncatedError
 from .storage import StorageError, classify
 from .storage.command import CommandSource
 from .storage.directory import open_file
@@ -164,7 +164,8 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     except StorageError as exc:
         # TarError: the backup is malformed (dom0: "the backup is damaged", exit 3), unless a hook command gave
         # the bytes: its failure (a dead connection) looks just like that, so it stays a plain failure.
-        send_error(stdout, str(exc), damaged=isinstance(exc, TarError) and source is None)
+        damaged = isinstance(exc, TarError) and not isinstance(exc, ForeignFormatError) and source is None
+        send_error(stdout, str(exc), damaged=damaged)
         return EXIT_FAILED
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")
