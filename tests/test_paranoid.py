@@ -404,6 +404,26 @@ def test_a_tampered_backup_is_refused_by_the_disposable(target: tuple[Sim, str])
     assert_clean(sim, before, [])
 
 
+def test_a_malformed_backup_file_is_damaged(target: tuple[Sim, str]) -> None:
+    """The backup VM's strict tar reader refuses the file after the first member (non-zero padding): its DAMAGED
+    frame is a damaged backup (exit 3) in paranoid mode too, the DisposableVM removed."""
+    sim, location = target
+    path = sim.vm_root("backupvm") / location.lstrip("/")
+    with tarfile.open(path) as tar:
+        first = tar.next()
+        assert first is not None and first.name == "backup-header" and first.size % 512
+        padding = first.offset_data + first.size
+    bad = path.with_name("qubes-backup-2026-01-02T000000")
+    data = bytearray(path.read_bytes())
+    data[padding] = 1
+    bad.write_bytes(data)
+    before = Unchanged(sim)
+    r = para(sim, "-d", "backupvm", f"{VM_BACKUPS}/{bad.name}", "work")
+    assert r.returncode == 3, r.stderr
+    assert "the backup is damaged: backup VM reports: " in one_error_line(r.stderr)
+    assert_clean(sim, before, [])
+
+
 def test_a_backup_in_qubes_own_format_is_named_by_the_disposable(target: tuple[Sim, str]) -> None:
     """dom0 does not read the header in this mode: the DisposableVM recognises Qubes' format and says so."""
     sim, _location = target

@@ -104,8 +104,8 @@ def test_paranoid_restore_through_fake_endpoints(make_target: Callable[..., Targ
     assert first[1:3] == [("admin.vm.property.Set", "netvm", ""), ("admin.vm.Start", "", "")]
     assert first[-1][:1] == ("admin.vm.Kill",) and disp not in t.qubes().vm_list()
     qvm_run = [json.loads(line) for line in (t.dir / "vms/qvm-run.log").read_text().splitlines()]
-    assert qvm_run == [["--pass-io", "--no-gui", "--service", "--", "backupvm", "qubes.Restore"],
-                       ["--pass-io", "--no-gui", "--service", "--", disp, pf.SERVICE]]  # fmt: skip
+    assert sorted(qvm_run) == [["--pass-io", "--no-gui", "--service", "--", "backupvm", "qubes.Restore"],
+                               ["--pass-io", "--no-gui", "--service", "--", disp, pf.SERVICE]]  # fmt: skip
     created = [r.payload.split(" ")[0].removeprefix("name=") for r in reqs if r.method.startswith("admin.vm.Create.")]
     assert sorted(created) == sorted(WANTED)
     for r in reqs:

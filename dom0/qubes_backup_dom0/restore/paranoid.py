@@ -163,7 +163,7 @@ class ParanoidRestore:
         channel = self.receiver.channel
         assert channel is not None
         limits = {FrameType.MEMBER: (names.MAX_NAME_LEN, limit), FrameType.END: (0, 0),
-                  FrameType.ERROR: (0, MAX_ERROR_LEN)}  # fmt: skip
+                  FrameType.ERROR: (0, MAX_ERROR_LEN), FrameType.DAMAGED: (0, MAX_ERROR_LEN)}  # fmt: skip
         try:
             frame = channel.recv(limits, names.is_member_name, into)
         except ProtocolError as e:
@@ -172,6 +172,8 @@ class ParanoidRestore:
             raise VerificationError("the backup ends too early (truncated, or the backup VM stopped)")
         if frame.type == FrameType.ERROR:
             raise BackupError(f"backup VM reports: {safe_text(frame.data)}")
+        if frame.type == FrameType.DAMAGED:  # its reader found the file malformed (as receive.py: exit 3)
+            raise VerificationError(f"the backup is damaged: backup VM reports: {safe_text(frame.data)}")
         return frame
 
     def _disp_reason(self, error: BackupError) -> BackupError:
