@@ -262,3 +262,20 @@ def test_short_passphrase_is_warned_about(sim: Sim) -> None:
     assert f"use {SHORT_PASSPHRASE} or more characters" in r.stderr
     r = sim.backup("-d", "backupvm", VM_BACKUPS, "work")  # the usual test passphrase: long enough
     assert r.returncode == 0 and "the passphrase has only" not in r.stderr
+
+
+def test_backups_started_in_the_same_second_get_different_names(sim: Sim) -> None:
+    """Names resolve to the second: a backup started in the same second as the previous one is named one
+    second later (its authenticated creation time too), not refused as "already exists"."""
+    from qubes_backup_dom0.backup.targets import backup_instant
+    from qubes_backup_dom0.format.naming import file_name
+
+    instants = [backup_instant(sim.system) for _ in range(3)]
+    assert len({file_name(t) for t in instants}) == 3
+    assert instants == sorted(instants)
+    # the real thing, twice in a row: two files, both restorable by name
+    before = set(sim.vm_backups.iterdir())
+    for _ in range(2):
+        r = sim.run("qvm-backup", "-y", "-p", "/pw", *KDF, "-d", "backupvm", VM_BACKUPS, "work")
+        assert r.returncode == 0, r.stderr
+    assert len(set(sim.vm_backups.iterdir()) - before) == 2

@@ -12,12 +12,11 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from qubes_backup_dom0.backup.pipeline import write_backup
 from qubes_backup_dom0.backup.plan import BackupOptions, BackupPlan, ProgressCallback, plan_backup
-from qubes_backup_dom0.backup.targets import AgentTarget, LocalTarget, backup_file_name, check_location
+from qubes_backup_dom0.backup.targets import AgentTarget, LocalTarget, backup_file_name, backup_instant, check_location
 from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
 from qubes_backup_dom0.format.header import Header, format_created
 from qubes_backup_dom0.qubes.system import System
@@ -107,7 +106,7 @@ def _run_planned(
 ) -> BackupResult:
     # One instant for the file name and the authenticated creation time: a restore can then tell when a
     # file's name does not belong to the backup inside it (naming.name_time_mismatch).
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = backup_instant(system)
     name = backup_file_name(now)
     target: LocalTarget | AgentTarget
     if dest_vm:

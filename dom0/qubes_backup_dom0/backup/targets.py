@@ -8,10 +8,12 @@ removes it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import tempfile
-from datetime import datetime
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from qubes_backup_protocol.frames import (
@@ -34,6 +36,36 @@ ABORT_GRACE = 3.0  # seconds an agent gets to clean up after an aborted backup b
 TERM_GRACE = 1.0  # then seconds between SIGTERM and SIGKILL
 COALESCE = 64 << 10  # writes smaller than this are gathered and sent with the next (docs/SECURITY.md sec. 5)
 MAX_DONE_LEN = MAX_LOCATION_LEN + 256  # the agent's DONE text (checked, never shown as the result)
+
+
+LAST_INSTANT = "/var/lib/qubes-backup/last-backup-time"  # seconds since the epoch of this dom0's last backup
+
+
+def backup_instant(system: System) -> datetime:
+    """The instant a new backup is named after (whole seconds, UTC): now, or one second after the previous
+    backup this dom0 started if that one had the same second.  Names resolve to the second, so two backups
+    started in the same second (a script backing up VMs one after another) would otherwise get the same name
+    and the second would fail with "already exists".  The record is a best effort: without it, now."""
+    now = int(time.time())
+    path = system.dom0_path(LAST_INSTANT)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return datetime.fromtimestamp(now, UTC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # two backups started at once get different instants too
+        raw = os.pread(fd, 32, 0)
+        last = int(raw) if raw.strip().isdigit() else 0
+        if now <= last < now + 60:  # a record far in the future (a clock set back) is ignored
+            now = last + 1
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % now, 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return datetime.fromtimestamp(now, UTC)
 
 
 def backup_file_name(now: datetime | None = None) -> str:
