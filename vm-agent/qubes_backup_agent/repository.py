@@ -10,6 +10,9 @@ and go back as they are.  The agent only keeps the directory consistent for the 
   into ``roots/``, last, never over an existing one: a killed backup leaves no root, so no snapshot that
   looks complete;
 - a restore session holds the lock shared and answers GET requests until dom0 hangs up.
+
+The sessions see their storage only through ``repostore.base.Store``: ``Repository`` below for a directory,
+``repostore`` for ssh:// and s3:// locations (the same names, the same order of writes).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import secrets
 import stat
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 from qubes_backup_protocol import frames
 from qubes_backup_protocol import repo as names
@@ -35,6 +38,11 @@ from .common import EXIT_FAILED, EXIT_OK, send_error, silence
 from .outer_tar import BLOCK, member_header
 from .storage import StorageError
 from .storage.directory import describe_oserror
+
+if TYPE_CHECKING:
+    from .repostore.base import Store
+    from .repostore.s3 import S3Store
+    from .repostore.ssh import SshStore
 
 LOCK = "lock"
 TMP = "tmp"
@@ -251,14 +259,25 @@ class Repository:
         except OSError as exc:
             raise self._fail(exc, "committing the snapshot to") from None
 
+    def close(self) -> None:
+        """End of the session: the lock is released."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
 
 # ------------------------------------------------------------------------------------------- the sessions
 
-def open_repository(location: str, root: Path, create: bool) -> Repository:
-    """The repository directory ``location`` (a path in the VM).  A backup may create it (its parent must
-    exist); it refuses a directory that holds something else."""
+AnyStore = Union[Repository, "SshStore", "S3Store"]
+
+
+def open_repository(location: str, root: Path, create: bool) -> AnyStore:
+    """The repository at ``location``: a directory (a path in the VM), ``ssh://…`` or ``s3://…``.  A backup
+    may create it (a directory's parent must exist); it refuses a location that holds something else."""
     if location.startswith(("s3://", "ssh://")):
-        raise StorageError(f"repositories are directories in the backup VM for now: {location}")
+        from .repostore import open_remote
+
+        return open_remote(location, root, create)  # type: ignore[return-value]
     try:
         path = confine.resolve(location, root)
     except confine.ConfinementError as exc:
@@ -290,7 +309,7 @@ class _FrameStream:
     """The tar dom0 sends, as a file: DATA frames are read as needed; GET requests that come between them
     are answered on the spot; COMMIT is the end of the stream."""
 
-    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Repository) -> None:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Store) -> None:
         self.stdin, self.stdout, self.repo = stdin, stdout, repo
         self.buf = memoryview(b"")
         self.committed = False
@@ -358,7 +377,7 @@ def _check_object(name: str, data: bytes) -> None:
 
 
 def receive_backup(
-    stream: _FrameStream, repo: Repository, newest: int
+    stream: _FrameStream, repo: Store, newest: int
 ) -> tuple[str, tuple[bytes, bytes] | None, bytes]:
     """Store the objects of dom0's tar; returns the root's name, the new header (with its MAC) if the
     repository is being created, and the root."""
@@ -395,6 +414,7 @@ def receive_backup(
 
 def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """qubes.Backup in repository mode (docs/REPOSITORY.md section 9)."""
+    repo: Store | None = None
     try:
         repo = open_repository(location, root, create=True)
         repo.lock(exclusive=True)
@@ -416,6 +436,9 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
     except (BrokenPipeError, ConnectionResetError):
         silence(stdout)
         return EXIT_FAILED
+    finally:
+        if repo is not None:
+            repo.close()
     try:
         frames.write_frame(stdout, FrameType.DONE, "", name.encode("ascii"))
         stdout.flush()
@@ -426,6 +449,7 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
 
 def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """qubes.Restore in repository mode: the opening, then one MEMBER per GET until dom0 hangs up."""
+    repo: Store | None = None
     try:
         repo = open_repository(location, root, create=False)
         repo.lock(exclusive=False)
@@ -445,3 +469,6 @@ def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) 
     except (StorageError, frames.ProtocolError) as exc:
         send_error(stdout, str(exc) if isinstance(exc, StorageError) else f"bad request: {exc}")
         return EXIT_FAILED
+    finally:
+        if repo is not None:
+            repo.close()
