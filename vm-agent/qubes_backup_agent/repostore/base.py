@@ -96,12 +96,12 @@ def lock_text() -> bytes:
     return f"host {host} pid {os.getpid()} since {stamp}\n".encode()
 
 
-def busy_message(view: str, holder: bytes, lock_location: str) -> str:
-    """One line for a lock another session holds (or a stale one): who, and how to remove it."""
-    text = _UNPRINTABLE.sub("?", holder[:MAX_LOCK_TEXT].decode("ascii", "replace").strip())[:120]
-    who = f" (lock of {text})" if text else ""
-    return (f"repository {view} is in use by another backup or prune{who}; try again later, or if none is "
-            f"running, remove {lock_location}")  # fmt: skip
+def busy_message(view: str, holder: bytes) -> str:
+    """One line for a lock another session holds (or a stale one): whose, and how to remove it."""
+    text = _UNPRINTABLE.sub("?", holder[:MAX_LOCK_TEXT].decode("ascii", "replace").strip())[:80]
+    who = f" ({text})" if text else ""
+    return (f"repository {view} is in use by another backup or prune{who}; if none is running, remove its "
+            f"{LOCK_NAME}")  # fmt: skip
 
 
 def write_member(out: BinaryIO, name: str, data: bytes) -> None:
@@ -175,7 +175,6 @@ class RemoteStore(ABC):
     """A store over a remote service: the six primitives below; the rest is common."""
 
     view: str
-    lock_location: str  # where the lock is, as the user would remove it
     _locked = False
 
     # -- primitives ----------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ class RemoteStore(ABC):
             holder = b""  # removed between our attempt and this read: still busy a moment ago
         except StorageError:
             holder = b""
-        raise StorageError(busy_message(self.view, holder, self.lock_location))
+        raise StorageError(busy_message(self.view, holder))
 
     def close(self) -> None:
         try:

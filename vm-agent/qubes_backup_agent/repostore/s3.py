@@ -31,7 +31,6 @@ class S3Store(RemoteStore):
         self.bucket, prefix = s3_storage.parse_url(url)
         self.prefix = prefix.strip("/")
         self.view = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-        self.lock_location = f"{self.view}/lock.exclusive"
         self.client = s3_storage.client()
         try:
             self.client.head_bucket(Bucket=self.bucket)

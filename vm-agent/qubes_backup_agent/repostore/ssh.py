@@ -32,7 +32,6 @@ class SshStore(RemoteStore):
     def __init__(self, url: str, root: Path, create: bool) -> None:
         self.target = ssh_storage.parse_url(url)
         self.view = self.target.url()
-        self.lock_location = self.target.url(self.target.child("lock.exclusive"))
         self.client = sftp.SftpClient(self.target, root)
         self.dirs: set[str] = set()  # directories known to exist (relative to the repository)
         self.posix_rename = b"posix-rename@openssh.com" in self.client.extensions
