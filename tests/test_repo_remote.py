@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import KDF, Sim, assert_restored_like, make_fresh, new_sim, one_error_line
-from helpers_agent import open_channel
+from helpers_agent import make_sim, open_channel
 from qubes_backup_agent.repostore import base as store_base
 from qubes_backup_agent.repostore import open_remote
 from qubes_backup_agent.storage import StorageError
@@ -48,8 +48,9 @@ class Remote:
     wrap: Callable[[Sim], Sim]  # the CLIs of this system reach the server
     put: Callable[[str, bytes], None]  # a file of the repository, written on the server
     get: Callable[[str], bytes | None]
-    keys: Callable[[], list[str]]  # every file of the repository, relative names
+    files: Callable[[], list[str]]  # every file of the repository, relative names
     remove: Callable[[str], None]
+    downloaded: Callable[[], int]  # bytes the server sent so far (all clients)
     env: dict[str, str]  # what an agent started by the test needs (beside the VM's ssh files)
 
 
@@ -67,7 +68,7 @@ def _ssh_remote(tmp_path: Path, server: SshServer) -> Remote:
         return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
 
     return Remote("ssh", server.url(base), lambda sim: sshsim(sim, server), put, get, keys,
-                  lambda name: (base / name).unlink(), {})
+                  lambda name: (base / name).unlink(), lambda: server.proxy.received()[0], {})
 
 
 def _s3_remote(server: S3Server) -> Remote:
@@ -89,7 +90,11 @@ def _s3_remote(server: S3Server) -> Remote:
     def remove(name: str) -> None:
         server.client.delete_object(Bucket=bucket, Key=f"repo/{name}")
 
-    return Remote("s3", f"s3://{bucket}/repo", lambda sim: s3sim(sim, server), put, get, keys, remove, server.env)
+    def downloaded() -> int:
+        return sum(size for method, *_rest, size in server.counter.requests() if method == "GET")
+
+    return Remote("s3", f"s3://{bucket}/repo", lambda sim: s3sim(sim, server), put, get, keys, remove, downloaded,
+                  server.env)
 
 
 @pytest.fixture(params=["ssh", "s3"])
@@ -127,7 +132,7 @@ def change(sim: Sim, vm: str, offset: int, data: bytes) -> None:
 
 
 def roots(remote: Remote) -> list[str]:
-    return [k for k in remote.keys() if k.startswith("roots/")]
+    return [k for k in remote.files() if k.startswith("roots/")]
 
 
 def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
@@ -143,7 +148,7 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
     change(sim, "work", 5 << 20, b"\x07" * 5000)
     third = backup(sim, remote.url, "work", "vault")
     assert third.group(1) == "3"
-    keys = remote.keys()
+    keys = remote.files()
     assert len(roots(remote)) == 3 and names.HEADER in keys and names.HEADER_MAC in keys
     objects = [k for k in keys if k.startswith("objects/")]
     assert objects and all(re.fullmatch(r"objects/([0-9a-f]{2})/\1[0-9a-f]{62}", k) for k in objects), objects
@@ -212,18 +217,19 @@ def install_vm_ssh(sim: Sim, remote: Remote) -> None:
 def test_backup_without_commit_leaves_no_root(tmp_path: Path, remote: Remote, agent_env: None) -> None:
     """dom0 gone before COMMIT (killed, cancelled): objects may stay, no root, no header, no lock, no partial
     file; the next backup completes."""
-    sim = remote.wrap(new_sim(tmp_path / "sim"))
+    make_sim(tmp_path)  # the agent alone: a backup VM, no VMs to back up
+    sim = remote.wrap(Sim(tmp_path / "sim"))
     root = names.root_name(1, "2026-11-27T09:00:00Z")
     _first, reply, rc = run_backup(sim.system, remote.url, [*HEADER, *_objects(3), (root, b"x")], commit=False)
     assert reply is None and rc != 0
-    left = remote.keys()
+    left = remote.files()
     assert not roots(remote) and names.HEADER not in left and store_base.LOCK_NAME not in left, left
     assert all(k.startswith("objects/") for k in left), left
     if remote.kind == "ssh":  # (an S3 PUT needs no temporary object)
         remote.put("tmp/.partial-0123456789abcdef", b"as a SIGKILLed agent leaves it")
     _first, reply, rc = run_backup(sim.system, remote.url, [*HEADER, *_objects(1), (root, b"r")])
     assert reply is not None and reply.type == FrameType.DONE and rc == 0, reply
-    assert remote.get(root) == b"r" and not [k for k in remote.keys() if k.startswith("tmp/")]
+    assert remote.get(root) == b"r" and not [k for k in remote.files() if k.startswith("tmp/")]
     # a root is never replaced: the same name again is refused, the stored one unchanged
     _first, reply, rc = run_backup(sim.system, remote.url, [(names.root_name(2, "2026-11-28T09:00:00Z"), b"2")])
     assert reply is not None and reply.type == FrameType.DONE
@@ -241,7 +247,8 @@ def test_hostile_server_answers_bounded(tmp_path: Path, remote: Remote, agent_en
                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """What the server returns is bounded before it is read: an oversize header, an object larger than its
     type allows, more roots than MAX_ROOTS (lowered to 5 here), are one-line refusals; a missing object too."""
-    sim = remote.wrap(new_sim(tmp_path / "sim"))
+    make_sim(tmp_path)  # the agent alone: a backup VM, no VMs to back up
+    sim = remote.wrap(Sim(tmp_path / "sim"))
     vm = sim.vm_root("backupvm")
     root = names.root_name(1, "2026-11-27T09:00:00Z")
     _f, reply, _rc = run_backup(sim.system, remote.url, [*HEADER, (root, b"r")])
@@ -257,7 +264,7 @@ def test_hostile_server_answers_bounded(tmp_path: Path, remote: Remote, agent_en
         assert got is not None and got.type == FrameType.ERROR and b"larger than its type allows" in bytes(got.data)
     # the prune reads: HEAD and the references it states, no more; a count beyond the type's bound refused
     refs = b"".join(bytes([c]) * 64 + b"\n" for c in b"12")
-    segment = b"qbr1 s n " + "ef".encode() * 32 + b" 00000002\n" + refs + bytes(200)
+    segment = b"qbr1 s n " + b"ef" * 32 + b" 00000002\n" + refs + bytes(200)
     remote.put(f"objects/ef/{'ef' * 32}", segment)
     remote.put(f"objects/ee/{'ee' * 32}", b"qbr1 s n " + b"ee" * 32 + b" 00004097\n" + bytes(5000))
     store = open_remote(remote.url, vm, create=False)
@@ -274,12 +281,15 @@ def test_hostile_server_answers_bounded(tmp_path: Path, remote: Remote, agent_en
     finally:
         store.close()
 
-    remote.put(names.HEADER, b"x" * (store_base.MAX_HEADER + 1))
+    remote.put(names.HEADER, b"x" * (8 << 20))  # the header's bound is 4096 bytes
+    before = remote.downloaded()
     with open_channel(sim.system, "qubes.Restore") as ch:
         ch.send(FrameType.LOCATION, names.REQUEST, remote.url.encode())
         f = opening(ch)[-1]
-        assert f.type == FrameType.ERROR and b"larger than possible" in bytes(f.data) or b"possible size" in bytes(
-            f.data), f  # fmt: skip
+        assert f.type == FrameType.ERROR, f
+        assert bytes(f.data).endswith(f"repo-header in repository {remote.url} is larger than possible "
+                                      f"({8 << 20} bytes)".encode()), f  # fmt: skip
+    assert remote.downloaded() - before < 1 << 20  # refused before it was read
     remote.put(names.HEADER, b"format=x\n")
 
     for i in range(2, 8):

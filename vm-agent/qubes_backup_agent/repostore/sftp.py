@@ -259,6 +259,37 @@ class SftpClient:
             raise StorageError("sftp: the server sent an oversize handle")
         return handle
 
+    def stat_and_open(self, path: str) -> tuple[Attrs | None, bytes | None]:
+        """LSTAT and OPEN(read) of ``path`` in one round trip: (its attributes, a handle), None if missing."""
+        stat_id = self._request(LSTAT, _string(path))
+        self.pending[stat_id] = (STATUS, ATTRS)
+        open_id = self._request(OPEN, _string(path) + struct.pack(">II", F_READ, 0))
+        self.pending[open_id] = (STATUS, HANDLE)
+        while stat_id not in self.answers or open_id not in self.answers:
+            self._dispatch_one()
+        error: SftpStatus | None = None
+        attrs: Attrs | None = None
+        handle: bytes | None = None
+        for rid in (stat_id, open_id):
+            ptype, body = self.answers.pop(rid)
+            if ptype == STATUS:
+                code, message = self._status(body)
+                if code != NO_SUCH_FILE:
+                    error = SftpStatus(code, message)
+            elif ptype == ATTRS:
+                attrs = body.attrs()
+            else:
+                handle = body.string()
+                if len(handle) > 256:
+                    raise StorageError("sftp: the server sent an oversize handle")
+        if attrs is None or handle is None:
+            if handle is not None:
+                self.defer(CLOSE, _string(handle), lambda code, message: None)
+            if error is not None:
+                raise error
+            return None, None
+        return attrs, handle
+
     def close_handle(self, handle: bytes) -> None:
         self.call(CLOSE, _string(handle), ())
 

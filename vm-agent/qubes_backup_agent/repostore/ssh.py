@@ -84,15 +84,23 @@ class SshStore(RemoteStore):
     # -- primitives ----------------------------------------------------------------------------------
 
     def load(self, key: str, limit: int) -> bytes:
-        handle = self._open_read(key)
+        """Two round trips: LSTAT with OPEN, then pipelined READs (CLOSE is not waited for)."""
+        name = key.rsplit("/", 1)[-1]
         try:
-            attrs = self._op(lambda: self.client.fstat(handle), f"reading {key} of")
-            if not attrs.is_file or attrs.size is None or attrs.size > limit:
-                raise StorageError(f"{key.rsplit('/', 1)[-1]} in repository {self.view} is not a regular file "
-                                   "of a possible size")  # fmt: skip
-            data = self._op(lambda: self.client.read(handle, 0, attrs.size or 0), f"reading {key} of")
-            if len(data) != attrs.size:
-                raise StorageError(f"{key.rsplit('/', 1)[-1]} in repository {self.view} changed while it was read")
+            attrs, handle = self.client.stat_and_open(self._path(key))
+        except SftpStatus as exc:
+            raise StorageError(f"sftp: opening {key} of {self.view} failed: {exc}") from None
+        if attrs is None or handle is None:
+            raise Missing(key)
+        try:
+            if not attrs.is_file or attrs.size is None:
+                raise StorageError(f"{name} in repository {self.view} is not a regular file")
+            if attrs.size > limit:
+                raise StorageError(f"{name} in repository {self.view} is larger than possible ({attrs.size} bytes)")
+            size = attrs.size
+            data = self._op(lambda: self.client.read(handle, 0, size + 1), f"reading {key} of")
+            if len(data) != size:
+                raise StorageError(f"{name} in repository {self.view} changed while it was read")
             return data
         finally:
             self.client.defer(sftp.CLOSE, sftp._string(handle), lambda code, message: None)
