@@ -32,6 +32,7 @@ class S3Store(RemoteStore):
         self.prefix = prefix.strip("/")
         self.view = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
         self.client = s3_storage.client()
+        self.listed_sizes: dict[str, int] = {}
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
@@ -172,9 +173,12 @@ class S3Store(RemoteStore):
         """Nothing to do: an S3 PUT needs no temporary object (a killed one leaves nothing)."""
 
     def object_ids(self) -> Iterator[str]:
+        """One listing of ``prefix/objects/`` (1,000 keys a page, in key order), keeping each object's size."""
         prefix = self._key(names.OBJECTS_DIR) + "/"
         for page in self._pages(prefix, False, 1 << 40):
             for item in page.get("Contents") or []:
                 sub, _slash, oid = str(item.get("Key", ""))[len(prefix) :].partition("/")
                 if names.is_object_name(oid) and oid[:2] == sub:
+                    if isinstance(item.get("Size"), int):
+                        self.listed_sizes[oid] = item["Size"]
                     yield oid

@@ -33,6 +33,7 @@ class SshStore(RemoteStore):
         self.target = ssh_storage.parse_url(url)
         self.view = self.target.url()
         self.client = sftp.SftpClient(self.target, root)
+        self.listed_sizes: dict[str, int] = {}
         self.dirs: set[str] = set()  # directories known to exist (relative to the repository)
         self.posix_rename = b"posix-rename@openssh.com" in self.client.extensions
         self.fsync = b"fsync@openssh.com" in self.client.extensions
@@ -136,6 +137,24 @@ class SshStore(RemoteStore):
         except SftpStatus as exc:
             if exc.code != sftp.NO_SUCH_FILE:
                 raise StorageError(f"sftp: listing {directory or '.'} of {self.view} failed: {exc}") from None
+
+    def object_ids(self) -> Iterator[str]:
+        """As the base's, keeping the sizes READDIR gives (prune asks for every object's size)."""
+        for sub in sorted(self.listdir(names.OBJECTS_DIR, 4096)):
+            if len(sub) != 2 or any(c not in "0123456789abcdef" for c in sub):
+                continue
+            directory = f"{names.OBJECTS_DIR}/{sub}"
+            found = []
+            try:
+                for name, attrs in self.client.listdir(self._path(directory), 1 << 40):
+                    if names.is_object_name(name) and name[:2] == sub and attrs.is_file:
+                        found.append(name)
+                        if attrs.size is not None:
+                            self.listed_sizes[name] = attrs.size
+            except SftpStatus as exc:
+                if exc.code != sftp.NO_SUCH_FILE:
+                    raise StorageError(f"sftp: listing {directory} of {self.view} failed: {exc}") from None
+            yield from sorted(found)
 
     def save(self, key: str, data: bytes, *, exclusive: bool, durable: bool) -> None:
         tmp = f"{TMP}/.partial-{secrets.token_hex(8)}"
