@@ -14,6 +14,7 @@ listing a count, every name its grammar.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -241,6 +242,8 @@ class RemoteStore(ABC):
         raise StorageError(busy_message(self.view, holder))
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sync()  # what is in flight completes (no partial file left behind a finished request)
         try:
             if self._locked:
                 self._locked = False

@@ -27,6 +27,8 @@ from . import sftp
 from .base import TMP, Exists, Missing, RemoteStore
 from .sftp import SftpStatus
 
+MAX_QUEUED = 64 << 20  # bytes of objects held while their OPEN is answered
+
 
 class SshStore(RemoteStore):
     def __init__(self, url: str, root: Path, create: bool) -> None:
@@ -34,6 +36,7 @@ class SshStore(RemoteStore):
         self.view = self.target.url()
         self.client = sftp.SftpClient(self.target, root)
         self.listed_sizes: dict[str, int] = {}
+        self.queued = 0  # bytes of objects whose OPEN is in flight (held until their handle arrives)
         self.dirs: set[str] = set()  # directories known to exist (relative to the repository)
         self.posix_rename = b"posix-rename@openssh.com" in self.client.extensions
         self.fsync = b"fsync@openssh.com" in self.client.extensions
@@ -165,17 +168,36 @@ class SshStore(RemoteStore):
                 self._ensure_dir(parent.split("/")[0])
             self._ensure_dir(parent)
         flags = sftp.F_WRITE | sftp.F_CREAT | sftp.F_EXCL
-        handle = self._op(lambda: self.client.open(self._path(tmp), flags), "writing to")
         check = self._failed(f"writing {key}")
-        self.client.write(handle, data, check)
-        if self.fsync:  # every file: SFTP has no syncfs to call once at commit
-            self.client.defer(sftp.EXTENDED, sftp._string(b"fsync@openssh.com") + sftp._string(handle), check)
-        self.client.defer(sftp.CLOSE, sftp._string(handle), check)
         old, new = sftp._string(self._path(tmp)), sftp._string(self._path(key))
-        if not exclusive and self.posix_rename:
-            self.client.defer(sftp.EXTENDED, sftp._string(b"posix-rename@openssh.com") + old + new, check)
-            return
-        self.client.settle()
+        replace = not exclusive and self.posix_rename
+
+        def opened(answer: sftp._Reader) -> None:
+            handle = answer.string()
+            if len(handle) > 256:
+                raise StorageError("sftp: the server sent an oversize handle")
+            self.client.write(handle, data, check, wait=False)
+            if self.fsync:  # every file: SFTP has no syncfs to call once at commit
+                fsync = sftp._string(b"fsync@openssh.com") + sftp._string(handle)
+                self.client.defer(sftp.EXTENDED, fsync, check, wait=False)
+            self.client.defer(sftp.CLOSE, sftp._string(handle), check, wait=False)
+            if replace:
+                rename = sftp._string(b"posix-rename@openssh.com") + old + new
+                self.client.defer(sftp.EXTENDED, rename, check, wait=False)
+            self.queued -= len(data)
+
+        # The OPEN goes out now; what follows goes when its handle arrives: no round trip per object.
+        self.client.then(sftp.OPEN, sftp._string(self._path(tmp)) + sftp.open_flags(flags), (sftp.HANDLE,),
+                         f"storing {key} in {self.view}", opened)  # fmt: skip
+        self.queued += len(data)
+        try:
+            while self.client.in_flight() > sftp.WINDOW or self.queued > MAX_QUEUED:
+                self.client._dispatch_one()
+            if replace:
+                return
+            self.client.settle()
+        except SftpStatus as exc:
+            raise StorageError(f"sftp: storing {key} in {self.view} failed: {exc}") from None
         try:
             self.client.call(sftp.RENAME, old + new, ())
         except SftpStatus as exc:
