@@ -52,6 +52,8 @@ class Remote:
     remove: Callable[[str], None]
     downloaded: Callable[[], int]  # bytes the server sent so far (all clients)
     env: dict[str, str]  # what an agent started by the test needs (beside the VM's ssh files)
+    base: Path | None = None  # (ssh) the repository directory on the server
+    connections: Callable[[], int] | None = None  # (ssh) connections made to the server so far
 
 
 def _ssh_remote(tmp_path: Path, server: SshServer) -> Remote:
@@ -68,7 +70,8 @@ def _ssh_remote(tmp_path: Path, server: SshServer) -> Remote:
         return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
 
     return Remote("ssh", server.url(base), lambda sim: sshsim(sim, server), put, get, keys,
-                  lambda name: (base / name).unlink(), lambda: server.proxy.received()[0], {})
+                  lambda name: (base / name).unlink(), lambda: server.proxy.received()[0], {}, base,
+                  lambda: server.proxy.received()[1])
 
 
 def _s3_remote(server: S3Server) -> Remote:
@@ -146,7 +149,10 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
     second = backup(sim, remote.url, "work", "vault")
     assert (second.group(1), second.group(2), second.group(3)) == ("2", first.group(2), "1")
     change(sim, "work", 5 << 20, b"\x07" * 5000)
+    connections = remote.connections() if remote.connections else 0
     third = backup(sim, remote.url, "work", "vault")
+    if remote.connections:  # one ssh connection for the whole backup
+        assert remote.connections() - connections == 1
     assert third.group(1) == "3"
     keys = remote.files()
     assert len(roots(remote)) == 3 and names.HEADER in keys and names.HEADER_MAC in keys
@@ -154,12 +160,18 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
     assert objects and all(re.fullmatch(r"objects/([0-9a-f]{2})/\1[0-9a-f]{62}", k) for k in objects), objects
     assert set(keys) == {names.HEADER, names.HEADER_MAC, *roots(remote), *objects}, keys  # tmp/ empty, no lock
 
+    if remote.base is not None:  # ssh: the files are the user's alone
+        assert all(p.stat().st_mode & 0o077 == 0 for p in remote.base.rglob("*")), remote.base
+
     fresh = remote.wrap(make_fresh(tmp_path / "fresh", sim, keep=KEEP))
+    connections = remote.connections() if remote.connections else 0
     r = fresh.restore("-d", "backupvm", "--repo", remote.url, "--expect-root", third.group(5), "work", "vault")
     assert r.returncode == 0, r.stderr
     for vm in ("work", "vault"):
         for vol, path in sim.volume_files(vm).items():
             assert_restored_like(path, fresh.volume_files(vm)[vol])
+    if remote.connections:  # one ssh connection for the whole restore (hundreds of GETs)
+        assert remote.connections() - connections == 1
     older = remote.wrap(make_fresh(tmp_path / "older", sim, keep=KEEP))
     r = older.restore("-d", "backupvm", "--repo", remote.url, "--expect-root", third.group(5), "--snapshot", "1",
                       "work")  # fmt: skip
