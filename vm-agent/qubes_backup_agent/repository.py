@@ -40,9 +40,7 @@ from .storage import StorageError
 from .storage.directory import describe_oserror
 
 if TYPE_CHECKING:
-    from .repostore.base import Store
-    from .repostore.s3 import S3Store
-    from .repostore.ssh import SshStore
+    from .repostore.base import RemoteStore, Store
 
 LOCK = "lock"
 TMP = "tmp"
@@ -268,7 +266,7 @@ class Repository:
 
 # ------------------------------------------------------------------------------------------- the sessions
 
-AnyStore = Union[Repository, "SshStore", "S3Store"]
+AnyStore = Union[Repository, "RemoteStore"]  # a directory, or ssh / S3 (repostore/)
 
 
 def open_repository(location: str, root: Path, create: bool) -> AnyStore:
@@ -277,7 +275,7 @@ def open_repository(location: str, root: Path, create: bool) -> AnyStore:
     if location.startswith(("s3://", "ssh://")):
         from .repostore import open_remote
 
-        return open_remote(location, root, create)  # type: ignore[return-value]
+        return open_remote(location, root, create)
     try:
         path = confine.resolve(location, root)
     except confine.ConfinementError as exc:
