@@ -322,3 +322,13 @@ def test_hostile_server_answers_bounded(tmp_path: Path, remote: Remote, agent_en
     finally:
         store.close()
     shutil.rmtree(tmp_path / "sim", ignore_errors=True)
+
+
+def test_ssh_unknown_host_is_one_line(tmp_path: Path, sshd: SshServer) -> None:  # noqa: F811 - the fixture
+    """ssh's own refusals (here: a host key not in the VM's known_hosts) are one line, as for backup files."""
+    make_sim(tmp_path)
+    vm = Sim(tmp_path / "sim").vm_root("backupvm")
+    install_client(vm, sshd, known=False)
+    with pytest.raises(StorageError) as err:
+        open_remote(sshd.url(sshd.remote_dir(tmp_path) / "repo"), vm, create=True)
+    assert str(err.value).startswith("ssh: host key of ") and "\n" not in str(err.value), err.value
