@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 from conftest import KDF, PASSPHRASE, Sim, new_sim
@@ -118,7 +121,7 @@ def run_guide(tmp: Path, repo_dir: Path, snapshot: str = "", vms: str = "", expe
 
 # --------------------------------------------------------------------------------- the system's history
 
-def rewrite(path: Path, change: object) -> None:
+def rewrite(path: Path, change: Callable[[BinaryIO], object]) -> None:
     """Change a volume as Qubes does: a new file (holes kept) renamed over the old one."""
     new = path.with_name(path.name + ".new")
     size, regions = scan(path)
@@ -129,13 +132,13 @@ def rewrite(path: Path, change: object) -> None:
             fi.seek(off)
             fo.write(fi.read(length))
     with open(new, "r+b") as f:
-        change(f)  # type: ignore[operator]
+        change(f)
     os.rename(new, path)
 
 
-def punch(f: object, offset: int, length: int) -> None:
-    fd = f.fileno()  # type: ignore[attr-defined]
-    f.flush()  # type: ignore[attr-defined]
+def punch(f: BinaryIO, offset: int, length: int) -> None:
+    f.flush()
+    fd = f.fileno()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length)):
         os.pwrite(fd, bytes(length), offset)  # zeros: a hole to the backup all the same
@@ -224,18 +227,18 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     over, gone = first_data(work, 3), first_data(work, 0)
     assert over != gone
 
-    def change_work(f: object) -> None:
-        f.seek(over + 4096)  # type: ignore[attr-defined]
-        f.write(os.urandom(3 * 4096))  # type: ignore[attr-defined]
-        f.seek(7 * BS + 100)  # type: ignore[attr-defined]
-        f.write(b"written into a hole" * 10)  # type: ignore[attr-defined]
+    def change_work(f: BinaryIO) -> None:
+        f.seek(over + 4096)
+        f.write(os.urandom(3 * 4096))
+        f.seek(7 * BS + 100)
+        f.write(b"written into a hole" * 10)
         punch(f, gone, BS)  # a discard: the block becomes a hole
 
-    def grow_vault(f: object) -> None:
-        size = os.fstat(f.fileno()).st_size  # type: ignore[attr-defined]
-        f.truncate(size + (1 << 20) + 1000)  # type: ignore[attr-defined]
-        f.seek(size + (1 << 20) - 2000)  # type: ignore[attr-defined]
-        f.write(os.urandom(3000))  # type: ignore[attr-defined]  # data up to the short last block's end
+    def grow_vault(f: BinaryIO) -> None:
+        size = os.fstat(f.fileno()).st_size
+        f.truncate(size + (1 << 20) + 1000)
+        f.seek(size + (1 << 20) - 2000)
+        f.write(os.urandom(3000))  # data up to the short last block's end
 
     rewrite(work, change_work)
     rewrite(vault, grow_vault)
@@ -353,6 +356,33 @@ def test_restores_an_older_snapshot(history: History, tmp_path: Path) -> None:
     truth = history.truths[1]
     assert any(p.endswith(ODD_NAME) for p in truth) and any(k == "symlink" for k, _ in truth.values())
     assert_restored(res.target, truth)
+
+
+def test_restores_the_vector_repository(tmp_path: Path) -> None:
+    """The known-answer repository of tests/vectors/repository (REPOSITORY.md section 13; a non-ASCII
+    passphrase, a compressed, a stored and a short last block, a hole) laid out as a directory: the image
+    restores with the SHA-256 and the hole vectors.json states."""
+    vectors = DOC.parent.parent / "tests" / "vectors" / "repository"
+    vec = json.loads((vectors / "vectors.json").read_text(encoding="utf-8"))
+    repo_dir = tmp_path / "vector-repo"
+    (repo_dir / "roots").mkdir(parents=True)
+    for name in ("repo-header", "repo-header.hmac"):
+        shutil.copy(vectors / name, repo_dir / name)
+    for o in vec["objects"]:
+        if o["type"] == repo.ROOT:
+            shutil.copy(vectors / o["file"], repo_dir / "roots" / o["file"].removeprefix("roots_"))
+        else:
+            obj(repo_dir, o["id"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(vectors / o["file"], obj(repo_dir, o["id"]))
+    (root,) = [o["id"] for o in vec["objects"] if o["type"] == repo.ROOT]
+    res = run_guide(tmp_path / "run", repo_dir, expect=root, passphrase=vec["passphrase"])
+    assert res.rc == 0, res.stderr
+    image = res.target / vec["image"]["path"]
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == vec["image"]["sha256"]
+    assert image.stat().st_size == vec["image"]["size"]
+    if holes_supported(tmp_path):
+        holes = {i for off, n in vec["image"]["holes"] for i in range(off // PAGE, (off + n) // PAGE)}
+        assert allocated_pages(image) == set(range(-(-vec["image"]["size"] // PAGE))) - holes
 
 
 def objects_of(history: History, vm: str) -> tuple[list[str], list[str]]:
