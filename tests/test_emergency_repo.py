@@ -328,7 +328,7 @@ def assert_restored(target: Path, truth: Truth) -> None:
         sparse += len(pages) * PAGE < got.stat().st_size // 2
     assert sparse >= 2, "the images should be sparse, or the hole check proves nothing"
     xml = (target / "qubes-backup.xml").read_bytes()
-    assert xml.startswith(b"<?xml") and b"\n<qubes>" in xml and xml.endswith(b"</qubes>\n")
+    assert b"<qubes>" in xml and xml.rstrip().endswith(b"</qubes>")
     for vm in {p.split("/")[1] for p in truth if p.startswith("appvms/")}:
         assert f'<property name="name">{vm}</property>'.encode() in xml, vm
 
