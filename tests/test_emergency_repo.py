@@ -470,6 +470,13 @@ def test_a_wrong_passphrase_stops_at_the_header(history: History, tmp_path: Path
     assert not (res.work / "plain").exists(), "nothing may be decrypted with a wrong key"
 
 
+def test_the_tools_named_are_the_tools_checked() -> None:
+    """The prose list of tools is the script's own check (which the restricted PATH holds to)."""
+    intro = part().split("## R0.", 1)[0]
+    named = set(re.findall(r"`([a-z0-9]+)[` ]", intro))
+    assert set(stock_tools()) <= named, set(stock_tools()) - named
+
+
 def test_the_documented_extraction_gives_the_script(tmp_path: Path) -> None:
     """The one-liner the document gives to save the script yields exactly the blocks this test runs."""
     m = re.search(r"^(sed -n '/\^# Emergency restore of a repository/.*?restore-repo\.sh)", part(), re.S | re.M)
