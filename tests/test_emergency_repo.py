@@ -2,7 +2,7 @@
 
 A simulated lvm_thin system is backed up three times with the real ``qvm-backup --repo`` (block size 64 KiB,
 the test KDF): snapshot 1; then overwrites, a discard and growth of volumes and changes to dom0's home
-(a new file with spaces, ``%`` and non-ASCII in its name, a symlink, a changed and a removed file), snapshot
+(a new file with spaces, ``%`` and non-ASCII in its name, symlinks, a changed and a removed file), snapshot
 2; then VM ``personal`` is deleted through qubesd and more blocks change, snapshot 3.  What dom0 had at each
 snapshot is kept aside (hard links to the volumes, which are replaced, never written in place; a copy of
 the home keeping its holes).
@@ -245,6 +245,8 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     docs = sim.home / "Documents"
     (docs / ODD_NAME).write_bytes(b"percent-encoded name\n")
     (docs / "link to keys").symlink_to("keys.txt")
+    (docs / "up").symlink_to("../.bashrc")  # symlink targets may leave the directory, or be absolute
+    (docs / "abs").symlink_to("/etc/hostname")
     with open(docs / "sparse.bin", "r+b") as f:
         f.seek(300000)
         f.write(b"changed in the middle of a hole")
