@@ -262,6 +262,23 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> History:
     roots.append(backup(sim, "work", "vault", "dom0"))
     truths.append(keep_truth(sim, ("work", "vault", "dom0"), base / "truth3"))
 
+    # the history is what it claims: a discarded block, overwritten blocks, a grown volume, a deleted VM
+    def kept(truth: Truth, path: str) -> Path:
+        file = truth[path][1]
+        assert isinstance(file, Path)
+        return file
+
+    def block(truth: Truth, off: int) -> bytes:
+        with open(kept(truth, "appvms/work/private.img"), "rb") as f:
+            return os.pread(f.fileno(), BS, off)
+
+    assert any(block(truths[0], gone)) and not any(block(truths[1], gone)), "the discard"
+    assert len({block(t, over) for t in truths}) == 3, "the overwrites"
+    vault_sizes = [kept(t, "appvms/vault/private.img").stat().st_size for t in truths]
+    assert vault_sizes[0] < vault_sizes[1] == vault_sizes[2], "the growth"
+    assert any(p.startswith("appvms/personal/") for p in truths[1])
+    assert not any(p.startswith("appvms/personal/") for p in truths[2])
+
     copy = base / "repo-copy"
     shutil.copytree(sim.vm_root("backupvm") / REPO.lstrip("/"), copy)
     return History(sim, copy, roots, truths)
@@ -455,6 +472,18 @@ def test_a_swapped_object_is_refused(case: str, history: History, tmp_path: Path
     message = (f"SWAPPED OBJECT: data block {victim} holds another object ({source})" if case == "data-for-data"
                else f"SWAPPED OBJECT: data block {victim} holds an object of another type (s ")  # fmt: skip
     assert_refused(res, message, "appvms/work/private.img")
+
+
+def test_a_missing_object_or_pruned_snapshot_is_refused(history: History, tmp_path: Path) -> None:
+    _segments, data = objects_of(history, "work")
+    copy = damaged_copy(history, tmp_path)
+    obj(copy, data[1]).unlink()
+    res = run_guide(tmp_path / "run", copy, vms="work")
+    assert_refused(res, f"data block {data[1]} is missing from the repository", "appvms/work/private.img")
+    sorted((copy / "roots").iterdir())[0].unlink()  # what a prune of snapshot 1 does to its root
+    res = run_guide(tmp_path / "run1", copy, snapshot="1")
+    assert re.search(r"^1 +\S+ +[0-9a-f]{64} +pruned$", res.stdout, re.M), res.stdout
+    assert_refused(res, "snapshot 1 was pruned")
 
 
 def test_a_rolled_back_repository_is_refused(history: History, tmp_path: Path) -> None:
