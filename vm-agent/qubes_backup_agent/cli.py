@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                      as_json)  # fmt: skip
     except OSError as exc:
         return _fail(EXIT_FAILED, f"{exc.strerror or exc} pruning {args.repo}", as_json)
+    except Exception as exc:  # a bug: one line all the same (every kept snapshot is whole, section 11)
+        return _fail(EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}", as_json)
     code = EXIT_DAMAGED if report.damage_count else EXIT_OK
     if args.json:
         doc = {"command": "prune", "repository": view, "policy": dict(policy.counts()), **report.to_json(),
