@@ -161,20 +161,23 @@ def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], 
     """Every object a retained snapshot references, transitively (only those present; what is missing or
     malformed goes to ``damage``).  ``sizes``: the objects present and their sizes."""
     live: set[str] = set()
+    seen: set[str] = set()  # reached (live, missing or malformed): each object is judged once
     for fate in retained:
         where = f"snapshot {fate.seq} ({fate.name})"
         try:
             _t, todo = parse_clear(store.read_clear(fate.name), None, "r", None)
-        except FileNotFoundError:
-            continue  # gone since it was listed: not ours to judge (only a prune deletes roots, under the lock)
+        except FileNotFoundError:  # gone since it was listed, under our lock: something else deletes here
+            damage.add(f"{where}: its root vanished while the prune ran")
+            continue
         except Malformed as exc:
             damage.add(f"{where}: its root is malformed ({exc})")
             continue
         expect = {oid: CHILDREN["r"] for oid in todo}
         while todo:
             oid = todo.pop()
-            if oid in live:
+            if oid in seen:
                 continue
+            seen.add(oid)
             what = " or ".join(TYPE_NAMES[t] for t in expect[oid])
             if oid not in sizes:
                 damage.add(f"{where}: {what} {oid[:16]} is missing")
@@ -189,7 +192,7 @@ def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], 
                 damage.add(f"{where}: {what} {oid[:16]} is malformed ({exc}); kept, its references unknown")
                 continue
             for ref in refs:
-                if ref not in live:
+                if ref not in seen:
                     expect.setdefault(ref, CHILDREN[otype])
                     todo.append(ref)
     return live
