@@ -391,3 +391,15 @@ def test_parse_clear_is_strict() -> None:
         with pytest.raises(Malformed):
             parse_clear(data, want_id, types, size)
     assert SnapshotFate("roots/x", 1, "t", True, ["newest"]).kept
+
+
+def test_two_roots_of_one_number_are_refused() -> None:
+    model = Model()
+    model.backup(random.Random(1), None)
+    model.backup(random.Random(2), None)
+    name = model.store.roots()[-1]
+    model.store.root_files[name[:-2] + ("1" if name[-2] != "1" else "2") + "Z"] = model.store.root_files[name]
+    before = (dict(model.store.root_files), dict(model.store.objects))
+    with pytest.raises(StorageError, match="two roots of snapshot 2"):
+        run_prune(model, Policy(keep_last=1), False, None, None)
+    assert (model.store.root_files, model.store.objects) == before

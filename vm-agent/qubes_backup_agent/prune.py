@@ -122,6 +122,12 @@ def decide(roots: list[str], policy: Policy) -> list[SnapshotFate]:
     time is kept (``bad-time``): its age is unknown."""
     if not roots:
         return []
+    seqs = [names.root_seq(n) for n in roots]
+    if len(set(seqs)) != len(seqs):
+        twice = sorted({s for s in seqs if seqs.count(s) > 1})
+        raise StorageError(f"the repository has two roots of snapshot {twice[0]} (a fork, or another "
+                           "writer): refusing to prune; dom0 tells the genuine one (qvm-backup-restore "
+                           "--verify-only)")  # fmt: skip
     timed: list[tuple[int, datetime]] = []
     bad: set[int] = set()
     for name in roots:
