@@ -259,7 +259,7 @@ def test_dom0_package_contents(dist: Path, tmp_path: Path) -> None:
     assert fields == f"qubes-backup-dom0 {VERSION} 1 noarch"
     assert not set(files) & set(QUBES_OWNED)
     assert not [p for p in files if "sim" in Path(p).parts or "qubes_backup_sim" in p or "/tests/" in p]
-    for name in ("qvm-backup", "qvm-backup-restore"):
+    for name in ("qvm-backup", "qvm-backup-restore", "qvm-backup-prune"):
         assert files[f"{LIB}/bin/{name}"].startswith("-rwxr-xr-x root")
         assert (root / f"usr/lib/qubes-backup/bin/{name}").read_text().startswith("#!/usr/bin/python3 -s\n")
     assert files["/etc/sudoers.d/qubes-backup"] == "-r--r----- root/root"

@@ -1,0 +1,93 @@
+"""qubes.Backup asked to prune a repository (dom0's ``qvm-backup-prune``; docs/PROTOCOL.md section 5c).
+
+    dom0:  LOCATION(name="prune", data=repository directory)     read by backup_service.serve
+    dom0:  PRUNE(data=policy and dry-run flag)
+    agent: FATE(name=roots/NAME, data=kept or deleted, why) ...  one per snapshot present before the prune
+    agent: DAMAGED(data=one line) ...  what is missing or malformed in a retained snapshot (nothing deleted)
+    agent: DONE(data=totals)   or   ERROR(one line)
+
+No key is involved: the prune itself (lock, roots, reference walk, deletions) is ``prune.prune_location``;
+this module only reads the request and reports the outcome in the grammar of ``prune_frames``.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from qubes_backup_protocol import frames, prune_frames
+from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.frames import FrameType
+from qubes_backup_protocol.retention import TIME_FORMAT
+
+from .common import EXIT_FAILED, EXIT_OK, one_line, send_error, silence
+from .storage import StorageError
+
+_REQUEST = {FrameType.PRUNE: (0, prune_frames.POLICY_SIZE)}
+
+
+def _root_name(snapshot: Any) -> str:
+    """``roots/NAME`` of a reported snapshot (from its number and creation time, whatever form they take)."""
+    created = snapshot.created
+    if isinstance(created, datetime):
+        created = created.strftime(TIME_FORMAT)
+    try:
+        return names.root_name(int(snapshot.seq), str(created))
+    except ValueError as exc:
+        raise StorageError(f"prune reported a snapshot it cannot name: {exc}") from None
+
+
+def _fate(snapshot: Any) -> prune_frames.Fate:
+    reasons = tuple(r for r in prune_frames.REASONS if r in snapshot.reasons)
+    if snapshot.kept and not reasons:
+        raise StorageError(f"prune kept snapshot {snapshot.seq} for a reason the protocol cannot report: "
+                           f"{', '.join(map(str, snapshot.reasons))}")  # fmt: skip
+    return prune_frames.Fate(bool(snapshot.kept), reasons if snapshot.kept else ())
+
+
+def report(out: BinaryIO, result: Any) -> None:
+    """The FATE frames and DONE of a ``prune.PruneReport``."""
+    snapshots = sorted(result.snapshots, key=lambda s: int(s.seq))
+    if len(snapshots) > names.MAX_ROOTS:
+        raise StorageError(f"the repository holds more than {names.MAX_ROOTS} snapshots")
+    encoded = [(_root_name(s), prune_frames.encode_fate(_fate(s))) for s in snapshots]
+    damaged = [one_line(str(line)) for line in getattr(result, "damaged", [])][: prune_frames.MAX_DAMAGE]
+    count = max(int(getattr(result, "damage_count", 0)), len(damaged))
+    if count and not damaged:
+        damaged = ["a retained snapshot is damaged"]
+    totals = prune_frames.Totals(int(result.objects_deleted), int(result.bytes_freed), int(result.objects_kept),
+                                 int(result.bytes_kept), bool(result.dry_run), min(count, (1 << 32) - 1))  # fmt: skip
+    done = prune_frames.encode_totals(totals)
+    for name, data in encoded:
+        frames.write_frame(out, FrameType.FATE, name, data)
+    for line in damaged:
+        frames.write_frame(out, FrameType.DAMAGED, "", line.encode("utf-8"))
+    frames.write_frame(out, FrameType.DONE, "", done)
+    out.flush()
+
+
+def serve_prune(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """After LOCATION(prune): the PRUNE request, the prune, its report."""
+    try:
+        frame = frames.read_frame(stdin, _REQUEST)
+        if frame is None:
+            print("qubes-backup-agent: dom0 closed the stream before its prune request; nothing done",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_FAILED
+        policy, dry_run = prune_frames.decode_policy(bytes(frame.data))
+        from .prune import prune_location  # the keyless prune (helper module; docs/REPOSITORY.md section 11)
+
+        result = prune_location(location, root, policy, dry_run)
+        report(stdout, result)
+    except StorageError as exc:
+        send_error(stdout, str(exc))
+        return EXIT_FAILED
+    except frames.ProtocolError as exc:
+        send_error(stdout, f"bad request: {exc}")
+        return EXIT_FAILED
+    except (BrokenPipeError, ConnectionResetError):
+        silence(stdout)
+        return EXIT_FAILED
+    return EXIT_OK
