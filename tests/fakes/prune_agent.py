@@ -2,7 +2,7 @@
 """A hostile backup VM for ``qvm-backup-prune``: installed as qubes.Backup in a test's QUBES_BACKUP_RPC_DIR, it
 answers a prune request by QUBES_AGENT_FAKE_PRUNE (any other request is refused):
 
-- ``many``: MAX_ROOTS + 1 FATE frames;  ``badname``: a FATE frame named ``roots/../../x``;
+- ``many``: MAX_ROOTS + 1 FATE frames (QUBES_AGENT_FAKE_COUNT + 1 if set);  ``badname``: a FATE frame named ``roots/../../x``;
 - ``bigerror``: an ERROR frame of 100 KB;  ``escape``: an ERROR line with terminal escapes;
 - ``bigfate``: a FATE record of 3 bytes;  ``badbits``: a fate kept with no reason;
 - ``lie-fates``: honest frames but the oldest snapshot reported kept by ``last``;
@@ -49,7 +49,7 @@ def main() -> int:
     fate = prune_frames.encode_fate(prune_frames.Fate(True, ("newest",)))
     totals = prune_frames.encode_totals(prune_frames.Totals(0, 0, 0, 0, dry_run))
     if mode == "many":
-        for seq in range(1, names.MAX_ROOTS + 2):
+        for seq in range(1, int(os.environ.get("QUBES_AGENT_FAKE_COUNT", names.MAX_ROOTS)) + 2):
             out.write(frames.encode(FrameType.FATE, names.root_name(seq, "2026-01-01T00:00:00Z"), fate))
         out.write(frames.encode(FrameType.DONE, "", totals))
     elif mode == "badname":

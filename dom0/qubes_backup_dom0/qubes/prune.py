@@ -31,6 +31,7 @@ from qubes_backup_dom0.qubes.repoclient import RepoSession
 from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport
 
 SERVICE = "qubes.Backup"
+MAX_FATES = names.MAX_ROOTS  # FATE frames in one answer (a repository lists at most this many roots)
 
 
 class PruneDamaged(VerificationError):
@@ -108,8 +109,8 @@ def read_answer(channel: Channel, vm: str) -> Answer:
                 damaged.append(safe_text(data))
                 limits.pop(FrameType.FATE, None)  # the fates came first
                 continue
-            if len(fates) >= names.MAX_ROOTS:
-                raise VerificationError(f"backup VM {vm} reports more than {names.MAX_ROOTS} snapshots")
+            if len(fates) >= MAX_FATES:
+                raise VerificationError(f"backup VM {vm} reports more than {MAX_FATES} snapshots")
             if not names.is_root_name(name):
                 raise VerificationError(f"backup VM {vm} reports a bad snapshot name {safe_text(name, 80)}")
             if fates and names.root_seq(name) <= names.root_seq(fates[-1][0]):

@@ -12,7 +12,8 @@ lists or says:
 - then every snapshot present is verified like ``--verify-only``: its root (the entry of the newest root's
   history with its number), qubes.xml subset and file lists (the manifest a backup file would carry, through
   the same strict checks), its maps and every data block, each distinct object fetched and MAC-checked once
-  across all of them.
+  across all of them (except the newest snapshot's qubes.xml subset, read by ``open()``: fetched again if an
+  older snapshot has the very same one).
 """
 
 from __future__ import annotations
@@ -85,23 +86,32 @@ class _Verifier:
         self.blocks: dict[str, int] = {}  # data id -> its length
         self.data_bytes = 0
 
-    def snapshot(self, root: repotree.Root) -> None:
-        if root.qubes not in self.xml:
-            self.xml[root.qubes] = self.reader.qubes(root.qubes)
-        wanted = [a.tree for a in root.archives if a.tree not in self.trees]
-        self.trees.update(self.reader.trees(wanted))
-        archives = [manifest_mod.ArchiveEntry(a.member, a.vm, a.kind, [
-            manifest_mod.FileEntry(f.path, f.type, f.size, f.data) for f in self.trees[a.tree].files])
-            for a in root.archives]  # fmt: skip
-        try:  # the manifest a backup file of this snapshot would carry, through the same strict checks
-            rendered = manifest_mod.Manifest(root.repo_id, root.created, archives, self.xml[root.qubes]).render()
-        except BackupError as e:
-            raise VerificationError(f"snapshot {root.seq}: {e}") from None
-        manifest_mod.parse(rendered)
+    def snapshot(self, root: repotree.Root, checked: dict[str, repotree.Tree] | None = None) -> None:
+        """Snapshot ``root`` (verified); ``checked``: its file lists by archive member when its manifest was
+        checked already (the newest, by ``RepoRestore.open``)."""
+        if checked is not None:
+            self.trees.update({a.tree: checked[a.member] for a in root.archives})
+        else:
+            self._manifest(root)
         for a in root.archives:
             for tf in self.trees[a.tree].files:
                 if tf.type == "file":
                     self._file(tf)
+
+    def _manifest(self, root: repotree.Root) -> None:
+        """The manifest a backup file of this snapshot would carry, through the same strict checks."""
+        if root.qubes not in self.xml:
+            self.xml[root.qubes] = self.reader.qubes(root.qubes)
+        wanted = list(dict.fromkeys(a.tree for a in root.archives if a.tree not in self.trees))
+        self.trees.update(self.reader.trees(wanted))
+        archives = [manifest_mod.ArchiveEntry(a.member, a.vm, a.kind, [
+            manifest_mod.FileEntry(f.path, f.type, f.size, f.data) for f in self.trees[a.tree].files])
+            for a in root.archives]  # fmt: skip
+        try:
+            rendered = manifest_mod.Manifest(root.repo_id, root.created, archives, self.xml[root.qubes]).render()
+        except BackupError as e:
+            raise VerificationError(f"snapshot {root.seq}: {e}") from None
+        manifest_mod.parse(rendered)
 
     def _file(self, tf: repotree.TreeFile) -> None:
         bs = self.reader.block_size
@@ -139,9 +149,8 @@ def audit(job: RepoRestore, policy: Policy) -> AuditResult:
     result = AuditResult(job.header.repo_id_hex, job.where, head.seq, head_id, snaps, extra)
     verifier = _Verifier(job.reader)
     listed = {names.root_seq(r): r for r in job.roots}
-    for s in snaps:
-        if not s.present:
-            continue
+    present = [s for s in snaps if s.present]
+    for s in [*present[-1:], *present[:-1]]:  # the newest first: its file lists are known (open() read them)
         if s.seq == head.seq:
             root_id, root = head_id, head
         else:
@@ -149,8 +158,9 @@ def audit(job: RepoRestore, policy: Policy) -> AuditResult:
             if head.history[s.seq - 1] != root.entry(root_id):
                 raise VerificationError(f"snapshot {s.seq} is not the one the newest snapshot {head.seq} records (a "
                                         "fork, or mixed in from another repository)")  # fmt: skip
-        verifier.snapshot(root)
+        verifier.snapshot(root, job.chosen.trees if s.seq == head.seq else None)
         result.verified.append(s.seq)
+    result.verified.sort()
     result.objects, result.object_bytes = job.reader.fetched, job.reader.fetched_bytes
     result.data_bytes = verifier.data_bytes
     return result
