@@ -164,7 +164,8 @@ def test_dry_run_then_prune(world: World) -> None:
     assert done["objects_deleted"] == len(gone) == dry["objects_deleted"]
     assert done["bytes_freed"] == sum(before_objects[o] for o in gone) == dry["bytes_freed"]
     assert done["objects_kept"] == len(after) and done["bytes_kept"] == sum(after.values())
-    assert [(s["snapshot"], s["kept"]) for s in done["snapshots"]] == [(s["snapshot"], s["kept"]) for s in dry["snapshots"]]
+    assert [(s["snapshot"], s["kept"]) for s in done["snapshots"]] == [
+        (s["snapshot"], s["kept"]) for s in dry["snapshots"]]  # fmt: skip
 
     # pruning again deletes nothing: the policy keeps what it kept
     r = world.prune(*POLICY)

@@ -2,7 +2,8 @@
 """A hostile backup VM for ``qvm-backup-prune``: installed as qubes.Backup in a test's QUBES_BACKUP_RPC_DIR, it
 answers a prune request by QUBES_AGENT_FAKE_PRUNE (any other request is refused):
 
-- ``many``: MAX_ROOTS + 1 FATE frames (QUBES_AGENT_FAKE_COUNT + 1 if set);  ``badname``: a FATE frame named ``roots/../../x``;
+- ``many``: MAX_ROOTS + 1 FATE frames (QUBES_AGENT_FAKE_COUNT + 1 if set);
+- ``badname``: a FATE frame named ``roots/../../x``;
 - ``bigerror``: an ERROR frame of 100 KB;  ``escape``: an ERROR line with terminal escapes;
 - ``bigfate``: a FATE record of 3 bytes;  ``badbits``: a fate kept with no reason;
 - ``lie-fates``: honest frames but the oldest snapshot reported kept by ``last``;

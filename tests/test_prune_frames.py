@@ -1,0 +1,96 @@
+"""The prune records (protocol/qubes_backup_protocol/prune_frames.py, docs/PROTOCOL.md section 5c): what encodes
+decodes to the same thing, and every record outside the grammar is refused.  Property runs: 200 examples by
+default, 5,000 with QB_LONG=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from qubes_backup_dom0.qubes.prune import expected_fates
+from qubes_backup_protocol import prune_frames as pf
+from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.retention import MAX_KEEP, Policy, reasons
+
+EXAMPLES = 5000 if os.environ.get("QB_LONG") == "1" else 200
+counts = st.integers(min_value=0, max_value=MAX_KEEP)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(counts, counts, counts, counts, st.booleans())
+def test_policy_round_trip(last: int, daily: int, weekly: int, monthly: int, dry: bool) -> None:
+    if not any((last, daily, weekly, monthly)):
+        with pytest.raises(ValueError):
+            Policy(last, daily, weekly, monthly)
+        raw = pf.PolicyRecord.build({"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0,
+                                     "flags": int(dry)})  # fmt: skip
+        with pytest.raises(pf.PruneFrameError, match="keeps nothing"):
+            pf.decode_policy(raw)
+        return
+    policy = Policy(last, daily, weekly, monthly)
+    data = pf.encode_policy(policy, dry)
+    assert len(data) == pf.POLICY_SIZE
+    assert pf.decode_policy(data) == (policy, dry)
+
+
+def test_policy_refusals() -> None:
+    good = pf.encode_policy(Policy(keep_last=1), False)
+    for bad in (good[:-1], good + b"\0", good[:-1] + b"\x02", b"\x00\x0f\x42\x41" + good[4:]):
+        with pytest.raises(pf.PruneFrameError):
+            pf.decode_policy(bad)
+
+
+@given(st.booleans(), st.sets(st.sampled_from(pf.REASONS)))
+def test_fate_round_trip(kept: bool, why: set[str]) -> None:
+    fate = pf.Fate(kept, tuple(r for r in pf.REASONS if r in why))
+    if kept != bool(why):
+        with pytest.raises(pf.PruneFrameError):
+            pf.encode_fate(fate)
+        return
+    assert pf.decode_fate(pf.encode_fate(fate)) == fate
+
+
+@pytest.mark.parametrize("raw", [b"", b"\x01", b"\x01\x01\x00", b"\x02\x01", b"\x01\x00", b"\x00\x01", b"\x01\x40",
+                                 b"\x01\x80"])  # fmt: skip
+def test_fate_refusals(raw: bytes) -> None:
+    with pytest.raises(pf.PruneFrameError):
+        pf.decode_fate(raw)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(st.integers(0, pf.MAX_COUNT), st.integers(1, pf.MAX_COUNT), st.integers(0, pf.MAX_COUNT),
+       st.integers(1, pf.MAX_COUNT), st.booleans(), st.integers(0, (1 << 32) - 1))  # fmt: skip
+def test_totals_round_trip(deleted: int, freed: int, kept: int, kept_bytes: int, dry: bool, damage: int) -> None:
+    freed = freed if deleted else 0
+    kept_bytes = kept_bytes if kept else 0
+    deleted = 0 if damage else deleted
+    freed = 0 if damage else freed
+    totals = pf.Totals(deleted, freed, kept, kept_bytes, dry, damage)
+    assert pf.decode_totals(pf.encode_totals(totals)) == totals
+
+
+def test_totals_refusals() -> None:
+    def raw(*values: int, damage: int = 0, dry: int = 0) -> bytes:
+        keys = ("objects_deleted", "bytes_freed", "objects_kept", "bytes_kept")
+        return bytes(pf.TotalsRecord.build({**dict(zip(keys, values, strict=True)), "damage": damage, "dry_run": dry}))
+
+    for bad in (raw(1, 0, 0, 0), raw(0, 5, 0, 0), raw(0, 0, 0, 7), raw(pf.MAX_COUNT + 1, 1, 0, 0),
+                raw(1, 1, 0, 0, damage=1), raw(0, 0, 0, 0, dry=2), raw(0, 0, 0, 0)[:-1]):  # fmt: skip
+        with pytest.raises(pf.PruneFrameError):
+            pf.decode_totals(bad)
+
+
+def test_expected_fates_match_retention() -> None:
+    """dom0's expectation is retention's over the names; a name with an impossible time is kept (bad-time) and,
+    when it is the newest by number, it is the newest."""
+    times = ["2026-11-01T10:00:00Z", "2026-11-02T10:00:00Z", "2026-11-02T11:00:00Z"]
+    roots = [names.root_name(i, t) for i, t in enumerate(times, 1)]
+    from qubes_backup_protocol.retention import parse_time
+
+    policy = Policy(keep_daily=1)
+    assert expected_fates(policy, roots) == reasons([(i, parse_time(t)) for i, t in enumerate(times, 1)], policy)
+    bad = "roots/0000000004-20261399T000000Z"
+    assert names.is_root_name(bad)
+    assert expected_fates(policy, [*roots, bad]) == {3: ["daily"], 4: ["newest", "bad-time"]}
