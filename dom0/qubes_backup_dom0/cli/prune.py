@@ -106,9 +106,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = prune_mod.prune(make_transport(system), vm, args.repo, policy, args.dry_run)
     except prune_mod.PruneDamaged as e:  # the findings first (the backup VM's words, made printable), then the line
-        if not args.json:
-            for line in e.lines:
-                warn(f"backup VM {vm}: {line}")
+        for line in e.lines:
+            warn(f"backup VM {vm}: {line}")
         raise
     if args.json:
         emit_json(prune_document(result))
@@ -170,13 +169,13 @@ def _audit(args: argparse.Namespace, system: System, vm: str, policy: Policy) ->
     elapsed = time.monotonic() - start
     notes = list(job.notes)
     warnings = [*job.warnings, *([not_pruned(result)] if result.extra else [])]
-    if args.json:
-        emit_json(audit_document(result, policy, elapsed, notes, warnings))
-        return 0
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for warning in warnings:
         warn(warning)
+    if args.json:
+        emit_json(audit_document(result, policy, elapsed, notes, warnings))
+        return 0
     if not args.quiet:
         print(audit_table(result))
     print(audit_line(result, elapsed))
