@@ -71,7 +71,7 @@ def compare(job: RepoRestore, policy: Policy) -> tuple[list[AuditSnapshot], list
         raise VerificationError(
             f"{word} {_numbers(missing)} of repository {job.header.repo_id_hex} in {job.where} "
             f"{'is' if len(missing) == 1 else 'are'} kept by the policy {policy.describe()} but missing: the backup "
-            "VM deleted or withholds them")  # fmt: skip
+            f"VM deleted or withholds {'it' if len(missing) == 1 else 'them'}")  # fmt: skip
     return snaps, [s.seq for s in snaps if s.present and not s.keeps]
 
 
