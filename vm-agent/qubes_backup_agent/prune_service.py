@@ -13,33 +13,28 @@ this module only reads the request and reports the outcome in the grammar of ``p
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from qubes_backup_protocol import frames, prune_frames
 from qubes_backup_protocol import repo as names
 from qubes_backup_protocol.frames import FrameType
-from qubes_backup_protocol.retention import TIME_FORMAT
 
 from .common import EXIT_FAILED, EXIT_OK, one_line, send_error, silence
+from .prune import PruneReport, SnapshotFate, prune_location
 from .storage import StorageError
 
 _REQUEST = {FrameType.PRUNE: (0, prune_frames.POLICY_SIZE)}
 
 
-def _root_name(snapshot: Any) -> str:
-    """``roots/NAME`` of a reported snapshot (from its number and creation time, whatever form they take)."""
-    created = snapshot.created
-    if isinstance(created, datetime):
-        created = created.strftime(TIME_FORMAT)
-    try:
-        return names.root_name(int(snapshot.seq), str(created))
-    except ValueError as exc:
-        raise StorageError(f"prune reported a snapshot it cannot name: {exc}") from None
+def _root_name(snapshot: SnapshotFate) -> str:
+    """``roots/NAME`` of a reported snapshot: its name, which must be the root grammar's."""
+    if not names.is_root_name(snapshot.name) or names.root_seq(snapshot.name) != snapshot.seq:
+        raise StorageError(f"prune reported a snapshot it cannot name: {snapshot.name[:80]!r}")
+    return snapshot.name
 
 
-def _fate(snapshot: Any) -> prune_frames.Fate:
+def _fate(snapshot: SnapshotFate) -> prune_frames.Fate:
     reasons = tuple(r for r in prune_frames.REASONS if r in snapshot.reasons)
     if snapshot.kept and not reasons:
         raise StorageError(f"prune kept snapshot {snapshot.seq} for a reason the protocol cannot report: "
@@ -47,18 +42,18 @@ def _fate(snapshot: Any) -> prune_frames.Fate:
     return prune_frames.Fate(bool(snapshot.kept), reasons if snapshot.kept else ())
 
 
-def report(out: BinaryIO, result: Any) -> None:
+def report(out: BinaryIO, result: PruneReport) -> None:
     """The FATE frames and DONE of a ``prune.PruneReport``."""
-    snapshots = sorted(result.snapshots, key=lambda s: int(s.seq))
+    snapshots = sorted(result.snapshots, key=lambda s: s.seq)
     if len(snapshots) > names.MAX_ROOTS:
         raise StorageError(f"the repository holds more than {names.MAX_ROOTS} snapshots")
     encoded = [(_root_name(s), prune_frames.encode_fate(_fate(s))) for s in snapshots]
-    damaged = [one_line(str(line)) for line in getattr(result, "damaged", [])][: prune_frames.MAX_DAMAGE]
-    count = max(int(getattr(result, "damage_count", 0)), len(damaged))
+    damaged = [one_line(line) for line in result.damaged][: prune_frames.MAX_DAMAGE]
+    count = max(result.damage_count, len(damaged))
     if count and not damaged:
         damaged = ["a retained snapshot is damaged"]
-    totals = prune_frames.Totals(int(result.objects_deleted), int(result.bytes_freed), int(result.objects_kept),
-                                 int(result.bytes_kept), bool(result.dry_run), min(count, (1 << 32) - 1))  # fmt: skip
+    totals = prune_frames.Totals(result.objects_deleted, result.bytes_freed, result.objects_kept, result.bytes_kept,
+                                 result.dry_run, min(count, (1 << 32) - 1))  # fmt: skip
     done = prune_frames.encode_totals(totals)
     for name, data in encoded:
         frames.write_frame(out, FrameType.FATE, name, data)
@@ -77,8 +72,6 @@ def serve_prune(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) ->
                   file=sys.stderr)  # fmt: skip
             return EXIT_FAILED
         policy, dry_run = prune_frames.decode_policy(bytes(frame.data))
-        from .prune import prune_location  # the keyless prune (helper module; docs/REPOSITORY.md section 11)
-
         result = prune_location(location, root, policy, dry_run)
         report(stdout, result)
     except StorageError as exc:
