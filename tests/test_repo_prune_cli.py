@@ -247,8 +247,8 @@ def _hostile(world: World, tmp_path: Path, mode: str, *args: str) -> subprocess.
     ("bigfate", (), 3, "frame data too long"),
     ("badbits", (), 3, "snapshot fate outside the grammar"),
     ("lie-fates", ("--dry-run",), 3, "reports snapshot 1 kept (last), but the policy last=1 daily=2 deletes it"),
-    ("lie-deleted", (), 3, "reported snapshot 4 kept, but no longer lists it"),
-    ("dry-deletes", ("--dry-run",), 3, "reported snapshot 1 kept, but no longer lists it"),
+    ("lie-deleted", (), 3, "reported snapshot 4 kept, but no longer lists snapshot 4"),
+    ("dry-deletes", ("--dry-run",), 3, "reported that nothing was deleted, but no longer lists snapshot 1"),
     ("after", (), 3, "malformed prune answer (after its report)"),
     ("escape", (), 1, "reports: all fine?[2J?]0;owned??gone"),
 ])  # fmt: skip

@@ -164,13 +164,15 @@ def check_fates(vm: str, policy: Policy, dry_run: bool, answer: Answer) -> list[
 
 
 def check_listing(vm: str, snapshots: list[SnapshotFate], dry_run: bool, roots: list[str]) -> None:
-    """After the prune, the repository lists what the agent reported kept, and nothing it reported deleted."""
+    """After the prune, the repository lists what the agent reported kept, and nothing it reported deleted
+    (``dry_run``: nothing was deleted, after a dry run or a damage report)."""
     listed = {names.root_seq(r): r for r in roots}
     newest = snapshots[-1].seq if snapshots else 0
     for s in snapshots:
         there = listed.get(s.seq) == s.name
         if (s.kept or dry_run) and not there:
-            raise VerificationError(f"backup VM {vm} reported snapshot {s.seq} kept, but no longer lists it")
+            said = f"snapshot {s.seq} kept" if s.kept else "that nothing was deleted"
+            raise VerificationError(f"backup VM {vm} reported {said}, but no longer lists snapshot {s.seq}")
         if not (s.kept or dry_run) and s.seq in listed:
             raise VerificationError(f"backup VM {vm} reported snapshot {s.seq} deleted, but still lists it")
     reported = {s.seq for s in snapshots}
