@@ -4,14 +4,18 @@ default, 5,000 with QB_LONG=1."""
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from qubes_backup_dom0.qubes.prune import expected_fates
+from qubes_backup_protocol import frames
 from qubes_backup_protocol import prune_frames as pf
 from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.frames import FrameType
 from qubes_backup_protocol.retention import MAX_KEEP, Policy, reasons
 
 EXAMPLES = 5000 if os.environ.get("QB_LONG") == "1" else 200
@@ -94,3 +98,38 @@ def test_expected_fates_match_retention() -> None:
     bad = "roots/0000000004-20261399T000000Z"
     assert names.is_root_name(bad)
     assert expected_fates(policy, [*roots, bad]) == {3: ["daily"], 4: ["newest", "bad-time"]}
+
+
+def _serve(tmp_path: Path, request: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[int, list[frames.Frame]]:
+    """qubes.Backup's serve() on ``request`` (the agent's root: tmp_path), and the frames it answers."""
+    from qubes_backup_agent import backup_service
+
+    monkeypatch.setenv("QUBES_AGENT_ROOT", str(tmp_path))
+    out = io.BytesIO()
+    rc = backup_service.serve(io.BytesIO(request), out)  # type: ignore[arg-type]
+    out.seek(0)
+    got = []
+    while (f := frames.read_frame(out, {t: (64, 4096) for t in FrameType})) is not None:
+        got.append(f)
+    return rc, got
+
+
+def test_agent_refuses_bad_prune_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's side of a prune request: a policy that keeps nothing, another frame instead of PRUNE, a
+    missing repository: one ERROR line each; dom0 gone before its request: nothing, exit 1."""
+    (tmp_path / "home" / "user").mkdir(parents=True)
+    location = frames.encode(FrameType.LOCATION, pf.REQUEST, b"/home/user/repo")
+    zero = bytes(pf.PolicyRecord.build({"keep_last": 0, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0,
+                                        "flags": 0}))  # fmt: skip
+    cases = [
+        (location + frames.encode(FrameType.PRUNE, "", zero), "bad request: the policy keeps nothing"),
+        (location + frames.encode(FrameType.DATA, "", b"x"), "bad request: unexpected frame type DATA"),
+        (location + frames.encode(FrameType.PRUNE, "", pf.encode_policy(Policy(keep_last=1), False)),
+         "location does not exist: /home/user/repo"),
+    ]  # fmt: skip
+    for request, says in cases:
+        rc, got = _serve(tmp_path, request, monkeypatch)
+        assert rc == 1 and [f.type for f in got] == [FrameType.ERROR], got
+        assert bytes(got[0].data).decode().startswith(says), got[0].data
+    rc, got = _serve(tmp_path, location, monkeypatch)
+    assert rc == 1 and got == []
