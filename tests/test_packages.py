@@ -499,6 +499,8 @@ def test_backup_and_restore_through_the_installed_packages(tmp_path: Path, insta
     # What ran was the installed dom0 code (Python compiled it at install; no source tree on its path).
     r = subprocess.run([*installed.command("qvm-backup"), "--version"], capture_output=True, text=True, env=env)
     assert r.stdout == f"qvm-backup (qubes-backup) {VERSION} from {installed.dom0.path(LIB).resolve()}/dom0\n", r.stdout
+    r = subprocess.run([*installed.command("qvm-backup-prune"), "--version"], capture_output=True, text=True, env=env)
+    assert r.stdout.startswith(f"qvm-backup-prune (qubes-backup) {VERSION} from "), r.stdout + r.stderr
 
     # The agent package removed, the backup VM restarted: Qubes' own services answer; one line, at once.
     remove(installed.template, installed.agent, "qubes-backup-agent")
