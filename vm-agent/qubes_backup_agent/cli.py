@@ -96,7 +96,7 @@ def _emit(text: str) -> None:
 
 def _fail(code: int, message: str, as_json: bool) -> int:
     line = one_line(message)
-    print(f"{PROG}: {line}", file=sys.stderr)
+    print(f"{PROG}: {line}" if code == EXIT_INTERRUPTED else f"{PROG}: error: {line}", file=sys.stderr)
     if as_json:
         _emit(json.dumps({"command": "prune", "error": line, "exit_code": code}))
     return code
@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     except (StorageError, confine.ConfinementError) as exc:
         return _fail(EXIT_FAILED, str(exc), as_json)
     except KeyboardInterrupt:
-        return _fail(EXIT_INTERRUPTED, "interrupted; run the prune again to complete it", as_json)
+        return _fail(EXIT_INTERRUPTED, "interrupted: every kept snapshot is whole; run the prune again to complete it",
+                     as_json)  # fmt: skip
     except OSError as exc:
         return _fail(EXIT_FAILED, f"{exc.strerror or exc} pruning {args.repo}", as_json)
+    except Exception as exc:  # a bug: one line all the same (every kept snapshot is whole, section 11)
+        return _fail(EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}", as_json)
     code = EXIT_DAMAGED if report.damage_count else EXIT_OK
     if args.json:
         doc = {"command": "prune", "repository": view, "policy": dict(policy.counts()), **report.to_json(),
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _emit(human(report, view, policy))
     if code == EXIT_DAMAGED:
-        print(f"{PROG}: repository {view} is damaged: {report.damage_count} object(s) of kept snapshots missing "
+        print(f"{PROG}: error: repository {view} is damaged: {report.damage_count} object(s) of kept snapshots missing "
               "or malformed; nothing deleted (verify from dom0 with qvm-backup-restore --verify-only)",
               file=sys.stderr)  # fmt: skip
     return code

@@ -122,6 +122,12 @@ def decide(roots: list[str], policy: Policy) -> list[SnapshotFate]:
     time is kept (``bad-time``): its age is unknown."""
     if not roots:
         return []
+    seqs = [names.root_seq(n) for n in roots]
+    if len(set(seqs)) != len(seqs):
+        twice = sorted({s for s in seqs if seqs.count(s) > 1})
+        raise StorageError(f"the repository has two roots of snapshot {twice[0]} (a fork, or another "
+                           "writer): refusing to prune; dom0 tells the genuine one (qvm-backup-restore "
+                           "--verify-only)")  # fmt: skip
     timed: list[tuple[int, datetime]] = []
     bad: set[int] = set()
     for name in roots:
@@ -161,20 +167,23 @@ def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], 
     """Every object a retained snapshot references, transitively (only those present; what is missing or
     malformed goes to ``damage``).  ``sizes``: the objects present and their sizes."""
     live: set[str] = set()
+    seen: set[str] = set()  # reached (live, missing or malformed): each object is judged once
     for fate in retained:
         where = f"snapshot {fate.seq} ({fate.name})"
         try:
             _t, todo = parse_clear(store.read_clear(fate.name), None, "r", None)
-        except FileNotFoundError:
-            continue  # gone since it was listed: not ours to judge (only a prune deletes roots, under the lock)
+        except FileNotFoundError:  # gone since it was listed, under our lock: something else deletes here
+            damage.add(f"{where}: its root vanished while the prune ran")
+            continue
         except Malformed as exc:
             damage.add(f"{where}: its root is malformed ({exc})")
             continue
         expect = {oid: CHILDREN["r"] for oid in todo}
         while todo:
             oid = todo.pop()
-            if oid in live:
+            if oid in seen:
                 continue
+            seen.add(oid)
             what = " or ".join(TYPE_NAMES[t] for t in expect[oid])
             if oid not in sizes:
                 damage.add(f"{where}: {what} {oid[:16]} is missing")
@@ -189,7 +198,7 @@ def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], 
                 damage.add(f"{where}: {what} {oid[:16]} is malformed ({exc}); kept, its references unknown")
                 continue
             for ref in refs:
-                if ref not in live:
+                if ref not in seen:
                     expect.setdefault(ref, CHILDREN[otype])
                     todo.append(ref)
     return live
