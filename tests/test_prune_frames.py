@@ -133,3 +133,32 @@ def test_agent_refuses_bad_prune_requests(tmp_path: Path, monkeypatch: pytest.Mo
         assert bytes(got[0].data).decode().startswith(says), got[0].data
     rc, got = _serve(tmp_path, location, monkeypatch)
     assert rc == 1 and got == []
+
+
+@st.composite
+def root_lists(draw: st.DrawFn) -> list[str]:
+    """Root names of distinct numbers, ascending, with times in a few months (some impossible, month 13)."""
+    seqs = sorted(draw(st.sets(st.integers(1, 400), min_size=0, max_size=40)))
+    out = []
+    for seq in seqs:
+        month = draw(st.sampled_from([10, 11, 12, 13] if draw(st.integers(0, 20)) == 0 else [10, 11, 12]))
+        day, hour = draw(st.integers(1, 28)), draw(st.integers(0, 23))
+        out.append(f"roots/{seq:010d}-2026{month:02d}{day:02d}T{hour:02d}0000Z")
+    return out
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(root_lists(), st.integers(0, 5), st.integers(0, 5), st.integers(0, 3), st.integers(0, 2))
+def test_dom0_expects_what_the_agent_decides(roots: list[str], last: int, daily: int, weekly: int,
+                                             monthly: int) -> None:  # fmt: skip
+    """dom0 refuses a report whose fates differ from its own expectation: for an honest agent they must agree,
+    on every list of root names (impossible times included) and policy."""
+    from qubes_backup_agent.prune import decide
+
+    if not any((last, daily, weekly, monthly)):
+        return
+    policy = Policy(last, daily, weekly, monthly)
+    agent = {f.seq: (f.kept, sorted(f.reasons)) for f in decide(roots, policy)}
+    dom0 = expected_fates(policy, roots)
+    assert agent == {names.root_seq(r): (names.root_seq(r) in dom0, sorted(dom0.get(names.root_seq(r), [])))
+                     for r in roots}  # fmt: skip

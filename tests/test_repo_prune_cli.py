@@ -251,6 +251,8 @@ def _hostile(world: World, tmp_path: Path, mode: str, *args: str) -> subprocess.
     ("dry-deletes", ("--dry-run",), 3, "reported that nothing was deleted, but no longer lists snapshot 1"),
     ("after", (), 3, "malformed prune answer (after its report)"),
     ("escape", (), 1, "reports: all fine?[2J?]0;owned??gone"),
+    ("manydamage", (), 3, "reports more than 50 findings"),
+    ("damagecount", (), 3, "1 findings listed, 0 counted"),
 ])  # fmt: skip
 def test_hostile_answers_are_bounded_and_refused(world: World, tmp_path: Path, mode: str, args: tuple[str, ...],
                                                  code: int, says: str) -> None:  # fmt: skip

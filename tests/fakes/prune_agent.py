@@ -9,7 +9,8 @@ answers a prune request by QUBES_AGENT_FAKE_PRUNE (any other request is refused)
 - ``lie-fates``: honest frames but the oldest snapshot reported kept by ``last``;
 - ``lie-deleted``: a real prune, then the oldest snapshot it reported kept deleted as well;
 - ``dry-deletes``: asked for a dry run, prunes for real and reports a dry run;
-- ``after``: an honest report followed by an extra FATE frame after DONE.
+- ``after``: an honest report followed by an extra FATE frame after DONE;
+- ``manydamage``: 51 DAMAGED lines;  ``damagecount``: one DAMAGED line, totals counting none.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def main() -> int:
     elif mode == "after":
         data, _result = _honest(location, policy, dry_run)
         out.write(data + frames.encode(FrameType.FATE, names.root_name(99, "2026-01-01T00:00:00Z"), fate))
+    elif mode in ("manydamage", "damagecount"):
+        lines = 51 if mode == "manydamage" else 1
+        for i in range(lines):
+            out.write(frames.encode(FrameType.DAMAGED, "", f"finding {i}".encode()))
+        out.write(frames.encode(FrameType.DONE, "", prune_frames.encode_totals(
+            prune_frames.Totals(0, 0, 0, 0, dry_run, 51 if mode == "manydamage" else 0))))  # fmt: skip
     out.flush()
     return 0
 
