@@ -268,6 +268,28 @@ def test_hostile_answers_are_bounded_and_refused(world: World, tmp_path: Path, m
         assert "\x1b" not in r.stdout
 
 
+BUSY_RESTORE = """#!/usr/bin/env python3
+import sys
+from qubes_backup_protocol import frames
+sys.stdout.buffer.write(frames.encode(frames.FrameType.ERROR, "", b"repository /home/user/prune-repo is in use by "
+                                      b"another backup or prune; try again later"))
+"""
+
+
+def test_listing_refused_after_the_prune_is_a_warning(world: World, tmp_path: Path) -> None:
+    """A backup that takes the lock the moment the prune released it: the listing that checks the report is
+    refused; the prune is done (exit 0) and a warning says its report is unchecked."""
+    rpc = tmp_path / "rpc"
+    rpc.mkdir()
+    shutil.copy(RPC / "qubes.Backup", rpc / "qubes.Backup")
+    (rpc / "qubes.Restore").write_text(BUSY_RESTORE)
+    r = world.prune(*POLICY, "--json", env={"QUBES_BACKUP_RPC_DIR": str(rpc), "QUBES_SIM_SANDBOX": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "warning: could not list the repository after the prune, so its report is unchecked" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["snapshots_deleted"] == 4 and len(doc["warnings"]) == 1 and world.roots() == KEPT
+
+
 def test_too_many_snapshots_reported(world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """More FATE frames than a repository may hold are refused at the first one too many.  The bound is
     MAX_ROOTS (100,000: 35 s of frames); here dom0's bound is lowered to 1,000 and the agent sends 1,001, in

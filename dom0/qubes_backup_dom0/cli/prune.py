@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         for line in e.lines:
             warn(f"backup VM {vm}: {line}")
         raise
+    for warning in result.warnings:
+        warn(warning)
     if args.json:
         emit_json(prune_document(result))
         return 0
@@ -150,7 +152,7 @@ def prune_document(r: prune_mod.PruneResult) -> dict[str, Any]:
             "snapshots": [{"snapshot": s.seq, "created": s.created, "name": s.name, "kept": s.kept,
                            "reasons": list(s.reasons)} for s in r.snapshots],
             "snapshots_deleted": len(r.deleted), "objects_deleted": t.objects_deleted, "bytes_freed": t.bytes_freed,
-            "objects_kept": t.objects_kept, "bytes_kept": t.bytes_kept}  # fmt: skip
+            "objects_kept": t.objects_kept, "bytes_kept": t.bytes_kept, "warnings": r.warnings}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- audit

@@ -19,7 +19,7 @@ history instead (restore/audit.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qubes_backup_protocol import prune_frames, retention
 from qubes_backup_protocol import repo as names
@@ -59,6 +59,7 @@ class PruneResult:
     dry_run: bool
     snapshots: list[SnapshotFate]
     totals: prune_frames.Totals
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def deleted(self) -> list[SnapshotFate]:
@@ -195,15 +196,23 @@ def prune(transport: Transport, vm: str, location: str, policy: Policy, dry_run:
     finally:
         channel.close()
     snapshots = check_fates(vm, policy, dry_run, answer)
-    session = RepoSession(transport, "qubes.Restore", vm, location)
+    warnings: list[str] = []
     try:
-        roots = session.read_opening().roots
-    finally:
-        session.close()
-    check_listing(vm, snapshots, dry_run or bool(answer.damaged), roots)
+        session = RepoSession(transport, "qubes.Restore", vm, location)
+        try:
+            roots: list[str] | None = session.read_opening().roots
+        finally:
+            session.close()
+    except VerificationError:
+        raise
+    except BackupError as e:  # e.g. a backup took the lock the moment the prune released it
+        roots = None
+        warnings.append(f"could not list the repository after the prune, so its report is unchecked: {e}")
+    if roots is not None:
+        check_listing(vm, snapshots, dry_run or bool(answer.damaged), roots)
     if answer.damaged:
         n = answer.totals.damage
         raise PruneDamaged(f"repository {vm}:{location} is damaged ({n} finding{'' if n == 1 else 's'} in the "
                            f"snapshots to keep, first: {answer.damaged[0]}): nothing was deleted; check it with "
                            "qvm-backup-prune --audit", answer.damaged)  # fmt: skip
-    return PruneResult(vm, location, policy, dry_run, snapshots, answer.totals)
+    return PruneResult(vm, location, policy, dry_run, snapshots, answer.totals, warnings)
