@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lxml import etree
 from qubes_backup_protocol import repo as names
 from qubes_backup_protocol import retention
 from qubes_backup_protocol.retention import Policy
@@ -111,6 +112,8 @@ class _Verifier:
             rendered = manifest_mod.Manifest(root.repo_id, root.created, archives, self.xml[root.qubes]).render()
         except BackupError as e:
             raise VerificationError(f"snapshot {root.seq}: {e}") from None
+        except etree.LxmlError:  # its qubes.xml (verified: written with the passphrase) is not XML
+            raise VerificationError(f"snapshot {root.seq}: its qubes.xml is malformed") from None
         manifest_mod.parse(rendered)
 
     def _file(self, tf: repotree.TreeFile) -> None:
