@@ -343,8 +343,7 @@ def test_damaged_retained_snapshot(world: World) -> None:
     blocks = sorted(oid for oid in world.references(6) if world.object(oid).read_bytes()[5:6] == b"d")
     world.object(blocks[0]).unlink()
     r = world.audit()
-    assert r.returncode == 3, r.stderr
-    one_error_line(r.stderr)
+    assert r.returncode == 3 and "snapshot " in one_error_line(r.stderr), r.stderr
     before = (world.objects(), world.roots())
     r = world.prune(*POLICY)
     line = one_error_line(r.stderr)

@@ -161,7 +161,11 @@ def audit(job: RepoRestore, policy: Policy) -> AuditResult:
             if head.history[s.seq - 1] != root.entry(root_id):
                 raise VerificationError(f"snapshot {s.seq} is not the one the newest snapshot {head.seq} records (a "
                                         "fork, or mixed in from another repository)")  # fmt: skip
-        verifier.snapshot(root, job.chosen.trees if s.seq == head.seq else None)
+        try:
+            verifier.snapshot(root, job.chosen.trees if s.seq == head.seq else None)
+        except VerificationError as e:
+            text = str(e)
+            raise VerificationError(text if text.startswith("snapshot ") else f"snapshot {s.seq}: {text}") from None
         result.verified.append(s.seq)
     result.verified.sort()
     result.objects, result.object_bytes = job.reader.fetched, job.reader.fetched_bytes
