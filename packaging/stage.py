@@ -18,7 +18,8 @@ agent (qubes-backup-agent, in a template):
   /usr/bin/qubes-backup-agent                        the VM's own command (``prune`` for cron; not a Qubes name)
 dom0 (qubes-backup-dom0):
   LIB/protocol/, LIB/dom0/qubes_backup_dom0/, LIB/vm-agent/, LIB/rpc-policy/qubes.Restore (a restore from a dom0
-  file runs the agent's qubes.Restore, confined); LIB/bin/qvm-backup, qvm-backup-restore (the commands)
+  file runs the agent's qubes.Restore, confined); LIB/bin/qvm-backup, qvm-backup-restore,
+  qvm-backup-prune (the commands)
   /etc/profile.d/qubes-backup.sh                     LIB/bin first in PATH (Qubes' own stay in /usr/bin)
   /etc/sudoers.d/qubes-backup                        and first in sudo's secure_path
   /etc/qubes/policy.d/50-qubes-backup.policy         the qrexec policy
@@ -53,7 +54,8 @@ SOURCES = {
 }
 SERVICES = {"agent": ("qubes.Backup", "qubes.Restore", "qubes.RestoreParanoid"), "dom0": ("qubes.Restore",)}
 # The dom0 commands: name -> the module whose main() they run.
-COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli.backup", "qvm-backup-restore": "qubes_backup_dom0.cli.restore"}
+COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli.backup", "qvm-backup-restore": "qubes_backup_dom0.cli.restore",
+            "qvm-backup-prune": "qubes_backup_dom0.cli.prune"}
 
 # The agent package's command in the VM (cron runs it: /usr/bin, where cron's PATH looks).
 AGENT_COMMANDS = {"qubes-backup-agent": "qubes_backup_agent.cli"}

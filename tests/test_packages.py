@@ -261,7 +261,7 @@ def test_dom0_package_contents(dist: Path, tmp_path: Path) -> None:
     assert fields == f"qubes-backup-dom0 {VERSION} 1 noarch"
     assert not set(files) & set(QUBES_OWNED)
     assert not [p for p in files if "sim" in Path(p).parts or "qubes_backup_sim" in p or "/tests/" in p]
-    for name in ("qvm-backup", "qvm-backup-restore"):
+    for name in ("qvm-backup", "qvm-backup-restore", "qvm-backup-prune"):
         assert files[f"{LIB}/bin/{name}"].startswith("-rwxr-xr-x root")
         assert (root / f"usr/lib/qubes-backup/bin/{name}").read_text().startswith("#!/usr/bin/python3 -s\n")
     assert files["/etc/sudoers.d/qubes-backup"] == "-r--r----- root/root"
@@ -506,6 +506,8 @@ def test_backup_and_restore_through_the_installed_packages(tmp_path: Path, insta
     # What ran was the installed dom0 code (Python compiled it at install; no source tree on its path).
     r = subprocess.run([*installed.command("qvm-backup"), "--version"], capture_output=True, text=True, env=env)
     assert r.stdout == f"qvm-backup (qubes-backup) {VERSION} from {installed.dom0.path(LIB).resolve()}/dom0\n", r.stdout
+    r = subprocess.run([*installed.command("qvm-backup-prune"), "--version"], capture_output=True, text=True, env=env)
+    assert r.stdout.startswith(f"qvm-backup-prune (qubes-backup) {VERSION} from "), r.stdout + r.stderr
 
     # The agent package removed, the backup VM restarted: Qubes' own services answer; one line, at once.
     remove(installed.template, installed.agent, "qubes-backup-agent")
