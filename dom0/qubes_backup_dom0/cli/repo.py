@@ -73,6 +73,10 @@ def add_backup_options(p: ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--block-size", type=block_size_arg, default=repo.DEFAULT_BLOCK_SIZE, metavar="SIZE",
                    help="with --repo, when it creates the repository: its block size (default 256K)")
+    p.add_argument("--forget", metavar="VM", action="append", default=[],
+                   help="with --repo: leave VM (dom0: its home) of the previous snapshot out of the new one "
+                   "(repeatable; older snapshots keep it). Without it, every VM of the previous snapshot that "
+                   "this run does not back up is carried into the new snapshot unchanged, deleted VMs too")  # fmt: skip
 
 
 def add_restore_options(p: ArgumentParser) -> None:
@@ -112,8 +116,10 @@ def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], s
     compression = args.compress_filter or ("none" if args.no_compress else "zstd")
     if compression not in repo.COMPRESSIONS:
         raise UsageError(f"a repository is compressed with zstd or not at all, not {compression}")
+    for name in args.forget:
+        check_text_arg(name, "the VM to forget")
     options = RepoOptions(block_size=args.block_size, compression=compression, kdf_n=args.kdf_n,
-                          expect_root=args.expect_root)  # fmt: skip
+                          expect_root=args.expect_root, forget=tuple(args.forget))  # fmt: skip
     qubes = Qubes(system)
     vms = resolve(qubes, _positional_vms(args))
     if _positional_vms(args) and not vms:
@@ -152,6 +158,7 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     elapsed = time.monotonic() - start
     for note in result.notes:
         log(f"note: {note}")
+    log(what_line(result))
     for warning in result.warnings:
         warn(warning)
     if args.json:
@@ -161,19 +168,43 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     return 0
 
 
+def _vms(names: list[str]) -> str:
+    return ", ".join("dom0 home" if n == "dom0" else n for n in names) or "none"
+
+
+def what_line(r: RepoBackupResult) -> str:
+    """Which VMs this run read and which it carried from the parent snapshot unchanged (or left out)."""
+    line = f"Read {_vms(r.read)}"
+    if r.carried:
+        line += f"; carried from snapshot {r.parent} unchanged: {_vms(r.carried)}"
+    if r.forgotten:
+        line += f"; left out (--forget): {_vms(r.forgotten)}"
+    return line
+
+
+def mib(n: int) -> str:
+    """``212 MiB``, ``3.4 MiB``: whole MiB from 10 on, else one decimal."""
+    value = n / (1 << 20)
+    return f"{value:.0f} MiB" if value >= 10 else f"{value:.1f} MiB"
+
+
 def result_line(r: RepoBackupResult, elapsed: float) -> str:
-    """dom0's own account, always printed: the root id is what ``--expect-root`` pins."""
+    """dom0's own account, always printed, in issue 20's words (``Snapshot 143 of repository 7a1e…: 4 VMs
+    changed, 212 MiB stored, 3.9 s``); then the root id, which is what ``--expect-root`` pins.  "Changed":
+    the VMs (dom0: its home) whose file list differs from the parent snapshot's."""
     vms = len(r.changed)
     return (f"Snapshot {r.seq} of repository {r.repo_id}: {vms} VM{'' if vms == 1 else 's'} changed, "
-            f"{r.stored / (1 << 20):.1f} MiB stored, {elapsed:.1f} s; root {r.root}")  # fmt: skip
+            f"{mib(r.stored)} stored, {elapsed:.1f} s; root {r.root}")  # fmt: skip
 
 
 def backup_document(r: RepoBackupResult, elapsed: float) -> dict[str, Any]:
     return {"version": report.JSON_VERSION, "command": "backup", "ok": True, "repository": r.repo_id,
-            "location": r.location, "snapshot": r.seq, "root": r.root, "created": r.created,
-            "new_repository": r.new_repository, "archives": r.archives, "changed": r.changed,
-            "stored_bytes": r.stored, "objects": r.objects, "data_blocks": r.blocks,
-            "seconds": round(elapsed, 3), "notes": r.notes, "warnings": r.warnings}  # fmt: skip
+            "location": r.location, "snapshot": r.seq, "root": r.root, "created": r.created, "parent": r.parent,
+            "new_repository": r.new_repository, "archives": r.archives, "changed": r.changed, "read": r.read,
+            "carried": r.carried, "forgotten": r.forgotten, "stored_bytes": r.stored, "objects": r.objects,
+            "data_blocks": r.blocks, "parent_segments_fetched": r.segments_fetched,
+            "cache_used": r.cache_used, "seconds": round(elapsed, 3), "notes": r.notes,
+            "warnings": r.warnings}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- restore
