@@ -19,7 +19,7 @@ from conftest import Sim, assert_restored_like, new_sim
 from qubes_backup_dom0.errors import UsageError
 from qubes_backup_dom0.qubes import repocache, repostate
 from qubes_backup_dom0.qubes.interface import Qubes
-from test_repo_roundtrip import BS, PASS, REPO, backup, copy_sparse, restore
+from test_repo_roundtrip import BS, REPO, backup, copy_sparse, restore
 
 
 def write_block(sim: Sim, vm: str, seed: int, at: int = 7) -> None:
@@ -109,10 +109,6 @@ def test_carried_home_and_dependencies(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the cache
-
-def segments_fetched(result: object) -> int:
-    return int(getattr(result, "segments_fetched"))
-
 
 def test_cache_saves_fetching_the_parents_segments(tmp_path: Path) -> None:
     sim = new_sim(tmp_path / "sim")

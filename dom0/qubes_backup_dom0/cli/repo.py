@@ -29,6 +29,7 @@ from qubes_backup_dom0.cli.common import (
     confirm,
     emit_json,
     human,
+    prog,
     raise_interrupt,
     table,
     warn,
@@ -43,6 +44,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import stall_timeout
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan
 from qubes_backup_dom0.restore.repository import RepoRestore
+from qubes_backup_dom0.restore.repoverify import AllSnapshots
 
 Log = Callable[..., None]
 
@@ -84,6 +86,8 @@ def add_restore_options(p: ArgumentParser) -> None:
     p.add_argument("--snapshot", type=int, metavar="N", help="with --repo: restore snapshot N (default: the newest)")
     p.add_argument("--list-snapshots", action="store_true",
                    help="with --repo: list the repository's snapshots (authenticated: needs the passphrase)")
+    p.add_argument("--all-snapshots", action="store_true",
+                   help="with --repo --verify-only: verify every snapshot still present, each object once")
 
 
 def _positional_vms(args: argparse.Namespace) -> list[str]:
@@ -218,6 +222,9 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
     check_text_arg(args.repo, "the repository")
     if args.snapshot is not None and args.snapshot < 1:
         raise UsageError("--snapshot counts from 1")
+    if args.all_snapshots and (not args.verify_only or args.snapshot is not None or args.list_snapshots
+                               or _positional_vms(args) or args.exclude):  # fmt: skip
+        raise UsageError("--all-snapshots goes with --verify-only alone (not --snapshot, --list-snapshots or VMs)")
     stall_timeout()
     system = System.from_env()
     vm = _source_vm(system, args.source_vm)
@@ -240,6 +247,8 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
             print(f"note: {note}", file=sys.stderr)
         if args.list_snapshots:
             return _list(args, job)
+        if args.all_snapshots:
+            return _verify_all(args, job, log)
         return _restore(args, job, log, summary)
     finally:
         job.close()
@@ -266,6 +275,45 @@ def _list(args: argparse.Namespace, job: RepoRestore) -> int:
           f"snapshots present; the newest ({head.seq}) holds {', '.join(a.vm for a in head.archives)}")  # fmt: skip
     print(table(["snapshot", "created", "root", "state"],
                 [[str(s.seq), s.created, s.root, "present" if s.present else "pruned"] for s in snaps]))  # fmt: skip
+    return 0
+
+
+def _verify_all(args: argparse.Namespace, job: RepoRestore, log: Log) -> int:
+    """--verify-only --all-snapshots: a line per snapshot still present; exit 3 if any failed."""
+    assert job.header is not None
+    start = time.monotonic()
+    checker = AllSnapshots(job)
+    checks = checker.run()
+    elapsed = time.monotonic() - start
+    failed = [c for c in checks if not c.ok]
+    fetched = checker.fetched
+    for c in checks:
+        what = f"Snapshot {c.seq} ({c.created}, root {c.root})" if c.root else f"Snapshot {c.seq}"
+        if c.ok:
+            log(f"{what}: verified, {human(c.data)} of data, {c.objects} objects checked (the rest with an "
+                "earlier snapshot)")  # fmt: skip
+        else:
+            log(f"{what}: FAILED: {c.error}")
+    error = None
+    if failed:
+        error = (f"{len(failed)} of {len(checks)} snapshots failed verification (snapshot "
+                 f"{', '.join(str(c.seq) for c in failed)}): snapshot {failed[0].seq}: {failed[0].error}")  # fmt: skip
+    if args.json:
+        doc: dict[str, Any] = {
+            "version": report.JSON_VERSION, "command": "verify", "ok": not failed, "all_snapshots": True,
+            "repository": job.header.repo_id_hex, "location": job.where, "objects": fetched,
+            "seconds": round(elapsed, 3),
+            "snapshots": [{"snapshot": c.seq, "created": c.created or None, "root": c.root or None, "ok": c.ok,
+                           "error": c.error, "objects": c.objects, "data": c.data} for c in checks]}  # fmt: skip
+        if error is not None:
+            doc.update(error=error, exit_code=3)
+        emit_json(doc)
+    if error is not None:
+        print(f"{prog()}: error: {error}", file=sys.stderr)
+        return 3
+    if not args.json:
+        print(f"Verified {len(checks)} snapshots of repository {job.header.repo_id_hex} in {job.where}: {fetched} "
+              f"objects, each checked once, in {elapsed:.1f} s")  # fmt: skip
     return 0
 
 

@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
     command = report.restore_command(args.verify_only, args.list, args.list_backups)
+    if getattr(args, "list_snapshots", False):
+        command = "list-snapshots"
     return run_cli(lambda: _run_or_qubes_format(args), args.debug, command if args.json else None)
 
 
