@@ -128,3 +128,29 @@ def test_json_documents_of_repository_commands(tmp_path: Path) -> None:
     assert doc["ok"] and [s["snapshot"] for s in doc["snapshots"]] == [1, 2, 3]
     r = sim.restore("-d", "backupvm", "--repo", REPO, "--list-snapshots", "--json", "--snapshot", "0")
     assert r.returncode == 2 and json.loads(r.stdout)["command"] == "list-snapshots"
+
+
+def test_profile_with_repository(tmp_path: Path) -> None:
+    """--save-profile with --repo keeps the backup VM, the repository, the VMs and the passphrase; --profile
+    then runs the next snapshot, and qvm-backup-restore --profile lists, verifies and restores from it."""
+    sim = new_sim(tmp_path / "sim")
+    r = sim.backup("-q", "-d", "backupvm", "--repo", REPO, "--save-profile", "nightly", "work", "vault")
+    assert r.returncode == 0, r.stderr
+    conf = sim.dom0 / "etc/qubes/backup/nightly.conf"
+    saved = conf.read_text()
+    assert f"repository: {REPO}" in saved and "destination_path" not in saved and "destination_vm: backupvm" in saved
+    assert conf.stat().st_mode & 0o077 == 0
+    r = sim.run("qvm-backup", "-y", "-q", "--profile", "nightly", "--kdf-n", "1024", "--weak-kdf-ok", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["snapshot"] == 2 and sorted(doc["read"]) == ["vault", "work"] and doc["changed"] == []
+    r = sim.run("qvm-backup", "-y", "--profile", "nightly", "-d", "backupvm")
+    assert r.returncode == 2 and "--dest-vm cannot be used together with --profile" in one_error_line(r.stderr)
+    r = sim.run("qvm-backup-restore", "-y", "--profile", "nightly", "--list-snapshots", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [s["snapshot"] for s in json.loads(r.stdout)["snapshots"]] == [1, 2]
+    r = sim.run("qvm-backup-restore", "-y", "--profile", "nightly", "--verify-only", "--all-snapshots")
+    assert r.returncode == 0 and r.stdout.startswith("Verified 2 snapshots"), r.stderr
+    conf.write_text(saved.replace(f"repository: {REPO}", "destination_path: /home/user"))
+    r = sim.run("qvm-backup-restore", "-y", "--profile", "nightly", "--list-snapshots")
+    assert r.returncode == 2 and "describes single-file backups" in one_error_line(r.stderr)

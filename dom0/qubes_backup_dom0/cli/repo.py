@@ -35,7 +35,16 @@ from qubes_backup_dom0.cli.common import (
     warn,
 )
 from qubes_backup_dom0.cli.passphrase import read_passphrase
-from qubes_backup_dom0.cli.profile import resolve
+from qubes_backup_dom0.cli.profile import (
+    PLAINTEXT_WARNING,
+    PROFILE_DIR,
+    Profile,
+    load_profile,
+    profile_passphrase,
+    profile_path,
+    resolve,
+    save_profile,
+)
 from qubes_backup_dom0.cli.progress import Progress
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format import repo
@@ -83,6 +92,9 @@ def add_backup_options(p: ArgumentParser) -> None:
 
 def add_restore_options(p: ArgumentParser) -> None:
     add_common(p)
+    p.add_argument("--profile", metavar="NAME",
+                   help=f"the repository (backup VM, directory, passphrase) of the backup profile {PROFILE_DIR}/"
+                   "NAME.conf that qvm-backup --repo --save-profile wrote")  # fmt: skip
     p.add_argument("--snapshot", type=int, metavar="N", help="with --repo: restore snapshot N (default: the newest)")
     p.add_argument("--list-snapshots", action="store_true",
                    help="with --repo: list the repository's snapshots (authenticated: needs the passphrase)")
@@ -107,13 +119,30 @@ def _source_vm(system: System, vm: str | None) -> str:
 
 # ------------------------------------------------------------------------------------------------ backup
 
-def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], str]) -> int:
-    """``summary``: qvm-backup's table of what will be backed up (cli/backup.py)."""
-    given = [opt for opt, on in (("--profile", args.profile), ("--save-profile", args.save_profile),
-                                 ("--chunk-size", args.chunk_size)) if on]  # fmt: skip
+def _from_profile(args: argparse.Namespace, prof: Profile) -> None:
+    """A repository's profile stands for -d, --repo, the VMs, --exclude, the compression and the passphrase."""
+    given = [opt for opt, on in (("--repo", args.repo), ("--dest-vm", args.dest_vm), ("--exclude", args.exclude),
+                                 ("--passphrase-file", args.passphrase_file), ("--save-profile", args.save_profile),
+                                 ("--compress", args.compress or args.no_compress or args.compress_filter),
+                                 ("VM", _positional_vms(args))) if on]  # fmt: skip
     if given:
-        raise UsageError(f"{given[0]} cannot be used with --repo (not supported yet)")
+        raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+    args.repo, args.dest_vm, args.exclude = prof.repository, prof.destination_vm, list(prof.exclude)
+    args.location, args.vms = None, list(prof.include or [])
+    args.compress_filter = prof.compression
+
+
+def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], str],
+               profile: Profile | None = None) -> int:  # fmt: skip
+    """``summary``: qvm-backup's table of what will be backed up (cli/backup.py); ``profile``: a repository's
+    profile (``--profile NAME``) in place of the options it holds."""
+    if args.chunk_size:
+        raise UsageError("--chunk-size cannot be used with --repo")
+    if profile is not None:
+        _from_profile(args, profile)
     check_text_arg(args.repo, "the repository")
+    if args.save_profile:
+        profile_path(System.from_env(), args.save_profile)  # a bad name is refused before anything runs
     stall_timeout()
     system = System.from_env()
     vm = _source_vm(system, args.dest_vm)
@@ -130,13 +159,28 @@ def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], s
         raise UsageError("nothing to back up: the VMs to include match no VM")
     plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes)
     try:
-        return _backup(args, system, plan, vm, options, summary)
+        return _backup(args, system, plan, vm, options, summary, profile)
     finally:
         plan.close()
 
 
+def _passphrase(args: argparse.Namespace, system: System, vm: str, creating: bool, profile: Profile | None) -> bytes:
+    """From the profile, or asked (twice for a new repository); ``--save-profile`` then keeps it with -d,
+    --repo, the VMs, --exclude and the compression."""
+    if profile is not None:
+        return profile_passphrase(system, profile)
+    passphrase = read_passphrase(args.passphrase_file, confirm=creating, system_path=system.dom0_path)
+    if args.save_profile:
+        compression = args.compress_filter or ("none" if args.no_compress else "zstd")
+        prof = Profile(args.save_profile, _positional_vms(args) or None, list(args.exclude), vm, args.repo,
+                       compression, passphrase.decode("utf-8"), repository=args.repo)  # fmt: skip
+        save_profile(system, prof)
+        warn(f"{PLAINTEXT_WARNING} File location: {PROFILE_DIR}/{prof.name}.conf")
+    return passphrase
+
+
 def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions,
-            summary: Callable[[BackupPlan, bool], str]) -> int:  # fmt: skip
+            summary: Callable[[BackupPlan, bool], str], profile: Profile | None) -> int:  # fmt: skip
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
@@ -153,7 +197,7 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
         creating = job.connect()
         if creating:
             log(f"Creating a new repository in {vm}:{args.repo}")
-        passphrase = read_passphrase(args.passphrase_file, confirm=creating, system_path=system.dom0_path)
+        passphrase = _passphrase(args, system, vm, creating, profile)
         start = time.monotonic()
         result = job.run(passphrase)
     finally:
@@ -219,6 +263,16 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
         raise UsageError("--list and --list-backups do not apply to --repo: use --list-snapshots")
     if args.backup_id:
         raise UsageError("--backup-id does not apply to --repo: use --snapshot N and --expect-root ID")
+    profile = None
+    if args.profile is not None:
+        profile = load_profile(System.from_env(), args.profile)
+        if profile.repository is None:
+            raise UsageError(f"backup profile {args.profile} describes single-file backups, not a repository: "
+                             "restore a backup by its file (qvm-backup-restore -d VM FILE)")  # fmt: skip
+        given = [opt for opt, on in (("--repo", args.repo), ("--dest-vm", args.source_vm)) if on]
+        if given:
+            raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+        args.repo, args.source_vm = profile.repository, profile.destination_vm
     check_text_arg(args.repo, "the repository")
     if args.snapshot is not None and args.snapshot < 1:
         raise UsageError("--snapshot counts from 1")
@@ -241,7 +295,10 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
     job = RepoRestore(system, args.repo, vm, options=options, snapshot=args.snapshot, expect_root=args.expect_root)
     try:
         job.connect()
-        job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
+        if profile is not None and args.passphrase_file is None:
+            job.passphrase = profile_passphrase(system, profile)
+        else:
+            job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
         job.open()
         for note in job.notes:
             print(f"note: {note}", file=sys.stderr)

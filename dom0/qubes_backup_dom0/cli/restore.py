@@ -162,7 +162,7 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 def main(argv: list[str] | None = None) -> int:
     guard_output()
     args_list = sys.argv[1:] if argv is None else argv
-    p = parser(repo=any(a == "--repo" or a.startswith("--repo=") for a in args_list))  # then no LOCATION
+    p = parser(repo=any(a in ("--repo", "--profile") or a.startswith(("--repo=", "--profile=")) for a in args_list))
     if "--json" in args_list:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
@@ -223,7 +223,7 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.repo is not None:  # a repository of snapshots (cli/repo.py)
+    if args.repo is not None or getattr(args, "profile", None) is not None:  # a repository (cli/repo.py)
         return repo_cli.run_restore(args, summary)
     _check_args(args)
     system = System.from_env()
