@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from conftest import Sim, assert_restored_like, new_sim
-from qubes_backup_dom0.errors import UsageError
+from qubes_backup_dom0.backup import carry
+from qubes_backup_dom0.errors import UsageError, VerificationError
 from qubes_backup_dom0.qubes import repocache, repostate
 from qubes_backup_dom0.qubes.interface import Qubes
+from qubes_backup_dom0.qubes.qubesxml import Collection
 from test_repo_roundtrip import BS, REPO, backup, copy_sparse, restore
 
 
@@ -171,3 +173,35 @@ def test_cache_of_another_root_is_not_used(tmp_path: Path) -> None:
     assert repocache.parse(old, first.repo_id, third.root, BS) is None
     assert repocache.parse(old, "0" * 32, first.root, BS) is None
     assert repocache.parse(old[:-1], first.repo_id, first.root, BS) is None
+
+
+def test_merged_subset_keeps_carried_vms_and_their_dependencies(tmp_path: Path) -> None:
+    """The parent's domain of a carried VM replaces this run's (a dependency here), a carried VM's template
+    that dom0 no longer has comes from the parent's subset (backup-content False), a label this run's subset
+    lacks is added, a qid taken meanwhile is renumbered; the archives are numbered in restore order."""
+    coll = new_sim(tmp_path / "sim").collection()
+    parent = coll.subset({"personal": ("appvms/personal", 5), "sys-firewall": ("appvms/sys-firewall", 7)})
+    now = coll.copy()
+    now.remove_domain("personal")
+    now.remove_domain("debian-12")
+    now["work"].set_property("qid", 7)  # personal's
+    labels = now.root.find("labels")
+    assert labels is not None
+    labels.remove(next(x for x in labels if x.get("id") == "label-3"))  # personal's (yellow)
+    current = now.subset({"work": ("appvms/work", 9)})
+    assert current["sys-firewall"].features["backup-content"] == "False"
+
+    merged = Collection.from_bytes(carry.merge_subsets(current.to_bytes(), parent.to_bytes(),
+                                                       ["personal", "sys-firewall"], False))  # fmt: skip
+    feats = {d.name: d.features for d in merged.domains}
+    assert (feats["personal"]["backup-content"], feats["personal"]["backup-size"]) == ("True", "5")
+    assert (feats["sys-firewall"]["backup-content"], feats["sys-firewall"]["backup-size"]) == ("True", "7")
+    assert (feats["work"]["backup-content"], feats["work"]["backup-size"]) == ("True", "9")
+    assert feats["debian-12"]["backup-content"] == "False" and "backup-path" not in feats["debian-12"]
+    assert merged["personal"].label == "yellow"
+    qids = [d.qid for d in merged.domains]
+    assert len(qids) == len(set(qids))
+    order = carry.numbering(merged.to_bytes(), ["work", "personal", "sys-firewall"])
+    assert order["sys-firewall"] < order["work"] and order["sys-firewall"] < order["personal"]
+    with pytest.raises(VerificationError, match="no domain"):
+        carry.merge_subsets(current.to_bytes(), parent.to_bytes(), ["vault"], False)

@@ -13,8 +13,9 @@ run's subset lacks.  The archives are then numbered again, in restore order over
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from lxml import etree
 from qubes_backup_protocol import names
 
 from qubes_backup_dom0.backup.plan import restore_order
@@ -37,28 +38,31 @@ def _set_backup_features(dst: Domain, src: Domain) -> None:
             dst.set_feature(name, feats[name])
 
 
+def _copy_child(src: Collection, dst: Collection, section: str, match: Callable[[etree._Element], bool]) -> None:
+    """Copy the first child of ``src``'s ``section`` that ``match``es into ``dst``'s (if there is one)."""
+    found = next((x for x in src.root.iterfind(f"{section}/*") if match(x)), None)
+    target = dst.root.find(section)
+    if found is not None and target is not None:
+        target.append(copy.deepcopy(found))
+
+
 def _adopt(merged: Collection, parent: Collection, dom: Domain) -> None:
     """Put the parent's domain ``dom`` into ``merged`` (replacing one of the same name), its label and pools
     resolvable there, its qid and element id unique."""
     old = merged.get(dom.name)
     el = copy.deepcopy(dom.element)
     new = Domain(el, merged)
-    label = dom.label
-    if label is not None:
-        lid = merged.label_id(label)
-        if lid is None:
-            lid = dom.label_id or ""
-            if lid and lid not in merged.labels:
-                merged.root.find("labels").append(copy.deepcopy(  # type: ignore[union-attr]
-                    next(x for x in parent.root.find("labels") if x.get("id") == lid)))  # type: ignore[union-attr]
-        if lid:
-            new.set_property("label", lid)
-    pools = merged.pools
-    for v in dom.volumes:
-        if v.pool and v.pool not in pools and v.pool in parent.pools:
-            merged.root.find("pools").append(copy.deepcopy(  # type: ignore[union-attr]
-                next(x for x in parent.root.find("pools") if x.get("name") == v.pool)))  # type: ignore[union-attr]
-            pools = merged.pools
+    lid = dom.label_id
+    name = parent.labels.get(lid) if lid is not None else None
+    if lid is not None and name is not None:
+        mine = merged.label_id(name)
+        if mine is not None:
+            new.set_property("label", mine)
+        elif lid not in merged.labels:
+            _copy_child(parent, merged, "labels", lambda x: x.get("id") == lid)
+    for pool in {v.pool for v in dom.volumes if v.pool}:
+        if pool not in merged.pools:
+            _copy_child(parent, merged, "pools", lambda x: x.get("name") == pool)  # noqa: B023 - called at once
     domains = merged.root.find("domains")
     assert domains is not None
     if old is not None:
