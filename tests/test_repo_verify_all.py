@@ -73,6 +73,7 @@ def test_each_object_fetched_once_across_snapshots(three: tuple[Sim, bytes], mon
     stored = {p.name for p in (sim.vm_root("backupvm") / REPO.lstrip("/") / "objects").rglob("*") if p.is_file()}
     assert {n for n in asked if not n.startswith("roots/")} == stored  # each object of the repository once
     assert len([n for n in asked if n.startswith("roots/")]) == 3
+    assert checker.fetched == len(asked)
 
 
 def test_damaged_older_snapshot(three: tuple[Sim, bytes]) -> None:

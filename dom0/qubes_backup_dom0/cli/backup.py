@@ -256,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
         if prof.repository is not None:  # a profile of a repository
             check_kdf_n(args.kdf_n, args.weak_kdf_ok)
             return repo_cli.run_backup(args, summary, prof)
+    repo_cli.refuse_without_repo(args)
     for text, what in ((args.location, "LOCATION"), (args.dest_vm, "the backup VM name")):
         if text is not None:
             check_text_arg(text, what)

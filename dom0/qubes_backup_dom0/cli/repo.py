@@ -53,7 +53,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import stall_timeout
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan
 from qubes_backup_dom0.restore.repository import RepoRestore
-from qubes_backup_dom0.restore.repoverify import AllSnapshots
+from qubes_backup_dom0.restore.repoverify import AllSnapshots, SnapshotCheck
 
 Log = Callable[..., None]
 
@@ -100,6 +100,13 @@ def add_restore_options(p: ArgumentParser) -> None:
                    help="with --repo: list the repository's snapshots (authenticated: needs the passphrase)")
     p.add_argument("--all-snapshots", action="store_true",
                    help="with --repo --verify-only: verify every snapshot still present, each object once")
+
+
+def refuse_without_repo(args: argparse.Namespace) -> None:
+    """The options that only mean something with --repo (or a repository's --profile) are refused without."""
+    for opt in ("forget", "expect_root", "snapshot", "list_snapshots", "all_snapshots"):
+        if getattr(args, opt, None):
+            raise UsageError(f"--{opt.replace('_', '-')} goes with --repo (a repository of snapshots)")
 
 
 def _positional_vms(args: argparse.Namespace) -> list[str]:
@@ -339,18 +346,20 @@ def _verify_all(args: argparse.Namespace, job: RepoRestore, log: Log) -> int:
     """--verify-only --all-snapshots: a line per snapshot still present; exit 3 if any failed."""
     assert job.header is not None
     start = time.monotonic()
-    checker = AllSnapshots(job)
-    checks = checker.run()
-    elapsed = time.monotonic() - start
-    failed = [c for c in checks if not c.ok]
-    fetched = checker.fetched
-    for c in checks:
+
+    def line(c: SnapshotCheck) -> None:
         what = f"Snapshot {c.seq} ({c.created}, root {c.root})" if c.root else f"Snapshot {c.seq}"
         if c.ok:
             log(f"{what}: verified, {human(c.data)} of data, {c.objects} objects checked (the rest with an "
                 "earlier snapshot)")  # fmt: skip
         else:
             log(f"{what}: FAILED: {c.error}")
+
+    checker = AllSnapshots(job, line)
+    checks = checker.run()
+    elapsed = time.monotonic() - start
+    failed = [c for c in checks if not c.ok]
+    fetched = checker.fetched
     error = None
     if failed:
         error = (f"{len(failed)} of {len(checks)} snapshots failed verification (snapshot "

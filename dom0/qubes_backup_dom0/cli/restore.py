@@ -225,6 +225,7 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 def _run(args: argparse.Namespace) -> int:
     if args.repo is not None or getattr(args, "profile", None) is not None:  # a repository (cli/repo.py)
         return repo_cli.run_restore(args, summary)
+    repo_cli.refuse_without_repo(args)
     _check_args(args)
     system = System.from_env()
     source_vm = check_source_vm(system, args.source_vm)
