@@ -6,13 +6,19 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
 
 1. the newest root is fetched and verified, and checked against dom0's record (repostate) or ``--expect-root``:
    a repository behind dom0's record, a fork or another repository at the same place is refused;
-2. its file lists are fetched and, for each file backed up again, that file's map segments: the data ids in
-   them are what dom0 may reference without sending (dom0 dedups only against what it verified);
+2. its file lists are fetched and, for each file backed up again, that file's map segments (from dom0's
+   cache when it is of that very root): the data ids in them are what dom0 may reference without sending
+   (dom0 dedups only against what it verified, or its own cache of that root says);
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
    encrypted and MACed into an object (threads); segments, file lists and the qubes.xml subset likewise;
-4. the new root (sequence number + 1, the parent's history + the parent) goes last; COMMIT; the agent makes
-   the objects durable before it links the root; dom0 records the new head.
+4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
+   unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
+   parent's for them (``carry``);
+5. the new root (sequence number + 1, the parent's history + the parent) goes last; COMMIT; the agent makes
+   the objects durable before it links the root; dom0 records the new head and its cache of the new maps
+   (``repocache``: the next run reads the parent's segments from it instead of the backup VM when the newest
+   root is the one dom0 wrote).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
 ProgressCallback = Callable[[int, int], None]
+_Files = dict[tuple[str, str], repotree.TreeFile]  # the parent snapshot's files by (VM, path)
 _ZEROS = bytes(repo.BLOCK_MAX)
 
 
@@ -284,33 +291,7 @@ class RepoBackup:
         parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
         created = now_utc()
         bs = header.block_size
-        parent_files: dict[tuple[str, str], repotree.TreeFile] = {}
-        parent_trees: dict[str, str] = {}
-        carried: list[repotree.RootArchive] = []
-        trees: dict[str, repotree.Tree] = {}
-        reading = {a.vm for a in self.plan.archives}
-        forget = set(self.options.forget)
-        if forget & reading:
-            raise UsageError(f"--forget {sorted(forget & reading)[0]}: that VM is backed up in this run")
-        if parent is not None:
-            pid, proot = parent
-            missing = forget - {a.vm for a in proot.archives}
-            if missing:
-                raise UsageError(f"--forget {sorted(missing)[0]}: snapshot {proot.seq} holds no archive of it")
-            trees = reader.trees([a.tree for a in proot.archives])
-            for pa in proot.archives:
-                parent_trees[pa.vm] = pa.tree
-                for f in trees[pa.tree].files:
-                    parent_files[(pa.vm, f.path)] = f
-                    self._known.update(sid for _, sid in f.segments)
-                if pa.vm not in reading and pa.vm not in forget:
-                    carried.append(pa)
-            self._known.update(trees)
-            self._known.add(proot.qubes)
-            if self.options.cache:
-                self._cached = repocache.load(self.system, header.repo_id_hex, pid, bs)
-        elif forget:
-            raise UsageError(f"--forget {sorted(forget)[0]}: the repository holds no snapshot yet")
+        parent_files, carried, trees = self._parent(reader, parent, bs)
         self._tar = OuterWriter(target)
         if self.creating:
             self._tar.add(names.HEADER, self._new_header)
@@ -320,24 +301,9 @@ class RepoBackup:
             for a in self.plan.archives:
                 captured = now_utc()
                 read[a.vm] = (a.kind, self._archive(a, reader, keys, bs, parent_files, pool), captured)
+        parent_trees = {pa.vm: pa.tree for pa in parent[1].archives} if parent is not None else {}
         changed = [vm for vm, (_kind, tid, _c) in read.items() if parent_trees.get(vm) != tid]
-        qubes = self.plan.manifest(header.repo_id_hex, created).qubes
-        members = {a.vm: a.member for a in self.plan.archives}
-        if parent is not None and carried:
-            qubes = carry.merge_subsets(qubes, reader.qubes(parent[1].qubes), [c.vm for c in carried],
-                                        any(c.kind == "home" for c in carried))  # fmt: skip
-            members = carry.numbering(qubes, [vm for vm, r in read.items() if r[0] == "vm"]
-                                      + [c.vm for c in carried if c.kind == "vm"])  # fmt: skip
-            members["dom0"] = "vm0"
-        archives = [repotree.RootArchive(members[vm], kind, vm, tid, captured)
-                    for vm, (kind, tid, captured) in read.items()]  # fmt: skip
-        archives += [repotree.RootArchive(members[c.vm], c.kind, c.vm, c.tree, c.captured) for c in carried]
-        archives.sort(key=lambda r: int(r.member[2:]))
-        for c in carried:  # their maps, as far as dom0's cache holds them, stay in the next cache
-            for f in trees[c.tree].files:
-                for _n, sid in f.segments:
-                    if self._cached is not None and sid in self._cached:
-                        self._maps[sid] = self._cached[sid]
+        qubes, archives = self._contents(reader, parent, read, carried, created)
         self._check_manifest(header.repo_id_hex, created, archives, trees, qubes)
         xid = self._emit(keys, repo.QUBES, qubes, ())
         history: list[repotree.HistoryEntry] = []
@@ -356,8 +322,63 @@ class RepoBackup:
         target.commit()
         return RepoBackupResult(header.repo_id_hex, seq, rid, created, self.where, len(archives), changed,
                                 self._stored, self._objects, self._blocks, self.creating, list(read),
-                                [c.vm for c in carried], sorted(forget), parent[1].seq if parent else None,
-                                self._fetched_segments, self._cached is not None, notes)  # fmt: skip
+                                [c.vm for c in carried], sorted(self.options.forget),
+                                parent[1].seq if parent else None, self._fetched_segments,
+                                self._cached is not None, notes)  # fmt: skip
+
+    def _parent(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
+                bs: int) -> tuple[_Files, list[repotree.RootArchive], dict[str, repotree.Tree]]:  # fmt: skip
+        """The parent snapshot's files by (VM, path), the archives carried from it, its file lists (all
+        verified); its segment, file list and qubes.xml ids become known, dom0's cache of its maps loaded."""
+        reading = {a.vm for a in self.plan.archives}
+        forget = set(self.options.forget)
+        if forget & reading:
+            raise UsageError(f"--forget {sorted(forget & reading)[0]}: that VM is backed up in this run")
+        if parent is None:
+            if forget:
+                raise UsageError(f"--forget {sorted(forget)[0]}: the repository holds no snapshot yet")
+            return {}, [], {}
+        pid, proot = parent
+        missing = forget - {a.vm for a in proot.archives}
+        if missing:
+            raise UsageError(f"--forget {sorted(missing)[0]}: snapshot {proot.seq} holds no archive of it")
+        trees = reader.trees([a.tree for a in proot.archives])
+        files: _Files = {}
+        for pa in proot.archives:
+            for f in trees[pa.tree].files:
+                files[(pa.vm, f.path)] = f
+                self._known.update(sid for _, sid in f.segments)
+        self._known.update(trees)
+        self._known.add(proot.qubes)
+        if self.options.cache:
+            self._cached = repocache.load(self.system, proot.repo_id, pid, bs)
+        carried = [pa for pa in proot.archives if pa.vm not in reading and pa.vm not in forget]
+        for c in carried:  # their maps, as far as dom0's cache holds them, stay in the next cache
+            for f in trees[c.tree].files:
+                for _n, sid in f.segments:
+                    if self._cached is not None and sid in self._cached:
+                        self._maps[sid] = self._cached[sid]
+        return files, carried, trees
+
+    def _contents(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
+                  read: dict[str, tuple[str, str, str]], carried: list[repotree.RootArchive],
+                  created: str) -> tuple[bytes, list[repotree.RootArchive]]:  # fmt: skip
+        """The qubes.xml subset (this run's, merged with the parent's for carried VMs) and the root's archives
+        (read and carried), numbered in restore order."""
+        assert self.header is not None
+        qubes = self.plan.manifest(self.header.repo_id_hex, created).qubes
+        members = {a.vm: a.member for a in self.plan.archives}
+        if parent is not None and carried:
+            qubes = carry.merge_subsets(qubes, reader.qubes(parent[1].qubes), [c.vm for c in carried],
+                                        any(c.kind == "home" for c in carried))  # fmt: skip
+            members = carry.numbering(qubes, [vm for vm, r in read.items() if r[0] == "vm"]
+                                      + [c.vm for c in carried if c.kind == "vm"])  # fmt: skip
+            members["dom0"] = "vm0"
+        archives = [repotree.RootArchive(members[vm], kind, vm, tid, captured)
+                    for vm, (kind, tid, captured) in read.items()]  # fmt: skip
+        archives += [repotree.RootArchive(members[c.vm], c.kind, c.vm, c.tree, c.captured) for c in carried]
+        archives.sort(key=lambda r: int(r.member[2:]))
+        return qubes, archives
 
     def _check_manifest(self, repo_id: str, created: str, archives: list[repotree.RootArchive],
                         trees: dict[str, repotree.Tree], qubes: bytes) -> None:  # fmt: skip
