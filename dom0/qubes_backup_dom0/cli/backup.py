@@ -66,9 +66,11 @@ def parser() -> ArgumentParser:
         "Backups are always encrypted (-e is accepted and changes nothing).",
     )
     p.add_argument("--profile", metavar="NAME",
-                   help=f"run the backup described by {PROFILE_DIR}/NAME.conf (Qubes' YAML profile)")  # fmt: skip
+                   help=f"run the backup described by {PROFILE_DIR}/NAME.conf (Qubes' YAML profile; one saved "
+                   "with --repo makes the next snapshot of its repository)")  # fmt: skip
     p.add_argument("--save-profile", metavar="NAME",
-                   help=f"also save these options, with the passphrase, as {PROFILE_DIR}/NAME.conf")  # fmt: skip
+                   help=f"also save these options, with the passphrase, as {PROFILE_DIR}/NAME.conf (with --repo: "
+                   "the repository, which qvm-backup-restore --profile NAME also uses)")  # fmt: skip
     p.add_argument("-d", "--dest-vm", metavar="VM", help="the backup VM (default: LOCATION is in dom0)")
     p.add_argument("-x", "--exclude", metavar="VM", action="append", default=[],
                    help="exclude VM (repeatable; also @tag:NAME, @type:CLASS)")  # fmt: skip

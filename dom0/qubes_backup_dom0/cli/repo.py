@@ -1,13 +1,17 @@
 """``--repo``: qvm-backup and qvm-backup-restore on a repository of snapshots (docs/REPOSITORY.md).
 
-    qvm-backup -d VM --repo DIR [VM...]                       a snapshot (the first one creates the repository)
+    qvm-backup -d VM --repo DIR [--forget VM] [VM...]        a snapshot (the first one creates the repository);
+                                                             VMs of the previous one not named are carried
+    qvm-backup -d VM --repo DIR --save-profile NAME [VM...]   the same, and a profile of it
+    qvm-backup --profile NAME                                 the next snapshot, as the profile says
     qvm-backup-restore -d VM --repo DIR [--snapshot N] [VM...]  restore it (the newest by default)
     qvm-backup-restore -d VM --repo DIR --list-snapshots [--json]
-    qvm-backup-restore -d VM --repo DIR --verify-only [--snapshot N]
+    qvm-backup-restore -d VM --repo DIR --verify-only [--snapshot N | --all-snapshots]
+    qvm-backup-restore --profile NAME ...                     -d, --repo and the passphrase from the profile
 
 The options are added to the commands' parsers here and each command hands over to this module when
-``--repo`` is given; the restore semantics (plan table, conflicts, rename, rollback) are the same as for a
-backup file.
+``--repo`` (or a repository's ``--profile``) is given; the restore semantics (plan table, conflicts, rename,
+rollback) are the same as for a backup file.  ``--json`` prints the documents of docs/JSON.md.
 """
 
 from __future__ import annotations
