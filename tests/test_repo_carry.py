@@ -21,6 +21,7 @@ from qubes_backup_dom0.errors import UsageError, VerificationError
 from qubes_backup_dom0.qubes import repocache, repostate
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.qubesxml import Collection
+from qubes_backup_dom0.qubes.repoclient import RepoSession
 from test_repo_roundtrip import BS, REPO, backup, copy_sparse, restore
 
 
@@ -112,12 +113,21 @@ def test_carried_home_and_dependencies(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ the cache
 
-def test_cache_saves_fetching_the_parents_segments(tmp_path: Path) -> None:
+def test_cache_saves_fetching_the_parents_segments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sim = new_sim(tmp_path / "sim")
     first = backup(sim, ("work", "vault", "dom0"))
     cache = repocache.cache_path(sim.system, first.repo_id)
     assert cache.stat().st_mode & 0o777 == 0o600
-    assert repocache.load(sim.system, first.repo_id, first.root, BS) is not None
+    cached = repocache.load(sim.system, first.repo_id, first.root, BS)
+    assert cached is not None and cached
+    asked: list[str] = []  # what dom0 asks the backup VM for (GET)
+    original = RepoSession.request
+
+    def request(self: RepoSession, name: str) -> None:
+        asked.append(name)
+        original(self, name)
+
+    monkeypatch.setattr(RepoSession, "request", request)
 
     # the cache matches the newest root: no segment is fetched, and the snapshot is the one made without it
     write_block(sim, "work", 5)
@@ -127,6 +137,8 @@ def test_cache_saves_fetching_the_parents_segments(tmp_path: Path) -> None:
     before = {p.name for p in objects.rglob("*") if p.is_file()}
     with_cache = backup(sim, ("work", "vault", "dom0"))
     assert with_cache.cache_used and with_cache.segments_fetched == 0 and with_cache.blocks == 1
+    assert asked and not set(asked) & set(cached)  # the root and file lists only
+    asked.clear()
     sent = {p.name for p in objects.rglob("*") if p.is_file()} - before
     root_with = restore(sim, None, ("work",), verify=True).chosen
     # undo snapshot 2 (root, its new objects, dom0's record), then make it again without the cache
@@ -139,6 +151,7 @@ def test_cache_saves_fetching_the_parents_segments(tmp_path: Path) -> None:
     cache.unlink()
     without = backup(sim, ("work", "vault", "dom0"))
     assert not without.cache_used and without.segments_fetched > 0
+    assert len(set(asked) & set(cached)) == without.segments_fetched
     root_without = restore(sim, None, ("work",), verify=True).chosen
     assert root_with is not None and root_without is not None
     # the same objects went over, but for the qubes.xml subset (run 2 set backup_timestamp in between)
