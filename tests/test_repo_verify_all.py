@@ -124,6 +124,8 @@ def test_json_documents_of_repository_commands(tmp_path: Path) -> None:
     r = sim.restore("-d", "backupvm", "--repo", REPO, "--verify-only", "--json")
     doc = json.loads(r.stdout)
     assert (doc["command"], doc["ok"], doc["snapshot"]) == ("verify", True, 3)
+    assert doc["repository"] == first["repository"] and doc["tool"] == "qubes-backup"
+    assert {v["name"] for v in doc["vms"] if v["action"] == "verify"} == {"work", "vault"}
     r = sim.restore("-d", "backupvm", "--repo", REPO, "--verify-only", "--all-snapshots", "--json")
     doc = json.loads(r.stdout)
     assert doc["ok"] and [s["snapshot"] for s in doc["snapshots"]] == [1, 2, 3]

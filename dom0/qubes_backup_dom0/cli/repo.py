@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from qubes_backup_dom0.backup.plan import BackupPlan, plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
@@ -418,9 +418,11 @@ def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
         warn(warning)
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"
     if args.json:
-        emit_json({"version": report.JSON_VERSION, "command": verb, "ok": True, "snapshot": job.chosen.root.seq
-                   if job.chosen else None, "root": job.chosen.root_id if job.chosen else None,
-                   "restored": job.restored, "data_bytes": plan.data, "seconds": round(elapsed, 3)})  # fmt: skip
+        assert job.chosen is not None and job.header is not None
+        doc = report.restore_document(cast(Any, job), plan, elapsed, None, dropped)  # the single-file one's keys
+        emit_json(doc | {"repository": job.header.repo_id_hex, "location": job.where, "snapshot": job.chosen.root.seq,
+                         "root": job.chosen.root_id, "snapshot_created": job.chosen.root.created,
+                         "data_bytes": plan.data, "seconds": round(elapsed, 3)})  # fmt: skip
         return 0
     if args.verify_only:
         print(f"Verified {_which(job)}: {report.what(plan.wanted)}, {rate}; nothing was written")
