@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from qubes_backup_dom0.qubes import repocache, repostate
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_dom0.qubes.repoclient import RepoSession
-from test_repo_roundtrip import BS, REPO, backup, copy_sparse, restore
+from test_repo_roundtrip import BS, REPO, backup, copy_sparse, restore, tree_digest
 
 
 def write_block(sim: Sim, vm: str, seed: int, at: int = 7) -> None:
@@ -101,6 +100,8 @@ def test_carried_home_and_dependencies(tmp_path: Path) -> None:
     this run's VMs do not need them."""
     sim = new_sim(tmp_path / "sim")
     first = backup(sim, ("work", "dom0"))
+    home_then = tree_digest(sim.home)
+    (sim.home / "later.txt").write_bytes(b"written after snapshot 1")  # not in snapshot 2: home is carried
     second = backup(sim, ("vault",))
     assert sorted(second.carried) == ["dom0", "work"] and second.read == ["vault"]
     job = restore(sim, None, ("work", "vault", "dom0"), verify=True)
@@ -109,6 +110,9 @@ def test_carried_home_and_dependencies(tmp_path: Path) -> None:
     wanted = {a.vm for a in job.restore_plan.wanted}
     assert wanted == {"work", "vault", "dom0"}
     assert first.seq == 1
+    job = restore(sim, None, ("dom0",))
+    assert job.home_restored_to is not None
+    assert tree_digest(Path(str(job.home_restored_to))) == home_then
 
 
 # ------------------------------------------------------------------------------------------------ the cache
@@ -177,9 +181,12 @@ def test_cache_of_another_root_is_not_used(tmp_path: Path) -> None:
     first = backup(sim, ("work", "vault"))
     cache = repocache.cache_path(sim.system, first.repo_id)
     old = cache.read_bytes()
-    backup(sim, ("work",))
-    shutil.copyfile(cache, tmp_path / "second.maps")
-    cache.write_bytes(old)  # as if another dom0 wrote snapshot 2: this dom0's cache is of snapshot 1
+    second = backup(sim, ("work",))
+    assert second.cache_used and second.segments_fetched == 0 and second.carried == ["vault"]
+    # vault was carried into snapshot 2: its maps stayed in the cache, so backing it up fetches nothing
+    again = backup(sim, ("vault",))
+    assert again.cache_used and again.segments_fetched == 0
+    cache.write_bytes(old)  # as if another dom0 wrote snapshots 2 and 3: this dom0's cache is of snapshot 1
     third = backup(sim, ("work",))
     assert not third.cache_used and third.segments_fetched > 0
     assert repocache.parse(old, first.repo_id, first.root, BS) is not None
