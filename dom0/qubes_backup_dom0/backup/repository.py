@@ -322,7 +322,7 @@ class RepoBackup:
         target.commit()
         return RepoBackupResult(header.repo_id_hex, seq, rid, created, self.where, len(archives), changed,
                                 self._stored, self._objects, self._blocks, self.creating, list(read),
-                                [c.vm for c in carried], sorted(self.options.forget),
+                                [c.vm for c in carried], sorted(set(self.options.forget)),
                                 parent[1].seq if parent else None, self._fetched_segments,
                                 self._cached is not None, notes)  # fmt: skip
 
