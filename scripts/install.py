@@ -100,7 +100,8 @@ def plan(side: str, a: argparse.Namespace) -> dict[str, tuple[bytes, int]]:
         rel = os.path.relpath(lib, a.bindir)
         dirs = ("protocol", "dom0")
         for name, module in (("qvm-backup", "qubes_backup_dom0.cli.backup"),
-                             ("qvm-backup-restore", "qubes_backup_dom0.cli.restore")):  # fmt: skip
+                             ("qvm-backup-restore", "qubes_backup_dom0.cli.restore"),
+                             ("qvm-backup-prune", "qubes_backup_dom0.cli.prune")):  # fmt: skip
             text = COMMAND.format(python=a.python, name=name, rel=rel, dirs=dirs, module=module)
             files[f"{a.bindir}/{name}"] = (text.encode(), 0o755)
         files[f"{a.policydir}/{POLICY}"] = ((REPO / "rpc-policy" / POLICY).read_bytes(), 0o644)

@@ -28,6 +28,7 @@ from qubes_backup_sim import simgen
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "EMERGENCY-RESTORE.md"
+REPO_PART = "\n# Emergency restore of a repository"  # where the second part (test_emergency_repo.py) starts
 QVM_BACKUP = Path(sys.executable).parent / "qvm-backup"
 TOOLS = ("tar", "openssl", "zstd", "gzip", "od", "tail", "wc", "cut", "tr", "ls", "sort", "uniq", "stat", "sed", "grep")
 # Spaces, quotes, a dollar sign, non-ASCII and a long run of one byte: the run makes `od` print "*" for
@@ -55,8 +56,10 @@ def shell() -> str:
 
 
 def recipe_blocks() -> list[str]:
-    """The ```sh blocks of the document, in order (the document is the single source of the commands)."""
-    blocks = re.findall(r"^```sh\n(.*?)^```\s*$", DOC.read_text(encoding="utf-8"), re.S | re.M)
+    """The ```sh blocks of the document's first part (a backup file), in order (the document is the single
+    source of the commands); the repository part is tests/test_emergency_repo.py's."""
+    text = DOC.read_text(encoding="utf-8").split(REPO_PART, 1)[0]
+    blocks = re.findall(r"^```sh\n(.*?)^```\s*$", text, re.S | re.M)
     assert len(blocks) >= 5, "docs/EMERGENCY-RESTORE.md lost its sh blocks"
     return blocks
 

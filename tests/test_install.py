@@ -32,7 +32,8 @@ SERVICES = "/usr/local/etc/qubes-rpc"
 QUBES_OWN = ("/usr/bin/qvm-backup", "/usr/bin/qvm-backup-restore", "/etc/qubes-rpc/qubes.Backup",
              "/etc/qubes-rpc/qubes.Restore")  # fmt: skip
 # Where a real install would write: a DESTDIR install must not touch any of them on this machine.
-REAL_TARGETS = (f"{PREFIX}/bin/qvm-backup", f"{PREFIX}/bin/qvm-backup-restore", LIB, f"{SERVICES}/qubes.Backup",
+REAL_TARGETS = (f"{PREFIX}/bin/qvm-backup", f"{PREFIX}/bin/qvm-backup-restore", f"{PREFIX}/bin/qvm-backup-prune",
+                LIB, f"{SERVICES}/qubes.Backup",
                 f"{SERVICES}/qubes.Restore", "/etc/qubes/policy.d/50-qubes-backup.policy")  # fmt: skip
 
 QUBES_HEADER = (
@@ -102,7 +103,8 @@ def test_layout_stays_off_qubes_own_files(installed: tuple[Path, Path]) -> None:
     # Exactly the manifest's files (and the manifest) are there: nothing else landed anywhere in DESTDIR.
     assert files_under(dom0) == manifest(dom0, "dom0") | {f"{LIB}/installed-dom0.manifest"}
     assert files_under(vm) == manifest(vm, "vm") | {f"{LIB}/installed-vm.manifest"}
-    assert {f"{PREFIX}/bin/qvm-backup", f"{PREFIX}/bin/qvm-backup-restore", f"{LIB}/rpc-policy/qubes.Restore",
+    assert {f"{PREFIX}/bin/qvm-backup", f"{PREFIX}/bin/qvm-backup-restore", f"{PREFIX}/bin/qvm-backup-prune",
+            f"{LIB}/rpc-policy/qubes.Restore",
             "/etc/qubes/policy.d/50-qubes-backup.policy"} <= manifest(dom0, "dom0")  # fmt: skip
     assert {f"{SERVICES}/qubes.Backup", f"{SERVICES}/qubes.Restore"} <= manifest(vm, "vm")
     # No simulator in dom0: the installed commands reach a simulated system through its endpoints only.

@@ -234,7 +234,9 @@ def test_agent_package_contents(dist: Path, tmp_path: Path, kind: str) -> None:
     assert set(files) - ours - {
         "/usr/lib/tmpfiles.d/qubes-backup-agent.conf",
         "/etc/profile.d/qubes-backup-agent.sh",
+        "/usr/bin/qubes-backup-agent",
     } <= {p for p in files if p.startswith(("/usr/share/doc/", "/usr/share/python3/runtime.d/"))}
+    assert files["/usr/bin/qubes-backup-agent"].startswith("-rwxr-xr-x root")
     assert not set(files) & set(QUBES_OWNED)
     for service in AGENT_SERVICES:
         assert files[f"{LIB}/rpc-policy/{service}"].startswith("-rwxr-xr-x root")
@@ -259,7 +261,7 @@ def test_dom0_package_contents(dist: Path, tmp_path: Path) -> None:
     assert fields == f"qubes-backup-dom0 {VERSION} 1 noarch"
     assert not set(files) & set(QUBES_OWNED)
     assert not [p for p in files if "sim" in Path(p).parts or "qubes_backup_sim" in p or "/tests/" in p]
-    for name in ("qvm-backup", "qvm-backup-restore"):
+    for name in ("qvm-backup", "qvm-backup-restore", "qvm-backup-prune"):
         assert files[f"{LIB}/bin/{name}"].startswith("-rwxr-xr-x root")
         assert (root / f"usr/lib/qubes-backup/bin/{name}").read_text().startswith("#!/usr/bin/python3 -s\n")
     assert files["/etc/sudoers.d/qubes-backup"] == "-r--r----- root/root"
@@ -346,6 +348,11 @@ def test_agent_package_in_a_template(dist: Path, tmp_path: Path, kind: str, rele
     assert {k: v for k, v in installed.items() if k in before} == before
     # Bytecode compiled at install (the agent runs as the qube's user, who cannot write there).
     assert list(root.path(f"{LIB}/vm-agent/qubes_backup_agent/__pycache__").glob("handover.*.pyc"))
+    # The VM's own command (cron: /usr/bin), with the system's python3: a prune of no repository, one line.
+    r = root.run(["qubes-backup-agent", "prune", "--repo", "/nowhere", "--keep-last", "1"],
+                 env=root.env(PATH="/usr/bin:/bin"))  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == b"qubes-backup-agent: error: location does not exist: /nowhere\n", r.stderr
 
     for boot in ("installed in the running template", "a qube based on it, after its start"):
         if boot.startswith("a qube"):
@@ -499,6 +506,8 @@ def test_backup_and_restore_through_the_installed_packages(tmp_path: Path, insta
     # What ran was the installed dom0 code (Python compiled it at install; no source tree on its path).
     r = subprocess.run([*installed.command("qvm-backup"), "--version"], capture_output=True, text=True, env=env)
     assert r.stdout == f"qvm-backup (qubes-backup) {VERSION} from {installed.dom0.path(LIB).resolve()}/dom0\n", r.stdout
+    r = subprocess.run([*installed.command("qvm-backup-prune"), "--version"], capture_output=True, text=True, env=env)
+    assert r.stdout.startswith(f"qvm-backup-prune (qubes-backup) {VERSION} from "), r.stdout + r.stderr
 
     # The agent package removed, the backup VM restarted: Qubes' own services answer; one line, at once.
     remove(installed.template, installed.agent, "qubes-backup-agent")

@@ -155,6 +155,7 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
         assert remote.connections() - connections == 1
     assert third.group(1) == "3"
     keys = remote.files()
+    roots_before = roots(remote)
     assert len(roots(remote)) == 3 and names.HEADER in keys and names.HEADER_MAC in keys
     objects = [k for k in keys if k.startswith("objects/")]
     assert objects and all(re.fullmatch(r"objects/([0-9a-f]{2})/\1[0-9a-f]{62}", k) for k in objects), objects
@@ -178,6 +179,16 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
     assert r.returncode == 0, r.stderr
     assert_restored_like(saved, older.volume_files("work")["private"])
     assert older.volume_files("work")["private"].read_bytes() != sim.volume_files("work")["private"].read_bytes()
+
+    # qvm-backup-prune through the agent (no passphrase): snapshots 1 and 2 go, with the objects only they used
+    before = remote.files()
+    r = sim.run("qvm-backup-prune", "-d", "backupvm", "--repo", remote.url, "--keep-last", "1")
+    assert r.returncode == 0, r.stderr
+    after = remote.files()
+    assert roots(remote) == [k for k in roots_before if k.startswith("roots/0000000003-")], after
+    assert set(after) < set(before) and store_base.LOCK_NAME not in after
+    r = sim.restore("-d", "backupvm", "--repo", remote.url, "--verify-only")
+    assert r.returncode == 0 and r.stdout.startswith("Verified snapshot 3"), r.stderr
 
 
 def test_lock(tmp_path: Path, remote: Remote, agent_env: None) -> None:

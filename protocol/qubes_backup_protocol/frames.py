@@ -29,6 +29,7 @@ class FrameType(enum.IntEnum):
     COMMIT = 5  # the backup stream is complete (qubes.Backup)
     GET = 6  # name: a repository file dom0 wants (repository mode, docs/REPOSITORY.md section 9)
     PASSPHRASE = 7  # data: the passphrase (qubes.RestoreParanoid, dom0 -> DisposableVM)
+    PRUNE = 8  # data: the retention policy and dry-run flag of a keyless prune (prune_frames.py)
     # agent -> dom0
     MEMBER = 16  # name: outer member name; data: its content (qubes.Restore)
     END = 17  # no more members
@@ -36,6 +37,7 @@ class FrameType(enum.IntEnum):
     DONE = 19  # data: where the backup was stored (qubes.Backup)
     ENTRY = 20  # name: a backup file name; data: its size and backup-header member (qubes.Restore listing)
     DAMAGED = 21  # data: a short UTF-8 message: the backup file is malformed (qubes.Restore), else as ERROR
+    FATE = 22  # name: roots/NAME; data: kept or deleted by a prune, and why (prune_frames.py)
     # DisposableVM -> dom0 (qubes.RestoreParanoid; grammar in plan_frames.py, docs/PROTOCOL.md section 8)
     PLAN_VM = 32  # name: archive vmN; data: one VM of the plan
     PLAN_END = 33  # data: what the backup is (id, time, compression, chunk size, dom0 home)

@@ -7,13 +7,15 @@ not dom0, with the rules of ``DIR/dom0/etc/qubes/policy.d/*.policy`` (new syntax
 simulated and refuse every call, as a policy qrexec cannot load would).  Tokens: a VM name, ``@adminvm``,
 ``@anyvm`` (any VM but dom0), ``@tag:T``, ``@type:CLASS``; ``*`` for the service or argument.
 
-``shipped/`` holds the rules of Qubes' own ``85-admin-backup-restore.policy`` (qubes-core-admin,
-``qubes-rpc-policy/``), which ``install_shipped`` puts into a simulated dom0 as a Qubes install has it.
+``install_shipped`` writes into a simulated dom0 what a Qubes install has in its
+``85-admin-backup-restore.policy`` (qubes-core-admin, ``qubes-rpc-policy/``): the rules that let a VM tagged
+``backup-restore-mgmt`` (Qubes' paranoid restore) create VMs and change every VM tagged
+``backup-restore-in-progress``.  They are stated here as our own table (``restore_rules``);
+tests/test_policy.py checks them against Qubes' sources where those are at hand.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
 from .exc import ApiError
 
 POLICY_DIR = "etc/qubes/policy.d"
-SHIPPED = Path(__file__).resolve().parent / "shipped"
+SHIPPED_NAME = "85-admin-backup-restore.policy"
 MAX_POLICY = 1 << 20
 
 
@@ -86,9 +88,28 @@ def check(dom0: Path, coll: Collection, method: str, arg: str, src: str, dest: s
     raise ApiError("PermissionDenied", f"{method} from {src} to {dest}: no policy rule allows it")
 
 
+_MGMT, _IN_PROGRESS = "@tag:backup-restore-mgmt", "@tag:backup-restore-in-progress"
+_TO_DOM0 = ["admin.vm.Create.AppVM", "admin.vm.Create.StandaloneVM", "admin.vm.Create.TemplateVM",
+            "admin.vm.List"]  # fmt: skip
+_TO_ANY = [("admin.vm.List", "*"), ("admin.vm.property.Get", "+provides_network"),
+           ("admin.vm.property.Get", "+template_for_dispvms")]  # fmt: skip
+_ON_RESTORED = ["feature.Set", "firewall.Set", "property.Set", "tag.Set", "volume.Import",
+                "volume.ImportWithSize", "volume.Info", "volume.List", "volume.Set.revisions_to_keep"]  # fmt: skip
+
+
+def restore_rules() -> list[tuple[str, str, str, str, str]]:
+    """(service, argument, source, target, action + parameters) of Qubes' restore policy, in its order."""
+    rules = [(svc, "*", _MGMT, "dom0", "allow target=dom0") for svc in _TO_DOM0]
+    rules += [(svc, arg, _MGMT, "@anyvm", "allow target=dom0") for svc, arg in _TO_ANY]
+    rules += [(f"admin.vm.{svc}", "*", _MGMT, _IN_PROGRESS, "allow target=dom0") for svc in _ON_RESTORED]
+    rules.append(("qubes.RestoreById", "*", _MGMT, "@tag:backup-restore-storage", "allow"))
+    return rules
+
+
 def install_shipped(dom0: Path) -> None:
-    """Put Qubes' shipped policy files (``shipped/``) into a simulated dom0."""
+    """Write the restore policy a Qubes install ships (``restore_rules``) into a simulated dom0."""
     pdir = dom0 / POLICY_DIR
     pdir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(SHIPPED.glob("*.policy")):
-        shutil.copyfile(path, pdir / path.name)
+    lines = ["# Qubes OS' restore policy rules, as the simulation states them (qubes_backup_sim.policy)"]
+    lines += [" ".join(rule) for rule in restore_rules()]
+    (pdir / SHIPPED_NAME).write_text("\n".join(lines) + "\n")

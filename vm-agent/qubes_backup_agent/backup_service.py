@@ -10,7 +10,7 @@ import re
 import sys
 from typing import BinaryIO
 
-from qubes_backup_protocol import frames
+from qubes_backup_protocol import frames, prune_frames
 from qubes_backup_protocol import repo as repo_names
 from qubes_backup_protocol.frames import FrameType
 
@@ -91,9 +91,14 @@ def receive_stream(stdin: BinaryIO, sink: Sink) -> None:
             raise frames.ProtocolError(f"stream ended inside a frame ({data_len - left} of {data_len} bytes)")
 
 
+def _request_name(name: str) -> bool:
+    """A backup file name, or a repository session (``repository``: a snapshot; ``prune``: a keyless prune)."""
+    return is_backup_name(name) or name in (repo_names.REQUEST, prune_frames.REQUEST)
+
+
 def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
     try:
-        first = frames.read_frame(stdin, _LOCATION, lambda n: is_backup_name(n) or n == repo_names.REQUEST)
+        first = frames.read_frame(stdin, _LOCATION, _request_name)
     except frames.ProtocolError as exc:
         send_error(stdout, f"bad request: {exc}")
         return EXIT_FAILED
@@ -111,6 +116,10 @@ def serve(stdin: BinaryIO, stdout: BinaryIO) -> int:
         from .repository import serve_backup
 
         return serve_backup(location, confine.agent_root(), stdin, stdout)
+    if first.name == prune_frames.REQUEST:  # a keyless prune of a repository (docs/PROTOCOL.md section 5c)
+        from .prune_service import serve_prune
+
+        return serve_prune(location, confine.agent_root(), stdin, stdout)
     sink: Sink | None = None
     try:
         sink = open_sink(location, first.name)

@@ -6,13 +6,19 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
 
 1. the newest root is fetched and verified, and checked against dom0's record (repostate) or ``--expect-root``:
    a repository behind dom0's record, a fork or another repository at the same place is refused;
-2. its file lists are fetched and, for each file backed up again, that file's map segments: the data ids in
-   them are what dom0 may reference without sending (dom0 dedups only against what it verified);
+2. its file lists are fetched and, for each file backed up again, that file's map segments (from dom0's
+   cache when it is of that very root): the data ids in them are what dom0 may reference without sending
+   (dom0 dedups only against what it verified, or its own cache of that root says);
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
    encrypted and MACed into an object (threads); segments, file lists and the qubes.xml subset likewise;
-4. the new root (sequence number + 1, the parent's history + the parent) goes last; COMMIT; the agent makes
-   the objects durable before it links the root; dom0 records the new head.
+4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
+   unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
+   parent's for them (``carry``);
+5. the new root (sequence number + 1, the parent's history + the parent) goes last; COMMIT; the agent makes
+   the objects durable before it links the root; dom0 records the new head and its cache of the new maps
+   (``repocache``: the next run reads the parent's segments from it instead of the backup VM when the newest
+   root is the one dom0 wrote).
 """
 
 from __future__ import annotations
@@ -28,19 +34,22 @@ from dataclasses import dataclass, field
 
 from qubes_backup_protocol import repo as names
 
+from qubes_backup_dom0.backup import carry
 from qubes_backup_dom0.backup.plan import BackupPlan, PlannedArchive, attached_volumes
 from qubes_backup_dom0.backup.targets import AgentTarget, check_location
 from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
 from qubes_backup_dom0.format import crypto, repo, repotree
+from qubes_backup_dom0.format import manifest as manifest_mod
 from qubes_backup_dom0.format.header import DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, now_utc
 from qubes_backup_dom0.format.outer import OuterWriter
 from qubes_backup_dom0.format.tarwriter import InnerFile
-from qubes_backup_dom0.qubes import repostate
+from qubes_backup_dom0.qubes import repocache, repostate
 from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, check_head
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
 ProgressCallback = Callable[[int, int], None]
+_Files = dict[tuple[str, str], repotree.TreeFile]  # the parent snapshot's files by (VM, path)
 _ZEROS = bytes(repo.BLOCK_MAX)
 
 
@@ -53,6 +62,8 @@ class RepoOptions:
     kdf_p: int = DEFAULT_KDF_P
     workers: int = max(2, min(os.cpu_count() or 1, 8))
     expect_root: str | None = None  # the newest root must be this one or descend from it (a fresh dom0)
+    forget: tuple[str, ...] = ()  # VMs (dom0: its home) of the parent snapshot not to carry forward
+    cache: bool = True  # use and keep dom0's cache of the newest snapshot's maps (qubes/repocache.py)
 
 
 @dataclass
@@ -65,11 +76,17 @@ class RepoBackupResult:
     created: str
     location: str
     archives: int
-    changed: list[str]  # the VMs (dom0: its home) whose data or files changed since the parent snapshot
+    changed: list[str]  # the VMs (dom0: its home) whose file list differs from the parent snapshot's
     stored: int  # bytes of objects sent
     objects: int
     blocks: int  # data blocks sent
     new_repository: bool
+    read: list[str] = field(default_factory=list)  # VMs (dom0: its home) whose data this run read
+    carried: list[str] = field(default_factory=list)  # archives carried from the parent snapshot unchanged
+    forgotten: list[str] = field(default_factory=list)  # archives of the parent left out (--forget)
+    parent: int | None = None  # the parent snapshot's number
+    segments_fetched: int = 0  # the parent's map segments fetched from the backup VM (not in dom0's cache)
+    cache_used: bool = False  # dom0's cache of the parent's maps matched the parent and was used
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -184,6 +201,10 @@ class RepoBackup:
         self._known: set[str] = set()
         self._stored = self._objects = self._blocks = self._done = 0
         self._tar: OuterWriter | None = None
+        self._cached: dict[str, list[str]] | None = None  # the parent's segments from dom0's cache
+        self._maps: dict[str, list[str]] = {}  # segment id -> data ids, of what this snapshot references
+        self._fetched_segments = 0
+        self._trees: dict[str, repotree.Tree] = {}  # the file lists this run made
 
     @property
     def where(self) -> str:
@@ -259,6 +280,8 @@ class RepoBackup:
             reader.close()
         repostate.save(self.system, repostate.RepoState(
             repo_id, result.seq, result.root, result.created, [*(state.locations if state else []), self.where]))
+        if self.options.cache:
+            repocache.save(self.system, repo_id, result.root, header.block_size, self._maps)
         result.warnings += self.plan.record_backup_timestamps(int(started))
         return result
 
@@ -268,31 +291,20 @@ class RepoBackup:
         parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
         created = now_utc()
         bs = header.block_size
-        parent_files: dict[tuple[str, str], repotree.TreeFile] = {}
-        parent_trees: dict[str, str] = {}
-        if parent is not None:
-            _pid, proot = parent
-            trees = reader.trees([a.tree for a in proot.archives])
-            for pa in proot.archives:
-                parent_trees[pa.vm] = pa.tree
-                for f in trees[pa.tree].files:
-                    parent_files[(pa.vm, f.path)] = f
-                    self._known.update(sid for _, sid in f.segments)
-            self._known.update(trees)
-            self._known.add(proot.qubes)
+        parent_files, carried, trees = self._parent(reader, parent, bs)
         self._tar = OuterWriter(target)
         if self.creating:
             self._tar.add(names.HEADER, self._new_header)
             self._tar.add(names.HEADER_MAC, self._new_mac)
-        archives: list[repotree.RootArchive] = []
-        changed: list[str] = []
+        read: dict[str, tuple[str, str, str]] = {}  # vm -> (kind, tree id, captured)
         with ThreadPoolExecutor(max_workers=self.options.workers, thread_name_prefix="repo-seal") as pool:
             for a in self.plan.archives:
-                tid = self._archive(a, reader, keys, bs, parent_files, pool)
-                archives.append(repotree.RootArchive(a.member, a.kind, a.vm, tid, created))
-                if parent_trees.get(a.vm) != tid:
-                    changed.append(a.vm)
-        qubes = self.plan.manifest(header.repo_id_hex, created).qubes
+                captured = now_utc()
+                read[a.vm] = (a.kind, self._archive(a, reader, keys, bs, parent_files, pool), captured)
+        parent_trees = {pa.vm: pa.tree for pa in parent[1].archives} if parent is not None else {}
+        changed = [vm for vm, (_kind, tid, _c) in read.items() if parent_trees.get(vm) != tid]
+        qubes, archives = self._contents(reader, parent, read, carried, created)
+        self._check_manifest(header.repo_id_hex, created, archives, trees, qubes)
         xid = self._emit(keys, repo.QUBES, qubes, ())
         history: list[repotree.HistoryEntry] = []
         seq = 1
@@ -309,7 +321,77 @@ class RepoBackup:
         target.name = name
         target.commit()
         return RepoBackupResult(header.repo_id_hex, seq, rid, created, self.where, len(archives), changed,
-                                self._stored, self._objects, self._blocks, self.creating, notes)  # fmt: skip
+                                self._stored, self._objects, self._blocks, self.creating, list(read),
+                                [c.vm for c in carried], sorted(set(self.options.forget)),
+                                parent[1].seq if parent else None, self._fetched_segments,
+                                self._cached is not None, notes)  # fmt: skip
+
+    def _parent(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
+                bs: int) -> tuple[_Files, list[repotree.RootArchive], dict[str, repotree.Tree]]:  # fmt: skip
+        """The parent snapshot's files by (VM, path), the archives carried from it, its file lists (all
+        verified); its segment, file list and qubes.xml ids become known, dom0's cache of its maps loaded."""
+        reading = {a.vm for a in self.plan.archives}
+        forget = set(self.options.forget)
+        if forget & reading:
+            raise UsageError(f"--forget {sorted(forget & reading)[0]}: that VM is backed up in this run")
+        if parent is None:
+            if forget:
+                raise UsageError(f"--forget {sorted(forget)[0]}: the repository holds no snapshot yet")
+            return {}, [], {}
+        pid, proot = parent
+        missing = forget - {a.vm for a in proot.archives}
+        if missing:
+            raise UsageError(f"--forget {sorted(missing)[0]}: snapshot {proot.seq} holds no archive of it")
+        trees = reader.trees([a.tree for a in proot.archives])
+        files: _Files = {}
+        for pa in proot.archives:
+            for f in trees[pa.tree].files:
+                files[(pa.vm, f.path)] = f
+                self._known.update(sid for _, sid in f.segments)
+        self._known.update(trees)
+        self._known.add(proot.qubes)
+        if self.options.cache:
+            self._cached = repocache.load(self.system, proot.repo_id, pid, bs)
+        carried = [pa for pa in proot.archives if pa.vm not in reading and pa.vm not in forget]
+        for c in carried:  # their maps, as far as dom0's cache holds them, stay in the next cache
+            for f in trees[c.tree].files:
+                for _n, sid in f.segments:
+                    if self._cached is not None and sid in self._cached:
+                        self._maps[sid] = self._cached[sid]
+        return files, carried, trees
+
+    def _contents(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
+                  read: dict[str, tuple[str, str, str]], carried: list[repotree.RootArchive],
+                  created: str) -> tuple[bytes, list[repotree.RootArchive]]:  # fmt: skip
+        """The qubes.xml subset (this run's, merged with the parent's for carried VMs) and the root's archives
+        (read and carried), numbered in restore order."""
+        assert self.header is not None
+        qubes = self.plan.manifest(self.header.repo_id_hex, created).qubes
+        members = {a.vm: a.member for a in self.plan.archives}
+        if parent is not None and carried:
+            qubes = carry.merge_subsets(qubes, reader.qubes(parent[1].qubes), [c.vm for c in carried],
+                                        any(c.kind == "home" for c in carried))  # fmt: skip
+            members = carry.numbering(qubes, [vm for vm, r in read.items() if r[0] == "vm"]
+                                      + [c.vm for c in carried if c.kind == "vm"])  # fmt: skip
+            members["dom0"] = "vm0"
+        archives = [repotree.RootArchive(members[vm], kind, vm, tid, captured)
+                    for vm, (kind, tid, captured) in read.items()]  # fmt: skip
+        archives += [repotree.RootArchive(members[c.vm], c.kind, c.vm, c.tree, c.captured) for c in carried]
+        archives.sort(key=lambda r: int(r.member[2:]))
+        return qubes, archives
+
+    def _check_manifest(self, repo_id: str, created: str, archives: list[repotree.RootArchive],
+                        trees: dict[str, repotree.Tree], qubes: bytes) -> None:  # fmt: skip
+        """The snapshot passes the checks a restore applies (``manifest.parse``): the carried archives and
+        the merged qubes.xml subset agree.  (Trees of this run are in ``self._trees``.)"""
+        trees = {**trees, **self._trees}
+        entries = [manifest_mod.ArchiveEntry(a.member, a.vm, a.kind, [
+            manifest_mod.FileEntry(f.path, f.type, f.size, f.data) for f in trees[a.tree].files])
+            for a in archives]  # fmt: skip
+        try:
+            manifest_mod.parse(manifest_mod.Manifest(repo_id, created, entries, qubes).render())
+        except BackupError as e:
+            raise BackupError(f"internal error: the snapshot would not restore: {e}") from None
 
     @staticmethod
     def _compress(header: repo.RepoHeader) -> bool:
@@ -340,13 +422,27 @@ class RepoBackup:
                     tree.files.append(repotree.TreeFile(f.path, f.type, 0, 0, f.mode, mtime, f.link))
                     continue
                 parent = parent_files.get((a.vm, f.path))
-                known: set[str] = set()
-                if parent is not None and parent.segments:
-                    for seg in reader.segments([sid for _, sid in parent.segments]):
-                        known.update(did for _, did in seg.blocks)
+                known = self._parent_ids(parent, reader) if parent is not None else set()
                 segments, stored = self._file(f, keys, bs, known, pool)
                 tree.files.append(repotree.TreeFile(f.path, "file", f.size, stored, f.mode, mtime, None, segments))
-        return self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
+        tid = self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
+        self._trees[tid] = tree
+        return tid
+
+    def _parent_ids(self, parent: repotree.TreeFile, reader: RepoReader) -> set[str]:
+        """The data ids of the parent's copy of a file: from dom0's cache of the parent's maps when it holds
+        the segment, else fetched from the backup VM and verified."""
+        known: set[str] = set()
+        fetch = []
+        for _n, sid in parent.segments:
+            if self._cached is not None and sid in self._cached:
+                known.update(self._cached[sid])
+            else:
+                fetch.append(sid)
+        for seg in reader.segments(fetch):
+            known.update(did for _, did in seg.blocks)
+        self._fetched_segments += len(fetch)
+        return known
 
     def _seal_block(self, keys: repo.RepoKeys, buf: bytearray,
                     known: set[str]) -> tuple[str | None, bytes | None]:  # fmt: skip
@@ -394,5 +490,7 @@ class RepoBackup:
         span = repo.SEGMENT_BLOCKS
         for n, group in itertools.groupby(entries, key=lambda e: e[0] // span):
             seg = repotree.Segment([(i % span, oid) for i, oid in group])
-            segments.append((n, self._emit(keys, repo.SEGMENT, seg.render(), seg.refs())))
+            sid = self._emit(keys, repo.SEGMENT, seg.render(), seg.refs())
+            self._maps[sid] = [oid for _, oid in seg.blocks]
+            segments.append((n, sid))
         return segments, stored

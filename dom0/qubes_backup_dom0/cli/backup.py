@@ -31,13 +31,13 @@ from qubes_backup_dom0.cli.common import (
     warn,
 )
 from qubes_backup_dom0.cli.listing import check_directory
-from qubes_backup_dom0.cli.passphrase import MAX_PASSPHRASE, read_passphrase, short_passphrase
+from qubes_backup_dom0.cli.passphrase import read_passphrase, short_passphrase
 from qubes_backup_dom0.cli.profile import (
     PLAINTEXT_WARNING,
     PROFILE_DIR,
     Profile,
     load_profile,
-    passphrase_from_vm,
+    profile_passphrase,
     resolve,
     save_profile,
 )
@@ -66,9 +66,11 @@ def parser() -> ArgumentParser:
         "Backups are always encrypted (-e is accepted and changes nothing).",
     )
     p.add_argument("--profile", metavar="NAME",
-                   help=f"run the backup described by {PROFILE_DIR}/NAME.conf (Qubes' YAML profile)")  # fmt: skip
+                   help=f"run the backup described by {PROFILE_DIR}/NAME.conf (Qubes' YAML profile; one saved "
+                   "with --repo makes the next snapshot of its repository)")  # fmt: skip
     p.add_argument("--save-profile", metavar="NAME",
-                   help=f"also save these options, with the passphrase, as {PROFILE_DIR}/NAME.conf")  # fmt: skip
+                   help=f"also save these options, with the passphrase, as {PROFILE_DIR}/NAME.conf (with --repo: "
+                   "the repository, which qvm-backup-restore --profile NAME also uses)")  # fmt: skip
     p.add_argument("-d", "--dest-vm", metavar="VM", help="the backup VM (default: LOCATION is in dom0)")
     p.add_argument("-x", "--exclude", metavar="VM", action="append", default=[],
                    help="exclude VM (repeatable; also @tag:NAME, @type:CLASS)")  # fmt: skip
@@ -237,13 +239,7 @@ def _passphrase(system: System, args: argparse.Namespace, job: Job) -> bytes:
     prof = job.profile
     if prof is None:
         return read_passphrase(args.passphrase_file, confirm=True, system_path=system.dom0_path)
-    if prof.passphrase_text is not None:
-        phrase = prof.passphrase_text.encode("utf-8")
-        if not phrase or len(phrase) > MAX_PASSPHRASE or b"\n" in phrase:
-            raise UsageError(f"backup profile {prof.name}: passphrase_text must be one line, 1-{MAX_PASSPHRASE} bytes")
-        return phrase
-    assert prof.passphrase_vm is not None
-    return passphrase_from_vm(system, prof.passphrase_vm, prof.name)
+    return profile_passphrase(system, prof)
 
 
 def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
@@ -257,6 +253,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.repo is not None:  # a repository of snapshots (cli/repo.py)
         check_kdf_n(args.kdf_n, args.weak_kdf_ok)
         return repo_cli.run_backup(args, summary)
+    if args.profile is not None:
+        prof = load_profile(System.from_env(), args.profile)
+        if prof.repository is not None:  # a profile of a repository
+            check_kdf_n(args.kdf_n, args.weak_kdf_ok)
+            return repo_cli.run_backup(args, summary, prof)
+    repo_cli.refuse_without_repo(args)
     for text, what in ((args.location, "LOCATION"), (args.dest_vm, "the backup VM name")):
         if text is not None:
             check_text_arg(text, what)

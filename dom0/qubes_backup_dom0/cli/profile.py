@@ -6,6 +6,12 @@ Keys (as qubes-core-admin's ``_load_backup_profile`` reads them): ``include`` (r
 filter name) and ``passphrase_text`` or ``passphrase_vm`` (the passphrase is then the one line the
 ``qubes.BackupPassphrase+NAME`` service of that VM prints).  Old ``$tag:``/``$type:`` forms are read as
 ``@``, as Qubes does.  The file is read with ``yaml.safe_load`` only (no object construction), bounded.
+
+One key of our own: ``repository`` (a directory in ``destination_vm``), in place of ``destination_path``: the
+profile then describes ``qvm-backup --repo`` (docs/REPOSITORY.md), and ``qvm-backup-restore --profile NAME``
+restores, verifies or lists its snapshots.  Such a profile has no ``destination_path``, so Qubes' own
+``qvm-backup --profile`` refuses it ("missing destination_path") instead of writing a single-file backup
+into the repository's directory.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Profile:
     compression: str
     passphrase_text: str | None = None
     passphrase_vm: str | None = None
+    repository: str | None = None  # qvm-backup --repo: a repository directory in destination_vm
 
 
 def profile_path(system: System, name: str) -> Path:
@@ -105,10 +112,19 @@ def load_profile(system: System, name: str) -> Profile:
         raise UsageError(f"backup profile {name} is not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise UsageError(f"backup profile {name}: not a mapping of keys to values")
-    for key in ("destination_vm", "destination_path", "include"):
+    repository = _text(data, "repository", name)
+    for key in ("destination_vm", "include") if repository is not None else ("destination_vm", "destination_path",
+                                                                               "include"):  # fmt: skip
         if key not in data:
             raise UsageError(f"invalid backup profile {name}: missing {key}")
     dest_vm, dest_path = _text(data, "destination_vm", name), _text(data, "destination_path", name)
+    if repository is not None:
+        if dest_path is not None:
+            raise UsageError(f"invalid backup profile {name}: repository and destination_path exclude each other")
+        if not repository or not dest_vm or dest_vm == "dom0":
+            raise UsageError(f"invalid backup profile {name}: a repository is a directory in destination_vm (a VM, "
+                             "not dom0)")  # fmt: skip
+        dest_path = repository
     if not dest_vm or not dest_path:
         raise UsageError(f"invalid backup profile {name}: destination_vm and destination_path must be set")
     include = None if data["include"] is None else _names(data["include"], "include", name)
@@ -120,7 +136,7 @@ def load_profile(system: System, name: str) -> Profile:
         raise UsageError(f"invalid backup profile {name}: passphrase_vm is the backup VM ({vm}): the VM that "
                          "stores the backups must not hold their passphrase; name another VM")  # fmt: skip
     return Profile(name, include, exclude, None if dest_vm == "dom0" else dest_vm, dest_path,
-                   _compression(data.get("compression", True), name), text, vm)  # fmt: skip
+                   _compression(data.get("compression", True), name), text, vm, repository)  # fmt: skip
 
 
 def render_profile(profile: Profile) -> str:
@@ -134,7 +150,10 @@ def render_profile(profile: Profile) -> str:
         data["passphrase_vm"] = profile.passphrase_vm
     data["compression"] = {"zstd": True, "none": False}.get(profile.compression, profile.compression)
     data["destination_vm"] = profile.destination_vm or "dom0"
-    data["destination_path"] = profile.destination_path
+    if profile.repository is not None:
+        data["repository"] = profile.repository
+    else:
+        data["destination_path"] = profile.destination_path
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -192,6 +211,17 @@ def resolve(qubes: Qubes, patterns: Iterable[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ passphrase_vm
+
+def profile_passphrase(system: System, prof: Profile) -> bytes:
+    """The profile's passphrase: ``passphrase_text``, or what its ``passphrase_vm`` prints."""
+    if prof.passphrase_text is not None:
+        phrase = prof.passphrase_text.encode("utf-8")
+        if not phrase or len(phrase) > MAX_PASSPHRASE or b"\n" in phrase:
+            raise UsageError(f"backup profile {prof.name}: passphrase_text must be one line, 1-{MAX_PASSPHRASE} bytes")
+        return phrase
+    assert prof.passphrase_vm is not None
+    return passphrase_from_vm(system, prof.passphrase_vm, prof.name)
+
 
 def passphrase_from_vm(system: System, vm: str, profile: str, transport: Any = None) -> bytes:
     """The one line ``qubes.BackupPassphrase+PROFILE`` prints in ``vm`` (bounded; the service's exit status

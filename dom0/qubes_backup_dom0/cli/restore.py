@@ -162,11 +162,13 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 def main(argv: list[str] | None = None) -> int:
     guard_output()
     args_list = sys.argv[1:] if argv is None else argv
-    p = parser(repo=any(a == "--repo" or a.startswith("--repo=") for a in args_list))  # then no LOCATION
+    p = parser(repo=any(a in ("--repo", "--profile") or a.startswith(("--repo=", "--profile=")) for a in args_list))
     if "--json" in args_list:
         p.json_command = "restore"
     args = p.parse_intermixed_args(args_list)
     command = report.restore_command(args.verify_only, args.list, args.list_backups)
+    if getattr(args, "list_snapshots", False):
+        command = "list-snapshots"
     return run_cli(lambda: _run_or_qubes_format(args), args.debug, command if args.json else None)
 
 
@@ -221,8 +223,9 @@ def check_source_vm(system: System, vm: str | None) -> str | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.repo is not None:  # a repository of snapshots (cli/repo.py)
+    if args.repo is not None or getattr(args, "profile", None) is not None:  # a repository (cli/repo.py)
         return repo_cli.run_restore(args, summary)
+    repo_cli.refuse_without_repo(args)
     _check_args(args)
     system = System.from_env()
     source_vm = check_source_vm(system, args.source_vm)

@@ -42,6 +42,11 @@ def _path(system: System, repo_id: str) -> Path:
     return state_dir(system) / f"{repo_id}.json"
 
 
+def record_path(system: System, repo_id: str) -> Path:
+    """The record's file (the cache of the newest snapshot's maps, ``repocache``, lies beside it)."""
+    return _path(system, repo_id)
+
+
 def _parse(raw: bytes, where: Path) -> RepoState:
     try:
         doc = json.loads(raw)

@@ -57,6 +57,7 @@ class Chosen:
     head_id: str
     head: repotree.Root
     trees: dict[str, repotree.Tree] = field(default_factory=dict)
+    qubes_xml: bytes = b""  # its qubes.xml subset, verified
 
 
 class RepoRestore:
@@ -186,7 +187,7 @@ class RepoRestore:
         """The manifest a backup file of this snapshot would carry, through the same strict checks."""
         assert self.reader is not None
         root = chosen.root
-        xml = self.reader.qubes(root.qubes)
+        xml = chosen.qubes_xml = self.reader.qubes(root.qubes)
         trees = self.reader.trees([a.tree for a in root.archives])
         chosen.trees = {a.member: trees[a.tree] for a in root.archives}
         archives = [manifest_mod.ArchiveEntry(a.member, a.vm, a.kind, [
