@@ -14,9 +14,12 @@ refused with one line, before they are read whole.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,8 +183,16 @@ def test_snapshots_restore_byte_exact(tmp_path: Path, remote: Remote) -> None:
     assert_restored_like(saved, older.volume_files("work")["private"])
     assert older.volume_files("work")["private"].read_bytes() != sim.volume_files("work")["private"].read_bytes()
 
-    # qvm-backup-prune through the agent (no passphrase): snapshots 1 and 2 go, with the objects only they used
+    # prune without the passphrase: in the VM (cron) a dry run, then qvm-backup-prune through the agent:
+    # snapshots 1 and 2 go, with the objects only they used
     before = remote.files()
+    env = dict(os.environ, QUBES_AGENT_ROOT=str(sim.vm_root("backupvm")), **remote.env)
+    agent = [str(Path(sys.executable).parent / "qubes-backup-agent"), "prune", "--repo", remote.url, "--keep-last", "1"]
+    r = subprocess.run([*agent, "--dry-run", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["repository"] == remote.url and doc["dry_run"] and doc["objects_deleted"] > 0, doc
+    assert remote.files() == before
     r = sim.run("qvm-backup-prune", "-d", "backupvm", "--repo", remote.url, "--keep-last", "1")
     assert r.returncode == 0, r.stderr
     after = remote.files()
