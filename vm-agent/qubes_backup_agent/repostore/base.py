@@ -5,9 +5,9 @@ A *store* keeps the files of docs/REPOSITORY.md section 2 under their names (``r
 repository.py), an ssh server (``ssh.SshStore``, SFTP over one connection) or an S3 bucket
 (``s3.S3Store``).  The sessions of repository.py use only ``Store``; the keyless prune uses ``PruneStore``.
 
-A remote store implements six primitives (``RemoteStore``): load a file whole (bounded), load its first
+A remote store implements a few primitives (``RemoteStore``): load a file whole (bounded), load its first
 bytes, its size, list a directory, save a file (atomically; ``exclusive``: never over an existing name),
-remove a file.  Everything else (the opening, GET answers, the commit's order, the lock, the prune reads) is
+remove a file, make what was saved durable, disconnect.  Everything else (the opening, GET answers, the commit's order, the lock, the prune reads) is
 written once here, on top of them.  Nothing a server returns is trusted: every load has a bound, every
 listing a count, every name its grammar.
 """
@@ -162,7 +162,7 @@ class Exists(Exception):
 
 
 class RemoteStore(ABC):
-    """A store over a remote service: the six primitives below; the rest is common."""
+    """A store over a remote service: the primitives below; the rest is common."""
 
     view: str
     _locked = False
@@ -184,8 +184,8 @@ class RemoteStore(ABC):
 
     @abstractmethod
     def listdir(self, directory: str, limit: int) -> Iterator[str]:
-        """Names of the regular files directly in ``directory`` (none if it does not exist); a listing of
-        more than ``limit`` entries is a StorageError."""
+        """Names of the files and directories directly in ``directory`` (none if it does not exist; no
+        symbolic links); a listing of more than ``limit`` entries is a StorageError."""
 
     @abstractmethod
     def save(self, key: str, data: bytes, *, exclusive: bool, durable: bool) -> None:
