@@ -8,7 +8,7 @@ FUZZ_SECONDS ?= 600
 .PHONY: venv dev test demo lint bench bench-smoke profile fuzz packages install-dom0 install-vm uninstall-dom0 uninstall-vm clean
 
 # venv: the four packages and what they import (all `make demo` needs); dev: also the test tools
-# (requirements-dev.txt: pytest, hypothesis, ruff, mypy, boto3, moto) for `make test`, `make lint`.
+# (requirements-dev.txt: pytest, pytest-xdist, hypothesis, ruff, mypy, boto3, moto) for `make test`, `make lint`.
 venv: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
@@ -29,7 +29,7 @@ TYPED := dom0/qubes_backup_dom0 protocol/qubes_backup_protocol vm-agent/qubes_ba
 test: dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy --ignore-missing-imports $(TYPED)
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n auto tests
 
 lint: dev
 	$(BIN)/ruff check .
