@@ -7,8 +7,8 @@ repository.py), an ssh server (``ssh.SshStore``, SFTP over one connection) or an
 
 A remote store implements a few primitives (``RemoteStore``): load a file whole (bounded), load its first
 bytes, its size, list a directory, save a file (atomically; ``exclusive``: never over an existing name),
-remove a file, make what was saved durable, disconnect.  Everything else (the opening, GET answers, the commit's order, the lock, the prune reads) is
-written once here, on top of them.  Nothing a server returns is trusted: every load has a bound, every
+remove a file, make what was saved durable, disconnect.  Everything else (the opening, GET answers, the
+commit's order, the lock, the prune reads) is written once here, on top of them.  Nothing a server returns is trusted: every load has a bound, every
 listing a count, every name its grammar.
 """
 
