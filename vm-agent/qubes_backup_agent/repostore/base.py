@@ -3,13 +3,14 @@
 A *store* keeps the files of docs/REPOSITORY.md section 2 under their names (``repo-header``,
 ``repo-header.hmac``, ``roots/NAME``, ``objects/XX/ID``): a directory in the backup VM (``Repository`` in
 repository.py), an ssh server (``ssh.SshStore``, SFTP over one connection) or an S3 bucket
-(``s3.S3Store``).  The sessions of repository.py use only ``Store``; the keyless prune uses ``PruneStore``.
+(``s3.S3Store``).  The sessions of repository.py use only ``Store``; the keyless prune (prune.py) the methods
+of ``PruneStore``.
 
 A remote store implements a few primitives (``RemoteStore``): load a file whole (bounded), load its first
 bytes, its size, list a directory, save a file (atomically; ``exclusive``: never over an existing name),
 remove a file, make what was saved durable, disconnect.  Everything else (the opening, GET answers, the
-commit's order, the lock, the prune reads) is written once here, on top of them.  Nothing a server returns is trusted: every load has a bound, every
-listing a count, every name its grammar.
+commit's order, the lock, the prune reads) is written once here, on top of them.  Nothing a server returns
+is trusted: every load has a bound, every listing a count, every name its grammar.
 """
 
 from __future__ import annotations
