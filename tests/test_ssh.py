@@ -204,6 +204,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
             "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
             "PermitRootLogin prohibit-password\nPrintMotd no\nPrintLastLog no\nBanner none\nPermitUserRC no\n"
             "AllowTcpForwarding no\nX11Forwarding no\nMaxStartups 100\nLoginGraceTime 30\nLogLevel VERBOSE\n"
+            "Subsystem sftp internal-sftp\n"  # repositories (test_repo_remote.py)
         )
         with log.open("ab") as out:
             proc = subprocess.Popen(

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
                         description="Keyless prune of a repository (no passphrase): keeps the snapshots the "
                         "policy keeps (always the newest), deletes the others and every object no kept snapshot "
                         "references.")  # fmt: skip
-    pr.add_argument("--repo", required=True, metavar="DIR", help="the repository directory")
+    pr.add_argument("--repo", required=True, metavar="DIR|URL",
+                    help="the repository: a directory, ssh://[USER@]HOST[:PORT]/DIR or s3://BUCKET/PREFIX")
     for rule, what in (("last", "the N newest snapshots"), ("daily", "the newest snapshot of each of the N "
                        "newest days"), ("weekly", "... of each of the N newest ISO weeks"),
                        ("monthly", "... of each of the N newest months")):  # fmt: skip
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(EXIT_USAGE, str(exc), as_json)
     root = confine.agent_root()
     try:
-        view = confine.vm_view(confine.resolve(args.repo, root), root)
+        remote = args.repo.startswith(("ssh://", "s3://"))  # a URL, as the user wrote it (repostore/)
+        view = args.repo if remote else confine.vm_view(confine.resolve(args.repo, root), root)
         report = prune_location(args.repo, root, policy, args.dry_run)
     except (StorageError, confine.ConfinementError) as exc:
         return _fail(EXIT_FAILED, str(exc), as_json)

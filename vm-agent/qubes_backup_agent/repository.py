@@ -10,6 +10,9 @@ and go back as they are.  The agent only keeps the directory consistent for the 
   into ``roots/``, last, never over an existing one: a killed backup leaves no root, so no snapshot that
   looks complete;
 - a restore session holds the lock shared and answers GET requests until dom0 hangs up.
+
+The sessions see their storage only through ``repostore.base.Store``: ``Repository`` below for a directory,
+``repostore`` for ssh:// and s3:// locations (the same names, the same order of writes).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Union
 
 from qubes_backup_protocol import frames
 from qubes_backup_protocol import repo as names
@@ -36,6 +39,9 @@ from .common import EXIT_FAILED, EXIT_OK, send_error, silence
 from .outer_tar import BLOCK, member_header
 from .storage import StorageError
 from .storage.directory import describe_oserror
+
+if TYPE_CHECKING:
+    from .repostore.base import RemoteStore, Store
 
 LOCK = "lock"
 TMP = "tmp"
@@ -354,11 +360,16 @@ class Repository:
 
 # ------------------------------------------------------------------------------------------- the sessions
 
-def open_repository(location: str, root: Path, create: bool) -> Repository:
-    """The repository directory ``location`` (a path in the VM).  A backup may create it (its parent must
-    exist); it refuses a directory that holds something else."""
+AnyStore = Union[Repository, "RemoteStore"]  # a directory, or ssh / S3 (repostore/)
+
+
+def open_repository(location: str, root: Path, create: bool) -> AnyStore:
+    """The repository at ``location``: a directory (a path in the VM), ``ssh://…`` or ``s3://…``.  A backup
+    may create it (a directory's parent must exist); it refuses a location that holds something else."""
     if location.startswith(("s3://", "ssh://")):
-        raise StorageError(f"repositories are directories in the backup VM for now: {location}")
+        from .repostore import open_remote
+
+        return open_remote(location, root, create)
     try:
         path = confine.resolve(location, root)
     except confine.ConfinementError as exc:
@@ -390,7 +401,7 @@ class _FrameStream:
     """The tar dom0 sends, as a file: DATA frames are read as needed; GET requests that come between them
     are answered on the spot; COMMIT is the end of the stream."""
 
-    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Repository) -> None:
+    def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Store) -> None:
         self.stdin, self.stdout, self.repo = stdin, stdout, repo
         self.buf = memoryview(b"")
         self.committed = False
@@ -458,7 +469,7 @@ def _check_object(name: str, data: bytes) -> None:
 
 
 def receive_backup(
-    stream: _FrameStream, repo: Repository, newest: int
+    stream: _FrameStream, repo: Store, newest: int
 ) -> tuple[str, tuple[bytes, bytes] | None, bytes]:
     """Store the objects of dom0's tar; returns the root's name, the new header (with its MAC) if the
     repository is being created, and the root."""
@@ -495,6 +506,7 @@ def receive_backup(
 
 def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """qubes.Backup in repository mode (docs/REPOSITORY.md section 9)."""
+    repo: Store | None = None
     try:
         repo = open_repository(location, root, create=True)
         repo.lock(exclusive=True)
@@ -516,6 +528,9 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
     except (BrokenPipeError, ConnectionResetError):
         silence(stdout)
         return EXIT_FAILED
+    finally:
+        if repo is not None:
+            repo.close()
     try:
         frames.write_frame(stdout, FrameType.DONE, "", name.encode("ascii"))
         stdout.flush()
@@ -526,6 +541,7 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
 
 def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """qubes.Restore in repository mode: the opening, then one MEMBER per GET until dom0 hangs up."""
+    repo: Store | None = None
     try:
         repo = open_repository(location, root, create=False)
         repo.lock(exclusive=False)
@@ -545,3 +561,6 @@ def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) 
     except (StorageError, frames.ProtocolError) as exc:
         send_error(stdout, str(exc) if isinstance(exc, StorageError) else f"bad request: {exc}")
         return EXIT_FAILED
+    finally:
+        if repo is not None:
+            repo.close()

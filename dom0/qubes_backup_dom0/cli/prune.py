@@ -58,7 +58,8 @@ def parser() -> ArgumentParser:
         "snapshots present are the policy's and still verify.",
     )  # fmt: skip
     p.add_argument("-d", "--dest-vm", dest="dest_vm", metavar="VM", help="the backup VM holding the repository")
-    p.add_argument("--repo", metavar="DIR", help="the repository: a directory in the backup VM")
+    p.add_argument("--repo", metavar="DIR|URL", help="the repository, reached through the backup VM: a directory "
+                   "in it, ssh://[USER@]HOST[:PORT]/DIR or s3://BUCKET/PREFIX")  # fmt: skip
     for rule, what in (("last", "the N newest snapshots"), ("daily", "the newest snapshot of each of the N newest "
                        "days that have one (UTC)"), ("weekly", "the same per ISO week"),
                        ("monthly", "the same per calendar month")):  # fmt: skip
@@ -92,7 +93,7 @@ def _policy_doc(policy: Policy) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     if not args.repo:
-        raise UsageError("--repo DIR is needed: the repository (a directory in the backup VM given with -d)")
+        raise UsageError("--repo DIR|URL is needed: the repository (reached through the backup VM given with -d)")
     check_text_arg(args.repo, "the repository")
     policy = _policy(args)
     if not args.audit and (args.passphrase_file or args.expect_root):

@@ -77,8 +77,9 @@ def block_size_arg(value: str) -> int:
 
 
 def add_common(p: ArgumentParser) -> None:
-    p.add_argument("--repo", metavar="DIR",
-                   help="a repository of snapshots: a directory in the backup VM (-d); only what changed is stored")
+    p.add_argument("--repo", metavar="DIR|URL",
+                   help="a repository of snapshots, reached through the backup VM (-d): a directory in it, "
+                   "ssh://[USER@]HOST[:PORT]/DIR or s3://BUCKET/PREFIX; only what changed is stored")  # fmt: skip
     p.add_argument("--expect-root", metavar="ID", type=root_id_arg,
                    help="with --repo: the newest snapshot must be this root or a later one that records it (use "
                    "on a dom0 that has no record of the repository yet)")  # fmt: skip
