@@ -30,6 +30,7 @@ from qubes_backup_protocol import repo as names
 
 from qubes_backup_dom0.backup.plan import BackupPlan, PlannedArchive, attached_volumes
 from qubes_backup_dom0.backup.targets import AgentTarget, check_location
+from qubes_backup_dom0.backup.tracking import Tracking
 from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
 from qubes_backup_dom0.format import crypto, repo, repotree
 from qubes_backup_dom0.format.header import DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAULT_KDF_R, now_utc
@@ -72,6 +73,8 @@ class RepoBackupResult:
     new_repository: bool
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    read_blocks: int = 0  # blocks read from the files (change tracking reads only the changed ones)
+    reused_blocks: int = 0  # blocks not read: change tracking took their ids from the parent's verified map
 
 
 class _RepoTarget(AgentTarget):
@@ -165,8 +168,11 @@ class RepoBackup:
     def __init__(self, system: System, plan: BackupPlan, dest_vm: str, location: str,
                  options: RepoOptions = RepoOptions(),
                  transport: Transport | None = None, progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+                 cancel: threading.Event | None = None, tracking: Tracking | None = None) -> None:  # fmt: skip
         check_location(location)
+        self.tracking = tracking  # change tracking: which blocks need not be read (backup/tracking.py)
+        self._parent_root: str | None = None
+        self._read = self._reused = 0
         self.system = system
         self.plan = plan
         self.vm = dest_vm
@@ -268,6 +274,7 @@ class RepoBackup:
         parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
         created = now_utc()
         bs = header.block_size
+        self._parent_root = parent[0] if parent is not None else None
         parent_files: dict[tuple[str, str], repotree.TreeFile] = {}
         parent_trees: dict[str, str] = {}
         if parent is not None:
@@ -309,7 +316,8 @@ class RepoBackup:
         target.name = name
         target.commit()
         return RepoBackupResult(header.repo_id_hex, seq, rid, created, self.where, len(archives), changed,
-                                self._stored, self._objects, self._blocks, self.creating, notes)  # fmt: skip
+                                self._stored, self._objects, self._blocks, self.creating, notes,
+                                read_blocks=self._read, reused_blocks=self._reused)  # fmt: skip
 
     @staticmethod
     def _compress(header: repo.RepoHeader) -> bool:
@@ -341,10 +349,14 @@ class RepoBackup:
                     continue
                 parent = parent_files.get((a.vm, f.path))
                 known: set[str] = set()
+                parent_blocks: list[tuple[int, str]] = []
                 if parent is not None and parent.segments:
-                    for seg in reader.segments([sid for _, sid in parent.segments]):
-                        known.update(did for _, did in seg.blocks)
-                segments, stored = self._file(f, keys, bs, known, pool)
+                    parent_blocks = reader.blocks(parent)
+                    known.update(did for _, did in parent_blocks)
+                reuse = None  # change tracking: blocks not read, their ids from the parent's verified map
+                if self.tracking is not None:
+                    reuse = self.tracking.reuse(f, parent, parent_blocks, self._parent_root, bs)
+                segments, stored = self._file(f, keys, bs, known, pool, reuse)
                 tree.files.append(repotree.TreeFile(f.path, "file", f.size, stored, f.mode, mtime, None, segments))
         return self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
 
@@ -359,9 +371,10 @@ class RepoBackup:
         assert self.header is not None
         return repo.seal(keys, repo.DATA, buf, (), self._compress(self.header), oid)
 
-    def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str],
-              pool: ThreadPoolExecutor) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
-        """Blocks of one file into objects; returns its segments and the bytes of its stored blocks."""
+    def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str], pool: ThreadPoolExecutor,
+              reuse: dict[int, str] | None = None) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
+        """Blocks of one file into objects; returns its segments and the bytes of its stored blocks.  ``reuse``:
+        blocks not read (change tracking), with their ids."""
         entries: list[tuple[int, str]] = []
         stored = 0
         inflight: deque[tuple[int, int, Future[tuple[str | None, bytes | None]]]] = deque()
@@ -382,6 +395,7 @@ class RepoBackup:
         for index, buf, nread in file_blocks(f, bs):
             if self.cancel.is_set():
                 raise Cancelled("backup cancelled")
+            self._read += 1
             inflight.append((index, len(buf), pool.submit(self._seal_block, keys, buf, known)))
             while len(inflight) > depth:
                 collect()
@@ -390,6 +404,11 @@ class RepoBackup:
                 self.progress(min(self._done, self.plan.data), self.plan.data)
         while inflight:
             collect()
+        if reuse:
+            entries += reuse.items()
+            entries.sort()
+            stored += sum(min(bs, f.size - i * bs) for i in reuse)
+            self._reused += len(reuse)
         segments = []
         span = repo.SEGMENT_BLOCKS
         for n, group in itertools.groupby(entries, key=lambda e: e[0] // span):

@@ -22,6 +22,7 @@ from typing import Any
 
 from qubes_backup_dom0.backup.plan import BackupPlan, plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from qubes_backup_dom0.backup.tracking import Tracking, release_all
 from qubes_backup_dom0.cli import report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
@@ -73,6 +74,21 @@ def add_backup_options(p: ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--block-size", type=block_size_arg, default=repo.DEFAULT_BLOCK_SIZE, metavar="SIZE",
                    help="with --repo, when it creates the repository: its block size (default 256K)")
+    p.add_argument("--rescan", action="store_true",
+                   help="with --repo: read every volume in full instead of only what changed since the last backup "
+                   "(the snapshot is the same; see docs/CHANGE-TRACKING.md)")  # fmt: skip
+    p.add_argument("--release-bases", action="store_true",
+                   help="remove every base snapshot kept for change tracking (they pin thin pool space), then exit")
+
+
+def release_bases() -> int:
+    """``qvm-backup --release-bases``: one line per snapshot removed."""
+    lines = release_all(System.from_env())
+    for line in lines:
+        print(line)
+    if not lines:
+        print("No change-tracking base snapshots to release")
+    return 0
 
 
 def add_restore_options(p: ArgumentParser) -> None:
@@ -118,17 +134,23 @@ def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], s
     vms = resolve(qubes, _positional_vms(args))
     if _positional_vms(args) and not vms:
         raise UsageError("nothing to back up: the VMs to include match no VM")
-    plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes)
+    tracking = Tracking(system, f"{vm}:{args.repo}", rescan=args.rescan)
     try:
-        return _backup(args, system, plan, vm, options, summary)
+        plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes, planner=tracking)
+        try:
+            return _backup(args, system, plan, vm, options, summary, tracking)
+        finally:
+            plan.close()  # the snapshots' readers closed first, then what was not promoted is removed
     finally:
-        plan.close()
+        tracking.close()
 
 
 def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions,
-            summary: Callable[[BackupPlan, bool], str]) -> int:  # fmt: skip
+            summary: Callable[[BackupPlan, bool], str], tracking: Tracking) -> int:  # fmt: skip
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
+    for note in tracking.notes:
+        log(f"note: {note}")
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
         warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
              "down")  # fmt: skip
@@ -137,7 +159,7 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
         return 1
     signal.signal(signal.SIGTERM, raise_interrupt)
     bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
-    job = RepoBackup(system, plan, vm, args.repo, options, progress=bar)
+    job = RepoBackup(system, plan, vm, args.repo, options, progress=bar, tracking=tracking)
     start = time.monotonic()
     try:
         creating = job.connect()
@@ -149,6 +171,9 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     finally:
         bar.close()
         job.close()
+    plan.close()  # readers closed: the new snapshots can become the bases
+    assert job.header is not None
+    result.warnings += tracking.promote(result.repo_id, result.root, job.header.block_size)
     elapsed = time.monotonic() - start
     for note in result.notes:
         log(f"note: {note}")

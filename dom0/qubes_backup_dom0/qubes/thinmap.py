@@ -94,9 +94,16 @@ def dump(system: System, vg: str, pool: str, dev_id: int, consume: Callable[[byt
     and released by one child in its own session) until it returns False; True if the dump succeeded.  A
     failed release is a warning on stderr."""
     name = dm_name(vg, pool)
-    args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT,
-            "thin_dump": [*system.thin_dump_argv, "--metadata-snap", "--dev-id", str(dev_id), "--format", "xml",
-                          f"{system.dev_dir}/mapper/{name}_tmeta"]}  # fmt: skip
+    return on_metadata_snapshot(system, vg, pool, [*system.thin_dump_argv, "--metadata-snap", "--dev-id",
+                                str(dev_id), "--format", "xml", f"{system.dev_dir}/mapper/{name}_tmeta"], consume)
+
+
+def on_metadata_snapshot(system: System, vg: str, pool: str, tool: list[str], consume: Callable[[bytes], bool]) -> bool:
+    """Run ``tool`` (thin_dump or thin_delta on the pool's tmeta) on a reserved metadata snapshot of ``VG/POOL``
+    (reserved, run and released by one child in its own session), feeding ``consume`` its output until it
+    returns False; True if the tool succeeded.  A failed release is a warning on stderr."""
+    name = dm_name(vg, pool)
+    args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT, "thin_dump": tool}
     try:
         proc = subprocess.Popen([sys.executable, "-S", "-c", _HELPER, json.dumps(args)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip

@@ -1,0 +1,281 @@
+"""Change tracking for repository backups on lvm_thin (docs/CHANGE-TRACKING.md): it decides what is READ, never
+what is stored.
+
+While planning, each lvm_thin volume gets a new read-only snapshot (``ORIGIN-qbnext-PID``, qubes/bases.py)
+instead of the transient one.  If the repository dom0 recorded at this location has a base of that volume
+taken for dom0's recorded newest root, of the same size, VM (uuid) and pool, ``thin_delta`` says which blocks
+may differ; only the repository blocks touching them are scanned and read.  Anything else reads the volume in
+full: ``--rescan``, no base (first run, deleted by the user or by Qubes, another repository's), a re-created VM,
+a grown or shrunk volume, thin_delta failing or saying anything unexpected, a thin pool above 90 % use.
+
+While writing (``reuse``), a tracked file takes the ids of its unchanged blocks from the parent snapshot's map of
+the same file, which dom0 fetched and verified this run, only when that parent is exactly the root the base was
+taken for, with the same block size and file size; otherwise the file is scanned and read in full there and
+then.  After the snapshot's root is committed and dom0's record written, ``promote`` makes each new snapshot the
+volume's base (the old one removed); a failed run removes the new snapshots (``close``) and keeps the old bases,
+which stay valid.  Leftovers of a killed run are removed when the next backup starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from qubes_backup_dom0.backup.plan import PlannedVolume, _fd_stamp
+from qubes_backup_dom0.errors import BackupError
+from qubes_backup_dom0.format import repotree, sparse, tarwriter
+from qubes_backup_dom0.qubes import bases, pools, repostate, thinmap
+from qubes_backup_dom0.qubes.bases import OurLv
+from qubes_backup_dom0.qubes.system import System
+
+
+@dataclass
+class Tracked:
+    """One lvm_thin volume read through a new snapshot that becomes its base after a successful run."""
+
+    ref: pools.VolumeRef
+    vg: str
+    origin: str
+    snapshot: str  # the new snapshot's LV name
+    size: int
+    fd: int
+    base: OurLv | None = None
+    changed: list[tuple[int, int]] | None = None  # byte ranges (repository blocks) that may differ; None: all
+    block_size: int = 0  # of the repository the base was taken for (the alignment of ``changed``)
+    why: str = ""  # why the volume is read in full
+    promoted: bool = False
+
+
+@dataclass
+class Tracking:
+    system: System
+    location: str  # VM:PATH of the repository, as dom0's record names it
+    rescan: bool = False
+    notes: list[str] = field(default_factory=list)
+    tracked: dict[int, Tracked] = field(default_factory=dict)  # id(InnerFile) ->
+    _repo: str | None = None
+    _record_root: str | None = None
+    _ours: list[OurLv] | None = None
+    _lv_sizes: dict[tuple[str, str], int] = field(default_factory=dict)
+    _pools: dict[tuple[str, str], bool] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        owners = repostate.owners(self.system, self.location)
+        if len(owners) == 1:
+            self._repo = owners[0]
+            state = repostate.load(self.system, owners[0])
+            self._record_root = state.root if state is not None else None
+
+    # -- start: leftovers of killed runs, orphaned bases -------------------------------------------------
+
+    def _start(self) -> list[OurLv]:
+        """Called once, with the lock held: remove our leftovers (one lvremove) and list our bases."""
+        if self._ours is not None:
+            return self._ours
+        ours, names = bases.list_lvs(self.system)
+        drop = [lv for lv in ours if lv.is_next and not _alive(lv.tag(bases.PID))]
+        drop += [lv for lv in ours if lv.is_base and (lv.vg, lv.tag(bases.ORIGIN)) not in names]  # VM removed
+        drop += _superseded([lv for lv in ours if lv.is_base and lv not in drop], self.system)
+        bases.remove(self.system, [lv.spec for lv in drop], "leftover change-tracking snapshots")
+        self._ours = [lv for lv in ours if lv not in drop]
+        return self._ours
+
+    def _pool_ok(self, vg: str, pool: str) -> bool:
+        """No base in a thin pool above 90 % data or metadata use: its bases are released (once per pool)."""
+        key = (vg, pool)
+        if key not in self._pools:
+            usage = bases.pool_usage(self.system, vg, pool)
+            ok = usage is not None and max(usage) <= bases.POOL_LIMIT
+            if not ok:
+                assert self._ours is not None
+                drop = [lv for lv in self._ours if lv.vg == vg and lv.pool == pool]
+                bases.remove(self.system, [lv.spec for lv in drop], "change-tracking bases")
+                self._ours = [lv for lv in self._ours if lv not in drop]
+                use = "unknown" if usage is None else f"data {usage[0]:g} %, metadata {usage[1]:g} %"
+                self.notes.append(f"thin pool {vg}/{pool} is above {bases.POOL_LIMIT:g} % use ({use}): no "
+                                  f"change-tracking bases kept there ({len(drop)} released), its volumes are read "
+                                  "in full")  # fmt: skip
+            self._pools[key] = ok
+        return self._pools[key]
+
+    # -- planning -------------------------------------------------------------------------------------------
+
+    def plan_volume(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
+        """The planned volume read through a new snapshot (kept for promotion), or None: plan it as usual."""
+        if ref.driver != "lvm_thin":
+            return None
+        vg, origin = pools._lv_path(ref.vid, ref)
+        pool = ref.pool_info.get("thin_pool", "")
+        with self._lock:
+            self._start()
+            if not pool or not self._pool_ok(vg, pool):
+                return None
+        origin_dev = self.system.dev_dir / vg / origin
+        before = pools._dev_identity(origin_dev)
+        name = bases.create_next(self.system, vg, origin, vm_uuid, f"cannot back up {ref.vm}: {ref.label}")
+        stack = contextlib.ExitStack()
+        try:
+            stack.callback(self._drop, vg, name)  # until the volume is planned
+            after = pools._dev_identity(origin_dev)
+            if before != after:
+                raise BackupError(f"cannot back up {ref.vm}: {ref.label} changed while it was snapshotted; try again")
+            fd = pools._open_snapshot(self.system.dev_dir / vg / name, ref)
+            stack.callback(os.close, fd)
+            t = Tracked(ref, vg, origin, name, os.lseek(fd, 0, os.SEEK_END), fd)
+            self._decide(t, pool, vm_uuid)
+            scan = t.changed if t.changed is not None else self._provisioned(t)
+            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, scan)
+            stack.pop_all()
+            held = contextlib.ExitStack()
+            held.callback(os.close, fd)
+            with self._lock:
+                self.tracked[id(f)] = t
+            return PlannedVolume(ref, f, ("lvm", vg, origin, after), fd, _fd_stamp(fd), held)
+        except BaseException:
+            stack.close()
+            raise
+
+    def _drop(self, vg: str, name: str) -> None:
+        bases.remove(self.system, [f"{vg}/{name}"], "the change-tracking snapshot")
+
+    def _provisioned(self, t: Tracked) -> list[tuple[int, int]] | None:
+        if not sparse.reads_as_block_device(t.fd):
+            return None
+        return thinmap.provisioned(self.system, t.vg, t.snapshot, t.size)
+
+    def _decide(self, t: Tracked, pool: str, vm_uuid: str | None) -> None:
+        """Set ``t.changed`` (read only those) or ``t.why`` (read everything)."""
+        assert self._ours is not None
+        found = [lv for lv in self._ours if lv.is_base and lv.vg == t.vg and lv.tag(bases.ORIGIN) == t.origin
+                 and self._repo is not None and lv.tag(bases.REPO) == self._repo]  # fmt: skip
+        base = found[0] if len(found) == 1 else None
+        bs_tag = base.tag(bases.BS) if base is not None else None
+        new = bases.thin_id(self.system, t.vg, t.snapshot)
+        if self.rescan:
+            t.why = "--rescan"
+        elif base is None:
+            t.why = "no base of this repository (first backup, or the base was removed)"
+        elif base.tag(bases.ROOT) != self._record_root:
+            t.why = "its base was taken for another snapshot than the newest one dom0 recorded"
+        elif vm_uuid is not None and base.tag(bases.VM) != vm_uuid:
+            t.why = "the VM was re-created since its base was taken"
+        elif base.size != t.size:
+            t.why = "the volume was resized since its base was taken"
+        elif new is None or base.thin_id is None or new[1] != pool or base.pool != pool:
+            t.why = "its thin device ids are unknown"
+        elif bs_tag is None or not bs_tag.isdigit() or not 4096 <= int(bs_tag) <= 1 << 30:
+            t.why = "its base has no usable block size tag"
+        else:
+            ranges = bases.delta(self.system, t.vg, pool, base.thin_id, new[0], t.size)
+            if ranges is None:
+                t.why = "thin_delta gave no usable answer"
+            else:
+                t.base, t.block_size = base, int(bs_tag)
+                t.changed = _align(ranges, t.block_size, t.size)
+
+    # -- writing: the read-decision hook --------------------------------------------------------------------
+
+    def reuse(self, f: tarwriter.InnerFile, parent: repotree.TreeFile | None, parent_blocks: list[tuple[int, str]],
+              parent_root: str | None, block_size: int) -> dict[int, str] | None:  # fmt: skip
+        """For a tracked file: the (block number -> data id) of the blocks not read, from the parent's verified
+        map, or None (an untracked file, or one read in full: rescanned here if it was planned as a delta)."""
+        t = self.tracked.get(id(f))
+        if t is None or t.changed is None:
+            return None
+        assert t.base is not None
+        if parent is None or parent.type != "file" or parent.size != f.size or block_size != t.block_size or \
+                parent_root is None or parent_root != t.base.tag(bases.ROOT):  # fmt: skip
+            t.why, t.changed = "the repository's newest snapshot is not the one its base was taken for", None
+            f.regions = sparse.scan_zeros(t.fd, t.size, f.label or f.path, self._provisioned(t))
+            f.data = sum(n for _, n in f.regions)
+            return None
+        read = {i for off, n in t.changed for i in range(off // block_size, -(-(off + n) // block_size))}
+        return {i: did for i, did in parent_blocks if i not in read}
+
+    def full_reads(self) -> list[str]:
+        """``VM volume: why`` for each tracked volume read in full."""
+        return [f"{t.ref.label}: {t.why}" for t in self.tracked.values() if t.changed is None]
+
+    # -- the end of a run ----------------------------------------------------------------------------------------
+
+    def promote(self, repo_id: str, root_id: str, block_size: int) -> list[str]:
+        """After the root is committed and dom0's record written: the new snapshots become the bases (the old
+        ones of this repository removed).  Returns warnings (the backup itself is complete)."""
+        todo = [t for t in self.tracked.values() if not t.promoted]
+        if not todo:
+            return []
+        ours = self._ours or []
+        origins = {(t.vg, t.origin) for t in todo}
+        old = [lv for lv in ours if lv.is_base and lv.tag(bases.REPO) == repo_id
+               and (lv.vg, lv.tag(bases.ORIGIN)) in origins]  # fmt: skip
+        try:
+            pairs = [(f"{t.vg}/{t.snapshot}", f"{t.vg}/{bases.base_name(t.origin, repo_id)}") for t in todo]
+            bases.promote(self.system, pairs, repo_id, root_id, block_size, [lv.spec for lv in old])
+        except BackupError as exc:
+            return [f"{exc}: the volumes are read in full next time"]
+        finally:
+            for t in todo:
+                t.promoted = True
+        return []
+
+    def close(self) -> None:
+        """Remove the new snapshots that were not promoted (a failed or cancelled run); idempotent."""
+        left = [t for t in self.tracked.values() if not t.promoted]
+        for t in left:
+            t.promoted = True
+        bases.remove(self.system, [f"{t.vg}/{t.snapshot}" for t in left], "the change-tracking snapshots")
+
+
+def _align(ranges: Iterable[tuple[int, int]], bs: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges widened to whole repository blocks (clipped to ``size``), merged."""
+    out: list[tuple[int, int]] = []
+    for off, n in ranges:
+        start, end = off // bs * bs, min(-(-(off + n) // bs) * bs, size)
+        if out and out[-1][0] + out[-1][1] >= start:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], end) - out[-1][0])
+        else:
+            out.append((start, end - start))
+    return out
+
+
+def _alive(pid: str | None) -> bool:
+    return pid is not None and pid.isdigit() and pools._pid_alive(int(pid))
+
+
+def _superseded(found: list[OurLv], system: System) -> list[OurLv]:
+    """Of several bases of one volume for one repository (a run killed while promoting), all but the one taken
+    for dom0's recorded root."""
+    groups: dict[tuple[str, str | None, str | None], list[OurLv]] = {}
+    for lv in found:
+        groups.setdefault((lv.vg, lv.tag(bases.ORIGIN), lv.tag(bases.REPO)), []).append(lv)
+    drop: list[OurLv] = []
+    for (_vg, _origin, repo_id), lvs in groups.items():
+        if len(lvs) < 2:
+            continue
+        state = None
+        with contextlib.suppress(BackupError, ValueError):
+            state = repostate.load(system, repo_id or "")
+        keep = [lv for lv in lvs if state is not None and lv.tag(bases.ROOT) == state.root][:1]
+        drop += [lv for lv in lvs if lv not in keep]
+    return drop
+
+
+def release_all(system: System) -> list[str]:
+    """``--release-bases``: remove every base of ours and every new snapshot whose run is gone; one line each."""
+    ours, _names = bases.list_lvs(system)
+    drop = [lv for lv in ours if lv.is_base or not _alive(lv.tag(bases.PID))]
+    bases.remove(system, [lv.spec for lv in drop], "change-tracking bases")
+    lines = []
+    for lv in drop:
+        what = f"base of repository {lv.tag(bases.REPO)}" if lv.is_base else "unpromoted snapshot of a killed run"
+        lines.append(f"Released {bases.describe(lv)} ({what})")
+    return lines
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr)
