@@ -21,7 +21,7 @@ from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.backup.tracking import Tracking
 from qubes_backup_dom0.errors import VerificationError
-from qubes_backup_dom0.qubes import bases
+from qubes_backup_dom0.qubes import bases, repostate
 from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.repository import RepoRestore
@@ -218,11 +218,11 @@ def _recreate_vm(sim: Sim) -> None:
     write_atomic(coll, sim.qubes_xml)
 
 
-def _other_root(sim: Sim) -> None:
+def _other_root(sim: Sim, root: str = "ab" * 32) -> None:
     (name,) = ours(sim)
     store = LvStore(sim.dom0 / "dev")
     info = store.info(VG, name)
-    info.tags = [t for t in info.tags if not t.startswith(bases.ROOT)] + [bases.ROOT + "ab" * 32]
+    info.tags = [t for t in info.tags if not t.startswith(bases.ROOT)] + [bases.ROOT + root]
     store.write_meta(info)
 
 
@@ -264,6 +264,25 @@ def test_reverted_volume_reads_what_differs(tracked: tuple[Sim, RepoBackupResult
     assert restored(sim, tmp_path) == lv(sim).read_bytes()
 
 
+def test_base_of_a_root_older_than_the_newest_is_not_trusted(tracked: tuple[Sim, RepoBackupResult],
+                                                             tmp_path: Path) -> None:
+    """dom0's record and the base agree on root R1, but the repository's newest root is R2 (another dom0 wrote
+    it; it descends from R1, so the backup accepts it): the base is not R2's, so the volume is read in full."""
+    sim, first = tracked
+    record = repostate.load(sim.system, first.repo_id)
+    assert record is not None and record.root == first.root
+    write(sim, [6 * BS])
+    backup(sim)  # R2, and a base of R2
+    repostate.save(sim.system, record)  # dom0's record back at R1 ...
+    _other_root(sim, first.root)  # ... and the base claims R1
+    write(sim, [8 * BS])
+    result, t = backup(sim)
+    assert t.full_reads() == ["volume 'private' of work: the repository's newest snapshot is not the one its base "
+                              "was taken for"]  # fmt: skip
+    assert result.reused_blocks == 0 and result.read_blocks >= data_blocks(lv(sim))
+    assert restored(sim, tmp_path) == lv(sim).read_bytes()
+
+
 def test_another_repository_has_its_own_base(tracked: tuple[Sim, RepoBackupResult]) -> None:
     sim, first = tracked
     other, t = backup(sim, repo="/home/user/repo2")
@@ -294,8 +313,18 @@ def test_leftovers_of_a_killed_run_removed_at_the_next_start(tracked: tuple[Sim,
     info = store.info(VG, base)
     store.snapshot(VG, "vm-work-private", "vm-work-private-qbnext-999998", readonly=True,
                    tags=(*(t for t in info.tags if not t.startswith(bases.ROOT)), bases.ROOT + "cd" * 32))
+    # a reserve/release child killed with SIGKILL: its pool's reservation and its marker; another pool's
+    # marker naming a live process (a backup running now) is left alone
+    markers = sim.dom0 / "var/lib/qubes-backup/thin-reservations"
+    metasnap = sim.dom0 / "dev" / VG / ".lvm/vm-pool.metasnap"
+    metasnap.touch()
+    markers.mkdir(parents=True, exist_ok=True)
+    (markers / "qubes_dom0-vm--pool").write_text("999999")
+    (markers / "qubes_dom0-other").write_text(str(os.getpid()))
     _result, t = backup(sim)
     assert t.full_reads() == [] and ours(sim) == [base]
+    assert not metasnap.exists() and sorted(p.name for p in markers.iterdir()) == ["qubes_dom0-other"]
+    assert t.notes == ["released the metadata snapshot of thin pool qubes_dom0-vm--pool left by a killed backup"]
 
 
 def test_no_base_above_90_percent_pool_use(tracked: tuple[Sim, RepoBackupResult], monkeypatch: pytest.MonkeyPatch,

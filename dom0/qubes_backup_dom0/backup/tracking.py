@@ -77,6 +77,8 @@ class Tracking:
         """Called once, with the lock held: remove our leftovers (one lvremove) and list our bases."""
         if self._ours is not None:
             return self._ours
+        for pool in thinmap.release_stale(self.system, pools._pid_alive):
+            self.notes.append(f"released the metadata snapshot of thin pool {pool} left by a killed backup")
         ours, names = bases.list_lvs(self.system)
         drop = [lv for lv in ours if lv.is_next and not _alive(lv.tag(bases.PID))]
         drop += [lv for lv in ours if lv.is_base and (lv.vg, lv.tag(bases.ORIGIN)) not in names]  # VM removed
