@@ -358,3 +358,73 @@ def test_cli_rescan_and_release_bases(tmp_path: Path) -> None:
     (line,) = r.stdout.splitlines()
     assert line.startswith(f"Released {VG}/{base} (base of repository {base[-8:]}")
     assert ours(sim) == []
+
+
+def test_plan_table_names_live_volumes(tmp_path: Path) -> None:
+    """A running VM's volume with revisions_to_keep=-1 is written in place: the table says it is saved
+    crash-consistent; the same volume of a halted VM, or a running VM's other volumes, get no such note."""
+    from qubes_backup_dom0.cli.backup import summary
+    from qubes_backup_sim.storage import set_volume_attr
+
+    sim = new_sim(tmp_path / "sim", running=["work"])
+    launch.stop_qubesd(sim.dir)
+    coll = Collection.load(sim.qubes_xml)
+    for name in ("work", "vault"):
+        dom = coll.get(name)
+        assert dom is not None
+        set_volume_attr(dom, "private", "revisions_to_keep", "-1")
+    write_atomic(coll, sim.qubes_xml)
+    plan = plan_backup(sim.system, ["work", "vault"])
+    try:
+        rows = {line.split()[0]: line for line in summary(plan, False).splitlines() if line.split()}
+    finally:
+        plan.close()
+    assert "live volume private: written in place while it runs, saved crash-consistent" in rows["work"]
+    assert "running" in rows["work"] and "live" not in rows["vault"]
+
+
+def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
+    """Random changes between runs (writes, discards, growth, shrink, revert, base deleted, VM re-created,
+    nothing): after each tracked run a --rescan run of the same state changes no archive (its file lists are
+    the tracked run's), and the last snapshot restores byte-exact.  3 runs by default (write, shrink, revert to
+    the first state), 50 with QB_LONG=1 (every change, then random ones)."""
+    runs = 50 if os.environ.get("QB_LONG") == "1" else 3
+    rng = random.Random(21)
+    sim = new_sim(tmp_path / "sim")
+    write(sim, [rng.randrange(0, 60) * BS for _ in range(5)])
+    backup(sim)
+    kept = tmp_path / "kept"
+    shutil.copyfile(lv(sim), kept)
+    ops = ["write", "shrink", "revert", "discard", "grow", "base deleted", "re-created VM", "nothing"]
+    for step in range(runs):
+        op = ops[step % len(ops)] if step < len(ops) else rng.choice(ops)
+        size = lv(sim).stat().st_size
+        if op == "write":
+            write(sim, [rng.randrange(0, size - 4096) & ~4095 for _ in range(rng.randrange(1, 9))])
+        elif op == "discard":
+            write(sim, [])
+            data = bytearray(lv(sim).read_bytes())
+            at = rng.randrange(0, size // BS) * BS
+            data[at : at + BS] = bytes(BS)
+            lv(sim).write_bytes(data)  # in place, but into the new LV write() just made (no snapshot shares it)
+        elif op in ("grow", "shrink"):
+            write(sim, [0], size=size + BS * rng.randrange(1, 4) if op == "grow" else size - BS)
+        elif op == "revert":
+            os.replace(kept, lv(sim))
+        elif op == "base deleted" and ours(sim):
+            _delete_base(sim)
+        elif op == "re-created VM":
+            coll_uuid = f"3f1d2c4e-0000-4000-8000-{step:012d}"
+            launch.stop_qubesd(sim.dir)
+            coll = Collection.load(sim.qubes_xml)
+            dom = coll.get("work")
+            assert dom is not None
+            dom.set_property("uuid", coll_uuid)
+            write_atomic(coll, sim.qubes_xml)
+        tracked_run, _t = backup(sim)
+        rescanned, _ = backup(sim, rescan=True)
+        assert rescanned.changed == [], (step, op)
+        assert tracked_run.seq + 1 == rescanned.seq
+        if step % 3 == 2:
+            shutil.copyfile(lv(sim), kept)
+    assert restored(sim, tmp_path) == lv(sim).read_bytes()
