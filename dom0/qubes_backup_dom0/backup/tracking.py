@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qubes_backup_dom0.backup.plan import PlannedVolume, _fd_stamp
 from qubes_backup_dom0.errors import BackupError
 from qubes_backup_dom0.format import repotree, sparse, tarwriter
-from qubes_backup_dom0.qubes import bases, pools, repostate, thinmap
+from qubes_backup_dom0.qubes import bases, fiemap, pools, reflinkbases, repostate, thinmap
 from qubes_backup_dom0.qubes.bases import OurLv
 from qubes_backup_dom0.qubes.system import System
 
@@ -48,6 +50,10 @@ class Tracked:
     block_size: int = 0  # of the repository the base was taken for (the alignment of ``changed``)
     why: str = ""  # why the volume is read in full
     promoted: bool = False
+    base_root: str | None = None  # the root the base was taken for
+    vm_uuid: str | None = None
+    image: Path | None = None  # file-reflink: the new copy (``next-PID/KEY.img``)
+    pool_dir: Path | None = None  # file-reflink: the pool's directory
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Tracking:
     _ours: list[OurLv] | None = None
     _lv_sizes: dict[tuple[str, str], int] = field(default_factory=dict)
     _pools: dict[tuple[str, str], bool] = field(default_factory=dict)
+    _dirs: dict[Path, bool] = field(default_factory=dict)  # file-reflink pools: bases kept there
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -109,6 +116,8 @@ class Tracking:
 
     def plan_volume(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
         """The planned volume read through a new snapshot (kept for promotion), or None: plan it as usual."""
+        if ref.driver == "file-reflink":
+            return self._plan_reflink(ref, path, mtime, vm_uuid)
         if ref.driver != "lvm_thin":
             return None
         vg, origin = pools._lv_path(ref.vid, ref)
@@ -128,7 +137,7 @@ class Tracking:
                 raise BackupError(f"cannot back up {ref.vm}: {ref.label} changed while it was snapshotted; try again")
             fd = pools._open_snapshot(self.system.dev_dir / vg / name, ref)
             stack.callback(os.close, fd)
-            t = Tracked(ref, vg, origin, name, os.lseek(fd, 0, os.SEEK_END), fd)
+            t = Tracked(ref, vg, origin, name, os.lseek(fd, 0, os.SEEK_END), fd, vm_uuid=vm_uuid)
             self._decide(t, pool, vm_uuid)
             scan = t.changed if t.changed is not None else self._provisioned(t)
             f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, scan)
@@ -146,7 +155,7 @@ class Tracking:
         bases.remove(self.system, [f"{vg}/{name}"], "the change-tracking snapshot")
 
     def _provisioned(self, t: Tracked) -> list[tuple[int, int]] | None:
-        if not sparse.reads_as_block_device(t.fd):
+        if t.image is not None or not sparse.reads_as_block_device(t.fd):
             return None
         return thinmap.provisioned(self.system, t.vg, t.snapshot, t.size)
 
@@ -177,8 +186,90 @@ class Tracking:
             if ranges is None:
                 t.why = "thin_delta gave no usable answer"
             else:
-                t.base, t.block_size = base, int(bs_tag)
+                t.base, t.block_size, t.base_root = base, int(bs_tag), base.tag(bases.ROOT)
                 t.changed = _align(ranges, t.block_size, t.size)
+
+    # -- file-reflink: a reflink copy as the base, FIEMAP per block --------------------------------------------
+
+    def _reflink_dir_ok(self, pool_dir: Path) -> bool:
+        """Once per pool: leftovers removed; above 90 % use of its filesystem no base is kept (all released)."""
+        if pool_dir not in self._dirs:
+            reflinkbases.cleanup(pool_dir, pools._pid_alive)
+            use = reflinkbases.usage(pool_dir)
+            ok = use is not None and use <= reflinkbases.POOL_LIMIT
+            if not ok:
+                dropped = reflinkbases.cleanup(pool_dir, pools._pid_alive, keep_all=False)
+                shown = "unknown" if use is None else f"{use:.0f} %"
+                self.notes.append(f"the filesystem of pool directory {pool_dir} is above {reflinkbases.POOL_LIMIT:g} "
+                                  f"% use ({shown}): no change-tracking bases kept there ({len(dropped)} released), "
+                                  "its volumes are read in full")  # fmt: skip
+            self._dirs[pool_dir] = ok
+        return self._dirs[pool_dir]
+
+    def _plan_reflink(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
+        image = pools.image_path(self.system, ref)
+        pool_dir = self.system.dom0_path(ref.pool_info.get("dir_path", ""))
+        with self._lock:
+            if not self._reflink_dir_ok(pool_dir):
+                return None
+        try:
+            src = os.open(image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None  # the usual path reports it
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            cloned = reflinkbases.clone_next(pool_dir, ref.vid, src)
+        finally:
+            os.close(src)
+        if cloned is None:
+            return None
+        next_image, fd = cloned
+        t = Tracked(ref, "", "", "", st.st_size, fd, vm_uuid=vm_uuid, image=next_image, pool_dir=pool_dir)
+        try:
+            self._decide_reflink(t)
+            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, t.changed)
+        except BaseException:
+            os.close(fd)
+            reflinkbases.remove_next(next_image)
+            raise
+        held = contextlib.ExitStack()
+        held.callback(os.close, fd)
+        with self._lock:
+            self.tracked[id(f)] = t
+        identity = ("file", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return PlannedVolume(ref, f, identity, fd, _fd_stamp(fd), held)
+
+    def _decide_reflink(self, t: Tracked) -> None:
+        assert t.pool_dir is not None
+        base = reflinkbases.load(t.pool_dir, self._repo, t.ref.vid) if self._repo else None
+        if self.rescan:
+            t.why = "--rescan"
+        elif base is None:
+            t.why = "no base of this repository (first backup, or the base was removed)"
+        elif base.root != self._record_root:
+            t.why = "its base was taken for another snapshot than the newest one dom0 recorded"
+        elif t.vm_uuid is not None and base.vm != t.vm_uuid:
+            t.why = "the VM was re-created since its base was taken"
+        elif base.size != t.size:
+            t.why = "the volume was resized since its base was taken"
+        elif not 4096 <= base.block_size <= 1 << 30 or base.block_size & (base.block_size - 1):
+            t.why = "its base has no usable block size"
+        else:
+            try:
+                bfd = os.open(base.image, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                t.why = "its base cannot be opened"
+                return
+            try:
+                ranges = fiemap.changed(bfd, t.fd, t.size, base.block_size)
+            finally:
+                os.close(bfd)
+            if ranges is None:
+                t.why = "the extents of its base and its copy could not be compared (FIEMAP)"
+            else:
+                t.block_size, t.base_root, t.changed = base.block_size, base.root, ranges
 
     # -- writing: the read-decision hook --------------------------------------------------------------------
 
@@ -189,9 +280,8 @@ class Tracking:
         t = self.tracked.get(id(f))
         if t is None or t.changed is None:
             return None
-        assert t.base is not None
         if parent is None or parent.type != "file" or parent.size != f.size or block_size != t.block_size or \
-                parent_root is None or parent_root != t.base.tag(bases.ROOT):  # fmt: skip
+                parent_root is None or parent_root != t.base_root:  # fmt: skip
             t.why, t.changed = "the repository's newest snapshot is not the one its base was taken for", None
             f.regions = sparse.scan_zeros(t.fd, t.size, f.label or f.path, self._provisioned(t))
             f.data = sum(n for _, n in f.regions)
@@ -208,9 +298,10 @@ class Tracking:
     def promote(self, repo_id: str, root_id: str, block_size: int) -> list[str]:
         """After the root is committed and dom0's record written: the new snapshots become the bases (the old
         ones of this repository removed).  Returns warnings (the backup itself is complete)."""
+        warnings = self._promote_reflink(repo_id, root_id, block_size)
         todo = [t for t in self.tracked.values() if not t.promoted]
         if not todo:
-            return []
+            return warnings
         ours = self._ours or []
         origins = {(t.vg, t.origin) for t in todo}
         old = [lv for lv in ours if lv.is_base and lv.tag(bases.REPO) == repo_id
@@ -219,18 +310,38 @@ class Tracking:
             pairs = [(f"{t.vg}/{t.snapshot}", f"{t.vg}/{bases.base_name(t.origin, repo_id)}") for t in todo]
             bases.promote(self.system, pairs, repo_id, root_id, block_size, [lv.spec for lv in old])
         except BackupError as exc:
-            return [f"{exc}: the volumes are read in full next time"]
+            return [*warnings, f"{exc}: the volumes are read in full next time"]
         finally:
             for t in todo:
                 t.promoted = True
-        return []
+        return warnings
+
+    def _promote_reflink(self, repo_id: str, root_id: str, block_size: int) -> list[str]:
+        warnings = []
+        for t in self.tracked.values():
+            if t.promoted or t.image is None or t.pool_dir is None:
+                continue
+            t.promoted = True
+            base = reflinkbases.Base(t.image, root_id, block_size, t.vm_uuid, t.size)
+            try:
+                reflinkbases.promote(t.pool_dir, repo_id, t.ref.vid, t.image, base)
+            except OSError as exc:
+                reflinkbases.remove_next(t.image)
+                warnings.append(f"cannot keep the change-tracking base of {t.ref.label}: {exc.strerror or exc}; it "
+                                "is read in full next time")  # fmt: skip
+            else:
+                reflinkbases.remove_next(t.image.parent / ".none")  # the next-PID directory once empty
+        return warnings
 
     def close(self) -> None:
         """Remove the new snapshots that were not promoted (a failed or cancelled run); idempotent."""
         left = [t for t in self.tracked.values() if not t.promoted]
         for t in left:
             t.promoted = True
-        bases.remove(self.system, [f"{t.vg}/{t.snapshot}" for t in left], "the change-tracking snapshots")
+            if t.image is not None:
+                reflinkbases.remove_next(t.image)
+        bases.remove(self.system, [f"{t.vg}/{t.snapshot}" for t in left if t.image is None],
+                     "the change-tracking snapshots")  # fmt: skip
 
 
 def _align(ranges: Iterable[tuple[int, int]], bs: int, size: int) -> list[tuple[int, int]]:
@@ -267,12 +378,13 @@ def _superseded(found: list[OurLv], system: System) -> list[OurLv]:
     return drop
 
 
-def release_all(system: System) -> list[str]:
-    """``--release-bases``: remove every base of ours and every new snapshot whose run is gone; one line each."""
-    ours, _names = bases.list_lvs(system)
+def release_all(system: System, reflink_dirs: Iterable[Path] = (), lvm: bool = True) -> list[str]:
+    """``--release-bases``: remove every base of ours and every new snapshot whose run is gone (lvm, and the
+    file-reflink pool directories given); one line each."""
+    lines = [f"Released {path}" for d in reflink_dirs for path in reflinkbases.cleanup(d, pools._pid_alive, False)]
+    ours = bases.list_lvs(system)[0] if lvm else []
     drop = [lv for lv in ours if lv.is_base or not _alive(lv.tag(bases.PID))]
     bases.remove(system, [lv.spec for lv in drop], "change-tracking bases")
-    lines = []
     for lv in drop:
         what = f"base of repository {lv.tag(bases.REPO)}" if lv.is_base else "unpromoted snapshot of a killed run"
         lines.append(f"Released {bases.describe(lv)} ({what})")

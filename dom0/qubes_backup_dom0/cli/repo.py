@@ -83,7 +83,10 @@ def add_backup_options(p: ArgumentParser) -> None:
 
 def release_bases() -> int:
     """``qvm-backup --release-bases``: one line per snapshot removed."""
-    lines = release_all(System.from_env())
+    system = System.from_env()
+    pools = Qubes(system).collection().pools.values()
+    dirs = [system.dom0_path(p["dir_path"]) for p in pools if p.get("driver") == "file-reflink" and p.get("dir_path")]
+    lines = release_all(system, dirs, lvm=any(p.get("driver") == "lvm_thin" for p in pools))
     for line in lines:
         print(line)
     if not lines:
