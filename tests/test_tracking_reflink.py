@@ -1,4 +1,4 @@
-"""Change tracking on file-reflink (qubes/fiemap.py, qubes/reflinkbases.py, docs/CHANGE-TRACKING.md section 7),
+"""Change tracking on file-reflink (qubes/fiemap.py, qubes/reflinkbases.py, docs/CHANGE-TRACKING.md section 6),
 on a loop-mounted XFS with reflink (needs root and mkfs.xfs; skipped otherwise): FIEMAP compared per block
 (eight 4 KiB writes into a single-extent 256 MiB file give eight blocks, not the file), extents that move between
 the two listings give no answer, and a tracked repository backup reads only the touched blocks, agrees with

@@ -1,4 +1,4 @@
-"""Base copies of file-reflink volumes for change tracking (docs/CHANGE-TRACKING.md section 7).
+"""Base copies of file-reflink volumes for change tracking (docs/CHANGE-TRACKING.md section 6).
 
 A base is a reflink copy (FICLONE: no data copied, extents shared) of what the last successful repository backup
 read of ``DIR/VID.img``, kept in the pool's own filesystem under ``DIR/.qubes-backup-bases/`` (never beside
