@@ -396,6 +396,8 @@ class RepoBackup:
             if self.cancel.is_set():
                 raise Cancelled("backup cancelled")
             self._read += 1
+            if reuse and index in reuse:  # change tracking never lets a block be both read and taken
+                raise BackupError(f"internal error: block {index} of {f.label or f.path} both read and reused")
             inflight.append((index, len(buf), pool.submit(self._seal_block, keys, buf, known)))
             while len(inflight) > depth:
                 collect()
