@@ -428,3 +428,41 @@ def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
         if step % 3 == 2:
             shutil.copyfile(lv(sim), kept)
     assert restored(sim, tmp_path) == lv(sim).read_bytes()
+
+
+def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim, RepoBackupResult],
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    """qvm-backup killed (SIGKILL, its whole process group) while thin_delta runs: its new snapshot stays
+    until the next backup starts, which removes it, keeps the base valid and still reads only what changed."""
+    import shlex
+    import signal
+    import sys
+    import time
+
+    sim, first = tracked
+    write(sim, [10 * BS])
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    gated = ["sh", "-c", f'cat {shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"', *sim.system.thin_delta_argv]
+    code = ("import sys; from qubes_backup_dom0.cli.backup import main; sys.exit(main(sys.argv[1:]))")
+    env = dict(sim.env(), QUBES_THIN_DELTA=shlex.join(gated))
+    proc = subprocess.Popen([sys.executable, "-c", code, "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo",
+                             REPO, "work"], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    metasnap = sim.dom0 / "dev" / VG / ".lvm/vm-pool.metasnap"
+    deadline = time.monotonic() + 60  # a bound on a hang, not a measurement
+    while not metasnap.exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with open(fifo, "w"):  # the reserve/release child (its own session) goes on and releases
+        pass
+    while metasnap.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    base = f"vm-work-private-qbbase-{first.repo_id[:8]}"
+    assert ours(sim) == sorted([base, f"vm-work-private-qbnext-{proc.pid}"])
+    result, t = backup(sim)
+    assert t.full_reads() == [] and ours(sim) == [base]
+    assert result.reused_blocks > 0 and result.read_blocks <= 3
