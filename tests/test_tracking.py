@@ -171,6 +171,9 @@ def tracked(tmp_path: Path) -> tuple[Sim, RepoBackupResult]:
 def test_second_backup_reads_only_the_touched_blocks(tracked: tuple[Sim, RepoBackupResult], tmp_path: Path) -> None:
     sim, first = tracked
     assert ours(sim) == [f"vm-work-private-qbbase-{first.repo_id[:8]}"]
+    info = LvStore(sim.dom0 / "dev").info(VG, ours(sim)[0])
+    assert not info.active and info.readonly and set(info.tags) >= {bases.BASE_TAG, bases.REPO + first.repo_id,
+                                                                    bases.ROOT + first.root, f"{bases.BS}{BS}"}
     unchanged, t = backup(sim)
     assert t.full_reads() == [] and unchanged.changed == []
     small = unchanged.read_blocks  # firewall.xml (and notes): not volumes, always read

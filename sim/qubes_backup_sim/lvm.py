@@ -10,7 +10,8 @@ like lvm (``--opt=value`` and ``--opt value``, ``--`` ends options):
   lv_attr, pool_lv, lv_size, thin_id: the thin device id, see thintools; data_percent, metadata_percent: a thin
   pool's use, asked as ``VG/POOL``: ``QUBES_SIM_POOL_USAGE=DATA,META`` percent, default 12.50,8.00)
 - ``lvrename VG OLD NEW``
-- ``lvchange --addtag=TAG|--deltag=TAG ... VG/LV [VG/LV ...]`` (tags only; anything else is refused, exit 5).
+- ``lvchange --addtag=TAG|--deltag=TAG ... VG/LV [VG/LV ...]`` (tags), ``lvchange --activate=n VG/LV ...``
+  (recorded in the LV's metadata as ``active: false``); anything else is refused, exit 5.
 
 Errors are printed like lvm's on stderr (``  Failed to find logical volume "VG/X"``), exit status 5 (3 for bad
 arguments).  With ``QUBES_SIM_LVM_WARN=1`` every command first prints a harmless warning line on stderr, as
@@ -36,7 +37,7 @@ _OPTIONS = {
     "lvremove": {"-f": False, "--force": False, "-y": False, "--yes": False},
     "lvs": {"--noheadings": False, "--separator": True, "-o": True, "--options": True, "--nosuffix": False,
             "--units": True, "--readonly": False},
-    "lvchange": {"--addtag": True, "--deltag": True},
+    "lvchange": {"--addtag": True, "--deltag": True, "--activate": True},
     "lvrename": {},
 }  # fmt: skip
 _ALIASES = {"-k": "--setactivationskip", "-a": "--activate", "-s": "--snapshot", "-p": "--permission",
@@ -159,9 +160,11 @@ def lvchange(store: LvStore, argv: Sequence[str]) -> str:
     try:
         opts, pos = parse("lvchange", argv)
     except LvError as e:
-        raise LvError("  lvchange: only --addtag/--deltag are simulated (refused).", 5) from e
-    if not pos or not (opts.get("--addtag") or opts.get("--deltag")):
-        raise LvError("  lvchange: only --addtag/--deltag are simulated (refused).", 5)
+        raise LvError("  lvchange: only --addtag/--deltag/--activate=n are simulated (refused).", 5) from e
+    deactivate = opts.get("--activate") == ["n"]
+    if not pos or not (opts.get("--addtag") or opts.get("--deltag") or deactivate) or \
+            opts.get("--activate", ["n"]) != ["n"]:  # fmt: skip
+        raise LvError("  lvchange: only --addtag/--deltag/--activate=n are simulated (refused).", 5)
     add = [check_name(t, "tag") for t in opts.get("--addtag", [])]
     drop = set(opts.get("--deltag", []))
     out = []
@@ -170,6 +173,7 @@ def lvchange(store: LvStore, argv: Sequence[str]) -> str:
         with store.lock(vg):
             info = store.info(vg, lv)
             info.tags = [t for t in info.tags if t not in drop] + [t for t in add if t not in info.tags]
+            info.active = info.active and not deactivate
             store.write_meta(info)
         out.append(f'  Logical volume {vg}/{lv} changed.\n')
     return "".join(out)

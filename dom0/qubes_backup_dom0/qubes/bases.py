@@ -136,7 +136,7 @@ def remove(system: System, specs: list[str], what: str) -> None:
 def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id: str, block_size: int,
             old: list[str]) -> None:  # fmt: skip
     """Make each new snapshot ``(VG/NEXT, VG/BASE-NAME)`` a base of root ``root_id``: tags first (one lvchange),
-    then the ``old`` bases removed (one lvremove), then each renamed to its base name.  Killed in between, the
+    then the ``old`` bases removed (one lvremove), then each renamed to its base name, then all deactivated.  Killed in between, the
     next start keeps the base of dom0's recorded root (tags, not names, say what a base is)."""
     if not nexts:
         return
@@ -147,6 +147,9 @@ def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id:
     for spec, new in nexts:
         vg, _, name = spec.partition("/")
         run_lvm(system, ["lvrename", vg, name, new.partition("/")[2]], f"cannot rename {spec} to {new}")
+    # nothing reads a base (thin_delta reads the pool's metadata): no dm device kept for it
+    run_lvm(system, ["lvchange", "--activate=n", *(new for _, new in nexts)],
+            "cannot deactivate the new change-tracking bases")  # fmt: skip
 
 
 def pool_usage(system: System, vg: str, pool: str) -> tuple[float, float] | None:
