@@ -136,8 +136,9 @@ def remove(system: System, specs: list[str], what: str) -> None:
 def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id: str, block_size: int,
             old: list[str]) -> None:  # fmt: skip
     """Make each new snapshot ``(VG/NEXT, VG/BASE-NAME)`` a base of root ``root_id``: tags first (one lvchange),
-    then the ``old`` bases removed (one lvremove), then each renamed to its base name, then all deactivated.  Killed in between, the
-    next start keeps the base of dom0's recorded root (tags, not names, say what a base is)."""
+    then the ``old`` bases removed (one lvremove), then each renamed to its base name, then all deactivated.
+    Killed in between, the next start keeps the base of dom0's recorded root (tags, not names, say what a base
+    is)."""
     if not nexts:
         return
     tags = ["--deltag", NEXT_TAG, "--deltag", f"{PID}{os.getpid()}", "--addtag", BASE_TAG, "--addtag",
