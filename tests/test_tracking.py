@@ -351,9 +351,12 @@ def test_no_base_above_90_percent_pool_use(tracked: tuple[Sim, RepoBackupResult]
 
 def test_cli_rescan_and_release_bases(tmp_path: Path) -> None:
     sim = new_sim(tmp_path / "sim")
-    for extra in ((), ("--rescan",)):
-        r = sim.run("qvm-backup", "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo", REPO, *extra, "work")
+    for extra in ((), ("--rescan", "-v")):
+        r = sim.run("qvm-backup", "-y", "-p", "/pw", *KDF, "-d", "backupvm", "--repo", REPO, *extra, "work")
         assert r.returncode == 0, r.stderr
+    assert "note: read in full: volume 'private' of work: --rescan" in r.stderr.splitlines()
+    r = sim.run("qvm-backup", "-y", "-p", "/pw", *KDF, "-d", "backupvm", "--rescan", "/home/user/backups", "work")
+    assert r.returncode == 2 and "--rescan applies to --repo backups only" in r.stderr
     (base,) = ours(sim)
     assert base.startswith("vm-work-private-qbbase-")
     r = sim.run("qvm-backup", "--release-bases")

@@ -264,6 +264,8 @@ def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
 def _run(args: argparse.Namespace) -> int:
     if args.release_bases:  # change tracking's base snapshots (cli/repo.py)
         return repo_cli.release_bases()
+    if args.rescan and args.repo is None:
+        raise UsageError("--rescan applies to --repo backups only (a backup file always reads everything)")
     if args.repo is not None:  # a repository of snapshots (cli/repo.py)
         check_kdf_n(args.kdf_n, args.weak_kdf_ok)
         return repo_cli.run_backup(args, summary)

@@ -154,6 +154,9 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     log(summary(plan, args.verbose))
     for note in tracking.notes:
         log(f"note: {note}")
+    if args.verbose:
+        for line in tracking.full_reads():
+            log(f"note: read in full: {line}")
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
         warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
              "down")  # fmt: skip
