@@ -472,3 +472,26 @@ def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim,
     result, t = backup(sim)
     assert t.full_reads() == [] and ours(sim) == [base]
     assert result.reused_blocks > 0 and result.read_blocks <= 3
+
+
+def test_a_wrong_tracker_is_caught_by_rescan(tracked: tuple[Sim, RepoBackupResult], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A faulty thin_delta (QUBES_SIM_THIN_FAIL=dropdelta: its first changed range silently left out) makes a
+    tracked run reuse a stale block: nothing can see that without reading.  The next --rescan reads everything,
+    compares with what tracking would have reused, stores the right data and fails (exit 1) with one line."""
+    sim, _ = tracked
+    write(sim, [5 * BS, 20 * BS])
+    monkeypatch.setenv("QUBES_SIM_THIN_FAIL", "dropdelta")
+    wrong, t = backup(sim)
+    assert t.full_reads() == [] and wrong.read_blocks <= 1 + 2  # one of the two blocks was not read
+    write(sim, [30 * BS])
+    r = sim.run("qvm-backup", "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo", REPO, "--rescan", "work")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == ["error: change tracking missed 1 changed block of volume 'private' of work: "
+                                     "this snapshot read it in full and is right, snapshots since its last --rescan "
+                                     "may hold stale blocks of it (thin_delta or FIEMAP answered wrongly; please "
+                                     "report it)"]  # fmt: skip
+    monkeypatch.delenv("QUBES_SIM_THIN_FAIL")
+    assert restored(sim, tmp_path) == lv(sim).read_bytes()
+    clean, t = backup(sim, rescan=True)  # a right tracker: no mismatch
+    assert t.mismatches() == [] and clean.changed == []

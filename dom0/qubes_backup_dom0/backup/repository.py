@@ -406,6 +406,8 @@ class RepoBackup:
                 self.progress(min(self._done, self.plan.data), self.plan.data)
         while inflight:
             collect()
+        if self.tracking is not None:
+            self.tracking.check(f, entries)  # --rescan: were tracking's answers right?
         if reuse:
             entries += reuse.items()
             entries.sort()

@@ -185,11 +185,14 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
         log(f"note: {note}")
     for warning in result.warnings:
         warn(warning)
+    missed = tracking.mismatches()  # --rescan found what change tracking missed: the snapshot is right, say it
+    for line in missed:
+        print(f"error: {line}", file=sys.stderr)
     if args.json:
         emit_json(backup_document(result, elapsed))
-        return 0
+        return 1 if missed else 0
     print(result_line(result, elapsed))
-    return 0
+    return 1 if missed else 0
 
 
 def result_line(r: RepoBackupResult, elapsed: float) -> str:
