@@ -169,7 +169,7 @@ class Tracking:
                  and self._repo is not None and lv.tag(bases.REPO) == self._repo]  # fmt: skip
         base = found[0] if len(found) == 1 else None
         bs_tag = base.tag(bases.BS) if base is not None else None
-        new = bases.thin_id(self.system, t.vg, t.snapshot)
+        new: tuple[int, str] | None = None
         if base is None:
             t.why = "no base of this repository (first backup, or the base was removed)"
         elif base.tag(bases.ROOT) != self._record_root:
@@ -178,7 +178,8 @@ class Tracking:
             t.why = "the VM was re-created since its base was taken"
         elif base.size != t.size:
             t.why = "the volume was resized since its base was taken"
-        elif new is None or base.thin_id is None or new[1] != pool or base.pool != pool:
+        elif base.thin_id is None or base.pool != pool or \
+                (new := bases.thin_id(self.system, t.vg, t.snapshot)) is None or new[1] != pool:  # fmt: skip
             t.why = "its thin device ids are unknown"
         elif bs_tag is None or not bs_tag.isdigit() or not 4096 <= int(bs_tag) <= 1 << 30:
             t.why = "its base has no usable block size tag"
