@@ -7,8 +7,11 @@ like lvm (``--opt=value`` and ``--opt value``, ``--`` ends options):
   --name=NEW -- VG/ORIGIN``
 - ``lvremove -f VG/LV [VG/LV ...]``
 - ``lvs --noheadings --separator=SEP -o FIELD,... [VG | VG/LV ...]`` (fields vg_name, lv_name, lv_tags, origin,
-  lv_attr, pool_lv, lv_size, thin_id: the thin device id, see thintools)
-- ``lvchange ...``: refused (exit 5), nothing here needs it.
+  lv_attr, pool_lv, lv_size, thin_id: the thin device id, see thintools; data_percent, metadata_percent: a thin
+  pool's use, asked as ``VG/POOL``: ``QUBES_SIM_POOL_USAGE=DATA,META`` percent, default 12.50,8.00)
+- ``lvrename VG OLD NEW``
+- ``lvchange --addtag=TAG|--deltag=TAG ... VG/LV [VG/LV ...]`` (tags), ``lvchange --activate=n VG/LV ...``
+  (recorded in the LV's metadata as ``active: false``); anything else is refused, exit 5.
 
 Errors are printed like lvm's on stderr (``  Failed to find logical volume "VG/X"``), exit status 5 (3 for bad
 arguments).  With ``QUBES_SIM_LVM_WARN=1`` every command first prints a harmless warning line on stderr, as
@@ -34,6 +37,8 @@ _OPTIONS = {
     "lvremove": {"-f": False, "--force": False, "-y": False, "--yes": False},
     "lvs": {"--noheadings": False, "--separator": True, "-o": True, "--options": True, "--nosuffix": False,
             "--units": True, "--readonly": False},
+    "lvchange": {"--addtag": True, "--deltag": True, "--activate": True},
+    "lvrename": {},
 }  # fmt: skip
 _ALIASES = {"-k": "--setactivationskip", "-a": "--activate", "-s": "--snapshot", "-p": "--permission",
             "-n": "--name", "--force": "-f", "--yes": "-y", "--options": "-o"}  # fmt: skip
@@ -116,20 +121,29 @@ def lvs(store: LvStore, argv: Sequence[str]) -> str:
     opts, pos = parse("lvs", argv)
     sep = _one(opts, "--separator", " ") or " "
     fields = ",".join(opts.get("-o", ["lv_name,vg_name"])).split(",")
-    known = {"vg_name", "lv_name", "lv_tags", "origin", "lv_attr", "pool_lv", "lv_size", "thin_id"}
+    known = {"vg_name", "lv_name", "lv_tags", "origin", "lv_attr", "pool_lv", "lv_size", "thin_id", "data_percent",
+             "metadata_percent"}  # fmt: skip
     bad = [f for f in fields if f not in known]
     if bad:
         raise LvError(f'  Unrecognised field: {bad[0]}', 3)
     lines = []
     vgs: list[str | None] = list(pos) or [None]
     for vg in vgs:
+        if vg is not None and "/" in vg and _is_pool(store, *split_vg_lv(vg)):
+            data, _, meta = os.environ.get("QUBES_SIM_POOL_USAGE", "12.50,8.00").partition(",")
+            pool_values = {"vg_name": vg.split("/")[0], "lv_name": vg.split("/")[1], "data_percent": data,
+                           "metadata_percent": meta}  # fmt: skip
+            row = sep.join(pool_values.get(f, "") for f in fields)
+            lines.append(row if "--noheadings" not in opts else f"  {row}")
+            continue
         infos = [store.info(*split_vg_lv(vg))] if vg is not None and "/" in vg else store.lvs(vg)
         for info in infos:
             size = store.path(info.vg, info.name).stat().st_size
             attr = "V" + ("r" if info.readonly else "w") + "i-a-tz--"
             values = {"vg_name": info.vg, "lv_name": info.name, "lv_tags": ",".join(info.tags),
                       "origin": info.origin, "lv_attr": attr, "pool_lv": info.thin_pool,
-                      "lv_size": f"{size}B", "thin_id": "" if info.thin_id is None else str(info.thin_id)}  # fmt: skip
+                      "lv_size": f"{size}B", "thin_id": "" if info.thin_id is None else str(info.thin_id),
+                      "data_percent": "0.00", "metadata_percent": ""}  # fmt: skip
             row = sep.join(values[f] for f in fields)
             lines.append(row if "--noheadings" not in opts else f"  {row}")
     if "--noheadings" not in opts:
@@ -137,7 +151,46 @@ def lvs(store: LvStore, argv: Sequence[str]) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
-COMMANDS = {"lvcreate": lvcreate, "lvremove": lvremove, "lvs": lvs}
+def _is_pool(store: LvStore, vg: str, name: str) -> bool:
+    """``VG/NAME`` is a thin pool (the pool of some LV; sim pools are not files themselves)."""
+    return not store.exists(vg, name) and any(i.thin_pool == name for i in store.lvs(vg))
+
+
+def lvchange(store: LvStore, argv: Sequence[str]) -> str:
+    try:
+        opts, pos = parse("lvchange", argv)
+    except LvError as e:
+        raise LvError("  lvchange: only --addtag/--deltag/--activate=n are simulated (refused).", 5) from e
+    deactivate = opts.get("--activate") == ["n"]
+    if not pos or not (opts.get("--addtag") or opts.get("--deltag") or deactivate) or \
+            opts.get("--activate", ["n"]) != ["n"]:  # fmt: skip
+        raise LvError("  lvchange: only --addtag/--deltag/--activate=n are simulated (refused).", 5)
+    add = [check_name(t, "tag") for t in opts.get("--addtag", [])]
+    drop = set(opts.get("--deltag", []))
+    out = []
+    for spec in pos:
+        vg, lv = split_vg_lv(spec)
+        with store.lock(vg):
+            info = store.info(vg, lv)
+            info.tags = [t for t in info.tags if t not in drop] + [t for t in add if t not in info.tags]
+            info.active = info.active and not deactivate
+            store.write_meta(info)
+        out.append(f'  Logical volume {vg}/{lv} changed.\n')
+    return "".join(out)
+
+
+def lvrename(store: LvStore, argv: Sequence[str]) -> str:
+    _opts, pos = parse("lvrename", argv)
+    if len(pos) != 3:
+        raise LvError("  Old and new logical volume names required (lvrename VG OLD NEW).", 3)
+    vg = check_name(pos[0], "volume group")
+    old, new = check_name(pos[1]), check_name(pos[2])
+    with store.lock(vg):
+        store.rename(vg, old, new)
+    return f'  Renamed "{old}" to "{new}" in volume group "{vg}"\n'
+
+
+COMMANDS = {"lvcreate": lvcreate, "lvremove": lvremove, "lvs": lvs, "lvchange": lvchange, "lvrename": lvrename}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     devdir, cmd, rest = Path(argv[0]), argv[1], argv[2:]
     if os.environ.get("QUBES_SIM_LVM_WARN") == "1":
         print(WARNING, file=sys.stderr, flush=True)
-    if cmd == "lvchange":
-        print("  lvchange is not simulated (refused).", file=sys.stderr)
-        return 5
     func = COMMANDS.get(cmd)
     if func is None:
         print(f"  No such command '{cmd}'.  Try 'help'.", file=sys.stderr)

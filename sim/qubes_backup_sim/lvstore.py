@@ -42,10 +42,11 @@ class LvInfo:
     tags: list[str] = field(default_factory=list)
     readonly: bool = False
     thin_id: int | None = None  # the thin device id in its pool (assigned when the LV is first written)
+    active: bool = True  # lvchange --activate=n (sim LVs stay readable; only recorded)
 
     def to_json(self) -> dict[str, object]:
         return {"thin_pool": self.thin_pool, "origin": self.origin, "tags": self.tags, "readonly": self.readonly,
-                "thin_id": self.thin_id}  # fmt: skip
+                "thin_id": self.thin_id, "active": self.active}  # fmt: skip
 
 
 def check_name(name: str, what: str = "logical volume") -> str:
@@ -87,7 +88,7 @@ class LvStore:
         thin_id = raw.get("thin_id")
         return LvInfo(vg, lv, str(raw.get("thin_pool", DEFAULT_THIN_POOL)), str(raw.get("origin", "")),
                       [str(t) for t in raw.get("tags", [])], bool(raw.get("readonly", False)),
-                      thin_id if isinstance(thin_id, int) else None)  # fmt: skip
+                      thin_id if isinstance(thin_id, int) else None, bool(raw.get("active", True)))  # fmt: skip
 
     def _new_thin_id(self, vg: str) -> int:
         """One more than the largest thin device id in the volume group (ids stay unique across its pools; no

@@ -1,5 +1,5 @@
-"""Stand-ins for ``dmsetup message`` and ``thin_dump`` over the simulated thin pools:
-``python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump ARGS...``.
+"""Stand-ins for ``dmsetup message``, ``thin_dump`` and ``thin_delta`` over the simulated thin pools:
+``python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump|thin_delta ARGS...``.
 
 - ``dmsetup message VG-POOL-tpool 0 reserve_metadata_snap|release_metadata_snap`` (dm names: each '-' inside
   VG and POOL doubled): the pool's metadata snapshot is the file ``DEVDIR/VG/.lvm/POOL.metasnap``; a second
@@ -8,9 +8,16 @@
   the LV of the pool with thin id ID (``lvs -o thin_id``), its provisioned blocks (64 KiB, Qubes' default
   chunk) derived from the sparse LV file with SEEK_DATA/SEEK_HOLE; an unknown ID gives a superblock without
   device, as the real tool does; refused without a reserved metadata snapshot.
+- ``thin_delta --metadata-snap --thin1 A --thin2 B DEVDIR/mapper/VG-POOL_tmeta``: thin_delta 0.9's XML (non
+  verbose: ``<diff left right>`` with ``same``/``different``/``left_only``/``right_only`` ranges of 64 KiB
+  blocks; blocks unmapped in both are not listed).  The sim's sharing model: sim LVs are files replaced whole
+  by every write, so a block counts as shared ("same") when it is provisioned in both and holds the same bytes;
+  the real tool compares mappings, which reports a superset (a block rewritten with equal bytes is
+  "different").  An unknown id fails like the real tool ("Unable to find mapping tree", exit 1).
 
-Test hook ``QUBES_SIM_THIN_FAIL=reserve|dump|release|mismatch`` (comma-separated): that step fails (exit 1),
-or the dump's ``mapped_blocks`` is off by one.  Every call is appended to ``DEVDIR/thintools.log``.
+Test hook ``QUBES_SIM_THIN_FAIL=reserve|dump|release|mismatch|delta|dropdelta`` (comma-separated): that step
+fails (exit 1), the dump's ``mapped_blocks`` is off by one, or the delta silently omits its first changed range
+(a faulty tracker).  Every call is appended to ``DEVDIR/thintools.log``.
 """
 
 from __future__ import annotations
@@ -145,15 +152,77 @@ def thin_dump(devdir: Path, argv: list[str]) -> int:
     return 0
 
 
+def _chunk_kinds(a: Path, b: Path) -> dict[int, str]:
+    """Per 64 KiB block mapped in either LV: same, different, left_only or right_only (the sharing model above)."""
+    left = {c for first, n in provisioned_chunks(a) for c in range(first, first + n)}
+    right = {c for first, n in provisioned_chunks(b) for c in range(first, first + n)}
+    kinds: dict[int, str] = {}
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for c in sorted(left | right):
+            if c not in right:
+                kinds[c] = "left_only"
+            elif c not in left:
+                kinds[c] = "right_only"
+            else:
+                fa.seek(c * CHUNK)
+                fb.seek(c * CHUNK)
+                kinds[c] = "same" if fa.read(CHUNK) == fb.read(CHUNK) else "different"
+    return kinds
+
+
+def thin_delta(devdir: Path, argv: list[str]) -> int:
+    from .lvstore import LvStore
+
+    args = [a for a in argv if a not in ("--metadata-snap", "-m")]
+    if len(args) != 5 or args[0] not in ("--thin1", "--snap1") or args[2] not in ("--thin2", "--snap2") or \
+            not args[1].isdigit() or not args[3].isdigit():  # fmt: skip
+        print("thin_delta: only '--metadata-snap --thin1 A --thin2 B TMETA' is simulated", file=sys.stderr)
+        return 1
+    parts = _undm(Path(args[4]).name)
+    if len(parts) != 2 or not parts[1].endswith("_tmeta") or not (devdir / parts[0] / META_DIR).is_dir():
+        print(f"{args[4]}: No such file or directory", file=sys.stderr)
+        return 1
+    vg, pool = parts[0], parts[1][: -len("_tmeta")]
+    if _fails("delta") or not _snap_file(devdir, vg, pool).exists():
+        print("no current metadata snap", file=sys.stderr)
+        return 1
+    store = LvStore(devdir)
+    paths = {info.thin_id: store.path(vg, info.name) for info in store.lvs(vg) if info.thin_pool == pool}
+    left, right = int(args[1]), int(args[3])
+    for which, dev in (("snap1", left), ("snap2", right)):
+        if dev not in paths:
+            print(f"Unable to find mapping tree for {which} ({dev})", file=sys.stderr)
+            return 1
+    runs: list[list[object]] = []
+    for c, kind in sorted(_chunk_kinds(paths[left], paths[right]).items()):
+        if runs and runs[-1][0] == kind and runs[-1][1] + runs[-1][2] == c:  # type: ignore[operator]
+            runs[-1][2] += 1  # type: ignore[operator]
+        else:
+            runs.append([kind, c, 1])
+    if _fails("dropdelta"):
+        changed = [r for r in runs if r[0] != "same"]
+        if changed:
+            runs.remove(changed[0])
+    lines = [f'<superblock uuid="" time="1" transaction="2" data_block_size="{SECTORS}" nr_data_blocks="0">',
+             f'  <diff left="{left}" right="{right}">',
+             *(f'    <{k} begin="{b}" length="{n}"/>' for k, b, n in runs), "  </diff>", "</superblock>"]
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    return 0
+
+
+TOOLS = {"dmsetup": dmsetup, "thin_dump": thin_dump, "thin_delta": thin_delta}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[1] not in ("dmsetup", "thin_dump"):
-        print("usage: python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump ARGS...", file=sys.stderr)
+    if len(argv) < 2 or argv[1] not in TOOLS:
+        print("usage: python -m qubes_backup_sim.thintools DEVDIR dmsetup|thin_dump|thin_delta ARGS...",
+              file=sys.stderr)  # fmt: skip
         return 3
     devdir = Path(argv[0])
     with open(devdir / "thintools.log", "a") as log:
         log.write(json.dumps(argv[1:]) + "\n")
-    return (dmsetup if argv[1] == "dmsetup" else thin_dump)(devdir, argv[2:])
+    return TOOLS[argv[1]](devdir, argv[2:])
 
 
 if __name__ == "__main__":

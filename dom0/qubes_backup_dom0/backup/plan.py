@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from qubes_backup_protocol import names
 
@@ -45,6 +46,7 @@ class PlannedArchive(ArchiveSizes):
     volumes: list[PlannedVolume] = field(default_factory=list)  # the files read from pools
     remover: pools.SnapshotRemover | None = None  # removes the volumes' lvm snapshots together
     running: bool = False  # the VM runs: its committed state (from before its start) is backed up
+    live: list[str] = field(default_factory=list)  # revisions_to_keep=-1: written in place (crash-consistent)
 
     def release(self) -> None:
         """Release the volumes (close their readers), then remove their snapshots in one lvm call; idempotent."""
@@ -232,9 +234,16 @@ def _plan_volume(
         raise
 
 
+class VolumePlanner(Protocol):
+    """Plans a volume its own way (change tracking, backup/tracking.py), or returns None: the usual way."""
+
+    def plan_volume(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
+        ...
+
+
 def _vm_files(
     system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int,
-    archive: PlannedArchive,
+    archive: PlannedArchive, planner: VolumePlanner | None = None,
 ) -> list[tarwriter.InnerFile]:  # fmt: skip
     """DIR/firewall.xml, DIR/notes.txt (when there are notes), then DIR/VOL.img for each save_on_stop volume
     (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does).
@@ -254,7 +263,10 @@ def _vm_files(
         if pool_info is None:
             raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
         ref = pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
-        pv = _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime, remover)
+        if vol.attrib.get("revisions_to_keep") == "-1":
+            archive.live.append(vol.name)
+        pv = planner.plan_volume(ref, f"{vm_dir}/{vol.name}.img", mtime, dom.uuid) if planner else None
+        pv = pv or _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime, remover)
         archive.volumes.append(pv)
         files.append(pv.file)
     return files
@@ -315,9 +327,11 @@ def _home_files(system: System, skipped: list[str]) -> list[tarwriter.InnerFile]
 
 
 def plan_backup(
-    system: System, vm_names: Iterable[str] = (), exclude: Iterable[str] = (), qubes: Qubes | None = None
+    system: System, vm_names: Iterable[str] = (), exclude: Iterable[str] = (), qubes: Qubes | None = None,
+    planner: VolumePlanner | None = None,
 ) -> BackupPlan:
-    """Decide what goes into the backup: named VMs, or every VM with include_in_backups (asked of qubesd)."""
+    """Decide what goes into the backup: named VMs, or every VM with include_in_backups (asked of qubesd);
+    ``planner``: change tracking's way of opening volumes (repository backups)."""
     qubes = qubes if qubes is not None else Qubes(system)
     vm_states = qubes.vm_list()
     exclude = set(exclude)
@@ -352,7 +366,7 @@ def plan_backup(
                 state = vm_states[dom.name][1]
                 archive.running = state != "Halted"
                 jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
-                                                  archive)))  # fmt: skip
+                                                  archive, planner)))  # fmt: skip
             for archive, job in jobs:
                 archive.files = job.result()
         if not plan.archives:

@@ -37,6 +37,7 @@ from qubes_backup_protocol import repo as names
 from qubes_backup_dom0.backup import carry
 from qubes_backup_dom0.backup.plan import BackupPlan, PlannedArchive, attached_volumes
 from qubes_backup_dom0.backup.targets import AgentTarget, check_location
+from qubes_backup_dom0.backup.tracking import Tracking
 from qubes_backup_dom0.errors import BackupError, Cancelled, UsageError, VerificationError
 from qubes_backup_dom0.format import crypto, repo, repotree
 from qubes_backup_dom0.format import manifest as manifest_mod
@@ -89,6 +90,8 @@ class RepoBackupResult:
     cache_used: bool = False  # dom0's cache of the parent's maps matched the parent and was used
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    read_blocks: int = 0  # blocks read from the files (change tracking reads only the changed ones)
+    reused_blocks: int = 0  # blocks not read: change tracking took their ids from the parent's verified map
 
 
 class _RepoTarget(AgentTarget):
@@ -182,8 +185,11 @@ class RepoBackup:
     def __init__(self, system: System, plan: BackupPlan, dest_vm: str, location: str,
                  options: RepoOptions = RepoOptions(),
                  transport: Transport | None = None, progress: ProgressCallback | None = None,
-                 cancel: threading.Event | None = None) -> None:  # fmt: skip
+                 cancel: threading.Event | None = None, tracking: Tracking | None = None) -> None:  # fmt: skip
         check_location(location)
+        self.tracking = tracking  # change tracking: which blocks need not be read (backup/tracking.py)
+        self._parent_root: str | None = None
+        self._read = self._reused = 0
         self.system = system
         self.plan = plan
         self.vm = dest_vm
@@ -201,8 +207,8 @@ class RepoBackup:
         self._known: set[str] = set()
         self._stored = self._objects = self._blocks = self._done = 0
         self._tar: OuterWriter | None = None
-        self._cached: dict[str, list[str]] | None = None  # the parent's segments from dom0's cache
-        self._maps: dict[str, list[str]] = {}  # segment id -> data ids, of what this snapshot references
+        self._cached: dict[str, repocache.Blocks] | None = None  # the parent's segments from dom0's cache
+        self._maps: dict[str, repocache.Blocks] = {}  # segment id -> its blocks, of what this snapshot references
         self._fetched_segments = 0
         self._trees: dict[str, repotree.Tree] = {}  # the file lists this run made
 
@@ -291,6 +297,7 @@ class RepoBackup:
         parent = check_head(reader, self.roots, state, self.options.expect_root, self.where, notes)
         created = now_utc()
         bs = header.block_size
+        self._parent_root = parent[0] if parent is not None else None
         parent_files, carried, trees = self._parent(reader, parent, bs)
         self._tar = OuterWriter(target)
         if self.creating:
@@ -324,7 +331,8 @@ class RepoBackup:
                                 self._stored, self._objects, self._blocks, self.creating, list(read),
                                 [c.vm for c in carried], sorted(set(self.options.forget)),
                                 parent[1].seq if parent else None, self._fetched_segments,
-                                self._cached is not None, notes)  # fmt: skip
+                                self._cached is not None, notes,
+                                read_blocks=self._read, reused_blocks=self._reused)  # fmt: skip
 
     def _parent(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
                 bs: int) -> tuple[_Files, list[repotree.RootArchive], dict[str, repotree.Tree]]:  # fmt: skip
@@ -422,27 +430,41 @@ class RepoBackup:
                     tree.files.append(repotree.TreeFile(f.path, f.type, 0, 0, f.mode, mtime, f.link))
                     continue
                 parent = parent_files.get((a.vm, f.path))
-                known = self._parent_ids(parent, reader) if parent is not None else set()
-                segments, stored = self._file(f, keys, bs, known, pool)
+                parent_blocks = self._parent_blocks(parent, reader) if parent is not None else []
+                known = {did for _, did in parent_blocks}
+                reuse = None  # change tracking: blocks not read, their ids from the parent's verified map
+                if self.tracking is not None:
+                    reuse = self.tracking.reuse(f, parent, parent_blocks, self._parent_root, bs)
+                segments, stored = self._file(f, keys, bs, known, pool, reuse)
                 tree.files.append(repotree.TreeFile(f.path, "file", f.size, stored, f.mode, mtime, None, segments))
         tid = self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
         self._trees[tid] = tree
         return tid
 
-    def _parent_ids(self, parent: repotree.TreeFile, reader: RepoReader) -> set[str]:
-        """The data ids of the parent's copy of a file: from dom0's cache of the parent's maps when it holds
-        the segment, else fetched from the backup VM and verified."""
-        known: set[str] = set()
-        fetch = []
-        for _n, sid in parent.segments:
-            if self._cached is not None and sid in self._cached:
-                known.update(self._cached[sid])
-            else:
-                fetch.append(sid)
-        for seg in reader.segments(fetch):
-            known.update(did for _, did in seg.blocks)
+    def _parent_blocks(self, parent: repotree.TreeFile, reader: RepoReader) -> list[tuple[int, str]]:
+        """(block number, data id) of the parent's copy of a file, in order: from dom0's cache of the parent's
+        maps where it holds the segment, else fetched from the backup VM and verified; checked as
+        ``RepoReader.blocks`` checks them (each block within the file, the lengths adding up)."""
+        fetch = [sid for _n, sid in parent.segments if self._cached is None or sid not in self._cached]
+        fetched = dict(zip(fetch, reader.segments(fetch), strict=True))
         self._fetched_segments += len(fetch)
-        return known
+        assert self.header is not None
+        bs = self.header.block_size
+        nblocks = -(-parent.size // bs)
+        out: list[tuple[int, str]] = []
+        stored = 0
+        for n, sid in parent.segments:
+            blocks = self._cached[sid] if sid not in fetched and self._cached is not None else fetched[sid].blocks
+            for k, did in blocks:
+                index = n * repo.SEGMENT_BLOCKS + k
+                if index >= nblocks:
+                    raise VerificationError(f"{parent.path[:80]}: a map segment names a block past the end of the file")
+                out.append((index, did))
+                stored += min(bs, parent.size - index * bs)
+        if stored != parent.data:
+            raise VerificationError(f"{parent.path[:80]}: its map covers {stored} bytes, "
+                                    f"its file list says {parent.data}")  # fmt: skip
+        return out
 
     def _seal_block(self, keys: repo.RepoKeys, buf: bytearray,
                     known: set[str]) -> tuple[str | None, bytes | None]:  # fmt: skip
@@ -455,9 +477,10 @@ class RepoBackup:
         assert self.header is not None
         return repo.seal(keys, repo.DATA, buf, (), self._compress(self.header), oid)
 
-    def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str],
-              pool: ThreadPoolExecutor) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
-        """Blocks of one file into objects; returns its segments and the bytes of its stored blocks."""
+    def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str], pool: ThreadPoolExecutor,
+              reuse: dict[int, str] | None = None) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
+        """Blocks of one file into objects; returns its segments and the bytes of its stored blocks.  ``reuse``:
+        blocks not read (change tracking), with their ids."""
         entries: list[tuple[int, str]] = []
         stored = 0
         inflight: deque[tuple[int, int, Future[tuple[str | None, bytes | None]]]] = deque()
@@ -478,6 +501,9 @@ class RepoBackup:
         for index, buf, nread in file_blocks(f, bs):
             if self.cancel.is_set():
                 raise Cancelled("backup cancelled")
+            self._read += 1
+            if reuse and index in reuse:  # change tracking never lets a block be both read and taken
+                raise BackupError(f"internal error: block {index} of {f.label or f.path} both read and reused")
             inflight.append((index, len(buf), pool.submit(self._seal_block, keys, buf, known)))
             while len(inflight) > depth:
                 collect()
@@ -486,11 +512,18 @@ class RepoBackup:
                 self.progress(min(self._done, self.plan.data), self.plan.data)
         while inflight:
             collect()
+        if self.tracking is not None:
+            self.tracking.check(f, entries)  # --rescan: were tracking's answers right?
+        if reuse:
+            entries += reuse.items()
+            entries.sort()
+            stored += sum(min(bs, f.size - i * bs) for i in reuse)
+            self._reused += len(reuse)
         segments = []
         span = repo.SEGMENT_BLOCKS
         for n, group in itertools.groupby(entries, key=lambda e: e[0] // span):
             seg = repotree.Segment([(i % span, oid) for i, oid in group])
             sid = self._emit(keys, repo.SEGMENT, seg.render(), seg.refs())
-            self._maps[sid] = [oid for _, oid in seg.blocks]
+            self._maps[sid] = list(seg.blocks)
             segments.append((n, sid))
         return segments, stored

@@ -107,14 +107,15 @@ def parser() -> ArgumentParser:
 
 
 RUNNING_NOTE = "running: its state from before its start is backed up"
+LIVE_NOTE = "live volume {}: written in place while it runs, saved crash-consistent"
 
 
 def summary(plan: BackupPlan, verbose: bool) -> str:
     """The table Qubes' qvm-backup shows before asking, with its notes: a running VM is backed up as it was
     before its start (its committed volumes), and the VMs not selected are listed."""
-    running = any(a.running for a in plan.archives)
+    running = any(a.running or a.live for a in plan.archives)
     rows = [[_shown(a), a.klass if a.kind == "vm" else "-", human(a.size), human(a.data)]
-            + ([RUNNING_NOTE if a.running else ""] if running else []) for a in plan.archives]  # fmt: skip
+            + (["; ".join(_notes(a))] if running else []) for a in plan.archives]  # fmt: skip
     rows.append(["Total", "", human(plan.size), human(plan.data)] + ([""] if running else []))
     text = table(["VM", "class", "size", "to back up"] + (["note"] if running else []), rows)
     for path in plan.skipped:
@@ -125,6 +126,13 @@ def summary(plan: BackupPlan, verbose: bool) -> str:
         text += "\n" + "\n".join(f"  {f.path} ({human(f.size)}, {human(f.data)} data)" for a in plan.archives
                                  for f in a.files)  # fmt: skip
     return text
+
+
+def _notes(a: PlannedArchive) -> list[str]:
+    """A running VM is backed up as it was before its start, except its live volumes (revisions_to_keep=-1:
+    Qubes keeps no snapshot of them, the VM writes them in place), which are read as a crash would leave them."""
+    notes = [RUNNING_NOTE] if a.running else []
+    return [*notes, LIVE_NOTE.format(", ".join(a.live))] if a.live and a.running else notes
 
 
 def _shown(a: PlannedArchive) -> str:
@@ -250,6 +258,10 @@ def _plan(system: System, qubes: Qubes, job: Job) -> BackupPlan:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.release_bases:  # change tracking's base snapshots (cli/repo.py)
+        return repo_cli.release_bases()
+    if args.rescan and args.repo is None:
+        raise UsageError("--rescan applies to --repo backups only (a backup file always reads everything)")
     if args.repo is not None:  # a repository of snapshots (cli/repo.py)
         check_kdf_n(args.kdf_n, args.weak_kdf_ok)
         return repo_cli.run_backup(args, summary)

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 from qubes_backup_dom0.backup.plan import BackupPlan, plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from qubes_backup_dom0.backup.tracking import Tracking, release_all
 from qubes_backup_dom0.cli import report, settings
 from qubes_backup_dom0.cli.common import (
     ArgumentParser,
@@ -93,6 +94,24 @@ def add_backup_options(p: ArgumentParser) -> None:
                    help="with --repo: leave VM (dom0: its home) of the previous snapshot out of the new one "
                    "(repeatable; older snapshots keep it). Without it, every VM of the previous snapshot that "
                    "this run does not back up is carried into the new snapshot unchanged, deleted VMs too")  # fmt: skip
+    p.add_argument("--rescan", action="store_true",
+                   help="with --repo: read every volume in full instead of only what changed since the last backup "
+                   "(the snapshot is the same; see docs/CHANGE-TRACKING.md)")  # fmt: skip
+    p.add_argument("--release-bases", action="store_true",
+                   help="remove every base snapshot kept for change tracking (they pin thin pool space), then exit")
+
+
+def release_bases() -> int:
+    """``qvm-backup --release-bases``: one line per snapshot removed."""
+    system = System.from_env()
+    pools = Qubes(system).collection().pools.values()
+    dirs = [system.dom0_path(p["dir_path"]) for p in pools if p.get("driver") == "file-reflink" and p.get("dir_path")]
+    lines = release_all(system, dirs, lvm=any(p.get("driver") == "lvm_thin" for p in pools))
+    for line in lines:
+        print(line)
+    if not lines:
+        print("No change-tracking base snapshots to release")
+    return 0
 
 
 def add_restore_options(p: ArgumentParser) -> None:
@@ -169,11 +188,15 @@ def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], s
     vms = resolve(qubes, _positional_vms(args))
     if _positional_vms(args) and not vms:
         raise UsageError("nothing to back up: the VMs to include match no VM")
-    plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes)
+    tracking = Tracking(system, f"{vm}:{args.repo}", rescan=args.rescan)
     try:
-        return _backup(args, system, plan, vm, options, summary, profile)
+        plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes, planner=tracking)
+        try:
+            return _backup(args, system, plan, vm, options, summary, profile, tracking)
+        finally:
+            plan.close()  # the snapshots' readers closed first, then what was not promoted is removed
     finally:
-        plan.close()
+        tracking.close()
 
 
 def _passphrase(args: argparse.Namespace, system: System, vm: str, creating: bool, profile: Profile | None) -> bytes:
@@ -192,18 +215,26 @@ def _passphrase(args: argparse.Namespace, system: System, vm: str, creating: boo
 
 
 def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str, options: RepoOptions,
-            summary: Callable[[BackupPlan, bool], str], profile: Profile | None) -> int:  # fmt: skip
+            summary: Callable[[BackupPlan, bool], str], profile: Profile | None,
+            tracking: Tracking) -> int:  # fmt: skip
     log: Log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     log(summary(plan, args.verbose))
+    for note in tracking.notes:
+        log(f"note: {note}")
+    if args.verbose:
+        for line in tracking.full_reads():
+            log(f"note: read in full: {line}")
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
         warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
              "down")  # fmt: skip
     if not confirm("Do you want to proceed with the backup?", args.yes):
-        print("Backup cancelled.", file=sys.stderr)
-        return 1
+        print("Backup cancelled.", file=sys.stderr)  # "no" is no failure (exit 0), as in Qubes' qvm-backup
+        if args.json:
+            emit_json(report.cancelled_document("backup"))
+        return 0
     signal.signal(signal.SIGTERM, raise_interrupt)
     bar = Progress(plan.data, "backup", enabled=None if not args.quiet else False)
-    job = RepoBackup(system, plan, vm, args.repo, options, progress=bar)
+    job = RepoBackup(system, plan, vm, args.repo, options, progress=bar, tracking=tracking)
     start = time.monotonic()
     try:
         creating = job.connect()
@@ -215,17 +246,23 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     finally:
         bar.close()
         job.close()
+    plan.close()  # readers closed: the new snapshots can become the bases
+    assert job.header is not None
+    result.warnings += tracking.promote(result.repo_id, result.root, job.header.block_size)
     elapsed = time.monotonic() - start
     for note in result.notes:
         log(f"note: {note}")
     log(what_line(result))
     for warning in result.warnings:
         warn(warning)
+    missed = tracking.mismatches()  # --rescan found what change tracking missed: the snapshot is right, say it
+    for line in missed:
+        print(f"error: {line}", file=sys.stderr)
     if args.json:
         emit_json(backup_document(result, elapsed))
-        return 0
+        return 1 if missed else 0
     print(result_line(result, elapsed))
-    return 0
+    return 1 if missed else 0
 
 
 def _vms(names: list[str]) -> str:

@@ -8,13 +8,15 @@ root it just verified from the backup VM is that root (a snapshot another dom0 w
 older snapshot, is never used: dom0 then fetches the segments, as without a cache).  A damaged file (its
 SHA-256 trailer does not match, a bad length or count) is ignored, never half used.
 
-Binary, compact (about 32 bytes per stored block; section 14 gives the measured figure):
+Binary, compact (about 34 bytes per stored block; section 14 gives the measured figure):
 
-    magic "qubes-backup-maps 1\\n" || repo id (16) || root id (32) || block size (u32 BE) || count (u32 BE)
-    per segment: segment id (32) || n (u16 BE, 1..4096) || n data ids (32 each), the segment's blocks in order
+    magic "qubes-backup-maps 2\\n" || repo id (16) || root id (32) || block size (u32 BE) || count (u32 BE)
+    per segment: segment id (32) || n (u16 BE, 1..4096) || n × (k (u16 BE, 0..4095, ascending) || data id (32))
     SHA-256 of everything before it (32)
 
-Only the data ids are kept (not the block numbers): dedup needs the set of ids the parent's file holds.
+The block numbers within the segment are kept beside the ids: dedup needs only the set of ids the parent's
+file holds, but change tracking (backup/tracking.py) takes the id of each block it does not read from the
+parent's map at that block's position.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes.repostate import record_path, state_dir
 from qubes_backup_dom0.qubes.system import System
 
-MAGIC = b"qubes-backup-maps 1\n"
+MAGIC = b"qubes-backup-maps 2\n"
 _HEAD = struct.Struct(">16s32sII")
 MAX_CACHE = 1 << 30  # 32 M blocks: far beyond any Qubes system; a larger file is not read
 
@@ -39,18 +41,22 @@ def cache_path(system: System, repo_id: str) -> Path:
     return record_path(system, repo_id).with_suffix(".maps")
 
 
-def render(repo_id: str, root_id: str, block_size: int, segments: Mapping[str, list[str]]) -> bytes:
+Blocks = list[tuple[int, str]]  # a segment's (block number within it, data id), ascending
+
+
+def render(repo_id: str, root_id: str, block_size: int, segments: Mapping[str, Blocks]) -> bytes:
     out = bytearray(MAGIC)
     out += _HEAD.pack(bytes.fromhex(repo_id), bytes.fromhex(root_id), block_size, len(segments))
     for sid in sorted(segments):
-        dids = segments[sid]
-        out += bytes.fromhex(sid) + struct.pack(">H", len(dids)) + b"".join(bytes.fromhex(d) for d in dids)
+        blocks = segments[sid]
+        out += bytes.fromhex(sid) + struct.pack(">H", len(blocks))
+        out += b"".join(struct.pack(">H", k) + bytes.fromhex(d) for k, d in blocks)
     out += hashlib.sha256(out).digest()
     return bytes(out)
 
 
-def parse(data: bytes, repo_id: str, root_id: str, block_size: int) -> dict[str, list[str]] | None:
-    """The segments (id -> data ids) if ``data`` is an intact cache of exactly this repository, root and block
+def parse(data: bytes, repo_id: str, root_id: str, block_size: int) -> dict[str, Blocks] | None:
+    """The segments (id -> blocks) if ``data`` is an intact cache of exactly this repository, root and block
     size; None otherwise."""
     start = len(MAGIC) + _HEAD.size
     if len(data) < start + 32 or not data.startswith(MAGIC) or hashlib.sha256(data[:-32]).digest() != data[-32:]:
@@ -58,7 +64,7 @@ def parse(data: bytes, repo_id: str, root_id: str, block_size: int) -> dict[str,
     rid, root, bs, count = _HEAD.unpack_from(data, len(MAGIC))
     if rid.hex() != repo_id or root.hex() != root_id or bs != block_size:
         return None
-    out: dict[str, list[str]] = {}
+    out: dict[str, Blocks] = {}
     pos, end = start, len(data) - 32
     for _ in range(count):
         if pos + 34 > end:
@@ -66,14 +72,19 @@ def parse(data: bytes, repo_id: str, root_id: str, block_size: int) -> dict[str,
         sid = data[pos : pos + 32].hex()
         (n,) = struct.unpack_from(">H", data, pos + 32)
         pos += 34
-        if not 1 <= n <= repo.SEGMENT_BLOCKS or pos + 32 * n > end or sid in out:
+        if not 1 <= n <= repo.SEGMENT_BLOCKS or pos + 34 * n > end or sid in out:
             return None
-        out[sid] = [data[p : p + 32].hex() for p in range(pos, pos + 32 * n, 32)]
-        pos += 32 * n
+        blocks = [(int.from_bytes(data[p : p + 2], "big"), data[p + 2 : p + 34].hex())
+                  for p in range(pos, pos + 34 * n, 34)]  # fmt: skip
+        numbers = [k for k, _ in blocks]
+        if numbers != sorted(set(numbers)) or numbers[-1] >= repo.SEGMENT_BLOCKS:
+            return None
+        out[sid] = blocks
+        pos += 34 * n
     return out if pos == end else None
 
 
-def load(system: System, repo_id: str, root_id: str, block_size: int) -> dict[str, list[str]] | None:
+def load(system: System, repo_id: str, root_id: str, block_size: int) -> dict[str, Blocks] | None:
     """The cached segments of root ``root_id``, or None (no cache, another root, damaged, unreadable)."""
     try:
         path = cache_path(system, repo_id)
@@ -86,7 +97,7 @@ def load(system: System, repo_id: str, root_id: str, block_size: int) -> dict[st
     return parse(data, repo_id, root_id, block_size)
 
 
-def save(system: System, repo_id: str, root_id: str, block_size: int, segments: Mapping[str, list[str]]) -> None:
+def save(system: System, repo_id: str, root_id: str, block_size: int, segments: Mapping[str, Blocks]) -> None:
     """Write the cache atomically (0600); a failure removes the old one (it would be stale) and is not an
     error: the cache only saves fetching."""
     directory = state_dir(system)

@@ -12,8 +12,9 @@ Endpoints (environment overrides; the defaults are a real dom0's):
   stand-in over ``DIR/dom0/dev``);
 - ``QUBES_DEV_DIR``: where ``VG/LV`` device nodes are (``/dev``; simulation: ``DIR/dom0/dev``), and the thin
   pools' ``mapper/VG-POOL_tmeta``;
-- ``QUBES_DMSETUP``, ``QUBES_THIN_DUMP``: the commands for a thin pool's metadata snapshot and its dump
-  (``dmsetup``, ``thin_dump``; simulation: the sim's stand-ins over ``DIR/dom0/dev``), see thinmap.py.
+- ``QUBES_DMSETUP``, ``QUBES_THIN_DUMP``, ``QUBES_THIN_DELTA``: the commands for a thin pool's metadata
+  snapshot, its dump and the difference of two thin devices (``dmsetup``, ``thin_dump``, ``thin_delta``;
+  simulation: the sim's stand-ins over ``DIR/dom0/dev``), see thinmap.py and bases.py.
 
 The simulation is reached through these endpoints only, never imported (it is not installed in dom0): its
 generator writes them into ``DIR/sim-endpoints.json`` (``SimEndpoints``), which this module reads.
@@ -119,13 +120,14 @@ class System:
     dev_dir_override: str | None = None
     dmsetup_override: str | None = None
     thin_dump_override: str | None = None
+    thin_delta_override: str | None = None
     home: str | None = None  # dom0's home as passwd says (a dom0 path); None: /home/USER
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> System:
         env = dict(os.environ) if env is None else env
         names = ("QUBES_ADMIN_SOCKET", "QUBES_RPC_DIR", "QUBES_LVM", "QUBES_DEV_DIR", "QUBES_DMSETUP",
-                 "QUBES_THIN_DUMP")
+                 "QUBES_THIN_DUMP", "QUBES_THIN_DELTA")
         overrides = tuple(env.get(k) or None for k in names)
         sim = env.get("QUBES_SIM")
         if sim:
@@ -199,6 +201,10 @@ class System:
     @property
     def thin_dump_argv(self) -> list[str]:
         return self._thintool(self.thin_dump_override, "QUBES_THIN_DUMP", "thin_dump")
+
+    @property
+    def thin_delta_argv(self) -> list[str]:
+        return self._thintool(self.thin_delta_override, "QUBES_THIN_DELTA", "thin_delta")
 
     def _thintool(self, override: str | None, variable: str, tool: str) -> list[str]:
         sim = () if override or self.sim_dir is None else sim_endpoints(self.sim_dir).thintools

@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
@@ -37,11 +38,15 @@ SECTOR = 512
 _NUM = re.compile(r"0|[1-9][0-9]{0,19}")
 _LV_PART = re.compile(r"^[A-Za-z0-9_.+-]{1,127}$")
 EXIT_RESERVE, EXIT_DUMP, EXIT_RELEASE, EXIT_BOTH = 10, 11, 12, 13
+_POOL_LOCKS: dict[str, threading.Lock] = {}  # one reservation per pool at a time within this process
+_LOCKS_LOCK = threading.Lock()
 
 # The child: reserve, dump to stdout, release in a finally; it ignores the signals a dying parent's terminal
 # or session sends, so the release always runs.  Standard library only (run with ``python -S``).
+# While it holds the reservation, a marker file (its pid) says the reservation is ours: a child killed with
+# SIGKILL leaves it, and the next backup releases that reservation (``release_stale``), never another's.
 _HELPER = """
-import json, signal, subprocess, sys
+import json, os, signal, subprocess, sys
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
 a = json.loads(sys.argv[1])
@@ -53,6 +58,12 @@ try:
         sys.exit(10)
 except Exception:
     sys.exit(10)
+if a["marker"]:
+    try:
+        with open(a["marker"], "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass
 dumped = False
 try:
     dumped = subprocess.run(a["thin_dump"], stdin=subprocess.DEVNULL, timeout=a["timeout"]).returncode == 0
@@ -63,6 +74,11 @@ finally:
         released = msg("release_metadata_snap")
     except Exception:
         released = False
+    if released and a["marker"]:
+        try:
+            os.unlink(a["marker"])
+        except OSError:
+            pass
 sys.exit((0 if released else 12) if dumped else (11 if released else 13))
 """
 
@@ -89,14 +105,71 @@ def _thin_id(system: System, vg: str, lv: str) -> tuple[int, str] | None:
     return int(dev_id), pool
 
 
+RESERVATIONS = "/var/lib/qubes-backup/thin-reservations"  # markers: DM-NAME-OF-POOL (its pid inside)
+
+
+def _marker(system: System, name: str) -> str | None:
+    directory = system.dom0_path(RESERVATIONS)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(directory / name)
+
+
+def release_stale(system: System, alive: Callable[[int], bool]) -> list[str]:
+    """Release the metadata snapshots our reserve/release children reserved and could not release (killed
+    with SIGKILL: their marker names a dead process); returns the pools' dm names.  Another tool's reservation
+    has no marker of ours and is never touched."""
+    directory = system.dom0_path(RESERVATIONS)
+    try:
+        markers = sorted(p for p in directory.iterdir() if _LV_PART.match(p.name))
+    except OSError:
+        return []
+    released = []
+    for marker in markers:
+        try:
+            text = marker.read_text()[:20]
+        except OSError:
+            continue
+        if _NUM.fullmatch(text) and alive(int(text)):
+            continue
+        try:
+            rc = subprocess.run([*system.dmsetup_argv, "message", f"{marker.name}-tpool", "0",
+                                 "release_metadata_snap"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, timeout=MAP_TIMEOUT).returncode  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            continue
+        marker.unlink(missing_ok=True)  # released now, or not reserved any more (EINVAL)
+        if rc == 0:
+            released.append(marker.name)
+    return released
+
+
 def dump(system: System, vg: str, pool: str, dev_id: int, consume: Callable[[bytes], bool]) -> bool:
     """Feed ``consume`` the XML of ``dev_id``'s mappings in a metadata snapshot of ``VG/POOL`` (reserved, dumped
     and released by one child in its own session) until it returns False; True if the dump succeeded.  A
     failed release is a warning on stderr."""
     name = dm_name(vg, pool)
-    args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT,
-            "thin_dump": [*system.thin_dump_argv, "--metadata-snap", "--dev-id", str(dev_id), "--format", "xml",
-                          f"{system.dev_dir}/mapper/{name}_tmeta"]}  # fmt: skip
+    return on_metadata_snapshot(system, vg, pool, [*system.thin_dump_argv, "--metadata-snap", "--dev-id",
+                                str(dev_id), "--format", "xml", f"{system.dev_dir}/mapper/{name}_tmeta"], consume)
+
+
+def on_metadata_snapshot(system: System, vg: str, pool: str, tool: list[str], consume: Callable[[bytes], bool]) -> bool:
+    """Run ``tool`` (thin_dump or thin_delta on the pool's tmeta) on a reserved metadata snapshot of ``VG/POOL``
+    (reserved, run and released by one child in its own session), feeding ``consume`` its output until it
+    returns False; True if the tool succeeded.  A failed release is a warning on stderr."""
+    name = dm_name(vg, pool)
+    with _LOCKS_LOCK:
+        lock = _POOL_LOCKS.setdefault(name, threading.Lock())
+    with lock:  # planning threads of one backup wait for each other instead of failing with EBUSY
+        return _run_reserved(system, vg, pool, name, tool, consume)
+
+
+def _run_reserved(system: System, vg: str, pool: str, name: str, tool: list[str],
+                  consume: Callable[[bytes], bool]) -> bool:  # fmt: skip
+    args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT, "thin_dump": tool,
+            "marker": _marker(system, name)}  # fmt: skip
     try:
         proc = subprocess.Popen([sys.executable, "-S", "-c", _HELPER, json.dumps(args)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
