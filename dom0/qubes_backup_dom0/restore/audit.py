@@ -9,27 +9,22 @@ lists or says:
 
 - a snapshot the policy keeps whose root is missing: the backup VM deleted (or withholds) it; refused, exit 3;
 - a snapshot present that the policy would delete: a warning, "not pruned yet";
-- then every snapshot present is verified like ``--verify-only``: its root (the entry of the newest root's
-  history with its number), qubes.xml subset and file lists (the manifest a backup file would carry, through
-  the same strict checks), its maps and every data block, each distinct object fetched and MAC-checked once
-  across all of them (except the newest snapshot's qubes.xml subset, read by ``open()``: fetched again if an
-  older snapshot has the very same one).
+- then every snapshot present is verified as ``--verify-only --all-snapshots`` verifies it
+  (``repoverify.AllSnapshots``): its root (the entry of the newest root's history with its number), qubes.xml
+  subset and file lists (the manifest a backup file would carry, through the same strict checks), its maps and
+  every data block, each distinct object fetched and MAC-checked once across all of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lxml import etree
-from qubes_backup_protocol import repo as names
 from qubes_backup_protocol import retention
 from qubes_backup_protocol.retention import Policy
 
-from qubes_backup_dom0.errors import BackupError, VerificationError
-from qubes_backup_dom0.format import manifest as manifest_mod
-from qubes_backup_dom0.format import repo, repotree
-from qubes_backup_dom0.qubes.repoclient import RepoReader, Want, block_length
+from qubes_backup_dom0.errors import VerificationError
 from qubes_backup_dom0.restore.repository import RepoRestore
+from qubes_backup_dom0.restore.repoverify import AllSnapshots
 
 
 @dataclass(frozen=True)
@@ -76,98 +71,25 @@ def compare(job: RepoRestore, policy: Policy) -> tuple[list[AuditSnapshot], list
     return snaps, [s.seq for s in snaps if s.present and not s.keeps]
 
 
-class _Verifier:
-    """Verifies snapshots of one reader, each distinct object once across all of them."""
-
-    def __init__(self, reader: RepoReader) -> None:
-        self.reader = reader
-        self.trees: dict[str, repotree.Tree] = {}
-        self.xml: dict[str, bytes] = {}
-        self.segments: dict[tuple[str, int, int], int] = {}  # (segment id, number, file size) -> bytes it covers
-        self.blocks: dict[str, int] = {}  # data id -> its length
-        self.data_bytes = 0
-
-    def snapshot(self, root: repotree.Root, checked: dict[str, repotree.Tree] | None = None) -> None:
-        """Snapshot ``root`` (verified); ``checked``: its file lists by archive member when its manifest was
-        checked already (the newest, by ``RepoRestore.open``)."""
-        if checked is not None:
-            self.trees.update({a.tree: checked[a.member] for a in root.archives})
-        else:
-            self._manifest(root)
-        for a in root.archives:
-            for tf in self.trees[a.tree].files:
-                if tf.type == "file":
-                    self._file(tf)
-
-    def _manifest(self, root: repotree.Root) -> None:
-        """The manifest a backup file of this snapshot would carry, through the same strict checks."""
-        if root.qubes not in self.xml:
-            self.xml[root.qubes] = self.reader.qubes(root.qubes)
-        wanted = list(dict.fromkeys(a.tree for a in root.archives if a.tree not in self.trees))
-        self.trees.update(self.reader.trees(wanted))
-        archives = [manifest_mod.ArchiveEntry(a.member, a.vm, a.kind, [
-            manifest_mod.FileEntry(f.path, f.type, f.size, f.data) for f in self.trees[a.tree].files])
-            for a in root.archives]  # fmt: skip
-        try:
-            rendered = manifest_mod.Manifest(root.repo_id, root.created, archives, self.xml[root.qubes]).render()
-        except BackupError as e:
-            raise VerificationError(f"snapshot {root.seq}: {e}") from None
-        except etree.LxmlError:  # its qubes.xml (verified: written with the passphrase) is not XML
-            raise VerificationError(f"snapshot {root.seq}: its qubes.xml is malformed") from None
-        manifest_mod.parse(rendered)
-
-    def _file(self, tf: repotree.TreeFile) -> None:
-        bs = self.reader.block_size
-        nblocks = -(-tf.size // bs)
-        new = [(n, sid) for n, sid in tf.segments if (sid, n, tf.size) not in self.segments]
-        wants: list[Want] = []
-        for (n, sid), seg in zip(new, self.reader.segments([sid for _, sid in new]), strict=True):
-            covered = 0
-            for k, did in seg.blocks:
-                index = n * repo.SEGMENT_BLOCKS + k
-                if index >= nblocks:
-                    raise VerificationError(f"{tf.path[:80]}: a map segment names a block past the end of the file")
-                length = block_length(tf, index, bs)
-                covered += length
-                if did in self.blocks:
-                    if self.blocks[did] != length:
-                        raise VerificationError(f"{tf.path[:80]}: block {index} has the wrong length")
-                    continue
-                self.blocks[did] = length
-                wants.append(Want(did, repo.DATA, length))
-            self.segments[(sid, n, tf.size)] = covered
-        stored = sum(self.segments[(sid, n, tf.size)] for n, sid in tf.segments)
-        if stored != tf.data:
-            raise VerificationError(f"{tf.path[:80]}: its map covers {stored} bytes, its file list says {tf.data}")
-        for opened in self.reader.fetch(wants):
-            self.data_bytes += len(opened.plaintext)
-
-
 def audit(job: RepoRestore, policy: Policy) -> AuditResult:
     """``job`` opened (``RepoRestore.open()``: header, newest root checked against dom0's record).  Compares
-    the snapshots present with the policy's, then verifies every one present."""
+    the snapshots present with the policy's, then verifies every one present (``repoverify.AllSnapshots``:
+    each distinct object once; a snapshot that fails does not stop the others, and the error names them all)."""
     assert job.chosen is not None and job.header is not None and job.reader is not None
     head, head_id = job.chosen.head, job.chosen.head_id
     snaps, extra = compare(job, policy)
     result = AuditResult(job.header.repo_id_hex, job.where, head.seq, head_id, snaps, extra)
-    verifier = _Verifier(job.reader)
-    listed = {names.root_seq(r): r for r in job.roots}
-    present = [s for s in snaps if s.present]
-    for s in [*present[-1:], *present[:-1]]:  # the newest first: its file lists are known (open() read them)
-        if s.seq == head.seq:
-            root_id, root = head_id, head
-        else:
-            root_id, root = job.reader.root(listed[s.seq])
-            if head.history[s.seq - 1] != root.entry(root_id):
-                raise VerificationError(f"snapshot {s.seq} is not the one the newest snapshot {head.seq} records (a "
-                                        "fork, or mixed in from another repository)")  # fmt: skip
-        try:
-            verifier.snapshot(root, job.chosen.trees if s.seq == head.seq else None)
-        except VerificationError as e:
-            text = str(e)
-            raise VerificationError(text if text.startswith("snapshot ") else f"snapshot {s.seq}: {text}") from None
-        result.verified.append(s.seq)
-    result.verified.sort()
-    result.objects, result.object_bytes = job.reader.fetched, job.reader.fetched_bytes
-    result.data_bytes = verifier.data_bytes
+    checker = AllSnapshots(job)
+    checks = checker.run()
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        first = failed[0].error or "failed"
+        first = first if first.startswith("snapshot ") else f"snapshot {failed[0].seq}: {first}"
+        more = ""
+        if len(failed) > 1:
+            more = f" (and {len(failed) - 1} more: snapshots {_numbers([c.seq for c in failed])})"
+        raise VerificationError(first + more)
+    result.verified = sorted(c.seq for c in checks)
+    result.objects, result.object_bytes = checker.fetched, checker.fetched_bytes
+    result.data_bytes = checker.data_bytes
     return result

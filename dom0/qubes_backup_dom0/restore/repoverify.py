@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from lxml import etree
 from qubes_backup_protocol import repo as names
 
 from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
@@ -59,6 +60,7 @@ class AllSnapshots:
         self.seen.qubes = {chosen.root.qubes: chosen.qubes_xml}
         self.on_check = on_check  # told each snapshot's result as soon as it is known
         self.fetched = 0  # objects fetched in all (tests: each distinct object once)
+        self.fetched_bytes = 0
 
     @property
     def reader(self) -> RepoReader:
@@ -89,9 +91,15 @@ class AllSnapshots:
                 self.on_check(check)
         self.fetched = self._count()
         if self.job.reader is not None:
-            self.job.reader.fetched = 0
+            self.fetched_bytes += self.job.reader.fetched_bytes
+            self.job.reader.fetched = self.job.reader.fetched_bytes = 0
         self.job.close()
         return out
+
+    @property
+    def data_bytes(self) -> int:
+        """The plaintext of the distinct data blocks verified."""
+        return sum(self.seen.data.values())
 
     def _count(self) -> int:
         return self.fetched + (self.job.reader.fetched if self.job.reader is not None else 0)
@@ -102,6 +110,7 @@ class AllSnapshots:
         roots = job.roots
         if job.reader is not None:
             self.fetched += job.reader.fetched
+            self.fetched_bytes += job.reader.fetched_bytes
         job._end_session()
         session = RepoSession(job.transport or make_transport(job.system), "qubes.Restore", job.vm, job.location)
         job.session = session
@@ -131,6 +140,8 @@ class AllSnapshots:
             manifest_mod.parse(rendered.render())
         except BackupError as e:
             raise VerificationError(f"snapshot {root.seq}: {e}") from None
+        except etree.LxmlError:  # its qubes.xml (verified: written with the passphrase) is not XML
+            raise VerificationError(f"snapshot {root.seq}: its qubes.xml is malformed") from None
         for a in root.archives:
             for f in self.seen.trees[a.tree].files:
                 if f.type == "file":
