@@ -9,6 +9,7 @@ as a separate process; the CLI's own options are exercised at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -495,3 +496,14 @@ def test_a_wrong_tracker_is_caught_by_rescan(tracked: tuple[Sim, RepoBackupResul
     assert restored(sim, tmp_path) == lv(sim).read_bytes()
     clean, t = backup(sim, rescan=True)  # a right tracker: no mismatch
     assert t.mismatches() == [] and clean.changed == []
+    # with --json: the document says the run failed (the snapshot is written all the same)
+    write(sim, [7 * BS, 21 * BS])
+    monkeypatch.setenv("QUBES_SIM_THIN_FAIL", "dropdelta")
+    backup(sim)
+    monkeypatch.delenv("QUBES_SIM_THIN_FAIL")
+    r = sim.run("qvm-backup", "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo", REPO, "--rescan", "--json",
+                "work")  # fmt: skip
+    doc = json.loads(r.stdout)
+    assert r.returncode == 1 and doc["ok"] is False and doc["exit_code"] == 1, r.stdout
+    assert len(doc["tracking_mismatches"]) == 1 and doc["error"].startswith("--rescan: change tracking missed")
+    assert doc["read_blocks"] > 0 and doc["reused_blocks"] == 0

@@ -259,7 +259,11 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     for line in missed:
         print(f"error: {line}", file=sys.stderr)
     if args.json:
-        emit_json(backup_document(result, elapsed))
+        doc = backup_document(result, elapsed)
+        doc["read_blocks"], doc["reused_blocks"] = result.read_blocks, result.reused_blocks
+        if missed:  # the snapshot is written and right, but change tracking was wrong: the run failed
+            doc.update(ok=False, error=f"--rescan: {missed[0]}", exit_code=1, tracking_mismatches=missed)
+        emit_json(doc)
         return 1 if missed else 0
     print(result_line(result, elapsed))
     return 1 if missed else 0
