@@ -51,6 +51,7 @@ class Profile:
     passphrase_text: str | None = None
     passphrase_vm: str | None = None
     repository: str | None = None  # qvm-backup --repo: a repository directory in destination_vm
+    keep: dict[str, int] | None = None  # qvm-backup-prune's retention policy (``keep: {last: 7, daily: 14}``)
 
 
 def profile_path(system: System, name: str) -> Path:
@@ -83,6 +84,21 @@ def _text(data: Mapping[str, Any], key: str, name: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise UsageError(f"backup profile {name}: {key} must be text")
     return str(value)
+
+
+KEEP_RULES = ("last", "daily", "weekly", "monthly")
+MAX_KEEP = 1_000_000
+
+
+def _keep(value: object, name: str) -> dict[str, int] | None:
+    """The optional ``keep:`` mapping of a repository's profile: qvm-backup-prune's ``--keep-RULE`` counts."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value or not set(value) <= set(KEEP_RULES) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_KEEP for v in value.values()):
+        raise UsageError(f"backup profile {name}: keep must map some of {', '.join(KEEP_RULES)} to counts "
+                         f"(0-{MAX_KEEP})")  # fmt: skip
+    return {rule: int(value.get(rule, 0)) for rule in KEEP_RULES}
 
 
 def _safe_load(text: str, name: str) -> Any:
@@ -135,8 +151,11 @@ def load_profile(system: System, name: str) -> Profile:
     if vm is not None and vm == dest_vm:
         raise UsageError(f"invalid backup profile {name}: passphrase_vm is the backup VM ({vm}): the VM that "
                          "stores the backups must not hold their passphrase; name another VM")  # fmt: skip
+    keep = _keep(data.get("keep"), name)
+    if keep is not None and repository is None:
+        raise UsageError(f"invalid backup profile {name}: keep (a retention policy) needs a repository")
     return Profile(name, include, exclude, None if dest_vm == "dom0" else dest_vm, dest_path,
-                   _compression(data.get("compression", True), name), text, vm, repository)  # fmt: skip
+                   _compression(data.get("compression", True), name), text, vm, repository, keep)  # fmt: skip
 
 
 def render_profile(profile: Profile) -> str:
@@ -152,6 +171,8 @@ def render_profile(profile: Profile) -> str:
     data["destination_vm"] = profile.destination_vm or "dom0"
     if profile.repository is not None:
         data["repository"] = profile.repository
+        if profile.keep:
+            data["keep"] = {rule: n for rule, n in profile.keep.items() if n}
     else:
         data["destination_path"] = profile.destination_path
     return yaml.safe_dump(data, sort_keys=False)

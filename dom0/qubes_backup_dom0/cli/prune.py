@@ -34,6 +34,7 @@ from qubes_backup_dom0.cli.common import (
     warn,
 )
 from qubes_backup_dom0.cli.passphrase import read_passphrase
+from qubes_backup_dom0.cli.profile import KEEP_RULES, Profile, load_profile, profile_passphrase
 from qubes_backup_dom0.cli.repo import _source_vm, root_id_arg
 from qubes_backup_dom0.errors import UsageError
 from qubes_backup_dom0.qubes import prune as prune_mod
@@ -58,12 +59,15 @@ def parser() -> ArgumentParser:
         "snapshots present are the policy's and still verify.",
     )  # fmt: skip
     p.add_argument("-d", "--dest-vm", dest="dest_vm", metavar="VM", help="the backup VM holding the repository")
+    p.add_argument("--profile", metavar="NAME", help="the backup VM, repository, passphrase (for --audit) and, if it "
+                   "has a keep: mapping, the policy from /etc/qubes/backup/NAME.conf (a profile qvm-backup "
+                   "--save-profile wrote with --repo); --keep-... given here replace its policy")  # fmt: skip
     p.add_argument("--repo", metavar="DIR|URL", help="the repository, reached through the backup VM: a directory "
                    "in it, ssh://[USER@]HOST[:PORT]/DIR or s3://BUCKET/PREFIX")  # fmt: skip
     for rule, what in (("last", "the N newest snapshots"), ("daily", "the newest snapshot of each of the N newest "
                        "days that have one (UTC)"), ("weekly", "the same per ISO week"),
                        ("monthly", "the same per calendar month")):  # fmt: skip
-        p.add_argument(f"--keep-{rule}", type=keep_arg, default=0, metavar="N", help=f"keep {what}")
+        p.add_argument(f"--keep-{rule}", type=keep_arg, default=None, metavar="N", help=f"keep {what}")
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be deleted; delete nothing")
     p.add_argument("--audit", action="store_true",
                    help="do not prune: check (with the passphrase) that the snapshots present are exactly the ones "
@@ -80,11 +84,30 @@ def parser() -> ArgumentParser:
     return p
 
 
-def _policy(args: argparse.Namespace) -> Policy:
+def _policy(args: argparse.Namespace, profile: Profile | None) -> Policy:
+    """The command line's ``--keep-...`` counts; without any, the profile's ``keep:`` mapping."""
+    given = [args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly]
+    if all(n is None for n in given) and profile is not None and profile.keep is not None:
+        given = [profile.keep[rule] for rule in KEEP_RULES]
     try:
-        return Policy(args.keep_last, args.keep_daily, args.keep_weekly, args.keep_monthly)
+        return Policy(*(n or 0 for n in given))
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def _profile(args: argparse.Namespace, system: System) -> Profile | None:
+    """``--profile NAME``: -d and --repo from a repository's profile (neither may be given as well)."""
+    if args.profile is None:
+        return None
+    profile = load_profile(system, args.profile)
+    if profile.repository is None:
+        raise UsageError(f"backup profile {args.profile} describes single-file backups, not a repository: "
+                         "there is nothing to prune")  # fmt: skip
+    given = [opt for opt, on in (("--repo", args.repo), ("--dest-vm", args.dest_vm)) if on]
+    if given:
+        raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+    args.repo, args.dest_vm = profile.repository, profile.destination_vm
+    return profile
 
 
 def _policy_doc(policy: Policy) -> dict[str, int]:
@@ -92,18 +115,19 @@ def _policy_doc(policy: Policy) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    system = System.from_env()
+    profile = _profile(args, system)
     if not args.repo:
         raise UsageError("--repo DIR|URL is needed: the repository (reached through the backup VM given with -d)")
     check_text_arg(args.repo, "the repository")
-    policy = _policy(args)
+    policy = _policy(args, profile)
     if not args.audit and (args.passphrase_file or args.expect_root):
         raise UsageError("-p and --expect-root apply to --audit only: a prune needs no passphrase")
     stall_timeout()
-    system = System.from_env()
     vm = _source_vm(system, args.dest_vm)
     signal.signal(signal.SIGTERM, raise_interrupt)
     if args.audit:
-        return _audit(args, system, vm, policy)
+        return _audit(args, system, vm, policy, profile)
     try:
         result = prune_mod.prune(make_transport(system), vm, args.repo, policy, args.dry_run)
     except prune_mod.PruneDamaged as e:  # the findings first (the backup VM's words, made printable), then the line
@@ -158,12 +182,15 @@ def prune_document(r: prune_mod.PruneResult) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- audit
 
-def _audit(args: argparse.Namespace, system: System, vm: str, policy: Policy) -> int:
+def _audit(args: argparse.Namespace, system: System, vm: str, policy: Policy, profile: Profile | None) -> int:
     job = RepoRestore(system, args.repo, vm, options=RestoreOptions(verify_only=True), expect_root=args.expect_root)
     start = time.monotonic()
     try:
         job.connect()
-        job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
+        if profile is not None and not args.passphrase_file:
+            job.passphrase = profile_passphrase(system, profile)
+        else:
+            job.passphrase = read_passphrase(args.passphrase_file, confirm=False, system_path=system.dom0_path)
         start = time.monotonic()
         job.open()
         result = audit(job, policy)
