@@ -16,6 +16,7 @@ Usage: ``python repo_proxy_agent.py SPEC_JSON SIM_DIR SERVICE VM`` with SPEC:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -148,10 +149,8 @@ def main() -> int:
         except (OSError, frames.ProtocolError):
             pass
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 agent.stdin.close()
-            except OSError:
-                pass
 
     threading.Thread(target=upstream, daemon=True).start()
     items: list[tuple[FrameType, str, bytes]] = []

@@ -59,7 +59,7 @@ class ProxyTransport:
     def start(self, service: str, vm: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, str(PROXY), json.dumps(self.spec), str(self.system.sim_dir), service, vm]
         return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                bufsize=0, start_new_session=True)  # fmt: skip
+                                bufsize=0, start_new_session=True)
 
 
 # ------------------------------------------------------------------------------------ the attacker's tools
@@ -82,7 +82,7 @@ def open_file(w: World, path: Path, otype: str) -> repo.Opened:
 
 
 def forge_raw(k: repo.RepoKeys, otype: str, oid: str, body: bytes, refs: list[str] = [],  # noqa: B006
-              comp: str = "n", head_type: str | None = None) -> bytes:  # fmt: skip
+              comp: str = "n", head_type: str | None = None) -> bytes:
     """An object that verifies (MAC of this repository), with whatever header, references and body."""
     head = b"qbr1 %s %s %s %08d\n" % ((head_type or otype).encode(), comp.encode(), oid.encode(), len(refs))
     iv = os.urandom(16)
@@ -109,7 +109,7 @@ def reachable(w: World, root_file: Path) -> set[str]:
 
 def render_root(r: Root) -> bytes:
     lines = ["qubes-backup-root 1", f"repository {r.repo_id}", f"seq {r.seq}", f"created {r.created}",
-             f"block-size {r.block_size}", f"qubes {r.qubes}"]  # fmt: skip
+             f"block-size {r.block_size}", f"qubes {r.qubes}"]
     lines += [f"archive {a.member} {a.kind} {a.vm} {a.tree} {a.captured}" for a in r.archives]
     lines += [f"history {h.seq} {h.root} {h.created}" for h in r.history]
     return ("\n".join([*lines, "end"]) + "\n").encode()
@@ -173,7 +173,7 @@ class Forge:
         if history is None:
             history = [*self.root.history, HistoryEntry(self.root.seq, self.root_id, self.root.created)]
         new = Root(self.root.repo_id, seq, "2099-01-01T00:00:00Z", self.root.block_size, self.root.qubes, archives,
-                   history)  # fmt: skip
+                   history)
         plain = render_root(new)
         refs = sorted({*([] if self.drop_qubes_ref else [new.qubes]), *(a.tree for a in archives)})
         rid = repo.object_id(self.k, repo.ROOT, plain)
@@ -181,7 +181,7 @@ class Forge:
 
 
 @dataclass(frozen=True)
-class forged:  # noqa: N801 - used like the other setup makers
+class forged:  # lowercase: used like the other setup makers
     """Setup: snapshot 3 bent by ``edit``, written back as an authentic snapshot 4.  dom0 verifies that root
     (it descends from its record) and may record it as the newest: the one change to dom0 allowed."""
 
@@ -191,14 +191,6 @@ class forged:  # noqa: N801 - used like the other setup makers
         f = Forge.load(w)
         self.edit(f)
         f.write()
-
-
-def replace_objects(otype: str, make: Callable[[World, Path], bytes], first_only: bool = False) -> Callable[[World], None]:
-    def setup(w: World) -> None:
-        for p in w.objects(otype)[: 1 if first_only else None]:
-            p.write_bytes(make(w, p))
-
-    return setup
 
 
 def newest_ids(w: World, otype: str) -> list[Path]:
@@ -459,6 +451,7 @@ def _d(w: World, p: Path) -> bytes:
     return b""
 
 
+# fmt: off
 CASES = [
     # rollback, fork, wrong root
     Case("rollback_to_snapshot_1", delete_roots(1, 2), match="older than snapshot 3"),
@@ -470,7 +463,7 @@ CASES = [
     Case("root_name_with_another_time", rename_newest("0000000003-20990101T000000Z"), match="asked for snapshot 3"),
     Case("root_name_with_another_seq", rename_newest("0000000005-20990101T000000Z"), match="asked for snapshot 5"),
     Case("backup_root_name_with_another_time", rename_newest("0000000003-20990101T000000Z"), mode="backup",
-         match="asked for snapshot 3"),  # fmt: skip
+         match="asked for snapshot 3"),
     # the opening, bent by the VM
     Case("too_many_roots", agent={"opening": "extra_roots", "n": 100_000}, match="excess"),
     Case("roots_in_descending_order", agent={"opening": "reverse"}, match="out of order"),
@@ -485,7 +478,7 @@ CASES = [
     Case("answer_repeated", agent={"op": "repeat", "at": 1}, match="when asked for"),
     Case("answer_under_the_next_name", agent={"op": "rename", "at": 2}, match="when asked for"),
     Case("answer_under_a_bad_name", agent={"op": "rename", "at": 1, "name": "../../../etc/shadow"},
-         match="malformed"),  # fmt: skip
+         match="malformed"),
     Case("answer_dropped", agent={"op": "drop", "at": 2}, match="when asked for"),
     Case("error_mid_session", agent={"op": "error", "at_type": "d"}, match="disk on fire"),
     Case("end_instead_of_an_answer", agent={"op": "end", "at": 2}, match="malformed"),
@@ -501,7 +494,7 @@ CASES = [
     Case("file_list_duplicated_over_another", duplicate_tree, match="another object"),
     Case("segment_from_an_older_snapshot", segment_from_older_snapshot, mode="verify", match="another object"),
     Case("backup_parent_segment_from_older_snapshot", segment_from_older_snapshot, mode="backup",
-         match="another object"),  # fmt: skip
+         match="another object"),
     Case("backup_parent_file_list_dropped", drop_type("t"), mode="backup", match="missing"),
     Case("block_content_under_another_id", for_newest("d", other_block), match="does not match its id"),
     # another repository, same passphrase
@@ -518,28 +511,28 @@ CASES = [
     Case("truncated_to_nothing", for_newest("d", _d), match="wrong size"),
     Case("extended_by_one_byte", for_newest("d", lambda w, p: p.read_bytes() + b"\n"), match="failed verification"),
     Case("truncated_root", lambda w: w.roots()[-1].write_bytes(w.roots()[-1].read_bytes()[:-1]),
-         match="failed verification"),  # fmt: skip
+         match="failed verification"),
     # the header
     Case("header_block_size_changed", edit_header(lambda h: h.replace(b"block-size=65536", b"block-size=131072")),
-         match="tampered"),  # fmt: skip
+         match="tampered"),
     Case("header_kdf_above_ceiling", edit_header(lambda h: h.replace(b"kdf-n=1024", b"kdf-n=1073741824")),
-         match="scrypt"),  # fmt: skip
+         match="scrypt"),
     # decompression bombs (authentic: MAC and header right, the id is checked only after decompression)
     Case("bomb_states_more_than_a_block",
          for_newest("d", lambda w, p: bomb(w, p, zstandard.ZstdCompressor(write_content_size=True).compress(
-             bytes(2 * BS)))), match="excessive"),  # fmt: skip
+             bytes(2 * BS)))), match="excessive"),
     Case("bomb_states_a_block_produces_1_gib", for_newest("d", lambda w, p: bomb(w, p, bomb_lying_size(
-        len(open_file(w, p, repo.DATA).plaintext), 1 << 30))), match="does not decompress"),  # fmt: skip
+        len(open_file(w, p, repo.DATA).plaintext), 1 << 30))), match="does not decompress"),
     Case("bomb_without_content_size",
          for_newest("d", lambda w, p: bomb(w, p, zstandard.ZstdCompressor(write_content_size=False).compress(
-             bytes(1000)))), match="unknown"),  # fmt: skip
+             bytes(1000)))), match="unknown"),
     Case("bomb_padding_not_zero",
          for_newest("d", lambda w, p: bomb(w, p, zstandard.ZstdCompressor(write_content_size=True).compress(
              open_file(w, p, repo.DATA).plaintext) + struct.pack("<II", repo.SKIPPABLE, 4) + b"evil")),
-         match="after the compressed content"),  # fmt: skip
+         match="after the compressed content"),
     Case("bomb_file_list_states_17_mib",
          for_newest("t", lambda w, p: forge_raw(keys(w), repo.TREE, p.name, zstandard.ZstdCompressor(
-             write_content_size=True).compress(bytes(17 << 20)), comp="z")), match="excessive"),  # fmt: skip
+             write_content_size=True).compress(bytes(17 << 20)), comp="z")), match="excessive"),
     # wrong type letter, references not matching the body
     Case("wrong_type_letter", for_newest("d", lambda w, p: forge_raw(
         keys(w), repo.DATA, p.name, open_file(w, p, repo.DATA).plaintext, head_type="x")), match="instead"),
@@ -547,7 +540,7 @@ CASES = [
         keys(w), repo.DATA, p.name, open_file(w, p, repo.DATA).plaintext, ["a" * 64])), match="too many references"),
     Case("references_out_of_order", for_newest("t", lambda w, p: forge_raw(
         keys(w), repo.TREE, p.name, open_file(w, p, repo.TREE).plaintext,
-        sorted(open_file(w, p, repo.TREE).refs + ["0" * 64], reverse=True))), match="out of order"),  # fmt: skip
+        sorted([*open_file(w, p, repo.TREE).refs, "0" * 64], reverse=True))), match="out of order"),
     Case("file_list_refs_not_its_segments", forged(tree_refs_missing), match="not the ones it uses"),
     Case("segment_refs_not_its_blocks", forged(segment_refs_extra), mode="verify", match="not the ones it uses"),
     Case("root_refs_not_its_body", forged(root_refs_missing_qubes), match="not the ones it uses"),
@@ -565,9 +558,10 @@ CASES = [
     Case("history_entry_of_the_record_changed", forged(history_changed), match="does not descend"),
     Case("history_with_a_gap", forged(history_gap), match="malformed"),
     Case("history_entry_1_changed_old_snapshot", forged(history_first_changed), mode="old",
-         match="not the one the newest"),  # fmt: skip
+         match="not the one the newest"),
     Case("backup_onto_history_tampering", forged(history_changed), mode="backup", match="does not descend"),
 ]
+# fmt: on
 
 
 @pytest.fixture
@@ -614,7 +608,7 @@ def _restore(w: World, transport: ProxyTransport, snapshot: int | None, verify: 
 def _backup(w: World, transport: ProxyTransport) -> None:
     plan = plan_backup(w.sim.system, ["vault"])
     job = RepoBackup(w.sim.system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=BS),
-                     transport=transport)  # fmt: skip
+                     transport=transport)
     try:
         job.connect()
         job.run(PASS)
