@@ -11,7 +11,7 @@ Usage: ``python repo_proxy_agent.py SPEC_JSON SIM_DIR SERVICE VM`` with SPEC:
 - ``op`` on the answer to GET number ``at`` (0 first after the opening; or the first answer whose object
   type letter is ``at_type``): ``swap`` (with the next answer), ``repeat`` (sent twice), ``rename`` (under
   the name ``name``, or the next GET's), ``error`` (an ERROR frame instead), ``stop`` (the VM stops
-  answering: the proxy exits), ``end`` (an END frame instead), ``drop`` (left out).
+  answering: the proxy exits), ``stall`` (it stops answering but stays), ``end`` (an END frame instead), ``drop`` (left out).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -109,6 +110,9 @@ class Proxy:
         elif op == "end":
             self.send(FrameType.END, "")
         elif op == "stop":
+            os._exit(0)
+        elif op == "stall":
+            time.sleep(120)
             os._exit(0)
         elif op == "drop":
             pass

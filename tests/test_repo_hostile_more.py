@@ -445,6 +445,7 @@ class Case:
     mode: str = "restore"  # restore (newest), old (snapshot 1), verify (--verify-only), backup
     match: str = ""
     code: int = 3
+    timeout: str | None = None  # QUBES_BACKUP_TIMEOUT for dom0 (a stalling VM)
 
 
 def _d(w: World, p: Path) -> bytes:
@@ -483,6 +484,9 @@ CASES = [
     Case("error_mid_session", agent={"op": "error", "at_type": "d"}, match="disk on fire"),
     Case("end_instead_of_an_answer", agent={"op": "end", "at": 2}, match="malformed"),
     Case("stops_answering_mid_session", agent={"op": "stop", "at_type": "d"}, match="stopped answering"),
+    Case("stalls_mid_session", agent={"op": "stall", "at_type": "d"}, timeout="2", code=1, match="did not answer"),
+    Case("backup_answer_repeated", agent={"op": "repeat", "at": 0}, mode="backup", match="when asked for"),
+    Case("backup_stops_answering", agent={"op": "stop", "at": 1}, mode="backup", match="stopped answering"),
     Case("backup_error_mid_session", agent={"op": "error", "at": 1}, mode="backup", match="disk on fire"),
     Case("backup_answer_under_another_name", agent={"op": "rename", "at": 1}, mode="backup", match="when asked for"),
     Case("backup_answers_out_of_order", agent={"op": "swap", "at": 1}, mode="backup", match="when asked for"),
@@ -622,7 +626,9 @@ def test_enough_distinct_cases() -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_hostile(w: World, case: Case) -> None:
+def test_hostile(w: World, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.timeout is not None:
+        monkeypatch.setenv("QUBES_BACKUP_TIMEOUT", case.timeout)
     if case.setup is not None:
         case.setup(w)
     roots = sorted(p.name for p in (w.repo / "roots").iterdir()) if (w.repo / "roots").is_dir() else []

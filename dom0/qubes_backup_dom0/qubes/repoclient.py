@@ -49,7 +49,9 @@ class RepoSession:
         self.outstanding: deque[str] = deque()
 
     def _recv(self, limits: dict[FrameType, tuple[int, int]], name_ok: Callable[[str], bool] | None,
-              what: str) -> tuple[FrameType, str, bytes]:  # fmt: skip
+              what: str, asked: str = "") -> tuple[FrameType, str, bytes]:  # fmt: skip
+        """One frame; ``asked``: the object a GET asked for (then an ERROR, say a missing object, means the
+        snapshot cannot be verified: exit code 3; a stall or a failed agent stays a failure, exit code 1)."""
         limits = {**limits, FrameType.ERROR: (0, MAX_ERROR_LEN)}
         try:
             frame = self.channel.recv(limits, name_ok)
@@ -58,6 +60,8 @@ class RepoSession:
         if frame is None:
             raise VerificationError(f"backup VM {self.vm} stopped answering ({what}){self._said()}")
         if frame.type == FrameType.ERROR:
+            if asked:
+                raise VerificationError(f"backup VM {self.vm} reports: {safe_text(frame.data)} (asked for {asked})")
             raise BackupError(f"backup VM {self.vm} reports: {safe_text(frame.data)}")
         return frame.type, frame.name, bytes(frame.data)
 
@@ -101,12 +105,7 @@ class RepoSession:
         """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read."""
         name = self.outstanding.popleft()
         limits = {FrameType.MEMBER: (64, max_size)}
-        try:
-            _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}")
-        except BackupError as e:
-            if isinstance(e, VerificationError):
-                raise
-            raise VerificationError(f"{e} (asked for {name[:40]})") from None
+        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40])
         if got != name:
             raise VerificationError(f"backup VM {self.vm} sent {safe_text(got)} when asked for {name[:40]}")
         return data
