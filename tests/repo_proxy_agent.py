@@ -11,7 +11,8 @@ Usage: ``python repo_proxy_agent.py SPEC_JSON SIM_DIR SERVICE VM`` with SPEC:
 - ``op`` on the answer to GET number ``at`` (0 first after the opening; or the first answer whose object
   type letter is ``at_type``): ``swap`` (with the next answer), ``repeat`` (sent twice), ``rename`` (under
   the name ``name``, or the next GET's), ``error`` (an ERROR frame instead), ``stop`` (the VM stops
-  answering: the proxy exits), ``stall`` (it stops answering but stays), ``end`` (an END frame instead), ``drop`` (left out).
+  answering: the proxy exits), ``stall`` (it stops answering but stays),
+  ``end`` (an END frame instead), ``drop`` (left out).
 """
 
 from __future__ import annotations
