@@ -25,7 +25,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -319,6 +319,33 @@ def bad_qubes_xml(f: Forge) -> None:
     f.root.qubes = f.put(repo.QUBES, b"<qubes><domains><domain")
 
 
+def vm_archive_as_home(f: Forge) -> None:
+    f.root.archives = [replace(a, kind="home") if a.vm == "work" else a for a in f.root.archives]
+
+
+def segment_number_past_the_file(f: Forge) -> None:
+    """A map segment numbered beyond the file's size (its blocks would land past the end)."""
+    tf = f.file("work")
+    tf.segments = [*tf.segments, (tf.segments[-1][0] + 100, tf.segments[-1][1])]
+
+
+def file_size_above_the_bound(f: Forge) -> None:
+    tf = f.file("work")
+    tf.size = 1 << 62
+
+
+def volume_file_missing(f: Forge) -> None:
+    """work's file list without its private volume (qubes.xml still lists it)."""
+    member = next(a.member for a in f.root.archives if a.vm == "work")
+    f.trees[member].files = [t for t in f.trees[member].files if not t.path.endswith("private.img")]
+
+
+def same_vm_twice(f: Forge) -> None:
+    work = next(a for a in f.root.archives if a.vm == "work")
+    f.root.archives = [*f.root.archives, replace(work, member="vm9")]
+    f.trees["vm9"] = f.trees[work.member]
+
+
 def segment_of_other_file(f: Forge) -> None:
     """work's map made of vault's segments (sizes kept): the map's lengths no longer add up."""
     work, vault = f.file("work"), f.file("vault")
@@ -556,7 +583,12 @@ CASES = [
     Case("root_of_another_repository_id", forged(other_repo_id), match="another repository"),
     Case("root_with_another_block_size", forged(other_block_size), match="another repository"),
     Case("root_without_archives", forged(no_archives), match="malformed"),
-    Case("file_path_traversal", forged(path_traversal)),
+    Case("file_path_traversal", forged(path_traversal), match="bad file entry"),
+    Case("vm_archive_claims_to_be_dom0_home", forged(vm_archive_as_home), match="malformed snapshot root"),
+    Case("map_segment_numbered_past_the_file", forged(segment_number_past_the_file), match="malformed"),
+    Case("file_size_above_the_bound", forged(file_size_above_the_bound), match="bad size"),
+    Case("volume_left_out_of_the_file_list", forged(volume_file_missing), match="disagree"),
+    Case("same_vm_archived_twice", forged(same_vm_twice), match="malformed snapshot root"),
     Case("qubes_xml_malformed", forged(bad_qubes_xml), match="qubes.xml is malformed"),
     # history tampering
     Case("history_entry_of_the_record_changed", forged(history_changed), match="does not descend"),
@@ -641,6 +673,7 @@ def test_hostile(w: World, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
             _restore(w, transport, 1 if case.mode == "old" else None, case.mode == "verify")
     err = info.value
     message = str(err)
+    print(f"{case.name}: exit {err.exit_code}: {message}")
     assert err.exit_code == case.code, f"exit {err.exit_code}, {type(err).__name__}: {message}"
     assert message and "\n" not in message and "internal error" not in message, message
     assert case.match in message, message
