@@ -473,6 +473,7 @@ class Case:
     match: str = ""
     code: int = 3
     timeout: str | None = None  # QUBES_BACKUP_TIMEOUT for dom0 (a stalling VM)
+    pinned: bool = False  # a fresh dom0 (no record of the repository) pinning snapshot 3 with --expect-root
 
 
 def _d(w: World, p: Path) -> bytes:
@@ -487,6 +488,10 @@ CASES = [
     Case("backup_onto_emptied_repository", delete_roots(0, 1, 2), mode="backup", match="holds no snapshot"),
     Case("fork_newer_than_the_record", fork, match="does not descend from snapshot 3"),
     Case("backup_onto_a_fork", fork, mode="backup", match="does not descend from snapshot 3"),
+    Case("fresh_dom0_pinned_newest_withheld", delete_roots(2), pinned=True, match="does not descend from root"),
+    Case("fresh_dom0_pinned_fork", fork, pinned=True, match="does not descend from root"),
+    Case("fresh_dom0_backup_pinned_rollback", delete_roots(2), pinned=True, mode="backup",
+         match="does not descend from root"),
     Case("newest_name_holds_older_root", newest_holds(1), match="asked for snapshot 3"),
     Case("root_name_with_another_time", rename_newest("0000000003-20990101T000000Z"), match="asked for snapshot 3"),
     Case("root_name_with_another_seq", rename_newest("0000000005-20990101T000000Z"), match="asked for snapshot 5"),
@@ -628,9 +633,10 @@ def unchanged(before: Unchanged, record_may_advance: bool) -> None:
     assert sim.staging_dirs() == []
 
 
-def _restore(w: World, transport: ProxyTransport, snapshot: int | None, verify: bool) -> None:
+def _restore(w: World, transport: ProxyTransport, snapshot: int | None, verify: bool, pin: str | None) -> None:
     opts = RestoreOptions(vms=("work", "vault"), rename_conflicting=True, verify_only=verify)
-    job = RepoRestore(w.sim.system, REPO, "backupvm", PASS, opts, snapshot=snapshot, transport=transport)
+    job = RepoRestore(w.sim.system, REPO, "backupvm", PASS, opts, snapshot=snapshot, transport=transport,
+                      expect_root=pin)  # fmt: skip
     try:
         job.open()
         plan = job.plan()
@@ -641,10 +647,10 @@ def _restore(w: World, transport: ProxyTransport, snapshot: int | None, verify: 
         job.close()
 
 
-def _backup(w: World, transport: ProxyTransport) -> None:
+def _backup(w: World, transport: ProxyTransport, pin: str | None) -> None:
     plan = plan_backup(w.sim.system, ["vault"])
-    job = RepoBackup(w.sim.system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=BS),
-                     transport=transport)
+    options = RepoOptions(kdf_n=1024, block_size=BS, expect_root=pin)
+    job = RepoBackup(w.sim.system, plan, "backupvm", REPO, options, transport=transport)
     try:
         job.connect()
         job.run(PASS)
@@ -661,16 +667,22 @@ def test_enough_distinct_cases() -> None:
 def test_hostile(w: World, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.timeout is not None:
         monkeypatch.setenv("QUBES_BACKUP_TIMEOUT", case.timeout)
+    pin = None
+    if case.pinned:
+        pin = open_file(w, w.roots()[-1], repo.ROOT).id
     if case.setup is not None:
         case.setup(w)
+    if case.pinned:
+        for record in w.state_dir.iterdir():  # put back by the fixture
+            record.unlink()
     roots = sorted(p.name for p in (w.repo / "roots").iterdir()) if (w.repo / "roots").is_dir() else []
     transport = ProxyTransport(w.sim.system, case.agent)
     before = Unchanged(w.sim)
     with pytest.raises(BackupError) as info:
         if case.mode == "backup":
-            _backup(w, transport)
+            _backup(w, transport, pin)
         else:
-            _restore(w, transport, 1 if case.mode == "old" else None, case.mode == "verify")
+            _restore(w, transport, 1 if case.mode == "old" else None, case.mode == "verify", pin)
     err = info.value
     message = str(err)
     print(f"{case.name}: exit {err.exit_code}: {message}")
