@@ -7,7 +7,7 @@ Usage: ``python repo_proxy_agent.py SPEC_JSON SIM_DIR SERVICE VM`` with SPEC:
 - ``log``: a file to append every GET's name to (one per line), as the agent receives it;
 - ``opening``: how the opening (header, MAC, ENTRY per root, END) is bent: ``extra_roots`` N (N more ENTRY
   frames with higher numbers), ``reverse`` (roots in descending order), ``bad_root`` NAME (one more ENTRY),
-  ``header_twice``, ``no_mac``, ``mac_first``, ``member_after_roots``;
+  ``header_twice``, ``no_mac``, ``mac_first``, ``member_after_roots``, ``error`` (an ERROR instead);
 - ``op`` on the answer to GET number ``at`` (0 first after the opening; or the first answer whose object
   type letter is ``at_type``): ``swap`` (with the next answer), ``repeat`` (sent twice), ``rename`` (under
   the name ``name``, or the next GET's), ``error`` (an ERROR frame instead), ``stop`` (the VM stops
@@ -58,6 +58,9 @@ class Proxy:
 
     def opening(self, items: list[tuple[FrameType, str, bytes]]) -> None:
         o = self.spec.get("opening")
+        if o == "error":
+            self.send(FrameType.ERROR, "", b"cannot list the roots")
+            return
         members = [i for i in items if i[0] == FrameType.MEMBER]
         roots = [i for i in items if i[0] == FrameType.ENTRY]
         if o == "extra_roots":

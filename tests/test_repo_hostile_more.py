@@ -505,6 +505,7 @@ CASES = [
     Case("header_sent_twice", agent={"opening": "header_twice"}, match="out of place"),
     Case("header_without_mac", agent={"opening": "no_mac"}, match="without its MAC"),
     Case("mac_before_header", agent={"opening": "mac_first"}, match="out of place"),
+    Case("error_instead_of_the_opening", agent={"opening": "error"}, code=1, match="cannot list the roots"),
     Case("header_after_the_roots", agent={"opening": "member_after_roots"}, match="out of place"),
     # GET answers
     Case("answers_out_of_order", agent={"op": "swap", "at": 2}, match="when asked for"),
