@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import Unchanged
+from conftest import Unchanged, one_error_line
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoOptions
 from qubes_backup_dom0.errors import BackupError
@@ -694,3 +694,21 @@ def test_hostile(w: World, case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.mode == "backup":  # refused without writing a root
         after = sorted(p.name for p in (w.repo / "roots").iterdir()) if (w.repo / "roots").is_dir() else []
         assert after == roots
+
+
+CLI_NAMES = ("bomb_states_a_block_produces_1_gib", "qubes_xml_malformed", "prune_deleted_an_object_snapshot_1_needs",
+             "file_list_refs_not_its_segments")
+CLI_CASES = [c for c in CASES if c.name in CLI_NAMES]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.name for c in CLI_CASES])
+def test_hostile_through_the_cli(w: World, case: Case) -> None:
+    """A few of the cases through ``qvm-backup-restore`` itself (and its real agent): one error line, exit 3."""
+    assert case.setup is not None and not case.agent
+    case.setup(w)
+    before = Unchanged(w.sim)
+    snapshot = ("--snapshot", "1") if case.mode == "old" else ()
+    r = w.sim.restore("-d", "backupvm", "--repo", REPO, *snapshot, "--rename-conflicting", "work", "vault")
+    assert r.returncode == case.code, r.stderr
+    assert case.match in one_error_line(r.stderr), r.stderr
+    unchanged(before, isinstance(case.setup, forged))
