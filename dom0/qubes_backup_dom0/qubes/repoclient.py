@@ -24,7 +24,7 @@ from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import repo, repotree
 from qubes_backup_dom0.format.repo import RepoHeader, RepoKeys
 from qubes_backup_dom0.qubes.repostate import RepoState
-from qubes_backup_dom0.qubes.transport import Channel, Transport
+from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport
 
 WINDOW = 64  # GET requests in flight (each answer is at most a few MiB; the requests fit a pipe buffer)
 
@@ -47,6 +47,7 @@ class RepoSession:
         self.channel = Channel(transport.start(service, vm), vm=f"backup VM {vm}")
         self.channel.send(FrameType.LOCATION, names.REQUEST, location.encode("utf-8"))
         self.outstanding: deque[str] = deque()
+        self._agent_gone = False
 
     def _recv(self, limits: dict[FrameType, tuple[int, int]], name_ok: Callable[[str], bool] | None,
               what: str, asked: str = "") -> tuple[FrameType, str, bytes]:  # fmt: skip
@@ -98,8 +99,15 @@ class RepoSession:
         return Opening(header, mac, roots)
 
     def request(self, name: str) -> None:
-        self.channel.send(FrameType.GET, name)
         self.outstanding.append(name)
+        if self._agent_gone:
+            return
+        try:
+            self.channel.send(FrameType.GET, name)
+        except ChannelClosed:
+            # The agent stopped reading (it answered an earlier GET with ERROR and exited, or died): what it
+            # sent before, its answers and its ERROR, is still to be read; ``receive`` reports it (or the end).
+            self._agent_gone = True
 
     def receive(self, max_size: int) -> bytes:
         """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read."""
