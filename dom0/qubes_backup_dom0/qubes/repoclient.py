@@ -24,7 +24,7 @@ from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import repo, repotree
 from qubes_backup_dom0.format.repo import RepoHeader, RepoKeys
 from qubes_backup_dom0.qubes.repostate import RepoState
-from qubes_backup_dom0.qubes.transport import Channel, Transport
+from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport
 
 WINDOW = 64  # GET requests in flight (each answer is at most a few MiB; the requests fit a pipe buffer)
 
@@ -47,9 +47,12 @@ class RepoSession:
         self.channel = Channel(transport.start(service, vm), vm=f"backup VM {vm}")
         self.channel.send(FrameType.LOCATION, names.REQUEST, location.encode("utf-8"))
         self.outstanding: deque[str] = deque()
+        self._agent_gone = False
 
     def _recv(self, limits: dict[FrameType, tuple[int, int]], name_ok: Callable[[str], bool] | None,
-              what: str) -> tuple[FrameType, str, bytes]:  # fmt: skip
+              what: str, asked: str = "") -> tuple[FrameType, str, bytes]:  # fmt: skip
+        """One frame; ``asked``: the object a GET asked for (then an ERROR, say a missing object, means the
+        snapshot cannot be verified: exit code 3; a stall or a failed agent stays a failure, exit code 1)."""
         limits = {**limits, FrameType.ERROR: (0, MAX_ERROR_LEN)}
         try:
             frame = self.channel.recv(limits, name_ok)
@@ -58,6 +61,8 @@ class RepoSession:
         if frame is None:
             raise VerificationError(f"backup VM {self.vm} stopped answering ({what}){self._said()}")
         if frame.type == FrameType.ERROR:
+            if asked:
+                raise VerificationError(f"backup VM {self.vm} reports: {safe_text(frame.data)} (asked for {asked})")
             raise BackupError(f"backup VM {self.vm} reports: {safe_text(frame.data)}")
         return frame.type, frame.name, bytes(frame.data)
 
@@ -94,19 +99,21 @@ class RepoSession:
         return Opening(header, mac, roots)
 
     def request(self, name: str) -> None:
-        self.channel.send(FrameType.GET, name)
         self.outstanding.append(name)
+        if self._agent_gone:
+            return
+        try:
+            self.channel.send(FrameType.GET, name)
+        except ChannelClosed:
+            # The agent stopped reading (it answered an earlier GET with ERROR and exited, or died): what it
+            # sent before, its answers and its ERROR, is still to be read; ``receive`` reports it (or the end).
+            self._agent_gone = True
 
     def receive(self, max_size: int) -> bytes:
         """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read."""
         name = self.outstanding.popleft()
         limits = {FrameType.MEMBER: (64, max_size)}
-        try:
-            _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}")
-        except BackupError as e:
-            if isinstance(e, VerificationError):
-                raise
-            raise VerificationError(f"{e} (asked for {name[:40]})") from None
+        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40])
         if got != name:
             raise VerificationError(f"backup VM {self.vm} sent {safe_text(got)} when asked for {name[:40]}")
         return data

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from lxml import etree
 from qubes_backup_protocol import repo as names
 
 from qubes_backup_dom0.errors import BackupError, UsageError, VerificationError
@@ -197,6 +198,8 @@ class RepoRestore:
             rendered = manifest_mod.Manifest(root.repo_id, root.created, archives, xml).render()
         except BackupError as e:
             raise VerificationError(f"snapshot {root.seq}: {e}") from None
+        except etree.LxmlError:  # its qubes.xml (verified: written with the passphrase) is not XML
+            raise VerificationError(f"snapshot {root.seq}: its qubes.xml is malformed") from None
         return manifest_mod.parse(rendered)
 
     def snapshots(self) -> list[SnapshotInfo]:
