@@ -358,3 +358,43 @@ def test_audit_wrong_passphrase(world: World) -> None:
     assert r.returncode == 3 and "wrong passphrase" in one_error_line(r.stderr), r.stderr
     r = world.prune("--audit", "-p", "/wrong", *POLICY, "--json")
     assert r.returncode == 3 and json.loads(r.stdout)["command"] == "audit"
+
+
+def test_profile(world: World) -> None:
+    """--profile NAME: the backup VM and repository from a repository's profile; its keep: mapping is the
+    policy (the command line's --keep-... replace it); --audit takes its passphrase; a single-file profile, a
+    profile with -d or --repo as well, or a bad keep: mapping is a usage error."""
+    pdir = world.sim.dom0 / "etc/qubes/backup"
+    pdir.mkdir(parents=True, exist_ok=True)
+    base = (f"include: null\ndestination_vm: backupvm\nrepository: {REPO}\npassphrase_text: {PASSPHRASE}\n"
+            "compression: true\n")  # fmt: skip
+    (pdir / "nightly.conf").write_text(base + "keep:\n  last: 1\n  daily: 2\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "qvm-backup-prune"), *args], env=world.sim.env(), text=True,
+                              capture_output=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+
+    r = run("--profile", "nightly", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["policy"] == {"keep_last": 1, "keep_daily": 2, "keep_weekly": 0, "keep_monthly": 0}
+    assert [s["snapshot"] for s in doc["snapshots"] if s["kept"]] == KEPT
+    r = run("--profile", "nightly", "--dry-run", "--json", "--keep-last", "3")  # the command line wins
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["policy"] == {"keep_last": 3, "keep_daily": 0, "keep_weekly": 0, "keep_monthly": 0}
+    r = run("--profile", "nightly", "--audit", "--json")  # the passphrase from the profile
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["not_pruned"] == DELETED
+    assert world.roots() == list(range(1, 7))  # nothing was pruned
+    r = run("--profile", "nightly")
+    assert r.returncode == 0, r.stderr
+    assert world.roots() == KEPT
+
+    (pdir / "plain.conf").write_text(base + "keep: {last: 1}\n")
+    (pdir / "file.conf").write_text(base.replace("repository:", "destination_path:"))
+    (pdir / "badkeep.conf").write_text(base + "keep: {hourly: 3}\n")
+    for args, text in ((("--profile", "file"), "describes single-file backups"),
+                       (("--profile", "plain", "-d", "backupvm"), "--dest-vm cannot be used together with --profile"),
+                       (("--profile", "badkeep"), "keep must map some of last, daily, weekly, monthly")):  # fmt: skip
+        r = run(*args)
+        assert r.returncode == 2 and text in one_error_line(r.stderr), (args, r.stderr)
