@@ -323,5 +323,8 @@ def lineage_problem(newest_id: str, newest: Root, known_seq: int | None, known_r
         return f"its snapshot {newest.seq} is not the one dom0 recorded (replaced, or a fork)"
     if any(h.root == known_root and (known_seq is None or h.seq == known_seq) for h in newest.history):
         return None
-    which = f"snapshot {known_seq}" if known_seq is not None else f"root {known_root[:16]}"
-    return f"its newest snapshot {newest.seq} does not descend from {which} (a fork, or another repository)"
+    if known_seq is None:  # a pinned root: its number is not known, so an older newest root may be a rollback
+        return (f"its newest snapshot {newest.seq} does not descend from root {known_root[:16]} (rolled back to "
+                "before that root, snapshots withheld, a fork, or another repository)")  # fmt: skip
+    return (f"its newest snapshot {newest.seq} does not descend from snapshot {known_seq} (a fork, or another "
+            "repository)")  # fmt: skip
