@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from lxml import etree
@@ -32,6 +33,9 @@ from qubes_backup_dom0.qubes.qubesxml import FILE_DRIVERS, Collection, Domain, V
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_sim import firewall as sim_firewall
 from qubes_backup_sim import launch, simgen
+
+if TYPE_CHECKING:
+    from qubes_backup_dom0.restore.repository import RepoRestore
 
 # A test run started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT
 # ignored, and so would every command the tests start: Ctrl-C tests would then see a backup run to the end.
@@ -448,3 +452,21 @@ def assert_same_vm(src: Sim, name: str, dst: Sim, new_name: str | None = None,
     assert a.keys() == b.keys() and a, (name, a, b)
     for vol, path in a.items():
         assert_restored_like(path, b[vol])
+
+
+# ------------------------------------------------------------------------------------- repository restores
+
+def run_repo_restore(*args: Any, **kw: Any) -> RepoRestore:
+    """A repository restore (``RepoRestore(*args, **kw)``) opened, planned (no plan errors), run and closed; the
+    job, for what it restored."""
+    from qubes_backup_dom0.restore.repository import RepoRestore
+
+    job = RepoRestore(*args, **kw)
+    try:
+        job.open()
+        plan = job.plan()
+        assert not plan.errors, plan.errors
+        job.run()
+    finally:
+        job.close()
+    return job

@@ -25,13 +25,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import Sim, new_sim
+from conftest import Sim, new_sim, run_repo_restore
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.format.sparse import same_content, scan
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.restore.plan import RestoreOptions
-from qubes_backup_dom0.restore.repository import RepoRestore
 from test_repo_roundtrip import PASS, REPO, copy_sparse, punch
 
 LONG = os.environ.get("QB_LONG") == "1"
@@ -160,14 +159,7 @@ class History:
     def restore(self, seq: int, verify: bool) -> None:
         truth = self.truths[seq - 1]
         opts = RestoreOptions(vms=tuple(truth), rename_conflicting=True, verify_only=verify)
-        job = RepoRestore(self.sim.system, REPO, "backupvm", PASS, opts, snapshot=seq)
-        try:
-            job.open()
-            plan = job.plan()
-            assert not plan.errors, plan.errors
-            job.run()
-        finally:
-            job.close()
+        job = run_repo_restore(self.sim.system, REPO, "backupvm", PASS, opts, snapshot=seq)
         assert job.chosen is not None and job.chosen.root.seq == seq
         if verify:
             return

@@ -23,12 +23,11 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import BIN, PASSPHRASE, Sim, assert_restored_like, new_sim, one_error_line
+from conftest import BIN, PASSPHRASE, Sim, assert_restored_like, new_sim, one_error_line, run_repo_restore
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoOptions
 from qubes_backup_dom0.qubes import repostate
 from qubes_backup_dom0.restore.plan import RestoreOptions
-from qubes_backup_dom0.restore.repository import RepoRestore
 from qubes_backup_protocol import repo as names
 from test_repo_roundtrip import copy_sparse
 
@@ -185,14 +184,7 @@ def test_retained_snapshots_still_restore(world: World, tmp_path: Path) -> None:
     r = world.sim.restore("-d", "backupvm", "--repo", REPO, "--verify-only", "--snapshot", "3")
     assert r.returncode == 1 and "snapshot 3 is not in the repository any more" in one_error_line(r.stderr)
     opts = RestoreOptions(vms=("work",), rename_conflicting=True)
-    job = RepoRestore(world.sim.system, REPO, "backupvm", PASSPHRASE.encode(), opts, snapshot=4)
-    try:
-        job.open()
-        plan = job.plan()
-        assert not plan.errors, plan.errors
-        job.run()
-    finally:
-        job.close()
+    job = run_repo_restore(world.sim.system, REPO, "backupvm", PASSPHRASE.encode(), opts, snapshot=4)
     (restored,) = job.restored
     assert restored != "work"
     assert_restored_like(world.truth4, world.sim.volume_files(restored)["private"])

@@ -14,11 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import Sim, new_sim
+from conftest import Sim, new_sim, run_repo_restore
 from qubes_backup_dom0.format import repo, repotree
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.restore.plan import RestoreOptions
-from qubes_backup_dom0.restore.repository import RepoRestore
 from test_repo_hostile_more import ProxyTransport, clear_refs
 from test_repo_roundtrip import PASS, REPO, VMS, backup, copy_sparse, mutate
 
@@ -91,14 +90,8 @@ def repo_sim(tmp_path_factory: pytest.TempPathFactory) -> Sim:
 
 def restore_counting(sim: Sim, vms: tuple[str, ...], log: Path) -> list[str]:
     opts = RestoreOptions(vms=vms, rename_conflicting=True)
-    job = RepoRestore(sim.system, REPO, "backupvm", PASS, opts, transport=ProxyTransport(sim.system, {"log": str(log)}))
-    try:
-        job.open()
-        plan = job.plan()
-        assert not plan.errors, plan.errors
-        job.run()
-    finally:
-        job.close()
+    transport = ProxyTransport(sim.system, {"log": str(log)})
+    job = run_repo_restore(sim.system, REPO, "backupvm", PASS, opts, transport=transport)
     qubes = Qubes(sim.system)
     for name in job.restored:
         qubes.remove_vm(name)

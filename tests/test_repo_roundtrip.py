@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim
+from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim, run_repo_restore
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.format.sparse import scan
@@ -49,14 +49,7 @@ def backup(sim: Sim, vms: tuple[str, ...] = (*VMS, "dom0"), **kw: object) -> Rep
 
 def restore(sim: Sim, snapshot: int | None, vms: tuple[str, ...], verify: bool = False) -> RepoRestore:
     opts = RestoreOptions(vms=vms, rename_conflicting=True, verify_only=verify)
-    job = RepoRestore(sim.system, REPO, "backupvm", PASS, opts, snapshot=snapshot)
-    try:
-        job.open()
-        plan = job.plan()
-        assert not plan.errors, plan.errors
-        job.run()
-    finally:
-        job.close()
+    job = run_repo_restore(sim.system, REPO, "backupvm", PASS, opts, snapshot=snapshot)
     return job
 
 

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import KDF, PASSPHRASE, Sim, new_sim
+from conftest import KDF, PASSPHRASE, Sim, new_sim, run_repo_restore
 from qubes_backup_dom0.backup.plan import plan_backup
 from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
 from qubes_backup_dom0.backup.tracking import Tracking
@@ -25,7 +25,6 @@ from qubes_backup_dom0.errors import VerificationError
 from qubes_backup_dom0.qubes import bases, repostate
 from qubes_backup_dom0.qubes.qubesxml import Collection
 from qubes_backup_dom0.restore.plan import RestoreOptions
-from qubes_backup_dom0.restore.repository import RepoRestore
 from qubes_backup_sim import launch
 from qubes_backup_sim.lvstore import LvStore
 from qubes_backup_sim.store import write_atomic
@@ -114,14 +113,7 @@ def backup(sim: Sim, vms: tuple[str, ...] = ("work",), rescan: bool = False, pas
 def restored(sim: Sim, tmp: Path) -> bytes:
     """Snapshot (newest) of work restored under a new name; its private volume's bytes."""
     opts = RestoreOptions(vms=("work",), rename_conflicting=True)
-    job = RepoRestore(sim.system, REPO, "backupvm", PASS, opts)
-    try:
-        job.open()
-        plan = job.plan()
-        assert not plan.errors, plan.errors
-        job.run()
-    finally:
-        job.close()
+    run_repo_restore(sim.system, REPO, "backupvm", PASS, opts)
     store = LvStore(sim.dom0 / "dev")
     (name,) = [i.name for i in store.lvs(VG) if i.name.startswith("vm-work") and i.name.endswith("-private")
                and i.name != "vm-work-private"]  # fmt: skip

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sim, new_sim
+from conftest import Sim, new_sim, run_repo_restore
 from qubes_backup_dom0.qubes import fiemap, reflinkbases
 from qubes_backup_dom0.restore.plan import RestoreOptions
-from qubes_backup_dom0.restore.repository import RepoRestore
 from test_tracking import BS, PASS, REPO, backup
 
 FICLONE = 0x40049409
@@ -115,14 +114,7 @@ def test_reflink_backup_reads_only_touched_blocks(xfs: Path, tmp_path: Path) -> 
     again, t = backup(sim, rescan=True)
     assert again.changed == [] and t.full_reads() == ["volume 'private' of work: --rescan"]
     opts = RestoreOptions(vms=("work",), rename_conflicting=True)
-    job = RepoRestore(sim.system, REPO, "backupvm", PASS, opts)
-    try:
-        job.open()
-        plan = job.plan()
-        assert not plan.errors, plan.errors
-        job.run()
-    finally:
-        job.close()
+    run_repo_restore(sim.system, REPO, "backupvm", PASS, opts)
     restored = [p for p in sim.volume_files("work1").values() if p.name == "private.img"]
     assert restored and restored[0].read_bytes() == img.read_bytes()
     assert not list(reflinkbases.bases_dir(pool_dir).glob("next-*"))

@@ -45,7 +45,7 @@ from qubes_backup_dom0.format.header import DEFAULT_KDF_N, DEFAULT_KDF_P, DEFAUL
 from qubes_backup_dom0.format.outer import OuterWriter
 from qubes_backup_dom0.format.tarwriter import InnerFile
 from qubes_backup_dom0.qubes import repocache, repostate
-from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, check_head
+from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, check_head, map_blocks
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
 
@@ -449,22 +449,9 @@ class RepoBackup:
         fetched = dict(zip(fetch, reader.segments(fetch), strict=True))
         self._fetched_segments += len(fetch)
         assert self.header is not None
-        bs = self.header.block_size
-        nblocks = -(-parent.size // bs)
-        out: list[tuple[int, str]] = []
-        stored = 0
-        for n, sid in parent.segments:
-            blocks = self._cached[sid] if sid not in fetched and self._cached is not None else fetched[sid].blocks
-            for k, did in blocks:
-                index = n * repo.SEGMENT_BLOCKS + k
-                if index >= nblocks:
-                    raise VerificationError(f"{parent.path[:80]}: a map segment names a block past the end of the file")
-                out.append((index, did))
-                stored += min(bs, parent.size - index * bs)
-        if stored != parent.data:
-            raise VerificationError(f"{parent.path[:80]}: its map covers {stored} bytes, "
-                                    f"its file list says {parent.data}")  # fmt: skip
-        return out
+        maps = [self._cached[sid] if sid not in fetched and self._cached is not None else fetched[sid].blocks
+                for _n, sid in parent.segments]  # fmt: skip
+        return map_blocks(parent, maps, self.header.block_size)
 
     def _seal_block(self, keys: repo.RepoKeys, buf: bytearray,
                     known: set[str]) -> tuple[str | None, bytes | None]:  # fmt: skip

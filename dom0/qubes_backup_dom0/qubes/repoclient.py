@@ -223,19 +223,27 @@ class RepoReader:
 
     def blocks(self, f: repotree.TreeFile) -> list[tuple[int, str]]:
         """(block number, data id) of a regular file, from its segments; each within the file."""
-        bs, nblocks = self.block_size, -(-f.size // self.block_size)
-        out: list[tuple[int, str]] = []
-        stored = 0
-        for (n, _sid), seg in zip(f.segments, self.segments([s for _, s in f.segments]), strict=True):
-            for k, did in seg.blocks:
-                index = n * repo.SEGMENT_BLOCKS + k
-                if index >= nblocks:
-                    raise VerificationError(f"{f.path[:80]}: a map segment names a block past the end of the file")
-                out.append((index, did))
-                stored += min(bs, f.size - index * bs)
-        if stored != f.data:
-            raise VerificationError(f"{f.path[:80]}: its map covers {stored} bytes, its file list says {f.data}")
-        return out
+        segments = self.segments([s for _, s in f.segments])
+        return map_blocks(f, [seg.blocks for seg in segments], self.block_size)
+
+
+def map_blocks(f: repotree.TreeFile, maps: list[list[tuple[int, str]]], block_size: int) -> list[tuple[int, str]]:
+    """(block number, data id) of regular file ``f`` whose segments (``f.segments``, in order) hold the blocks
+    ``maps`` (per segment: (block number within it, data id)): every block within the file, and the blocks'
+    lengths adding up to what the file list says the file holds."""
+    nblocks = -(-f.size // block_size)
+    out: list[tuple[int, str]] = []
+    stored = 0
+    for (n, _sid), blocks in zip(f.segments, maps, strict=True):
+        for k, did in blocks:
+            index = n * repo.SEGMENT_BLOCKS + k
+            if index >= nblocks:
+                raise VerificationError(f"{f.path[:80]}: a map segment names a block past the end of the file")
+            out.append((index, did))
+            stored += min(block_size, f.size - index * block_size)
+    if stored != f.data:
+        raise VerificationError(f"{f.path[:80]}: its map covers {stored} bytes, its file list says {f.data}")
+    return out
 
 
 def block_length(f: repotree.TreeFile, index: int, block_size: int) -> int:
