@@ -27,7 +27,6 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Any
 
 from qubes_backup_protocol.frames import safe_text
 
@@ -172,68 +171,30 @@ def pool_usage(system: System, vg: str, pool: str) -> tuple[float, float] | None
 # ------------------------------------------------------------------------------------------- thin_delta
 
 
-class DeltaParser:
-    """thin_delta's (non-verbose) XML, fed piecewise: superblock > diff(left, right) > same | different |
-    left_only | right_only (begin, length in data blocks), ascending, not overlapping, within the volume."""
+class DeltaParser(thinmap.ThinXml):
+    """thin_delta's (non-verbose) XML: superblock > diff(left, right) > same | different | left_only |
+    right_only (begin, length in data blocks), ascending, not overlapping, within the volume; ``out``: the byte
+    ranges that are not ``same``."""
 
     def __init__(self, left: int, right: int, size: int) -> None:
-        self.left, self.right, self.size = left, right, size
-        self._xml: Any = ET.XMLPullParser(events=("start", "end"))
-        self._tail = b""
-        self._depth = 0
-        self.bs = self.diffs = self.next_free = 0
-        self.changed: list[tuple[int, int]] = []
-        self.failed = False
+        super().__init__(size)
+        self.left, self.right = left, right
+        self.diffs = 0
 
-    def feed(self, data: bytes) -> bool:
-        if b"<!" in self._tail + data:
-            self.failed = True
-        self._tail = data[-1:]
-        try:
-            if not self.failed:
-                self._xml.feed(data)
-                for event, el in self._xml.read_events():
-                    if event == "start":
-                        self._start(el)
-                        self._depth += 1
-                    else:
-                        self._depth -= 1
-                        el.clear()
-        except (ET.ParseError, ValueError):
-            self.failed = True
-        return not self.failed
-
-    def _start(self, el: ET.Element) -> None:
-        if (self._depth, el.tag) == (0, "superblock"):
-            self.bs = _num(el, "data_block_size") * thinmap.SECTOR
-            if not self.bs or self.bs % 4096:
-                raise ValueError("unusable data_block_size")
-        elif (self._depth, el.tag) == (1, "diff"):
+    def _element(self, depth: int, el: ET.Element) -> bool:
+        if (depth, el.tag) == (1, "diff"):
             self.diffs += 1
             if _num(el, "left") != self.left or _num(el, "right") != self.right:
                 raise ValueError("another pair of devices")
-        elif self._depth == 2 and el.tag in _KINDS:
-            first, n = _num(el, "begin"), _num(el, "length")
-            if n < 1 or first < self.next_free or (first + n - 1) * self.bs >= self.size:
-                raise ValueError("empty, out of order, overlapping or beyond the volume")
-            self.next_free = first + n
-            if el.tag != "same":
-                start, end = first * self.bs, min((first + n) * self.bs, self.size)
-                if self.changed and self.changed[-1][0] + self.changed[-1][1] == start:
-                    self.changed[-1] = (self.changed[-1][0], end - self.changed[-1][0])
-                else:
-                    self.changed.append((start, end - start))
+        elif depth == 2 and el.tag in _KINDS:
+            self._range(_num(el, "begin"), _num(el, "length"), keep=el.tag != "same")
         else:
-            raise ValueError(f"unexpected element {el.tag}")
+            return False
+        return True
 
     def finish(self) -> list[tuple[int, int]] | None:
         """The byte ranges that may differ (merged, within the volume), or None: no delta."""
-        try:
-            if not self.failed:
-                self._xml.close()
-        except ET.ParseError:
-            self.failed = True
-        return None if self.failed or self.diffs != 1 else self.changed
+        return self.out if self._close() and self.diffs == 1 else None
 
 
 def _num(el: ET.Element, attr: str) -> int:

@@ -195,25 +195,25 @@ def _num(el: ET.Element, attr: str) -> int:
     return int(value)
 
 
-class MapParser:
-    """thin_dump's XML, fed piecewise: superblock > device > range_mapping | single_mapping, nothing else.  Only
-    device ``dev_id``'s mappings are kept, merged as they come (thin_dump lists them by ascending origin block;
-    anything out of order is refused) and elements are dropped once read, so memory is the map's."""
+class ThinXml:
+    """The XML a thin tool writes (thin_dump, thin_delta), fed piecewise and parsed strictly: no DOCTYPE,
+    entities or comments (the tools write none); a ``superblock`` first, giving the data block size; elements
+    dropped once read, so memory is the result's; ranges of blocks that must come ascending, not overlapping,
+    within ``size``, merged into byte ranges (``out``).  Subclasses say which elements they accept
+    (``_element``) and what makes the document complete (``finish``)."""
 
-    def __init__(self, dev_id: int, size: int) -> None:
-        self.dev_id, self.size = dev_id, size
+    def __init__(self, size: int) -> None:
+        self.size = size
         self._xml: Any = ET.XMLPullParser(events=("start", "end"))
         self._tail = b""
         self._path: list[ET.Element] = []
-        self.bs = self.found = self.mapped = self.next_free = 0
-        self.expected = -1
+        self.bs = self.next_free = 0
         self.out: list[tuple[int, int]] = []
         self.failed = False
-        self._wanted = False  # inside device dev_id
 
     def feed(self, data: bytes) -> bool:
         """Parse more; False once anything is unexpected (the rest need not be read)."""
-        if b"<!" in self._tail + data:  # no DOCTYPE, entities or comments: thin_dump writes none
+        if b"<!" in self._tail + data:
             self.failed = True
         self._tail = data[-1:]
         try:
@@ -234,44 +234,71 @@ class MapParser:
             self.bs = _num(el, "data_block_size") * SECTOR
             if not self.bs or self.bs % 4096:
                 raise ValueError("unusable data_block_size")
-        elif (depth, el.tag) == (1, "device"):
-            self._wanted = _num(el, "dev_id") == self.dev_id
-            if self._wanted:
-                self.found += 1
-                self.expected = _num(el, "mapped_blocks")
-        elif depth == 2 and el.tag in ("range_mapping", "single_mapping"):
-            if self._wanted:
-                if el.tag == "range_mapping":
-                    self._add(_num(el, "origin_begin"), _num(el, "length"))
-                else:
-                    self._add(_num(el, "origin_block"), 1)
-        else:
+        elif depth == 0 or not self._element(depth, el):
             raise ValueError(f"unexpected element {el.tag}")
         self._path.append(el)
+
+    def _element(self, depth: int, el: ET.Element) -> bool:
+        """Take element ``el`` at ``depth`` (1: below the superblock); False: not one this tool writes."""
+        raise NotImplementedError
 
     def _end(self, el: ET.Element) -> None:
         self._path.pop()
         if self._path:
             self._path[-1].remove(el)  # read: keep no tree
 
-    def _add(self, first: int, n: int) -> None:
+    def _range(self, first: int, n: int, keep: bool = True) -> None:
+        """Blocks ``first`` to ``first + n - 1``; in ``out`` (clipped to ``size``) if ``keep``."""
         if n < 1 or first < self.next_free or (first + n - 1) * self.bs >= self.size:
-            raise ValueError("empty, out of order, overlapping or beyond the LV")
+            raise ValueError("empty, out of order, overlapping or beyond the volume")
+        self.next_free = first + n
+        if not keep:
+            return
         start, end = first * self.bs, min((first + n) * self.bs, self.size)
         if self.out and self.out[-1][0] + self.out[-1][1] == start:
             self.out[-1] = (self.out[-1][0], end - self.out[-1][0])
         else:
             self.out.append((start, end - start))
-        self.next_free, self.mapped = first + n, self.mapped + n
 
-    def finish(self) -> list[tuple[int, int]] | None:
-        """The merged byte ranges, clipped to the LV's size, or None (never "not found" as "unallocated")."""
+    def _close(self) -> bool:
         try:
             if not self.failed:
                 self._xml.close()
         except ET.ParseError:
             self.failed = True
-        if self.failed or self.found != 1 or self.mapped != self.expected:
+        return not self.failed
+
+
+class MapParser(ThinXml):
+    """thin_dump's XML: superblock > device > range_mapping | single_mapping, nothing else.  Only device
+    ``dev_id``'s mappings are kept (thin_dump lists them by ascending origin block)."""
+
+    def __init__(self, dev_id: int, size: int) -> None:
+        super().__init__(size)
+        self.dev_id = dev_id
+        self.found = self.mapped = 0
+        self.expected = -1
+        self._wanted = False  # inside device dev_id
+
+    def _element(self, depth: int, el: ET.Element) -> bool:
+        if (depth, el.tag) == (1, "device"):
+            self._wanted = _num(el, "dev_id") == self.dev_id
+            if self._wanted:
+                self.found += 1
+                self.expected = _num(el, "mapped_blocks")
+        elif depth == 2 and el.tag in ("range_mapping", "single_mapping"):
+            if self._wanted:
+                first, n = ((_num(el, "origin_begin"), _num(el, "length")) if el.tag == "range_mapping"
+                            else (_num(el, "origin_block"), 1))  # fmt: skip
+                self._range(first, n)
+                self.mapped += n
+        else:
+            return False
+        return True
+
+    def finish(self) -> list[tuple[int, int]] | None:
+        """The merged byte ranges, clipped to the LV's size, or None (never "not found" as "unallocated")."""
+        if not self._close() or self.found != 1 or self.mapped != self.expected:
             return None
         return self.out
 
