@@ -118,3 +118,6 @@ def test_reflink_backup_reads_only_touched_blocks(xfs: Path, tmp_path: Path) -> 
     restored = [p for p in sim.volume_files("work1").values() if p.name == "private.img"]
     assert restored and restored[0].read_bytes() == img.read_bytes()
     assert not list(reflinkbases.bases_dir(pool_dir).glob("next-*"))
+    released = reflinkbases.cleanup(pool_dir, lambda pid: False, keep_all=False)  # --release-bases
+    assert [Path(p).parent.name for p in released] == [first.repo_id]
+    assert not reflinkbases.bases_dir(pool_dir).exists()  # no empty directory left in the pool's directory

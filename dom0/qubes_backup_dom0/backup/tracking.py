@@ -34,6 +34,9 @@ from qubes_backup_dom0.qubes import bases, fiemap, pools, reflinkbases, repostat
 from qubes_backup_dom0.qubes.bases import OurLv
 from qubes_backup_dom0.qubes.system import System
 
+NO_ANSWER_LVM = "thin_delta gave no usable answer"
+NO_ANSWER_REFLINK = "the extents of its base and its copy could not be compared (FIEMAP)"
+
 
 @dataclass
 class Tracked:
@@ -186,7 +189,7 @@ class Tracking:
         else:
             ranges = bases.delta(self.system, t.vg, pool, base.thin_id, new[0], t.size)
             if ranges is None:
-                t.why = "thin_delta gave no usable answer"
+                t.why = NO_ANSWER_LVM
             else:
                 t.base, t.block_size, t.base_root = base, int(bs_tag), base.tag(bases.ROOT)
                 t.changed = _align(ranges, t.block_size, t.size)
@@ -269,7 +272,7 @@ class Tracking:
             finally:
                 os.close(bfd)
             if ranges is None:
-                t.why = "the extents of its base and its copy could not be compared (FIEMAP)"
+                t.why = NO_ANSWER_REFLINK
             else:
                 t.block_size, t.base_root, t.changed = base.block_size, base.root, ranges
         if self.rescan:
@@ -317,6 +320,11 @@ class Tracking:
     def full_reads(self) -> list[str]:
         """``VM volume: why`` for each tracked volume read in full."""
         return [f"{t.ref.label}: {t.why}" for t in self.tracked.values() if t.changed is None]
+
+    def no_answer(self) -> int:
+        """How many volumes had a usable base but were read in full because thin_delta or FIEMAP failed."""
+        return sum(1 for t in self.tracked.values() if t.changed is None and t.why in (NO_ANSWER_LVM,
+                                                                                     NO_ANSWER_REFLINK))
 
     # -- the end of a run ----------------------------------------------------------------------------------------
 

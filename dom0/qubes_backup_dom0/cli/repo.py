@@ -224,6 +224,9 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     if args.verbose:
         for line in tracking.full_reads():
             log(f"note: read in full: {line}")
+    elif n := tracking.no_answer():
+        log(f"note: change tracking could not tell what changed in {n} volume{'s' if n > 1 else ''} (thin_delta or "
+            "FIEMAP gave no usable answer): read in full; -v names them")
     if any(a.kind == "vm" and a.vm == vm for a in plan.archives):
         warn(f"the backup VM {vm} is backed up into itself: its volumes are saved as they were when it last shut "
              "down")  # fmt: skip

@@ -142,7 +142,11 @@ def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id:
         return
     tags = ["--deltag", NEXT_TAG, "--deltag", f"{PID}{os.getpid()}", "--addtag", BASE_TAG, "--addtag",
             f"{REPO}{repo_id}", "--addtag", f"{ROOT}{root_id}", "--addtag", f"{BS}{block_size}"]  # fmt: skip
-    run_lvm(system, ["lvchange", *tags, *(n for n, _ in nexts)], "cannot tag the new change-tracking bases")
+    try:
+        run_lvm(system, ["lvchange", *tags, *(n for n, _ in nexts)], "cannot tag the new change-tracking bases")
+    except BackupError:  # still tagged as new snapshots of this run: no base, so none may stay behind
+        remove(system, [n for n, _ in nexts], "the new change-tracking snapshots")
+        raise
     remove(system, old, "the previous change-tracking bases")
     for spec, new in nexts:
         vg, _, name = spec.partition("/")

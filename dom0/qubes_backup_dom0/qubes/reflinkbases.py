@@ -132,4 +132,10 @@ def cleanup(pool_dir: Path, alive: object, keep_all: bool = True) -> list[str]:
                 (d / f"{k}.json").unlink(missing_ok=True)
                 img.unlink(missing_ok=True)
                 removed.append(str(img))
+        if not keep_all:  # --release-bases: the repository's directory too, once empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+    if not keep_all:
+        with contextlib.suppress(OSError):
+            root.rmdir()
     return removed
