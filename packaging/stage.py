@@ -15,6 +15,7 @@ agent (qubes-backup-agent, in a template):
   /usr/lib/tmpfiles.d/qubes-backup-agent.conf        links them into /run/qubes-rpc at every boot (R4.3 qrexec
                                                      looks there first; not a file of any Qubes package)
   /etc/profile.d/qubes-backup-agent.sh               R4.2 only: makes qrexec's multiplexer look there too
+  /usr/bin/qubes-backup-agent                        the VM's own command (``prune`` for cron; not a Qubes name)
 dom0 (qubes-backup-dom0):
   LIB/protocol/, LIB/dom0/qubes_backup_dom0/, LIB/vm-agent/, LIB/rpc-policy/qubes.Restore (a restore from a dom0
   file runs the agent's qubes.Restore, confined); LIB/bin/qvm-backup, qvm-backup-restore (the commands)
@@ -54,6 +55,20 @@ SERVICES = {"agent": ("qubes.Backup", "qubes.Restore", "qubes.RestoreParanoid"),
 # The dom0 commands: name -> the module whose main() they run.
 COMMANDS = {"qvm-backup": "qubes_backup_dom0.cli.backup", "qvm-backup-restore": "qubes_backup_dom0.cli.restore"}
 
+# The agent package's command in the VM (cron runs it: /usr/bin, where cron's PATH looks).
+AGENT_COMMANDS = {"qubes-backup-agent": "qubes_backup_agent.cli"}
+AGENT_COMMAND = f'''#!/usr/bin/python3 -s
+"""{{name}} of qubes-backup (package qubes-backup-agent): commands run inside the backup qube (docs/REPOSITORY.md)."""
+
+import sys
+
+sys.path[:0] = ["{LIB}/protocol", "{LIB}/vm-agent"]
+
+from {{module}} import main  # noqa: E402
+
+sys.exit(main())
+'''
+
 COMMAND = '''#!/usr/bin/python3 -s
 """{name} of qubes-backup (package qubes-backup-dom0, docs/INSTALL.md).  Qubes' own is /usr/bin/{name}."""
 
@@ -86,6 +101,8 @@ def plan(package: str) -> dict[str, tuple[bytes, int]]:
             0o644,
         )
         files["/etc/profile.d/qubes-backup-agent.sh"] = ((PACKAGING / "agent" / "profile.sh").read_bytes(), 0o644)
+        for name, module in AGENT_COMMANDS.items():
+            files[f"/usr/bin/{name}"] = (AGENT_COMMAND.format(name=name, module=module).encode(), 0o755)
     else:
         for name, module in COMMANDS.items():
             files[f"{LIB}/bin/{name}"] = (COMMAND.format(name=name, module=module).encode(), 0o755)

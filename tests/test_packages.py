@@ -234,7 +234,9 @@ def test_agent_package_contents(dist: Path, tmp_path: Path, kind: str) -> None:
     assert set(files) - ours - {
         "/usr/lib/tmpfiles.d/qubes-backup-agent.conf",
         "/etc/profile.d/qubes-backup-agent.sh",
+        "/usr/bin/qubes-backup-agent",
     } <= {p for p in files if p.startswith(("/usr/share/doc/", "/usr/share/python3/runtime.d/"))}
+    assert files["/usr/bin/qubes-backup-agent"].startswith("-rwxr-xr-x root")
     assert not set(files) & set(QUBES_OWNED)
     for service in AGENT_SERVICES:
         assert files[f"{LIB}/rpc-policy/{service}"].startswith("-rwxr-xr-x root")
@@ -346,6 +348,11 @@ def test_agent_package_in_a_template(dist: Path, tmp_path: Path, kind: str, rele
     assert {k: v for k, v in installed.items() if k in before} == before
     # Bytecode compiled at install (the agent runs as the qube's user, who cannot write there).
     assert list(root.path(f"{LIB}/vm-agent/qubes_backup_agent/__pycache__").glob("handover.*.pyc"))
+    # The VM's own command (cron: /usr/bin), with the system's python3: a prune of no repository, one line.
+    r = root.run(["qubes-backup-agent", "prune", "--repo", "/nowhere", "--keep-last", "1"],
+                 env=root.env(PATH="/usr/bin:/bin"))  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    assert r.stderr == b"qubes-backup-agent: error: location does not exist: /nowhere\n", r.stderr
 
     for boot in ("installed in the running template", "a qube based on it, after its start"):
         if boot.startswith("a qube"):

@@ -23,6 +23,7 @@ import re
 import secrets
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,6 +46,8 @@ _GET = (64, 0)
 _BACKUP_FRAMES = {FrameType.DATA: (0, frames.MAX_DATA_FRAME), FrameType.COMMIT: (0, 0), FrameType.GET: _GET}
 _RESTORE_FRAMES = {FrameType.GET: _GET}
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
+HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
+MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
 _OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
 
 
@@ -250,6 +253,103 @@ class Repository:
             _fsync_dir(self.path / names.ROOTS_DIR)
         except OSError as exc:
             raise self._fail(exc, "committing the snapshot to") from None
+
+    # -- pruning (docs/REPOSITORY.md section 11; prune.py decides, these only act) ---------------------
+
+    def close(self) -> None:
+        """Release the lock (a long-lived process that pruned; a service simply exits)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def object_ids(self) -> Iterator[str]:
+        """Every object stored, ``objects/XX/ID`` with ``XX`` = ``ID[:2]`` (anything else there is not an
+        object and is left alone)."""
+        base = self.path / names.OBJECTS_DIR
+        try:
+            subdirs = sorted(os.listdir(base))
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise self._fail(exc, "listing", names.OBJECTS_DIR) from None
+        for sub in subdirs:
+            if len(sub) != 2 or any(c not in "0123456789abcdef" for c in sub):
+                continue
+            try:
+                entries = sorted(os.listdir(base / sub))
+            except NotADirectoryError:
+                continue
+            except OSError as exc:
+                raise self._fail(exc, "listing", f"{names.OBJECTS_DIR}/{sub}") from None
+            yield from (e for e in entries if names.is_object_name(e) and e[:2] == sub)
+
+    def object_size(self, oid: str) -> int:
+        """The size of an object's file; raises FileNotFoundError when it is missing."""
+        try:
+            return os.lstat(self.file_of(oid)).st_size
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise self._fail(exc, "reading", oid) from None
+
+    def read_clear(self, name: str) -> bytes:
+        """The clear HEAD and REFS of an object or root (``name``: an id or ``roots/NAME``): 83 bytes, then
+        65 per reference as HEAD states (at most MAX_CLEAR_REFS); shorter when the file is.  Raises
+        FileNotFoundError when it is missing.  The caller checks the grammar."""
+        try:
+            fd = os.open(self.file_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise self._fail(exc, "opening", name) from None
+        try:
+            head = os.pread(fd, HEAD_LEN, 0)
+            m = _OBJECT_HEAD.fullmatch(head)
+            if m is None:
+                return head
+            want = REF_LEN * min(int(m.group(2)), MAX_CLEAR_REFS)
+            refs = bytearray()
+            while len(refs) < want:
+                piece = os.pread(fd, min(COPY_PIECE, want - len(refs)), HEAD_LEN + len(refs))
+                if not piece:
+                    break
+                refs += piece
+            return head + bytes(refs)
+        except OSError as exc:
+            raise self._fail(exc, "reading", name) from None
+        finally:
+            os.close(fd)
+
+    def delete_root(self, name: str) -> None:
+        """Delete a snapshot root, durably (``roots/`` is fsynced: a root prune deleted never comes back
+        after a crash that kept the deletion of its objects)."""
+        if not names.is_root_name(name):
+            raise StorageError(f"not a root name: {frames.safe_text(name)}")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path / name)
+            _fsync_dir(self.path / names.ROOTS_DIR)
+        except OSError as exc:
+            raise self._fail(exc, "deleting", name) from None
+
+    def delete_object(self, oid: str) -> None:
+        """Delete an object (one already gone is not an error: a prune killed after deleting it)."""
+        if not names.is_object_name(oid):
+            raise StorageError(f"not an object name: {frames.safe_text(oid)}")
+        try:
+            os.unlink(self.file_of(oid))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._fail(exc, "deleting", oid) from None
+
+    def clean_tmp(self) -> None:
+        """Remove what a killed backup left in ``tmp/`` (only ever called under the exclusive lock)."""
+        with contextlib.suppress(FileNotFoundError):
+            entries = os.listdir(self.path / TMP)
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path / TMP / entry)
 
 
 # ------------------------------------------------------------------------------------------- the sessions

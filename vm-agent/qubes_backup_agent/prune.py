@@ -1,0 +1,251 @@
+"""Keyless prune in the backup VM (docs/REPOSITORY.md section 11): delete the snapshots a retention policy
+does not keep, then every object no retained snapshot references.  No key, no plaintext: the references are
+read from each object's clear HEAD and REFS (section 5), which dom0 wrote and MACed and its reader checks
+against the body.
+
+The algorithm, under the repository's exclusive lock (a backup or another prune is refused meanwhile):
+
+1. list the roots; the policy (``qubes_backup_protocol.retention``, on the times in the root names) says which
+   are kept; the newest by sequence number always is (dom0 builds the next backup on it);
+2. the live set: from every retained root, follow the references (root -> file lists and qubes.xml subset ->
+   segments -> data blocks), reading only each object's clear prefix and checking its grammar strictly (type
+   letter, the type the parent's position calls for, id = file name, N within the type's bound, references 64
+   hex strictly ascending, the file long enough for them, an IV and a MAC).  A referenced object that is
+   missing, or whose clear part is malformed, is *damage*: the prune reports it and deletes nothing at all
+   (the malformed object is kept; its references are not guessed), so damage is never "fixed" silently and
+   no older snapshot is deleted while a retained one is broken;
+3. delete the dropped roots, each followed by an fsync of ``roots/``;
+4. delete every object not in the live set, then clear ``tmp/`` (partial files of a killed backup).
+
+A prune killed at any point leaves every retained snapshot whole: objects are deleted only after the roots
+that referenced them are durably gone, and only objects no retained root reaches.  The next prune recomputes
+the same kept set (the rules keep what they kept, whatever dropped roots are already gone) and completes.
+A dry run takes the lock shared, computes the same report and deletes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from qubes_backup_protocol import repo as names
+from qubes_backup_protocol.retention import Policy, parse_time, reasons
+
+from .repository import open_repository
+from .storage import StorageError
+
+HEAD_LEN, REF_LEN, IV_LEN, MAC_LEN = 83, 65, 16, 65
+MAX_REFS = {"r": 10_001, "t": 262_144, "s": 4_096, "d": 0, "x": 0}
+TYPE_NAMES = {"r": "snapshot root", "t": "file list", "s": "map segment", "d": "data block", "x": "qubes.xml subset"}
+CHILDREN = {"r": "tx", "t": "s", "s": "d", "d": "", "x": ""}  # what each type may reference
+MAX_DAMAGE_LINES = 50  # the report lists this many findings, then how many more
+_HEAD_RE = re.compile(rb"qbr1 ([rtsdx]) ([zn]) ([0-9a-f]{64}) ([0-9]{8})\n")
+_REF_RE = re.compile(rb"[0-9a-f]{64}\n")
+
+
+class Store(Protocol):
+    """What prune needs of a repository's storage (a directory: repository.Repository)."""
+
+    def roots(self) -> list[str]: ...
+    def object_ids(self) -> Iterator[str]: ...
+    def object_size(self, oid: str) -> int: ...
+    def read_clear(self, name: str) -> bytes: ...
+    def delete_root(self, name: str) -> None: ...
+    def delete_object(self, oid: str) -> None: ...
+    def clean_tmp(self) -> None: ...
+
+
+@dataclass
+class SnapshotFate:
+    name: str  # roots/SSSSSSSSSS-YYYYMMDDTHHMMSSZ
+    seq: int
+    created: str  # YYYY-MM-DDTHH:MM:SSZ, from the name
+    kept: bool
+    reasons: list[str]  # why kept: newest, last, daily, weekly, monthly (or bad-time); empty when deleted
+
+
+@dataclass
+class PruneReport:
+    snapshots: list[SnapshotFate]
+    objects_deleted: int  # objects (files under objects/) deleted, or that a dry run would delete
+    bytes_freed: int  # their bytes
+    objects_kept: int
+    bytes_kept: int
+    dry_run: bool
+    damaged: list[str] = field(default_factory=list)  # findings in retained snapshots: then nothing is deleted
+    damage_count: int = 0  # all findings (damaged lists the first MAX_DAMAGE_LINES)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Malformed(Exception):
+    """An object's clear part does not follow section 5's grammar."""
+
+
+def parse_clear(data: bytes, oid: str | None, types: str, size: int | None) -> tuple[str, list[str]]:
+    """The type and references of an object's clear prefix (``read_clear``), checked strictly: the type is
+    one of ``types``, the id is ``oid`` (a root is not named by its id), N within the type's bound,
+    references 64 hex strictly ascending, and the file (``size`` bytes) long enough to hold them, an IV and
+    a MAC."""
+    m = _HEAD_RE.fullmatch(data[:HEAD_LEN])
+    if m is None:
+        raise Malformed("malformed clear header")
+    otype, got_id, nrefs = m.group(1).decode(), m.group(3).decode(), int(m.group(4))
+    if otype not in types:
+        raise Malformed(f"a {TYPE_NAMES[otype]} where a {' or '.join(TYPE_NAMES[t] for t in types)} belongs")
+    if oid is not None and got_id != oid:
+        raise Malformed(f"its header names another object ({got_id[:16]})")
+    if nrefs > MAX_REFS[otype]:
+        raise Malformed(f"{nrefs} references, more than a {TYPE_NAMES[otype]} may have")
+    end = HEAD_LEN + REF_LEN * nrefs
+    if len(data) != end or (size is not None and size < end + IV_LEN + MAC_LEN):
+        raise Malformed("truncated")
+    refs: list[str] = []
+    for pos in range(HEAD_LEN, end, REF_LEN):
+        line = data[pos : pos + REF_LEN]
+        if _REF_RE.fullmatch(line) is None:
+            raise Malformed("malformed reference list")
+        ref = line[:64].decode()
+        if refs and ref <= refs[-1]:
+            raise Malformed("references out of order")
+        refs.append(ref)
+    return otype, refs
+
+
+def decide(roots: list[str], policy: Policy) -> list[SnapshotFate]:
+    """Each root's fate under the policy, ascending sequence number.  A root whose name states an impossible
+    time is kept (``bad-time``): its age is unknown."""
+    if not roots:
+        return []
+    seqs = [names.root_seq(n) for n in roots]
+    if len(set(seqs)) != len(seqs):
+        twice = sorted({s for s in seqs if seqs.count(s) > 1})
+        raise StorageError(f"the repository has two roots of snapshot {twice[0]} (a fork, or another "
+                           "writer): refusing to prune; dom0 tells the genuine one (qvm-backup-restore "
+                           "--verify-only)")  # fmt: skip
+    timed: list[tuple[int, datetime]] = []
+    bad: set[int] = set()
+    for name in roots:
+        try:
+            timed.append((names.root_seq(name), parse_time(names.root_created(name))))
+        except ValueError:
+            bad.add(names.root_seq(name))
+    why = reasons(timed, policy)
+    newest = max(names.root_seq(n) for n in roots)
+    if newest in bad:  # reasons() named the newest of the dated ones "newest": only the real one is
+        for seq in list(why):
+            why[seq] = [r for r in why[seq] if r != "newest"]
+            if not why[seq]:
+                del why[seq]
+    fates = []
+    for name in roots:
+        seq = names.root_seq(name)
+        kept = why.get(seq, [])
+        if seq in bad:
+            kept = ["newest", "bad-time"] if seq == newest else ["bad-time"]
+        fates.append(SnapshotFate(name, seq, names.root_created(name), bool(kept), list(kept)))
+    return fates
+
+
+class _Damage:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.count = 0
+
+    def add(self, line: str) -> None:
+        self.count += 1
+        if len(self.lines) < MAX_DAMAGE_LINES:
+            self.lines.append(line)
+
+
+def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], damage: _Damage) -> set[str]:
+    """Every object a retained snapshot references, transitively (only those present; what is missing or
+    malformed goes to ``damage``).  ``sizes``: the objects present and their sizes."""
+    live: set[str] = set()
+    seen: set[str] = set()  # reached (live, missing or malformed): each object is judged once
+    for fate in retained:
+        where = f"snapshot {fate.seq} ({fate.name})"
+        try:
+            _t, todo = parse_clear(store.read_clear(fate.name), None, "r", None)
+        except FileNotFoundError:  # gone since it was listed, under our lock: something else deletes here
+            damage.add(f"{where}: its root vanished while the prune ran")
+            continue
+        except Malformed as exc:
+            damage.add(f"{where}: its root is malformed ({exc})")
+            continue
+        expect = {oid: CHILDREN["r"] for oid in todo}
+        while todo:
+            oid = todo.pop()
+            if oid in seen:
+                continue
+            seen.add(oid)
+            what = " or ".join(TYPE_NAMES[t] for t in expect[oid])
+            if oid not in sizes:
+                damage.add(f"{where}: {what} {oid[:16]} is missing")
+                continue
+            live.add(oid)  # present: kept, even when malformed
+            try:
+                otype, refs = parse_clear(store.read_clear(oid), oid, expect[oid], sizes[oid])
+            except FileNotFoundError:
+                damage.add(f"{where}: {what} {oid[:16]} is missing")
+                continue
+            except Malformed as exc:
+                damage.add(f"{where}: {what} {oid[:16]} is malformed ({exc}); kept, its references unknown")
+                continue
+            for ref in refs:
+                if ref not in seen:
+                    expect.setdefault(ref, CHILDREN[otype])
+                    todo.append(ref)
+    return live
+
+
+def prune(store: Store, policy: Policy, dry_run: bool) -> PruneReport:
+    """Prune ``store``, whose lock the caller holds (exclusively unless ``dry_run``)."""
+    roots = store.roots()
+    if len(roots) >= names.MAX_ROOTS:
+        raise StorageError(f"the repository lists {len(roots)} snapshots or more; prune handles fewer than "
+                           f"{names.MAX_ROOTS}")  # fmt: skip
+    fates = decide(roots, policy)
+    sizes = {oid: _size(store, oid) for oid in store.object_ids()}
+    sizes = {oid: n for oid, n in sizes.items() if n >= 0}
+    damage = _Damage()
+    live = live_set(store, [f for f in fates if f.kept], sizes, damage)
+    doomed = sorted(set(sizes) - live)
+    report = PruneReport(fates, len(doomed), sum(sizes[o] for o in doomed), len(sizes) - len(doomed),
+                         sum(sizes[o] for o in live), dry_run, damage.lines, damage.count)  # fmt: skip
+    if damage.count:
+        report.objects_deleted = report.bytes_freed = 0
+        report.objects_kept, report.bytes_kept = len(sizes), sum(sizes.values())
+        return report
+    if dry_run:
+        return report
+    for fate in fates:
+        if not fate.kept:
+            store.delete_root(fate.name)  # durable before any object goes
+    for oid in doomed:
+        store.delete_object(oid)
+    store.clean_tmp()
+    return report
+
+
+def _size(store: Store, oid: str) -> int:
+    try:
+        return store.object_size(oid)
+    except FileNotFoundError:
+        return -1
+
+
+def prune_location(location: str, root: Path, policy: Policy, dry_run: bool) -> PruneReport:
+    """Open the repository directory ``location`` (a path in the VM, confined to ``root``), take its lock
+    (refused with one line while a backup or another prune runs) and prune it.  Errors: StorageError."""
+    repo = open_repository(location, root, create=False)
+    try:
+        repo.lock(exclusive=not dry_run)
+        return prune(repo, policy, dry_run)
+    finally:
+        repo.close()
