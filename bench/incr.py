@@ -256,12 +256,15 @@ class Incr(Bench):
         self.change: Change | None = None
         self.kdf = ["--kdf-n", "1024", "--weak-kdf-ok"] if smoke else []  # the smoke: seconds, not the KDF's
         self.baseline_change = True  # restic's and borg's run after the change too (not needed by a target)
+        self.load_before = os.getloadavg()[0]
+        self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     def add(self, case: Case) -> Case:
         """Record ``case`` and save everything measured so far (work/progress.json: a run cut short keeps it)."""
         super().add(case)
         progress = {"facts": self.facts, "cases": [asdict(c) for c in self.cases.values()],
-                    "runs": [asdict(r) for r in self.runs.values()]}  # fmt: skip
+                    "runs": [asdict(r) for r in self.runs.values()], "load_before": self.load_before,
+                    "date": self.started}  # fmt: skip
         (self.work / "progress.json").write_text(json.dumps(progress, indent=2, default=str) + "\n")
         return case
 
@@ -341,13 +344,30 @@ class Incr(Bench):
         self.change.undo()
         shutil.rmtree(self.repo)
 
-    def prune(self) -> None:
-        """Prune needs `qubes-backup-agent prune` (helper `prune`'s branch): measured only when it is there."""
+    def prune(self, repo: Path | None = None, keep_last: int = 1) -> None:
+        """``qubes-backup-agent prune --keep-last N`` on the repository (in the backup VM, no passphrase), when
+        helper `prune`'s work is in this tree.  The repository holds this run's snapshots (3: the 30 of the
+        issue would need 27 more full reads of the system); prune's work grows with the objects (every one is
+        listed and sized, every live one's clear header read), so the time per object is reported too."""
+        repo = repo or self.repo
         if importlib.util.find_spec("qubes_backup_agent.prune") is None:
             self.facts["prune"] = "not measured: prune not merged"
             print("  prune: not measured (qubes_backup_agent.prune is not in this tree)", flush=True)
             return
-        self.facts["prune"] = "not measured: prune is merged but the bench does not drive it yet"
+        snapshots = len(list((repo / "roots").iterdir()))
+        objects = sum(len(os.listdir(d)) for d in (repo / "objects").iterdir())
+        out = self.work / "prune.json"
+        argv = [sys.executable, "-m", "qubes_backup_agent.cli", "prune", "--repo", str(repo),
+                "--keep-last", str(keep_last), "--json"]  # fmt: skip
+        case = Case("prune", f"qubes-backup-agent prune --keep-last {keep_last}: {snapshots} snapshots, "
+                    f"{objects:,} objects", temp_note="none")  # fmt: skip
+        run_measured(case, argv, self.log, dict(os.environ, QUBES_AGENT_ROOT="/"), stdout=out)
+        doc = json.loads(out.read_text())
+        self.facts["prune"] = {k: doc.get(k) for k in ("objects_deleted", "bytes_freed", "objects_kept", "bytes_kept")}
+        self.facts["prune"]["snapshots"], self.facts["prune"]["objects"] = snapshots, objects  # type: ignore[index]
+        self.facts["prune"]["per_object_ms"] = round(case.wall / objects * 1000, 4)  # type: ignore[index]
+        case.output = int(doc.get("bytes_freed") or 0)
+        self.add(case)
 
     # -------------------------------------------------------------------------------------- baselines
 
@@ -464,11 +484,14 @@ def evaluate(b: Incr) -> list[Target]:
     x = rr.mbps / v1r.mbps if rr and v1r and v1r.mbps else None
     add("restore newest snapshot vs today's full restore (MB/s)", ">= 1x", x, x is not None and x >= 1.0,
         f"{x or 0:.2f}x{per_cpu(rr, v1r)}")
-    prune = got("prune")
-    add("prune of 30 snapshots", "<= 10 s", prune.wall if prune else None, prune is not None and prune.wall <= 10,
-        f"{prune.wall if prune else 0:.2f} s")
-    if prune is None:
-        out[-1].measured = str(f.get("prune", "not measured"))
+    prune, pf = got("prune"), f.get("prune")
+    if prune is not None and isinstance(pf, dict):
+        add(f"prune ({pf['snapshots']} snapshots of this system, not 30)", "<= 10 s (30 snapshots)", prune.wall,
+            None, f"{prune.wall:.2f} s: {pf['objects']:,} objects, {pf['objects_deleted']:,} deleted "
+            f"({pf['per_object_ms']} ms per object)")
+    else:
+        add("prune of 30 snapshots", "<= 10 s", None, None, "")
+        out[-1].measured = str(pf or "not measured")
     peaks = [k.dom0_rss for key, k in c.items() if key.startswith("repo_") and not k.skipped]
     peak = max(peaks) if peaks else None
     add("dom0 peak RSS (repository runs)", "<= 300 MiB", peak, peak is not None and peak <= 300 * MIB,
@@ -494,7 +517,7 @@ def table(b: Incr, targets: list[Target], machine: dict[str, object]) -> str:
             f"KiB, {int(f['change_bytes']) / MIB:.0f} MiB ({f.get('touched_blocks', '?')} touched 256 KiB blocks).")  # type: ignore[call-overload]
     lines = [head, "",
              "| case | wall s | MB/s (data) | CPU s | dom0 CPU s | agent CPU s | dom0 peak RSS MiB "
-             "| agent peak RSS MiB | sent / stored MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| agent peak RSS MiB | output MiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for c in b.cases.values():
         label = c.label.replace("|", "\\|")
         if c.skipped:
@@ -537,6 +560,43 @@ def write_docs(payload: dict[str, object], text: str) -> None:
     run.PERF_MD.write_text(doc)
 
 
+def finish(bench: Incr, machine: dict[str, object], smoke: bool, no_docs: bool) -> None:
+    """Evaluate, print, and write the results (docs/, or the work directory for the smoke)."""
+    machine["loadavg_after"] = round(os.getloadavg()[0], 2)
+    loaded = max(float(machine["loadavg_before"]), os.getloadavg()[0]) > 0.5  # type: ignore[arg-type]
+    machine["load_note"] = "figures are wall times on a loaded machine" if loaded else "little other load"
+    targets = evaluate(bench)
+    text = table(bench, targets, machine)
+    payload = {"machine": machine, "facts": bench.facts, "smoke": smoke,
+               "cases": [dict(asdict(c), mbps=round(c.mbps, 1)) for c in bench.cases.values()],
+               "runs": [asdict(r) for r in bench.runs.values()], "targets": [asdict(t) for t in targets]}  # fmt: skip
+    print("\n" + text)
+    if no_docs:
+        (bench.work / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    else:
+        write_docs(payload, text)
+        print(f"\nwritten: {RESULTS_JSON.relative_to(run.REPO)}, {run.PERF_MD.relative_to(run.REPO)}")
+
+
+def report_only(args: argparse.Namespace) -> int:
+    """The figures of a run cut short (its progress.json), optionally with prune measured on a hard-linked copy
+    of its repository made while it ran."""
+    saved = json.loads(args.report.read_text())
+    bench = Incr(args.report.parent, False, args.report.parent / "bench.log")
+    bench.facts = saved["facts"]
+    for c in saved["cases"]:
+        bench.cases[c["key"]] = Case(**c)
+    for r in saved["runs"]:
+        bench.runs[r["key"]] = RepoRun(**r)
+    load_before = os.getloadavg()[0]
+    if args.prune_repo:
+        bench.prune(args.prune_repo.absolute())
+    machine = machine_info(saved.get("load_before", load_before))
+    machine["date"] = saved.get("date", machine["date"])
+    finish(bench, machine, False, args.no_docs)
+    return 0
+
+
 PARTS = ("single", "ours", "restic", "borg")
 
 
@@ -550,7 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/PERFORMANCE.md and docs/performance/")
     ap.add_argument("--no-baseline-change", action="store_true",
                     help="skip restic's and borg's run after the change (no target needs it; saves their longest runs)")
+    ap.add_argument("--report", type=Path, metavar="PROGRESS",
+                    help="only evaluate and write the figures a run saved in PROGRESS (its progress.json)")
+    ap.add_argument("--prune-repo", type=Path, metavar="DIR",
+                    help="with --report: first measure prune on this copy of the run's repository")
     args = ap.parse_args(argv)
+    if args.report:
+        return report_only(args)
     if args.smoke:
         args.data_mib, args.apparent_gib, args.no_docs = 24.0, 0.25, True
     parts = set(args.only.split(",")) if args.only else set(PARTS)
@@ -579,20 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_qubesd(bench.src)
     machine = machine_info(load_before)
-    machine["loadavg_after"] = round(os.getloadavg()[0], 2)
-    machine["load_note"] = "figures are wall times on a loaded machine" if max(
-        load_before, os.getloadavg()[0]) > 0.5 else "little other load"  # fmt: skip
-    targets = evaluate(bench)
-    text = table(bench, targets, machine)
-    payload = {"machine": machine, "facts": bench.facts, "smoke": args.smoke,
-               "cases": [dict(asdict(c), mbps=round(c.mbps, 1)) for c in bench.cases.values()],
-               "runs": [asdict(r) for r in bench.runs.values()], "targets": [asdict(t) for t in targets]}  # fmt: skip
-    print("\n" + text)
-    if args.no_docs:
-        (work / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    else:
-        write_docs(payload, text)
-        print(f"\nwritten: {RESULTS_JSON.relative_to(run.REPO)}, {run.PERF_MD.relative_to(run.REPO)}")
+    finish(bench, machine, args.smoke, args.no_docs)
     for big in (bench.src, bench.tree):  # the log and results stay in the work directory
         shutil.rmtree(big, ignore_errors=True)
     return 0
