@@ -257,6 +257,7 @@ class Incr(Bench):
         self.kdf = ["--kdf-n", "1024", "--weak-kdf-ok"] if smoke else []  # the smoke: seconds, not the KDF's
         self.baseline_change = True  # restic's and borg's run after the change too (not needed by a target)
         self.load_before = os.getloadavg()[0]
+        self.fraction: float | None = None  # the baselines ran on this fraction of the data (--baselines-subset)
         self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     def add(self, case: Case) -> Case:
@@ -419,6 +420,10 @@ class Incr(Bench):
                         temp_note="restic's TMPDIR" if probe else "none")  # fmt: skip
             run_measured(case, argv, self.log, env, temp_probe=probe, cwd=cwd)  # type: ignore[arg-type]
             case.output = max(allocated(repo) - before, 0)
+            if self.fraction is not None:  # measured on part of the volumes: wall, CPU and output scaled up
+                case.scaled_from = self.fraction
+                case.wall, case.cpu, case.output = (case.wall / self.fraction, case.cpu / self.fraction,
+                                                    int(case.output / self.fraction))  # fmt: skip
             self.add(case)
         if self.change.applied:
             self.change.undo()
@@ -525,6 +530,8 @@ def table(b: Incr, targets: list[Target], machine: dict[str, object]) -> str:
             continue
         ours = c.key.startswith(("repo_", "v1_"))
         agent = f"{c.agent_cpu:.1f}" if ours else "-"
+        if c.scaled_from:
+            label += f" (measured on {c.scaled_from:.0%} of the data, scaled)"
         lines.append(f"| {label} | {c.wall:.2f} | {c.mbps:,.0f} | {c.cpu:.1f} | {c.dom0_cpu:.1f} | {agent} "
                      f"| {run.fmt_mib(c.dom0_rss)} | {run.fmt_mib(c.agent_rss) if ours else '-'} "
                      f"| {c.output / MIB:,.2f} |")  # fmt: skip
@@ -578,6 +585,55 @@ def finish(bench: Incr, machine: dict[str, object], smoke: bool, no_docs: bool) 
         print(f"\nwritten: {RESULTS_JSON.relative_to(run.REPO)}, {run.PERF_MD.relative_to(run.REPO)}")
 
 
+def subset(tree: Path, fraction: float, dst: Path) -> tuple[float, float, list[str]]:
+    """Hard-link the VM directories of ``tree`` whose share of both the data and the apparent size is closest to
+    ``fraction`` into ``dst`` (with dom0's home); returns (data share, apparent share, the directories)."""
+    dirs = sorted(p for p in tree.glob("*/*") if p.is_dir() and p.parent.name != "dom0-home")
+    sizes = [(sum(allocated(f) for f in d.glob("*.img")), sum(f.stat().st_size for f in d.glob("*.img"))) for d in dirs]
+    tot_d, tot_a = sum(d for d, _ in sizes), sum(a for _, a in sizes)
+    best: tuple[float, int] = (9.0, 0)
+    for mask in range(1, 1 << len(dirs)):
+        d = sum(sizes[i][0] for i in range(len(dirs)) if mask >> i & 1) / tot_d
+        a = sum(sizes[i][1] for i in range(len(dirs)) if mask >> i & 1) / tot_a
+        best = min(best, (abs(d - fraction) + abs(a - fraction), mask))
+    chosen = [dirs[i] for i in range(len(dirs)) if best[1] >> i & 1]
+    for d in chosen:
+        (dst / d.relative_to(tree)).mkdir(parents=True)
+        for f in d.glob("*.img"):
+            os.link(f, dst / f.relative_to(tree))
+    shutil.copytree(tree / "dom0-home", dst / "dom0-home", symlinks=True)
+    share_d = sum(sizes[dirs.index(d)][0] for d in chosen) / tot_d
+    share_a = sum(sizes[dirs.index(d)][1] for d in chosen) / tot_a
+    return share_d, share_a, [d.relative_to(tree).as_posix() for d in chosen]
+
+
+def baselines_subset(args: argparse.Namespace) -> int:
+    """restic's and borg's first run and re-run on part of a cut-short run's volumes (its baseline tree, left in
+    its work directory), scaled to all of the data; saved into its progress.json for ``--report``."""
+    work = args.work.absolute()
+    saved = json.loads((work / "progress.json").read_text())
+    bench = Incr(work, False, work / "bench.log")
+    bench.facts = saved["facts"]
+    for c in saved["cases"]:
+        bench.cases[c["key"]] = Case(**c)
+    for r in saved["runs"]:
+        bench.runs[r["key"]] = RepoRun(**r)
+    bench.load_before, bench.started = saved.get("load_before", bench.load_before), saved.get("date", bench.started)
+    bench.data = int(bench.facts["data_bytes"])  # type: ignore[call-overload]
+    part = work / "subset-tree"
+    shutil.rmtree(part, ignore_errors=True)
+    share_d, share_a, chosen = subset(work / "baseline-tree", args.baselines_subset, part)
+    bench.tree, bench.fraction, bench.baseline_change = part, share_d, False
+    bench.change = Change([])
+    bench.facts["baselines_subset"] = {"data_share": round(share_d, 4), "apparent_share": round(share_a, 4),
+                                       "dirs": chosen}  # fmt: skip
+    print(f"== baselines on {share_d:.1%} of the data ({share_a:.1%} of the apparent size): {', '.join(chosen)}")
+    bench.restic()
+    bench.borg()
+    shutil.rmtree(part, ignore_errors=True)
+    return 0
+
+
 def report_only(args: argparse.Namespace) -> int:
     """The figures of a run cut short (its progress.json), optionally with prune measured on a hard-linked copy
     of its repository made while it ran."""
@@ -588,10 +644,9 @@ def report_only(args: argparse.Namespace) -> int:
         bench.cases[c["key"]] = Case(**c)
     for r in saved["runs"]:
         bench.runs[r["key"]] = RepoRun(**r)
-    load_before = os.getloadavg()[0]
     if args.prune_repo:
         bench.prune(args.prune_repo.absolute())
-    machine = machine_info(saved.get("load_before", load_before))
+    machine = machine_info(saved.get("load_before", os.getloadavg()[0]))
     machine["date"] = saved.get("date", machine["date"])
     finish(bench, machine, False, args.no_docs)
     return 0
@@ -614,9 +669,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="only evaluate and write the figures a run saved in PROGRESS (its progress.json)")
     ap.add_argument("--prune-repo", type=Path, metavar="DIR",
                     help="with --report: first measure prune on this copy of the run's repository")
+    ap.add_argument("--baselines-subset", type=float, metavar="F",
+                    help="only restic's and borg's first run and re-run, on about F of the volumes of the run left "
+                    "in --work (cut short after its own cases), scaled to all of the data")  # fmt: skip
     args = ap.parse_args(argv)
     if args.report:
         return report_only(args)
+    if args.baselines_subset:
+        return baselines_subset(args)
     if args.smoke:
         args.data_mib, args.apparent_gib, args.no_docs = 24.0, 0.25, True
     parts = set(args.only.split(",")) if args.only else set(PARTS)
