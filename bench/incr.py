@@ -263,6 +263,7 @@ class Incr(Bench):
     def add(self, case: Case) -> Case:
         """Record ``case`` and save everything measured so far (work/progress.json: a run cut short keeps it)."""
         super().add(case)
+        self.facts["load_max"] = round(max(float(self.facts.get("load_max", 0.0)), os.getloadavg()[0]), 2)  # type: ignore[arg-type]
         progress = {"facts": self.facts, "cases": [asdict(c) for c in self.cases.values()],
                     "runs": [asdict(r) for r in self.runs.values()], "load_before": self.load_before,
                     "date": self.started}  # fmt: skip
@@ -515,7 +516,8 @@ def table(b: Incr, targets: list[Target], machine: dict[str, object]) -> str:
     f = b.facts
     head = (f"Measured {machine['date']} on {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['mem_gib']} GiB "
             f"RAM, kernel {machine['kernel']}, Python {machine['python']}; load average (1 min) "
-            f"{machine['loadavg_before']} before / {machine['loadavg_after']} after (the machine was shared with "
+            f"{machine['loadavg_before']} before / {machine['loadavg_after']} after, up to {f.get('load_max', '?')} "
+            "when a case ended (the machine was shared with "
             f"other work: {machine['load_note']}).  Dataset: simulated lvm_thin system, "
             f"{int(f['apparent_bytes']) / (1 << 30):.1f} GiB apparent, {int(f['data_bytes']) / (1 << 30):.2f} GiB "  # type: ignore[call-overload]
             f"allocated in {f['volumes']} volumes, half compressible; change: {f['change_writes']:,} writes of 4/16/64 "
@@ -717,8 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_qubesd(bench.src)
     machine = machine_info(load_before)
+    machine["date"] = f"{bench.started} to {time.strftime('%H:%M UTC', time.gmtime())}"
     finish(bench, machine, args.smoke, args.no_docs)
-    for big in (bench.src, bench.tree):  # the log and results stay in the work directory
+    for big in (bench.src, work / "baseline-tree", work / "subset-tree"):  # the log and results stay
         shutil.rmtree(big, ignore_errors=True)
     return 0
 
