@@ -255,17 +255,20 @@ def run_measured(
     agent_marker: bytes | None = None,
     temp_probe: Callable[[], int] | None = None,
     cwd: Path | None = None,
+    stdout: Path | None = None,
 ) -> Case:
     """Run ``argv`` to completion and fill ``case`` with wall, CPU, RSS and temp-disk figures.
 
     Without an agent (the baselines all run in "dom0") dom0_rss is the peak of the summed RSS of the tree.
+    ``stdout``: a file for the command's standard output (default: the log, with its standard error).
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    with open(log, "ab") as out:
+    with open(log, "ab") as out, open(stdout or os.devnull, "wb") as own:
         out.write(f"\n$ {' '.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=own if stdout else out,
+                                stderr=subprocess.STDOUT if stdout is None else out, stdin=subprocess.DEVNULL)
         sampler = Sampler(proc.pid, agent_marker, temp_probe)
         sampler.start()
         rc = proc.wait()
@@ -458,11 +461,11 @@ class Bench:
         baseline_tree(self.src, self.tree)
 
     def measure(self, case: Case, argv: list[str], system: Path, marker: bytes, probe: Callable[[], int],
-                **env: str) -> Case:  # fmt: skip
+                stdout: Path | None = None, **env: str) -> Case:  # fmt: skip
         """One of our commands against ``system``, its qubesd's CPU counted apart."""
         pid = qubesd_pid(system)
         before = proc_cpu(pid) if pid else None
-        run_measured(case, argv, self.log, self.env(system, **env), marker, probe)
+        run_measured(case, argv, self.log, self.env(system, **env), marker, probe, stdout=stdout)
         after = proc_cpu(pid) if pid else None
         if before is not None and after is not None:
             case.qubesd_cpu = after - before
@@ -584,8 +587,7 @@ class Bench:
         for p in (repo, tmp):
             shutil.rmtree(p, ignore_errors=True)
         tmp.mkdir()
-        env = dict(os.environ, RESTIC_PASSWORD=PASSPHRASE, RESTIC_REPOSITORY=str(repo), TMPDIR=str(tmp),
-                   RESTIC_CACHE_DIR=str(self.work / "restic-cache"))  # fmt: skip
+        env = restic_env(self.work, repo, tmp)
         subprocess.run([exe, "init"], env=env, check=True, stdout=subprocess.DEVNULL)
         run_measured(case, [exe, "backup", "--quiet", str(self.tree)], self.log, env, temp_probe=tree_probe(tmp))
         case.output = allocated(repo)
@@ -604,10 +606,8 @@ class Bench:
             return
         repo = self.work / "borg-repo"
         shutil.rmtree(repo, ignore_errors=True)
-        env = dict(os.environ, BORG_PASSPHRASE=PASSPHRASE, BORG_BASE_DIR=str(self.work / "borg-base"),
-                   BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")  # fmt: skip
-        subprocess.run([exe, "init", "-e", "repokey-blake2", str(repo)], env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        env = borg_env(self.work)
+        borg_init(exe, repo, env)
         run_measured(case, [exe, "create", f"{repo}::bench", "."], self.log, env, cwd=self.tree)
         case.output = allocated(repo)
         case.note = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
@@ -819,6 +819,23 @@ class Bench:
             out[name] = round(best, 3)
         self.extra["startup"] = out
         print("  start-up (best of 5, wall): " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in out.items()))
+
+
+def restic_env(work: Path, repo: Path, tmp: Path) -> dict[str, str]:
+    """restic's environment in the bench: the passphrase, the repository, its TMPDIR and cache in ``work``."""
+    return dict(os.environ, RESTIC_PASSWORD=PASSPHRASE, RESTIC_REPOSITORY=str(repo), TMPDIR=str(tmp),
+                RESTIC_CACHE_DIR=str(work / "restic-cache"))  # fmt: skip
+
+
+def borg_env(work: Path) -> dict[str, str]:
+    """borg's environment in the bench: the passphrase, its base directory (cache, keys) in ``work``."""
+    return dict(os.environ, BORG_PASSPHRASE=PASSPHRASE, BORG_BASE_DIR=str(work / "borg-base"),
+                BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes")  # fmt: skip
+
+
+def borg_init(exe: str, repo: Path, env: dict[str, str]) -> None:
+    subprocess.run([exe, "init", "-e", "repokey-blake2", str(repo)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
 def _glob_size(directory: Path, pattern: str) -> int:
