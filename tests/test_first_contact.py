@@ -31,7 +31,7 @@ def test_demo_installs_the_packages_but_no_test_tools(tmp_path: Path) -> None:
     assert "requirements-dev.txt" not in demo and "bin/pytest" not in demo
     assert len(re.findall(r"First run.*installing", demo)) == 1  # said once, before the install
     test = _dry_run("test", tmp_path / "venv")
-    assert "pip install -q -r requirements-dev.txt" in test and "pytest -q tests" in test
+    assert "pip install -q -r requirements-dev.txt" in test and "pytest -q -n auto tests" in test
     # the demo's own imports are all in the packages' dependencies, none from requirements-dev.txt
     dev = {re.split(r"[<>=\[ ]", line)[0].strip().lower() for line in (REPO / "requirements-dev.txt").read_text()
            .splitlines() if line.strip() and not line.startswith("#")}  # fmt: skip

@@ -136,7 +136,9 @@ def test_stall(world: World, guard: OrderGuard, where: str) -> None:
            "inside-frame-header": len(encode_stream(world.a[:13], end=False)) + 4,
            "before-end": len(full)}[where]  # fmt: skip
     message = refuse_stream(world, full[:cut], after="stall", seconds=10)
-    assert "did not answer for 2 s" in message
+    # the stall's timeout; on a loaded machine the per-frame rate bound may fire first (a frame's budget runs
+    # while dom0 is still busy with the data before it): both are the bounded refusal of a stalling VM
+    assert "did not answer for 2 s" in message or "sends too slowly" in message, message
 
 
 @pytest.mark.parametrize("where", ["start", "after-manifest", "before-end"])
