@@ -8,14 +8,13 @@ and dom0 takes only the plan's names, classes, labels, templates, allow-listed s
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
 from qubes_backup_dom0.cli import report, settings
 from qubes_backup_dom0.cli.common import confirm, emit_json, human, table, warn
 from qubes_backup_dom0.cli.passphrase import read_passphrase
-from qubes_backup_dom0.cli.progress import Progress
+from qubes_backup_dom0.cli.progress import run_with_progress
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.naming import name_time_mismatch
 from qubes_backup_dom0.qubes.system import System
@@ -117,16 +116,7 @@ def run(args: argparse.Namespace, system: System, source_vm: str | None, options
             if args.json:
                 emit_json(report.cancelled_document(command))
             return 0
-        bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
-        job.progress = bar
-        start = time.monotonic()
-        try:
-            job.run()
-        finally:
-            bar.close()
-        elapsed = max(time.monotonic() - start, 1e-9)
-        for line in job.cleaned:
-            log(line)
+        elapsed = run_with_progress(job, plan.data, verb, args.quiet, log)
         for warning in job.warnings:
             warn(warning)
         which = f"backup {plan.info.backup_id.hex()}, created {plan.info.created}"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
 
 from qubes_backup_dom0.cli.common import human
 
@@ -120,3 +121,26 @@ class Progress:
                 self.stream.flush()
         elif self._printed != self.done and (self.done or self._printed is not None):
             self._line(now)
+
+
+class _Job(Protocol):
+    progress: Any
+    cleaned: list[str]
+
+    def run(self) -> Any: ...
+
+
+def run_with_progress(job: _Job, data: int, verb: str, quiet: bool, log: Callable[[str], None]) -> float:
+    """Run a restore or verify ``job`` of ``data`` bytes with a progress bar (none with ``quiet``), then log
+    the lines of its clean-up; the seconds it took (never 0)."""
+    bar = Progress(data, verb, enabled=None if not quiet else False)
+    job.progress = bar
+    start = time.monotonic()
+    try:
+        job.run()
+    finally:
+        bar.close()
+    elapsed = max(time.monotonic() - start, 1e-9)
+    for line in job.cleaned:
+        log(line)
+    return elapsed

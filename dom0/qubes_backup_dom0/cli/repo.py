@@ -50,7 +50,7 @@ from qubes_backup_dom0.cli.profile import (
     resolve,
     save_profile,
 )
-from qubes_backup_dom0.cli.progress import Progress
+from qubes_backup_dom0.cli.progress import Progress, run_with_progress
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes.interface import Qubes
@@ -449,16 +449,7 @@ def _restore(args: argparse.Namespace, job: RepoRestore, log: Log,
     if not unattended:  # as for a backup file: settings that grant power are the user's to choose
         settings.ask(plan)
     dropped = settings.dropped_lines(plan)
-    bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
-    job.progress = bar
-    start = time.monotonic()
-    try:
-        job.run()
-    finally:
-        bar.close()
-    elapsed = max(time.monotonic() - start, 1e-9)
-    for line in job.cleaned:
-        log(line)
+    elapsed = run_with_progress(job, plan.data, verb, args.quiet, log)
     for warning in dropped + job.warnings:
         warn(warning)
     rate = f"{human(plan.data)} in {elapsed:.1f} s ({human(int(plan.data / elapsed))}/s)"

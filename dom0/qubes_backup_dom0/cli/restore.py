@@ -12,7 +12,6 @@ import re
 import shlex
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 from qubes_backup_protocol import names
@@ -36,7 +35,7 @@ from qubes_backup_dom0.cli.common import (
 )
 from qubes_backup_dom0.cli.listing import Listed, list_backups, newest
 from qubes_backup_dom0.cli.passphrase import read_passphrase
-from qubes_backup_dom0.cli.progress import Progress
+from qubes_backup_dom0.cli.progress import run_with_progress
 from qubes_backup_dom0.errors import BackupError, UsageError
 from qubes_backup_dom0.format.header import QubesFormatBackup
 from qubes_backup_dom0.format.naming import name_time_mismatch
@@ -301,16 +300,7 @@ def _restore(args: argparse.Namespace, system: System, job: Restore, plan: Resto
     if not unattended:  # the user is at a terminal: settings that grant power are theirs to choose
         settings.ask(plan)
     dropped = settings.dropped_lines(plan)  # (none when verifying: nothing is restored)
-    bar = Progress(plan.data, verb, enabled=None if not args.quiet else False)
-    job.progress = bar
-    start = time.monotonic()
-    try:
-        job.run()
-    finally:
-        bar.close()
-    elapsed = max(time.monotonic() - start, 1e-9)
-    for line in job.cleaned:
-        log(line)
+    elapsed = run_with_progress(job, plan.data, verb, args.quiet, log)
     # One line per setting not restored, even with -q (the restored VMs differ from the backup's); after the
     # restore, as its account: a failed restore is one error line and nothing else.
     for warning in dropped + job.warnings:
