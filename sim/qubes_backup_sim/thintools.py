@@ -10,10 +10,12 @@
   device, as the real tool does; refused without a reserved metadata snapshot.
 - ``thin_delta --metadata-snap --thin1 A --thin2 B DEVDIR/mapper/VG-POOL_tmeta``: thin_delta 0.9's XML (non
   verbose: ``<diff left right>`` with ``same``/``different``/``left_only``/``right_only`` ranges of 64 KiB
-  blocks; blocks unmapped in both are not listed).  The sim's sharing model: sim LVs are files replaced whole
-  by every write, so a block counts as shared ("same") when it is provisioned in both and holds the same bytes;
-  the real tool compares mappings, which reports a superset (a block rewritten with equal bytes is
-  "different").  An unknown id fails like the real tool ("Unable to find mapping tree", exit 1).
+  blocks; blocks unmapped in both are not listed).  The sim's sharing model: a block counts as shared ("same")
+  when it is provisioned in both and holds the same bytes; the real tool compares mappings, which reports a
+  superset (a block rewritten with equal bytes is "different").  Bytes known to be shared are not read: the
+  same file (a snapshot hard-linked, sim LVs being replaced whole by every write), or the same physical extents
+  of two reflink clones (FIEMAP: on XFS or btrfs a snapshot is a clone, and a write in place into one breaks
+  the sharing of what it wrote, as in a thin pool); only the rest is compared.  An unknown id fails like the real tool ("Unable to find mapping tree", exit 1).
 
 Test hook ``QUBES_SIM_THIN_FAIL=reserve|dump|release|mismatch|delta|dropdelta`` (comma-separated): that step
 fails (exit 1), the dump's ``mapped_blocks`` is off by one, or the delta silently omits its first changed range
@@ -23,8 +25,10 @@ fails (exit 1), the dump's ``mapped_blocks`` is off by one, or the delta silentl
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -152,22 +156,111 @@ def thin_dump(devdir: Path, argv: list[str]) -> int:
     return 0
 
 
-def _chunk_kinds(a: Path, b: Path) -> dict[int, str]:
-    """Per 64 KiB block mapped in either LV: same, different, left_only or right_only (the sharing model above)."""
-    left = {c for first, n in provisioned_chunks(a) for c in range(first, first + n)}
-    right = {c for first, n in provisioned_chunks(b) for c in range(first, first + n)}
-    kinds: dict[int, str] = {}
+_FIEMAP = 0xC020660B
+_FIEMAP_HEAD = struct.Struct("=QQIIII")
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int, int]] | None:
+    """(logical, physical, length) of every extent of ``fd`` (FIEMAP, synced first), or None if unknown: the
+    sim's own, independent of dom0's qubes/fiemap.py (the tools run without dom0's package)."""
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    while start < size:
+        buf = bytearray(_FIEMAP_HEAD.size + 256 * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEAD.pack_into(buf, 0, start, size - start, 1, 0, 256, 0)
+        try:
+            fcntl.ioctl(fd, _FIEMAP, buf)
+        except OSError:
+            return None
+        mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+        if mapped == 0:
+            return out
+        for i in range(mapped):
+            logical, physical, length, _a, _b, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)  # fmt: skip
+            if flags & 0xF8E or length == 0:  # unknown, delayed, encoded, encrypted, unaligned, inline, tail, unwritten
+                return None
+            out.append((logical, physical, length))
+            start = logical + length
+            if flags & 1:  # the last extent
+                return out
+    return out
+
+
+def _differing_chunks(a: Path, b: Path) -> list[tuple[int, int]] | None:
+    """(first chunk, count) of the chunks whose bytes do *not* map to the same places in both LVs, or None when
+    that is unknown.  The same file (a hard-linked snapshot) maps everything the same; reflink clones share
+    physical extents until written (FIEMAP, as a thin snapshot shares pool blocks until written).  Chunks
+    outside the returned ranges hold the same bytes in both without being read."""
+    sa, sb = os.stat(a), os.stat(b)
+    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+        return []
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        for c in sorted(left | right):
-            if c not in right:
-                kinds[c] = "left_only"
-            elif c not in left:
-                kinds[c] = "right_only"
-            else:
-                fa.seek(c * CHUNK)
-                fb.seek(c * CHUNK)
-                kinds[c] = "same" if fa.read(CHUNK) == fb.read(CHUNK) else "different"
-    return kinds
+        ea, eb = _extents(fa.fileno(), sa.st_size), _extents(fb.fileno(), sb.st_size)
+    if ea is None or eb is None:
+        return None
+    cuts = sorted({0, max(sa.st_size, sb.st_size)} | {x for lo, _p, n in ea + eb for x in (lo, lo + n)})
+
+    def mapping(ext: list[tuple[int, int, int]], i: int, pos: int) -> tuple[int, int | None]:
+        while i < len(ext) and ext[i][0] + ext[i][2] <= pos:
+            i += 1
+        if i < len(ext) and ext[i][0] <= pos:
+            return i, ext[i][1] - ext[i][0]  # the physical offset of logical byte 0 of this extent
+        return i, None
+
+    out: list[tuple[int, int]] = []
+    ia = ib = 0
+    for lo, hi in zip(cuts, cuts[1:]):
+        ia, ma = mapping(ea, ia, lo)
+        ib, mb = mapping(eb, ib, lo)
+        if ma == mb:
+            continue  # both holes, or the same physical bytes
+        first, last = lo // CHUNK, -(-hi // CHUNK)
+        if out and out[-1][0] + out[-1][1] >= first:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
+        else:
+            out.append((first, last - first))
+    return out
+
+
+def _chunk_kinds(a: Path, b: Path) -> list[tuple[str, int, int]]:
+    """Runs ``(kind, first chunk, count)`` over the 64 KiB blocks mapped in either LV: same, different,
+    left_only or right_only (the sharing model above), ascending.  Chunks that map to the same places in both
+    (``_differing_chunks``) are "same" without being read; the others provisioned in both are compared."""
+    left, right = provisioned_chunks(a), provisioned_chunks(b)
+    differ = _differing_chunks(a, b)
+    if differ is None:
+        differ = [(0, -(-max(a.stat().st_size, b.stat().st_size) // CHUNK))]
+    sets = (left, right, differ)
+    cuts = sorted({x for ranges in sets for first, n in ranges for x in (first, first + n)})
+    idx = [0, 0, 0]
+
+    def inside(k: int, c: int) -> bool:
+        ranges = sets[k]
+        while idx[k] < len(ranges) and ranges[idx[k]][0] + ranges[idx[k]][1] <= c:
+            idx[k] += 1
+        return idx[k] < len(ranges) and ranges[idx[k]][0] <= c
+
+    runs: list[tuple[str, int, int]] = []
+
+    def add(kind: str, c: int, n: int) -> None:
+        if runs and runs[-1][0] == kind and runs[-1][1] + runs[-1][2] == c:
+            runs[-1] = (kind, runs[-1][1], runs[-1][2] + n)
+        else:
+            runs.append((kind, c, n))
+
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        for lo, hi in zip(cuts, cuts[1:]):
+            in_l, in_r = inside(0, lo), inside(1, lo)
+            if in_l and in_r and inside(2, lo):
+                for c in range(lo, hi):
+                    fa.seek(c * CHUNK)
+                    fb.seek(c * CHUNK)
+                    add("same" if fa.read(CHUNK) == fb.read(CHUNK) else "different", c, 1)
+            elif in_l or in_r:
+                add("same" if in_l and in_r else "left_only" if in_l else "right_only", lo, hi - lo)
+    return runs
 
 
 def thin_delta(devdir: Path, argv: list[str]) -> int:
@@ -193,12 +286,7 @@ def thin_delta(devdir: Path, argv: list[str]) -> int:
         if dev not in paths:
             print(f"Unable to find mapping tree for {which} ({dev})", file=sys.stderr)
             return 1
-    runs: list[list[object]] = []
-    for c, kind in sorted(_chunk_kinds(paths[left], paths[right]).items()):
-        if runs and runs[-1][0] == kind and runs[-1][1] + runs[-1][2] == c:  # type: ignore[operator]
-            runs[-1][2] += 1  # type: ignore[operator]
-        else:
-            runs.append([kind, c, 1])
+    runs = _chunk_kinds(paths[left], paths[right])
     if _fails("dropdelta"):
         changed = [r for r in runs if r[0] != "same"]
         if changed:
