@@ -15,7 +15,8 @@
   superset (a block rewritten with equal bytes is "different").  Bytes known to be shared are not read: the
   same file (a snapshot hard-linked, sim LVs being replaced whole by every write), or the same physical extents
   of two reflink clones (FIEMAP: on XFS or btrfs a snapshot is a clone, and a write in place into one breaks
-  the sharing of what it wrote, as in a thin pool); only the rest is compared.  An unknown id fails like the real tool ("Unable to find mapping tree", exit 1).
+  the sharing of what it wrote, as in a thin pool); only the rest is compared.  An unknown id fails like the
+  real tool ("Unable to find mapping tree", exit 1).
 
 Test hook ``QUBES_SIM_THIN_FAIL=reserve|dump|release|mismatch|delta|dropdelta`` (comma-separated): that step
 fails (exit 1), the dump's ``mapped_blocks`` is off by one, or the delta silently omits its first changed range
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import struct
@@ -211,7 +213,7 @@ def _differing_chunks(a: Path, b: Path) -> list[tuple[int, int]] | None:
 
     out: list[tuple[int, int]] = []
     ia = ib = 0
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         ia, ma = mapping(ea, ia, lo)
         ib, mb = mapping(eb, ib, lo)
         if ma == mb:
@@ -251,7 +253,7 @@ def _chunk_kinds(a: Path, b: Path) -> list[tuple[str, int, int]]:
             runs.append((kind, c, n))
 
     with open(a, "rb") as fa, open(b, "rb") as fb:
-        for lo, hi in zip(cuts, cuts[1:]):
+        for lo, hi in itertools.pairwise(cuts):
             in_l, in_r = inside(0, lo), inside(1, lo)
             if in_l and in_r and inside(2, lo):
                 for c in range(lo, hi):
@@ -291,9 +293,13 @@ def thin_delta(devdir: Path, argv: list[str]) -> int:
         changed = [r for r in runs if r[0] != "same"]
         if changed:
             runs.remove(changed[0])
-    lines = [f'<superblock uuid="" time="1" transaction="2" data_block_size="{SECTORS}" nr_data_blocks="0">',
-             f'  <diff left="{left}" right="{right}">',
-             *(f'    <{k} begin="{b}" length="{n}"/>' for k, b, n in runs), "  </diff>", "</superblock>"]
+    lines = [
+        f'<superblock uuid="" time="1" transaction="2" data_block_size="{SECTORS}" nr_data_blocks="0">',
+        f'  <diff left="{left}" right="{right}">',
+        *(f'    <{k} begin="{b}" length="{n}"/>' for k, b, n in runs),
+        "  </diff>",
+        "</superblock>",
+    ]
     sys.stdout.write("".join(f"{line}\n" for line in lines))
     return 0
 
