@@ -227,6 +227,11 @@ class RepoRun:
     new_data_bytes: int  # of those: data blocks (type d)
     new_map_bytes: int  # of those: segments, file lists, the qubes.xml subset, the root
     sent: int  # tar stream dom0 sent: stored + framing
+    read_blocks: int = 0  # blocks dom0 read (volumes, dom0's home and the VMs' config files)
+    reused_blocks: int = 0  # blocks change tracking did not read (ids from the parent's verified map)
+    volume_read_blocks: int = 0  # of read_blocks: those read from volumes
+    lvm_calls: int = 0  # lvm commands this run ran (the sim's lvm.log)
+    thin_calls: int = 0  # dmsetup / thin_dump / thin_delta calls (the sim's thintools.log)
 
     @classmethod
     def measured(cls, key: str, doc: dict[str, object], repo: Path, before: dict[str, int]) -> RepoRun:
@@ -237,7 +242,36 @@ class RepoRun:
         stored, objects = int(doc["stored_bytes"]), int(doc["objects"])  # type: ignore[call-overload]
         framing = tar_bytes(list(new.values())) - sum(new.values()) if len(new) == objects else 1024 + 1023 * objects
         return cls(key, stored, objects, int(doc["data_blocks"]), len(new), sum(new.values()), data,  # type: ignore[call-overload]
-                   sum(new.values()) - data, stored + framing)  # fmt: skip
+                   sum(new.values()) - data, stored + framing, int(doc.get("read_blocks", 0)),  # type: ignore[call-overload]
+                   int(doc.get("reused_blocks", 0)), int(doc.get("volume_read_blocks", 0)))  # type: ignore[call-overload]  # fmt: skip
+
+
+def log_lines(path: Path) -> int:
+    """Lines of one of the sim's call logs (lvm.log, thintools.log); 0 when absent."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+def can_reflink(directory: Path) -> bool:
+    """Whether files in ``directory`` can be cloned (FICLONE): the sim's thin snapshots then share extents, as a
+    thin pool's share blocks, and the bench may write into volumes in place (a hard-linked snapshot would change
+    with them)."""
+    import fcntl
+
+    a, b = directory / ".reflink-probe", directory / ".reflink-probe2"
+    try:
+        a.write_bytes(b"x" * 4096)
+        with open(a, "rb") as src, open(b, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), 0x40049409, src.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        a.unlink(missing_ok=True)
+        b.unlink(missing_ok=True)
 
 
 def _object_type(path: Path) -> str:
@@ -259,6 +293,8 @@ class Incr(Bench):
         self.load_before = os.getloadavg()[0]
         self.fraction: float | None = None  # the baselines ran on this fraction of the data (--baselines-subset)
         self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        self.series: list[dict[str, object]] = []  # the runs that only build snapshots for prune
+        self.reflink = False  # the work directory clones files (see can_reflink)
 
     def add(self, case: Case) -> Case:
         """Record ``case`` and save everything measured so far (work/progress.json: a run cut short keeps it)."""
@@ -293,22 +329,33 @@ class Incr(Bench):
 
     # -------------------------------------------------------------------------------------- repository
 
-    def repo_backup(self, key: str, label: str) -> RepoRun:
+    def repo_backup(self, key: str, label: str, extra: tuple[str, ...] = (), record: bool = True) -> RepoRun:
+        """One ``qvm-backup --repo`` run, measured; ``record``: a case of the table (else only its figures)."""
         wait_next_second()
         before = files(self.repo)
         out = self.work / f"{key}.json"
-        argv = [str(BIN / "qvm-backup"), "-y", "-d", "backupvm", "-p", "/pw", *self.kdf, "--json", "--repo", REPO_IN_VM]
+        argv = [str(BIN / "qvm-backup"), "-y", "-d", "backupvm", "-p", "/pw", *self.kdf, "--json", "--repo", REPO_IN_VM,
+                *extra]  # fmt: skip
         case = Case(key, label, data=planned_data(self.src),
                     temp_note="the repository's tmp/ (objects being written)")  # fmt: skip
+        dev = self.src / "dom0/dev"
+        calls = log_lines(dev / "lvm.log"), log_lines(dev / "thintools.log")
         self.measure(case, argv, self.src, b"qubes.Backup", tree_probe(self.repo / "tmp"), stdout=out)
         doc = json.loads(out.read_text())
         got = RepoRun.measured(key, doc, self.repo, before)
+        got.lvm_calls = log_lines(dev / "lvm.log") - calls[0]
+        got.thin_calls = log_lines(dev / "thintools.log") - calls[1]
         case.output = got.sent
         self.runs[key] = got
-        self.add(case)
-        print(f"    sent {got.sent:,} bytes ({got.objects} objects, {got.data_blocks_sent} data blocks); the "
-              f"repository gained {got.new_files} files, {got.new_bytes:,} bytes ({got.new_data_bytes:,} data)",
-              flush=True)
+        if record:
+            self.add(case)
+        else:
+            self.series.append({"wall": round(case.wall, 3), "cpu": round(case.cpu, 3), "sent": got.sent,
+                                "read_blocks": got.read_blocks})  # fmt: skip
+        print(f"    sent {got.sent:,} bytes ({got.objects} objects, {got.data_blocks_sent} data blocks); read "
+              f"{got.read_blocks:,} blocks, {got.reused_blocks:,} from the parent's map; {got.lvm_calls} lvm and "
+              f"{got.thin_calls} thin-tool calls; the repository gained {got.new_files} files, {got.new_bytes:,} "
+              f"bytes ({got.new_data_bytes:,} data)", flush=True)  # fmt: skip
         return got
 
     def repo_restore(self, key: str, label: str) -> Case:
@@ -330,27 +377,50 @@ class Incr(Bench):
         shutil.rmtree(dst)
         return self.add(case)
 
-    def ours(self) -> None:
+    def repository_runs(self, snapshots: int) -> None:
+        """The repository runs.  Issue 20's: a first snapshot, an unchanged re-run without change tracking
+        (``--rescan``: every block read and hashed), the 1% change, a restore.  Issue 21's (change tracking, only
+        where the sim's snapshots share extents: a reflink filesystem): an unchanged tracked run, a 0.1% change
+        and the 1% change (10x the writes).  Then more snapshots, each after a new 1% change, until the repository
+        holds ``snapshots`` (30: issue 20's prune target), and prune."""
         print("== qvm-backup --repo", flush=True)
         assert self.change is not None
-        self.repo_backup("repo_first", "qvm-backup --repo: first snapshot")
-        self.repo_backup("repo_rerun", "qvm-backup --repo: unchanged re-run")
+        tracked = self.reflink
+        self.facts["change_tracking"] = tracked
+        self.facts["nonvolume_blocks"] = 0
+        first = self.repo_backup("repo_first", "qvm-backup --repo: first snapshot")
+        self.facts["nonvolume_blocks"] = max(first.read_blocks - int(self.facts["allocated_blocks"]), 0)  # type: ignore[call-overload]
+        self.repo_backup("repo_rerun", "qvm-backup --repo --rescan: unchanged re-run (every block read)", ("--rescan",))
+        rescan = () if tracked else ("--rescan",)
+        if tracked:
+            self.repo_backup("repo_tracked", "qvm-backup --repo: unchanged re-run, change tracking")
+            small = Change(self.volumes, fraction=0.001, seed=11)
+            small.apply()
+            self.facts.update(small_writes=len(small.writes), small_bytes=small.bytes,
+                              small_touched=small.compressed_touched()[0])  # fmt: skip
+            self.repo_backup("repo_small", "qvm-backup --repo: after a 0.1% change, change tracking")
         self.change.apply()
         count, raw, packed = self.change.compressed_touched()
         self.facts.update(touched_blocks=count, touched_raw=raw, touched_compressed=packed)
-        self.repo_backup("repo_change", "qvm-backup --repo: after the 1% change")
+        self.repo_backup("repo_change", "qvm-backup --repo: after the 1% change" + (", change tracking" if tracked
+                         else ""), rescan)  # fmt: skip
         self.facts["state_bytes"], self.facts["state_files"] = state_size(self.src)
         self.repo_restore("repo_restore", "qvm-backup-restore --repo: newest snapshot")
+        for i in range(snapshots - len(list((self.repo / "roots").iterdir()))):
+            free = shutil.disk_usage(self.work).free
+            if free < 12 << 30:
+                print(f"  series stopped after {i} snapshots: {free / (1 << 30):.1f} GiB free", flush=True)
+                break
+            Change(self.volumes, fraction=0.01, seed=100 + i).apply()
+            self.repo_backup(f"repo_series_{i}", f"series {i}", rescan, record=False)
+        self.facts["series"] = self.series
         self.facts["repo_bytes"] = allocated(self.repo)
         self.prune()
-        self.change.undo()
-        shutil.rmtree(self.repo)
 
     def prune(self, repo: Path | None = None, keep_last: int = 1) -> None:
-        """``qubes-backup-agent prune --keep-last N`` on the repository (in the backup VM, no passphrase), when
-        helper `prune`'s work is in this tree.  The repository holds this run's snapshots (3: the 30 of the
-        issue would need 27 more full reads of the system); prune's work grows with the objects (every one is
-        listed and sized, every live one's clear header read), so the time per object is reported too."""
+        """``qubes-backup-agent prune --keep-last N`` on the repository (in the backup VM, no passphrase): its
+        snapshots of this system, all but the newest deleted.  Prune's work grows with the objects (every one is
+        listed), so the time per object is reported too."""
         repo = repo or self.repo
         if importlib.util.find_spec("qubes_backup_agent.prune") is None:
             self.facts["prune"] = "not measured: prune not merged"
@@ -492,12 +562,14 @@ def evaluate(b: Incr) -> list[Target]:
         f"{x or 0:.2f}x{per_cpu(rr, v1r)}")
     prune, pf = got("prune"), f.get("prune")
     if prune is not None and isinstance(pf, dict):
-        add(f"prune ({pf['snapshots']} snapshots of this system, not 30)", "<= 10 s (30 snapshots)", prune.wall,
-            None, f"{prune.wall:.2f} s: {pf['objects']:,} objects, {pf['objects_deleted']:,} deleted "
-            f"({pf['per_object_ms']} ms per object)")
+        n = int(pf["snapshots"])
+        add(f"prune of {n} snapshots of this system" + ("" if n >= 30 else " (not 30)"), "<= 10 s (30 snapshots)",
+            prune.wall, prune.wall <= 10 if n >= 30 else None, f"{prune.wall:.2f} s: {pf['objects']:,} objects, "
+            f"{pf['objects_deleted']:,} deleted ({pf['per_object_ms']} ms per object)")  # fmt: skip
     else:
         add("prune of 30 snapshots", "<= 10 s", None, None, "")
         out[-1].measured = str(pf or "not measured")
+    out += tracking_targets(b)
     peaks = [k.dom0_rss for key, k in c.items() if key.startswith("repo_") and not k.skipped]
     peak = max(peaks) if peaks else None
     add("dom0 peak RSS (repository runs)", "<= 300 MiB", peak, peak is not None and peak <= 300 * MIB,
@@ -507,6 +579,42 @@ def evaluate(b: Incr) -> list[Target]:
         limit = 40 * blocks + 4 * KIB * vols
         add("dom0 state on disk", "<= 40 B/allocated block + 4 KiB/volume", state, state <= limit,
             f"{state:,} bytes (limit {limit:,}: {blocks:,} blocks, {vols} volumes)")
+    return out
+
+
+def tracking_targets(b: Incr) -> list[Target]:
+    """Issue 21's: the unchanged tracked run, the 1% change's reads, 10x the writes, the tool calls."""
+    c, r, f = b.cases, b.runs, b.facts
+    if not f.get("change_tracking"):
+        return [Target("change tracking (issue 21)", "measured", "not measured: the work directory cannot clone "
+                       "files (run as root with mkfs.xfs for the XFS image)", None)]  # fmt: skip
+    out: list[Target] = []
+    un, unr = c.get("repo_tracked"), r.get("repo_tracked")
+    if un is not None and unr is not None:
+        out.append(Target("tracked unchanged re-run: wall (KDF, start-up and lvm/thin stand-ins included)",
+                          "<= 3 s", f"{un.wall:.2f} s ({unr.lvm_calls} lvm + {unr.thin_calls} thin-tool calls)",
+                          un.wall <= 3.0))  # fmt: skip
+        out.append(Target("tracked unchanged re-run: volume data read", "none",
+                          f"{unr.volume_read_blocks} blocks ({unr.read_blocks} read in all: dom0's home, VM files)",
+                          unr.volume_read_blocks == 0))  # fmt: skip
+        out.append(Target("tracked unchanged re-run: bytes sent", "<= 64 KiB", f"{unr.sent / KIB:.1f} KiB",
+                          unr.sent <= 64 * KIB))  # fmt: skip
+    ch, touched = r.get("repo_change"), f.get("touched_blocks")
+    if ch is not None and isinstance(touched, int) and touched:
+        x = ch.volume_read_blocks / touched
+        out.append(Target("1% change: volume blocks read vs candidate (touched) blocks", "<= 1.1x",
+                          f"{x:.3f}x ({ch.volume_read_blocks:,} vs {touched:,})", x <= 1.1))  # fmt: skip
+    out.append(Target("1% change: wall vs wyng-backup's", "<= wyng's", "not measured: wyng-backup needs a "
+                      "real LVM thin pool (it runs lvm, thin_delta and dmsetup on one)", None))  # fmt: skip
+    sm = r.get("repo_small")
+    if ch is not None and sm is not None and sm.volume_read_blocks and sm.sent:
+        writes = int(f.get("change_writes", 0)) / max(int(f.get("small_writes", 1)), 1)  # type: ignore[call-overload]
+        rd, sd = ch.volume_read_blocks / sm.volume_read_blocks, ch.sent / sm.sent
+        out.append(Target(f"{writes:.1f}x the writes (1% vs 0.1% change): bytes read and sent", "<= 10x",
+                          f"read {rd:.2f}x, sent {sd:.2f}x", rd <= writes and sd <= writes))  # fmt: skip
+    calls = [f"{k.removeprefix('repo_')} {v.lvm_calls}+{v.thin_calls}" for k, v in r.items()
+             if not k.startswith("repo_series")]  # fmt: skip
+    out.append(Target("lvm + thin-tool calls per run (counted)", "reported", ", ".join(calls), None))
     return out
 
 
@@ -675,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --report: first measure prune on this copy of the run's repository")
     ap.add_argument("--baselines-fraction", type=float, metavar="F",
                     help="restic and borg on about F of the volumes, scaled to all of the data (saves time)")
+    ap.add_argument("--snapshots", type=int, default=30, help="snapshots in the repository prune is measured on")
+    ap.add_argument("--no-xfs", action="store_true",
+                    help="do not run on a loop-mounted XFS image (as root with mkfs.xfs, the default: the sim's "
+                    "thin snapshots are then reflink clones, which change tracking's runs need)")  # fmt: skip
     ap.add_argument("--baselines-subset", type=float, metavar="F",
                     help="only restic's and borg's first run and re-run, on about F of the volumes of the run left "
                     "in --work (cut short after its own cases), scaled to all of the data")  # fmt: skip
@@ -685,13 +797,59 @@ def main(argv: list[str] | None = None) -> int:
         return baselines_subset(args)
     if args.smoke:
         args.data_mib, args.apparent_gib, args.no_docs = 24.0, 0.25, True
+        args.snapshots = min(args.snapshots, 7)
     parts = set(args.only.split(",")) if args.only else set(PARTS)
     work = args.work.absolute()
+    unmount(work)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    xfs = None if args.no_xfs else mount_xfs(work)
+    try:
+        return _run(args, parts, work, xfs)
+    finally:
+        if xfs is not None:
+            keep = work.with_name(work.name + "-log")
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir()
+            for name in ("bench.log", "progress.json", "results.json"):
+                if (work / name).exists():
+                    shutil.copy(work / name, keep / name)
+            unmount(work)
+            xfs.unlink(missing_ok=True)
+            print(f"(log and progress kept in {keep})")
+
+
+def mount_xfs(work: Path) -> Path | None:
+    """A sparse XFS image (reflink on, discard so deleted files free the disk) mounted on ``work``; None where
+    that cannot be done (not root, no mkfs.xfs, no loop device): the bench then runs on ``work`` as it is."""
+    image = work.with_name(work.name + ".xfs.img")
+    if os.geteuid() != 0 or shutil.which("mkfs.xfs") is None:
+        return None
+    try:
+        image.unlink(missing_ok=True)
+        with open(image, "wb") as f:
+            f.truncate(max(shutil.disk_usage(work).free - (4 << 30), 1 << 30))
+        subprocess.run(["mkfs.xfs", "-q", "-m", "reflink=1", str(image)], check=True)
+        subprocess.run(["mount", "-o", "loop,discard", str(image), str(work)], check=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"(no XFS image: {e}; running on the work directory's own filesystem)", flush=True)
+        image.unlink(missing_ok=True)
+        return None
+    return image
+
+
+def unmount(work: Path) -> None:
+    if os.path.ismount(work):
+        subprocess.run(["umount", str(work)], check=False)
+
+
+def _run(args: argparse.Namespace, parts: set[str], work: Path, xfs: Path | None) -> int:
     load_before = os.getloadavg()[0]
     bench = Incr(work, args.smoke, work / "bench.log")
+    bench.reflink = can_reflink(work)
+    bench.facts["filesystem"] = ("XFS image (loop, reflink)" if xfs else "the work directory's own") + (
+        ", reflink" if bench.reflink else ", no reflink: change tracking's runs skipped")  # fmt: skip
     bench.baseline_change = not args.no_baseline_change
     print(f"== dataset: {args.apparent_gib:g} GiB apparent, {args.data_mib:g} MiB data (work dir {work}); "
           f"load average {load_before:.2f}", flush=True)  # fmt: skip
@@ -702,8 +860,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(bench.volumes)} volumes; the change: {bench.facts['change_writes']} writes", flush=True)
         if "single" in parts:
             bench.single_file()
-        if "ours" in parts:
-            bench.ours()
         if args.baselines_fraction and ("restic" in parts or "borg" in parts):
             part = work / "subset-tree"
             share_d, share_a, chosen = subset(bench.tree, args.baselines_fraction, part)
@@ -716,6 +872,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.restic()
         if "borg" in parts:
             bench.borg()
+        if "ours" in parts:  # last: its series of snapshots changes the volumes for good
+            bench.repository_runs(args.snapshots)
     finally:
         stop_qubesd(bench.src)
     machine = machine_info(load_before)

@@ -336,3 +336,22 @@ def test_metadata_snapshot_released_when_the_backup_is_killed(lvs: tuple[System,
     wait_for(lambda: not _snap_reserved(store))
     words = [json.loads(line)[-1] for line in log.read_text().splitlines() if json.loads(line)[0] == "dmsetup"]
     assert words == ["reserve_metadata_snap", "release_metadata_snap"]
+
+
+def test_several_tools_on_one_reservation(lvs: tuple[System, LvStore], tmp_path: Path) -> None:
+    """on_metadata_snapshot_many: one reserve and one release around every tool; each tool's own output (any
+    bytes, newlines included) comes back to it, a failing tool gives None for itself only; a failed reserve gives
+    None for all."""
+    system, store = lvs
+    log = store.devdir / "thintools.log"
+    outputs = [b"first\n", b"", b"3 4\nnot a header\n" * 1000, b"\x00\xff"]
+    tools = [[sys.executable, "-c", f"import sys; sys.stdout.buffer.write({o!r})"] for o in outputs]
+    tools.insert(2, [sys.executable, "-c", "import sys; print('partial'); sys.exit(1)"])
+    before = len(log.read_text().splitlines()) if log.exists() else 0
+    got = thinmap.on_metadata_snapshot_many(system, "qubes_dom0", "vm-pool", tools)
+    assert got == [outputs[0], outputs[1], None, outputs[2], outputs[3]]
+    words = [c[-1] for c in map(json.loads, log.read_text().splitlines()[before:]) if c[0] == "dmsetup"]
+    assert words == ["reserve_metadata_snap", "release_metadata_snap"] and not _snap_reserved(store)
+    (store.devdir / "qubes_dom0/.lvm/vm-pool.metasnap").touch()  # another tool's reservation: EBUSY
+    assert thinmap.on_metadata_snapshot_many(system, "qubes_dom0", "vm-pool", tools) == [None] * len(tools)
+    assert _snap_reserved(store)  # and it stays theirs

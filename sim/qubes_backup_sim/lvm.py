@@ -13,13 +13,16 @@ like lvm (``--opt=value`` and ``--opt value``, ``--`` ends options):
 - ``lvchange --addtag=TAG|--deltag=TAG ... VG/LV [VG/LV ...]`` (tags), ``lvchange --activate=n VG/LV ...``
   (recorded in the LV's metadata as ``active: false``); anything else is refused, exit 5.
 
-Errors are printed like lvm's on stderr (``  Failed to find logical volume "VG/X"``), exit status 5 (3 for bad
+Every call is appended to ``DEVDIR/lvm.log`` (one JSON list per line: the benchmarks count them).  Errors are
+printed like lvm's on stderr (``  Failed to find logical volume "VG/X"``), exit status 5 (3 for bad
 arguments).  With ``QUBES_SIM_LVM_WARN=1`` every command first prints a harmless warning line on stderr, as
 real lvm does with leaked descriptors or a missing lvmetad, and still succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     devdir, cmd, rest = Path(argv[0]), argv[1], argv[2:]
     if os.environ.get("QUBES_SIM_LVM_WARN") == "1":
         print(WARNING, file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError), open(devdir / "lvm.log", "a") as log:  # every call, as thintools.log
+        log.write(json.dumps([cmd, *rest]) + "\n")
     func = COMMANDS.get(cmd)
     if func is None:
         print(f"  No such command '{cmd}'.  Try 'help'.", file=sys.stderr)

@@ -28,7 +28,7 @@ from qubes_backup_dom0.format.header import (
 from qubes_backup_dom0.format.manifest import ArchiveEntry, ArchiveSizes, FileEntry, Manifest
 from qubes_backup_dom0.qubes import firewall, pools
 from qubes_backup_dom0.qubes.interface import Qubes
-from qubes_backup_dom0.qubes.qubesxml import Collection, Domain
+from qubes_backup_dom0.qubes.qubesxml import Collection, Domain, Volume
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.text import has_unsafe_chars
 
@@ -240,6 +240,21 @@ class VolumePlanner(Protocol):
     def plan_volume(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
         ...
 
+    def prepare(self, volumes: list[tuple[pools.VolumeRef, str | None]]) -> None:
+        """Called once before any ``plan_volume``, with every volume (and its VM's uuid) that will be planned."""
+        ...
+
+
+def _volume_refs(collection: Collection, dom: Domain, state: str) -> Iterator[tuple[Volume, pools.VolumeRef]]:
+    """Each save_on_stop volume of ``dom`` (the ones a backup holds) and its reference."""
+    for vol in dom.volumes:
+        if not vol.save_on_stop:
+            continue
+        pool_info = collection.pools.get(vol.pool)
+        if pool_info is None:
+            raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
+        yield vol, pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
+
 
 def _vm_files(
     system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int,
@@ -256,13 +271,7 @@ def _vm_files(
     notes = qubes.notes(dom.name)
     if notes:
         files.append(tarwriter.InnerFile.from_bytes(f"{vm_dir}/notes.txt", notes.encode(), 0o644, mtime))
-    for vol in dom.volumes:
-        if not vol.save_on_stop:
-            continue
-        pool_info = collection.pools.get(vol.pool)
-        if pool_info is None:
-            raise BackupError(f"cannot back up {dom.name}: volume '{vol.name}' is in unknown pool '{vol.pool}'")
-        ref = pools.VolumeRef(dom.name, state, vol.name, vol.pool, vol.vid, pool_info)
+    for vol, ref in _volume_refs(collection, dom, state):
         if vol.attrib.get("revisions_to_keep") == "-1":
             archive.live.append(vol.name)
         pv = planner.plan_volume(ref, f"{vm_dir}/{vol.name}.img", mtime, dom.uuid) if planner else None
@@ -357,6 +366,10 @@ def plan_backup(
         pools.remove_leftover_snapshots(system)  # of a killed earlier run
     mtime = int(time.time())
     try:
+        if planner is not None:
+            order = restore_order(collection, vms)
+            planner.prepare([(ref, dom.uuid) for dom in order
+                             for _vol, ref in _volume_refs(collection, dom, vm_states[dom.name][1])])  # fmt: skip
         # Two VMs at a time: one's snapshot (an lvm process, mostly waiting) overlaps the other's scan.
         with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
             jobs = []

@@ -92,6 +92,7 @@ class RepoBackupResult:
     warnings: list[str] = field(default_factory=list)
     read_blocks: int = 0  # blocks read from the files (change tracking reads only the changed ones)
     reused_blocks: int = 0  # blocks not read: change tracking took their ids from the parent's verified map
+    volume_read_blocks: int = 0  # of read_blocks: those of volumes (the rest: dom0's home, the VMs' own files)
 
 
 class _RepoTarget(AgentTarget):
@@ -189,7 +190,7 @@ class RepoBackup:
         check_location(location)
         self.tracking = tracking  # change tracking: which blocks need not be read (backup/tracking.py)
         self._parent_root: str | None = None
-        self._read = self._reused = 0
+        self._read = self._reused = self._volume_read = 0
         self.system = system
         self.plan = plan
         self.vm = dest_vm
@@ -332,7 +333,8 @@ class RepoBackup:
                                 [c.vm for c in carried], sorted(set(self.options.forget)),
                                 parent[1].seq if parent else None, self._fetched_segments,
                                 self._cached is not None, notes,
-                                read_blocks=self._read, reused_blocks=self._reused)  # fmt: skip
+                                read_blocks=self._read, reused_blocks=self._reused,
+                                volume_read_blocks=self._volume_read)  # fmt: skip
 
     def _parent(self, reader: RepoReader, parent: tuple[str, repotree.Root] | None,
                 bs: int) -> tuple[_Files, list[repotree.RootArchive], dict[str, repotree.Tree]]:  # fmt: skip
@@ -435,7 +437,10 @@ class RepoBackup:
                 reuse = None  # change tracking: blocks not read, their ids from the parent's verified map
                 if self.tracking is not None:
                     reuse = self.tracking.reuse(f, parent, parent_blocks, self._parent_root, bs)
+                before = self._read
                 segments, stored = self._file(f, keys, bs, known, pool, reuse)
+                if f.label:  # a volume's committed state (not a file of dom0's home or a VM's directory)
+                    self._volume_read += self._read - before
                 tree.files.append(repotree.TreeFile(f.path, "file", f.size, stored, f.mode, mtime, None, segments))
         tid = self._emit(keys, repo.TREE, tree.render(bs), tree.refs())
         self._trees[tid] = tree

@@ -264,6 +264,7 @@ def _backup(args: argparse.Namespace, system: System, plan: BackupPlan, vm: str,
     if args.json:
         doc = backup_document(result, elapsed)
         doc["read_blocks"], doc["reused_blocks"] = result.read_blocks, result.reused_blocks
+        doc["volume_read_blocks"] = result.volume_read_blocks
         if missed:  # the snapshot is written and right, but change tracking was wrong: the run failed
             doc.update(ok=False, error=f"--rescan: {missed[0]}", exit_code=1, tracking_mismatches=missed)
         emit_json(doc)

@@ -11,8 +11,10 @@ found by its tags, never by its name alone:
 - ``qbrepo-ID``, ``qbroot-ID``, ``qbbs-N`` (added when promoted): the repository, the root of the snapshot it
   was read for and that repository's block size.  A base is used only against exactly that root.
 
-Names say what it is to ``lvs`` and ``qvm-pool volumes`` users: ``ORIGIN-qbbase-REPO8`` (the first 8 hex digits
-of the repository id) and, before promotion, ``ORIGIN-qbnext-PID``; never ending in ``-snap``, ``-back`` or
+Names say what it is to ``lvs`` and ``qvm-pool volumes`` users: ``ORIGIN-qbbase-REPO8-RANDOM`` (the first 8 hex
+digits of the repository id, 6 random hex digits: each run's is new, so it is created under the name it keeps and
+promotion renames nothing) when dom0 knows which repository the location holds, else (a first backup)
+``ORIGIN-qbnext-PID``, renamed to ``ORIGIN-qbbase-REPO8`` when promoted; never ending in ``-snap``, ``-back`` or
 ``-import``, which qubesd treats as its own.
 
 ``thin_delta --metadata-snap --thin1 BASE --thin2 NEW POOL_tmeta`` (on a reserved metadata snapshot, released
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -77,7 +80,10 @@ def base_name(origin: str, repo_id: str) -> str:
     return f"{origin}-qbbase-{repo_id[:8]}"
 
 
-def next_name(origin: str) -> str:
+def next_name(origin: str, repo_id: str | None = None) -> str:
+    """The new snapshot's name: final (``ORIGIN-qbbase-REPO8-RANDOM``) when the repository is known."""
+    if repo_id:
+        return f"{base_name(origin, repo_id)}-{secrets.token_hex(3)}"
     return f"{origin}-qbnext-{os.getpid()}"
 
 
@@ -109,9 +115,10 @@ def thin_id(system: System, vg: str, lv: str) -> tuple[int, str] | None:
     return thinmap._thin_id(system, vg, lv)
 
 
-def create_next(system: System, vg: str, origin: str, vm_uuid: str | None, label: str) -> str:
+def create_next(system: System, vg: str, origin: str, vm_uuid: str | None, label: str,
+                repo_id: str | None = None) -> str:  # fmt: skip
     """A read-only, activated thin snapshot of the committed LV, tagged as a not yet promoted base."""
-    name = next_name(origin)
+    name = next_name(origin, repo_id)
     tags = [NEXT_TAG, f"{PID}{os.getpid()}", f"{ORIGIN}{origin}"] + ([f"{VM}{vm_uuid}"] if vm_uuid else [])
     run_lvm(system, ["lvcreate", "--setactivationskip=n", "--activate=y", "--snapshot", "--type=thin",
                      "--permission=r", *(f"--addtag={t}" for t in tags), f"--name={name}", "--", f"{vg}/{origin}"],
@@ -135,9 +142,9 @@ def remove(system: System, specs: list[str], what: str) -> None:
 def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id: str, block_size: int,
             old: list[str]) -> None:  # fmt: skip
     """Make each new snapshot ``(VG/NEXT, VG/BASE-NAME)`` a base of root ``root_id``: tags first (one lvchange),
-    then the ``old`` bases removed (one lvremove), then each renamed to its base name, then all deactivated.
-    Killed in between, the next start keeps the base of dom0's recorded root (tags, not names, say what a base
-    is)."""
+    then the ``old`` bases removed (one lvremove), then each renamed to its base name (only those not created
+    under it), then all deactivated.  Killed in between, the next start keeps the base of dom0's recorded root
+    (tags, not names, say what a base is)."""
     if not nexts:
         return
     tags = ["--deltag", NEXT_TAG, "--deltag", f"{PID}{os.getpid()}", "--addtag", BASE_TAG, "--addtag",
@@ -149,6 +156,8 @@ def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id:
         raise
     remove(system, old, "the previous change-tracking bases")
     for spec, new in nexts:
+        if spec == new:
+            continue
         vg, _, name = spec.partition("/")
         run_lvm(system, ["lvrename", vg, name, new.partition("/")[2]], f"cannot rename {spec} to {new}")
     # nothing reads a base (thin_delta reads the pool's metadata): no dm device kept for it
@@ -223,6 +232,20 @@ def delta(system: System, vg: str, pool: str, left: int, right: int, size: int) 
     if not thinmap.on_metadata_snapshot(system, vg, pool, argv, parser.feed):
         return None
     return parser.finish()
+
+
+def deltas(system: System, vg: str, pool: str,
+           pairs: list[tuple[int, int, int]]) -> list[list[tuple[int, int]] | None]:  # fmt: skip
+    """``delta`` of each ``(left, right, size)`` of thin pool ``VG/POOL``, all on one reserved metadata snapshot
+    (so the snapshots compared must all exist before this call)."""
+    tmeta = f"{system.dev_dir}/mapper/{thinmap.dm_name(vg, pool)}_tmeta"
+    tools = [[*system.thin_delta_argv, "--metadata-snap", "--thin1", str(left), "--thin2", str(right), tmeta]
+             for left, right, _size in pairs]  # fmt: skip
+    out: list[list[tuple[int, int]] | None] = []
+    for (left, right, size), xml in zip(pairs, thinmap.on_metadata_snapshot_many(system, vg, pool, tools),
+                                        strict=True):  # fmt: skip
+        out.append(None if xml is None else parse_delta(xml, left, right, size))
+    return out
 
 
 def describe(lv: OurLv) -> str:

@@ -66,7 +66,19 @@ if a["marker"]:
         pass
 dumped = False
 try:
-    dumped = subprocess.run(a["thin_dump"], stdin=subprocess.DEVNULL, timeout=a["timeout"]).returncode == 0
+    if "tools" in a:  # several tools on one reservation: each one's exit status, length and output in turn
+        out = sys.stdout.buffer
+        for tool in a["tools"]:
+            try:
+                r = subprocess.run(tool, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, timeout=a["timeout"])
+                rc, data = r.returncode, r.stdout[: a["max"] + 1]
+            except Exception:
+                rc, data = 255, b""
+            out.write(b"%d %d\\n" % (min(max(rc, 0), 255), len(data)) + data)
+            out.flush()
+        dumped = True
+    else:
+        dumped = subprocess.run(a["thin_dump"], stdin=subprocess.DEVNULL, timeout=a["timeout"]).returncode == 0
 except Exception:
     pass
 finally:
@@ -166,10 +178,52 @@ def on_metadata_snapshot(system: System, vg: str, pool: str, tool: list[str], co
         return _run_reserved(system, vg, pool, name, tool, consume)
 
 
-def _run_reserved(system: System, vg: str, pool: str, name: str, tool: list[str],
-                  consume: Callable[[bytes], bool]) -> bool:  # fmt: skip
-    args = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT, "thin_dump": tool,
-            "marker": _marker(system, name)}  # fmt: skip
+def on_metadata_snapshot_many(system: System, vg: str, pool: str, tools: list[list[str]]) -> list[bytes | None]:
+    """Run each of ``tools`` (thin_delta on the pool's tmeta) in turn on one reserved metadata snapshot of
+    ``VG/POOL`` (one reservation for all: a backup's volumes of one pool cost one reserve and one release); the
+    output of each tool that succeeded, None for the others (or for all, when the reservation failed).  Each
+    output is bounded by MAX_DUMP, the whole by MAX_DUMP too."""
+    if not tools:
+        return []
+    name = dm_name(vg, pool)
+    with _LOCKS_LOCK:
+        lock = _POOL_LOCKS.setdefault(name, threading.Lock())
+    chunks: list[bytes] = []
+    total = 0
+
+    def consume(piece: bytes) -> bool:
+        nonlocal total
+        total += len(piece)
+        chunks.append(piece)
+        return total <= MAX_DUMP
+
+    with lock:
+        ok = _run_reserved(system, vg, pool, name, tools, consume, many=True)
+    results: list[bytes | None] = [None] * len(tools)
+    if not ok:
+        return results
+    data, pos = b"".join(chunks), 0
+    for i in range(len(tools)):
+        end = data.find(b"\n", pos, pos + 32)
+        head = data[pos:end].split(b" ") if end >= 0 else []
+        if len(head) != 2 or not all(_NUM.fullmatch(h.decode("ascii", "replace")) for h in head):
+            return [None] * len(tools)
+        rc, n = int(head[0]), int(head[1])
+        if end + 1 + n > len(data) or n > MAX_DUMP:
+            return [None] * len(tools)
+        results[i] = data[end + 1 : end + 1 + n] if rc == 0 else None
+        pos = end + 1 + n
+    return results if pos == len(data) else [None] * len(tools)
+
+
+def _run_reserved(system: System, vg: str, pool: str, name: str, tool: list[str] | list[list[str]],
+                  consume: Callable[[bytes], bool], many: bool = False) -> bool:  # fmt: skip
+    args: dict[str, Any] = {"dmsetup": system.dmsetup_argv, "pool": f"{name}-tpool", "timeout": MAP_TIMEOUT,
+                            "marker": _marker(system, name)}  # fmt: skip
+    if many:
+        args.update(tools=tool, max=MAX_DUMP)
+    else:
+        args["thin_dump"] = tool
     try:
         proc = subprocess.Popen([sys.executable, "-S", "-c", _HELPER, json.dumps(args)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
