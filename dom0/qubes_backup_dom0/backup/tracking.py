@@ -24,6 +24,7 @@ import stat
 import sys
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from qubes_backup_dom0.qubes.bases import OurLv
 from qubes_backup_dom0.qubes.system import System
 
 NO_ANSWER_LVM = "thin_delta gave no usable answer"
+SNAPSHOT_THREADS = 2  # lvcreate processes at a time (lvm serializes them on the VG lock; their start-up overlaps)
 NO_ANSWER_REFLINK = "the extents of its base and its copy could not be compared (FIEMAP)"
 
 
@@ -137,7 +139,7 @@ class Tracking:
         all with one ``lvs`` and ask thin_delta about all of them on one reserved metadata snapshot per pool:
         the tooling a run costs no longer grows by an lvs, two dmsetup messages and a helper per volume.
         ``plan_volume`` then uses what was prepared (and does it all itself for a volume not prepared)."""
-        todo = []
+        todo: list[tuple[str, str, str, str | None, pools.VolumeRef]] = []
         for ref, vm_uuid in volumes:
             if ref.driver != "lvm_thin":
                 continue
@@ -145,19 +147,17 @@ class Tracking:
             pool = ref.pool_info.get("thin_pool", "")
             with self._lock:
                 self._start()
-                if not pool or not self._pool_ok(vg, pool) or (vg, origin) in self._prepared:
+                if not pool or not self._pool_ok(vg, pool) or any(k[:2] == (vg, origin) for k in todo):
                     continue
-            before = pools._dev_identity(self.system.dev_dir / vg / origin)
-            name = bases.create_next(self.system, vg, origin, vm_uuid, f"cannot back up {ref.vm}: {ref.label}",
-                                     self._repo)  # fmt: skip
-            after = pools._dev_identity(self.system.dev_dir / vg / origin)
-            self._prepared[(vg, origin)] = Prepared(name, after if before == after else None)
-            todo.append((vg, origin, pool, vm_uuid))
+            todo.append((vg, origin, pool, vm_uuid, ref))
         if not todo:
             return
+        with ThreadPoolExecutor(max_workers=SNAPSHOT_THREADS, thread_name_prefix="snapshot") as workers:
+            for job in [workers.submit(self._snapshot, vg, origin, uuid, ref) for vg, origin, _p, uuid, ref in todo]:
+                job.result()  # the first failure fails the run (close() removes what was made)
         listed = {(lv.vg, lv.name): lv for lv in bases.list_lvs(self.system)[0]}
         asks: dict[tuple[str, str], list[tuple[tuple[str, str], tuple[int, int, int]]]] = {}
-        for vg, origin, pool, vm_uuid in todo:
+        for vg, origin, pool, vm_uuid, _ref in todo:
             prep = self._prepared[(vg, origin)]
             prep.lv = listed.get((vg, prep.name))
             base, _bs, why = self._usable_base(vg, origin, pool, vm_uuid, prep.lv.size if prep.lv else None)
@@ -168,6 +168,14 @@ class Tracking:
             answers = bases.deltas(self.system, vg, pool, [pair for _key, pair in wanted])
             for (key, _pair), ranges in zip(wanted, answers, strict=True):
                 self._prepared[key].delta, self._prepared[key].asked = ranges, True
+
+    def _snapshot(self, vg: str, origin: str, vm_uuid: str | None, ref: pools.VolumeRef) -> None:
+        before = pools._dev_identity(self.system.dev_dir / vg / origin)
+        name = bases.create_next(self.system, vg, origin, vm_uuid, f"cannot back up {ref.vm}: {ref.label}",
+                                 self._repo)  # fmt: skip
+        after = pools._dev_identity(self.system.dev_dir / vg / origin)
+        with self._lock:
+            self._prepared[(vg, origin)] = Prepared(name, after if before == after else None)
 
     def _usable_base(self, vg: str, origin: str, pool: str, vm_uuid: str | None,
                      size: int | None) -> tuple[OurLv | None, int, str]:  # fmt: skip
