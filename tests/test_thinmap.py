@@ -355,3 +355,13 @@ def test_several_tools_on_one_reservation(lvs: tuple[System, LvStore], tmp_path:
     (store.devdir / "qubes_dom0/.lvm/vm-pool.metasnap").touch()  # another tool's reservation: EBUSY
     assert thinmap.on_metadata_snapshot_many(system, "qubes_dom0", "vm-pool", tools) == [None] * len(tools)
     assert _snap_reserved(store)  # and it stays theirs
+
+
+@pytest.mark.parametrize("version", ["0.9.0", "1.1.0"])
+def test_parser_reads_recorded_dumps_of_both_versions(version: str) -> None:
+    """thin_dump --dev-id 2 of tests/data/thin_delta/metadata-ranges.xml by 0.9.0 and by 1.1.0 (the Rust rewrite
+    in Qubes R4.3's dom0: superblock version 2, no flags attribute, no final newline): the same map."""
+    xml = (Path(__file__).parent / "data/thin_delta" / f"dump-ranges-{version}-2.xml").read_bytes()
+    chunk = 128 * 512
+    assert thinmap.parse(xml, 2, 400 * chunk) == [(0, 100 * chunk), (200 * chunk, 10 * chunk),
+                                                  (300 * chunk, 32 * chunk)]  # fmt: skip

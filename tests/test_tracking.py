@@ -43,16 +43,28 @@ CHUNK = 128 * 512
 # -- thin_delta's XML ---------------------------------------------------------------------------------------
 
 
-def test_parser_reads_recorded_thin_delta() -> None:
-    """Recorded from thin_delta 0.9.0 on tests/data/thin_delta/metadata.xml (thin_restore'd): devices 1 and 2
-    share blocks 0-1, 3 and 10; block 2 maps differently; 20 only in 1, 30 only in 2."""
-    xml = (DATA / "delta-0.9.0-1-2.xml").read_bytes()
+@pytest.mark.parametrize("version", ["0.9.0", "1.1.0"])
+def test_parser_reads_recorded_thin_delta(version: str) -> None:
+    """Recorded from thin_delta 0.9.0 (Debian 12, Qubes R4.2's dom0 has 0.9) and 1.1.0 (the Rust rewrite:
+    Debian 13, Fedora 41 of Qubes R4.3's dom0) on tests/data/thin_delta/metadata.xml (thin_restore'd): devices 1
+    and 2 share blocks 0-1, 3 and 10; block 2 maps differently; 20 only in 1, 30 only in 2."""
+    xml = (DATA / f"delta-{version}-1-2.xml").read_bytes()
     size = 64 * CHUNK
     assert bases.parse_delta(xml, 1, 2, size) == [(2 * CHUNK, CHUNK), (20 * CHUNK, CHUNK), (30 * CHUNK, CHUNK)]
-    reverse = (DATA / "delta-0.9.0-2-1.xml").read_bytes()
+    reverse = (DATA / f"delta-{version}-2-1.xml").read_bytes()
     assert bases.parse_delta(reverse, 2, 1, size) == bases.parse_delta(xml, 1, 2, size)
     assert bases.parse_delta(xml, 2, 1, size) is None  # another pair of devices
     assert bases.parse_delta(xml, 1, 2, 30 * CHUNK) is None  # a range beyond the volume (wyng #56)
+
+
+@pytest.mark.parametrize("version", ["0.9.0", "1.1.0"])
+def test_parser_reads_recorded_runs_of_blocks(version: str) -> None:
+    """thin_delta of tests/data/thin_delta/metadata-ranges.xml (range mappings: runs of shared, remapped and new
+    blocks) by both versions: the same ranges, which are exactly what is not "same"."""
+    xml = (DATA / f"ranges-{version}-1-2.xml").read_bytes()
+    assert bases.parse_delta(xml, 1, 2, 400 * CHUNK) == [(50 * CHUNK, 10 * CHUNK), (200 * CHUNK, 10 * CHUNK),
+                                                          (310 * CHUNK, 22 * CHUNK)]  # fmt: skip
+    assert bases.parse_delta(xml, 1, 2, 331 * CHUNK) is None  # block 331 is beyond such a volume
 
 
 @pytest.mark.skipif(THIN_DELTA is None and not os.environ.get("CI"), reason="thin-provisioning-tools not installed")
