@@ -569,3 +569,25 @@ def test_a_wrong_tracker_is_caught_by_rescan(tracked: tuple[Sim, RepoBackupResul
     assert r.returncode == 1 and doc["ok"] is False and doc["exit_code"] == 1, r.stdout
     assert len(doc["tracking_mismatches"]) == 1 and doc["error"].startswith("--rescan: change tracking missed")
     assert doc["read_blocks"] > 0 and doc["reused_blocks"] == 0
+
+
+def test_a_plan_failing_after_the_snapshots_leaves_none_of_them(tracked: tuple[Sim, RepoBackupResult],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The new snapshots are all taken before the VMs are planned (one lvs, one reservation per pool): a plan
+    that fails afterwards (here: the firewall of work cannot be read) removes every one of them, planned or not;
+    the base stays and still pairs."""
+    from qubes_backup_dom0.qubes.interface import Qubes
+
+    sim, first = tracked
+    write(sim, [4 * BS])
+
+    def broken(self: Qubes, name: str) -> object:
+        raise BackupError(f"cannot read the firewall of {name}")
+
+    monkeypatch.setattr(Qubes, "firewall_rules", broken)
+    with pytest.raises(BackupError, match="cannot read the firewall of work"):
+        backup(sim)
+    assert unpromoted(sim) == [] and ours(sim) == [f"vm-work-private-qbbase-{first.repo_id[:8]}"]
+    monkeypatch.undo()
+    result, t = backup(sim)
+    assert t.full_reads() == [] and result.volume_read_blocks == 1
