@@ -327,3 +327,29 @@ def test_lineage() -> None:
     assert "descend" in (repotree.lineage_problem(ID, head, 2, "d" * 64) or "")  # fork before
     assert repotree.lineage_problem(ID, head, None, ID2) is None  # a pinned id in its history
     assert repotree.lineage_problem(ID, head, None, "d" * 64) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=64), st.data())
+def test_gets_data_round_trips_and_any_changed_byte_is_refused_or_reads_another_id(
+    raw_ids: list[bytes], data: st.DataObject
+) -> None:
+    """A GETS frame's data (docs/REPOSITORY.md section 9) names exactly the ids it was built from; a changed
+    byte makes it malformed, or (a hex digit for a hex digit) names another id, never more or fewer."""
+    from qubes_backup_protocol import repo as names
+
+    ids = [r.hex() for r in raw_ids]
+    body = names.encode_gets(ids)
+    assert len(body) == 65 * len(ids) and names.parse_gets(body) == ids
+    pos = data.draw(st.integers(0, len(body) - 1))
+    byte = data.draw(st.integers(0, 255).filter(lambda b: b != body[pos]))
+    bent = body[:pos] + bytes([byte]) + body[pos + 1 :]
+    try:
+        got = names.parse_gets(bent)
+    except ValueError:
+        return
+    assert len(got) == len(ids) and sum(a != b for a, b in zip(got, ids, strict=True)) == 1
+    with pytest.raises(ValueError):
+        names.parse_gets(body + body[:65] * (65 - len(ids)))  # more than 64
+    with pytest.raises(ValueError):
+        names.encode_gets([*ids, *ids] if len(ids) > 32 else [])

@@ -50,7 +50,7 @@ MAX_SERVE = (256 << 20) + 16  # what a MEMBER frame may carry (docs/PROTOCOL.md 
 COPY_PIECE = 4 << 20
 _GET = (64, 0)
 _BACKUP_FRAMES = {FrameType.DATA: (0, frames.MAX_DATA_FRAME), FrameType.COMMIT: (0, 0), FrameType.GET: _GET}
-_RESTORE_FRAMES = {FrameType.GET: _GET}
+_RESTORE_FRAMES = {FrameType.GET: _GET, FrameType.GETS: (0, names.GETS_MAX_DATA)}
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
 HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
 MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
@@ -540,7 +540,8 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
 
 
 def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    """qubes.Restore in repository mode: the opening, then one MEMBER per GET until dom0 hangs up."""
+    """qubes.Restore in repository mode: the opening, then one MEMBER per GET (and per id of a GETS, in
+    order) until dom0 hangs up."""
     repo: Store | None = None
     try:
         repo = open_repository(location, root, create=False)
@@ -550,7 +551,15 @@ def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) 
             frame = frames.read_frame(stdin, _RESTORE_FRAMES)
             if frame is None:
                 raise PeerGone
-            repo.serve(frame.name, stdout)
+            if frame.type == FrameType.GETS:
+                try:
+                    wanted = names.parse_gets(frame.data)
+                except ValueError as exc:
+                    raise frames.ProtocolError(str(exc)) from None
+            else:
+                wanted = [frame.name]
+            for name in wanted:  # one MEMBER each, in order
+                repo.serve(name, stdout)
             stdout.flush()
     except (PeerGone, BrokenPipeError, ConnectionResetError):
         silence(stdout)
