@@ -37,6 +37,34 @@ def _buffer(ftype: FrameType, size: int) -> memoryview | None:
     return memoryview(bytearray(size)) if ftype == FrameType.MEMBER else None
 
 
+class _Buffers:
+    """Buffers of ``capacity`` bytes that received data blocks are read into, reused once the block was
+    opened (nothing of it is kept: ``open_object`` decrypts into new bytes); larger answers get their own."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free: list[bytearray] = []
+
+    def take(self, ftype: FrameType, size: int) -> memoryview | None:
+        if ftype != FrameType.MEMBER:
+            return None
+        if size > self.capacity:
+            return memoryview(bytearray(size))
+        buf = self.free.pop() if self.free else bytearray(self.capacity)
+        return memoryview(buf)[:size]
+
+    def give_back(self, views: list[bytes | memoryview]) -> None:
+        for view in views:
+            if isinstance(view, memoryview) and isinstance(view.obj, bytearray) and len(view.obj) == self.capacity:
+                buf = view.obj
+                try:
+                    view.release()
+                except BufferError:  # still exported somewhere: not reused
+                    continue
+                if len(self.free) < 2 * WINDOW:
+                    self.free.append(buf)
+
+
 @dataclass(frozen=True)
 class Opening:
     """What the agent sends first: the header (unauthenticated) and its MAC, and the roots it holds."""
@@ -129,12 +157,12 @@ class RepoSession:
             # sent before, its answers and its ERROR, is still to be read; ``receive`` reports it (or the end).
             self._agent_gone = True
 
-    def receive(self, max_size: int) -> bytes | memoryview:
+    def receive(self, max_size: int, into: BufferFor = _buffer) -> bytes | memoryview:
         """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read (then read
         straight from the pipe into a buffer of its own: no copy)."""
         name = self.outstanding.popleft()
         limits = {FrameType.MEMBER: (64, max_size)}
-        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40], _buffer)
+        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40], into)
         if got != name:
             raise VerificationError(f"backup VM {self.vm} sent {safe_text(got)} when asked for {name[:40]}")
         return data
@@ -176,6 +204,7 @@ class RepoReader:
         self.cancelled = cancel or (lambda: False)
         self.fetched = 0  # objects received
         self.fetched_bytes = 0
+        self.buffers = _Buffers(repo.max_object_size(repo.DATA, self.block_size))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -191,7 +220,7 @@ class RepoReader:
         """The objects in order, up to WINDOW requests ahead (REQUEST_BATCH at a time), opened on the pool
         OPEN_BATCH at a time (a few batches ahead of the consumer)."""
         pending: deque[Want] = deque()
-        opened: deque[Future[list[repo.Opened]]] = deque()
+        opened: deque[tuple[Future[list[repo.Opened]], list[bytes | memoryview]]] = deque()
         it = iter(wants)
         more = True
         depth = _workers() + 1
@@ -209,15 +238,18 @@ class RepoReader:
                 batch: list[tuple[Want, bytes | memoryview]] = []
                 while pending and len(batch) < OPEN_BATCH:
                     want = pending.popleft()
-                    raw = self.session.receive(repo.max_object_size(want.type, self.block_size))
+                    raw = self.session.receive(repo.max_object_size(want.type, self.block_size), self.buffers.take)
                     self.fetched += 1
                     self.fetched_bytes += len(raw)
                     batch.append((want, raw))
-                opened.append(self.pool.submit(self._open_all, batch))
+                opened.append((self.pool.submit(self._open_all, batch), [raw for _, raw in batch]))
                 continue
             if not opened:
                 return
-            yield from opened.popleft().result()
+            future, raws = opened.popleft()
+            done = future.result()
+            self.buffers.give_back(raws)
+            yield from done
 
     def one(self, want: Want) -> repo.Opened:
         return next(iter(self.fetch([want])))
