@@ -213,6 +213,10 @@ def test_authentic_but_wrong_content_is_refused(kk: tuple[repo.RepoKeys, repo.Re
         repo.open_object(k, _forge(k, repo.DATA, oid, frame + pad), repo.DATA, oid, BS)
     padded = _forge(k, repo.DATA, oid, frame + pad[:8] + bytes(8))
     assert repo.open_object(k, padded, repo.DATA, oid, BS).plaintext == plain
+    for at in (0, 1000, 2047):  # one byte other than zero anywhere in the padding
+        bent = struct.pack("<II", repo.SKIPPABLE, 2048) + bytes(at) + b"\x80" + bytes(2047 - at)
+        with pytest.raises(VerificationError, match="unexpected bytes"):
+            repo.open_object(k, _forge(k, repo.DATA, oid, frame + bent), repo.DATA, oid, BS)
     with pytest.raises(VerificationError, match="references"):
         repo.open_object(k, _forge(k, repo.SEGMENT, oid, plain, "n", ["2" * 64, "1" * 64]), repo.SEGMENT, oid, BS)
 

@@ -315,6 +315,7 @@ def _decompress(body: bytes, limit: int, what: str) -> bytes:
     rest = dobj.unused_data
     if not dobj.eof or len(out) != size:
         raise VerificationError(f"{what}: incomplete compressed content")
-    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8) or any(rest[8:])):
+    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8)
+                 or rest.count(0, 8) != len(rest) - 8):  # fmt: skip
         raise VerificationError(f"{what}: unexpected bytes after the compressed content")
     return out
