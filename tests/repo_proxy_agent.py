@@ -1,6 +1,6 @@
 """A backup VM between dom0 and the real agent: it starts the agent through its real service entry point
-(``SimTransport``), relays dom0's frames to it unchanged, logs every GET dom0 sends, and bends what the
-agent answers as one attack says (tests/test_repo_hostile_more.py, tests/test_repo_reads.py).
+(``SimTransport``), relays dom0's frames to it unchanged, logs every GET dom0 sends (each id of a GETS),
+and bends what the agent answers as one attack says (tests/test_repo_hostile_more.py, tests/test_repo_reads.py).
 
 Usage: ``python repo_proxy_agent.py SPEC_JSON SIM_DIR SERVICE VM`` with SPEC:
 
@@ -29,6 +29,7 @@ from typing import BinaryIO
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import SimTransport
 from qubes_backup_protocol import frames
+from qubes_backup_protocol import repo as repo_names
 from qubes_backup_protocol.frames import FrameType
 
 
@@ -145,11 +146,12 @@ def main() -> int:
                 if frame is None:
                     break
                 ftype, name, data = frame
-                if ftype == FrameType.GET:
+                if ftype in (FrameType.GET, FrameType.GETS):
+                    asked = [name] if ftype == FrameType.GET else repo_names.parse_gets(data)
                     with proxy.lock:
-                        proxy.gets.append(name)
+                        proxy.gets += asked
                     if log is not None:
-                        log.write(name + "\n")
+                        log.write("".join(n + "\n" for n in asked))
                         log.flush()
                 raw = name.encode("ascii")
                 agent.stdin.write(frames.encode_header(ftype, len(raw), len(data)) + raw + data)

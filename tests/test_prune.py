@@ -71,13 +71,13 @@ def change(sim: Sim, rng: random.Random) -> None:
 def verify(sim: Sim, snapshot: int) -> set[str]:
     """Verify a whole snapshot from dom0 (every object fetched and checked once); the objects it asked for."""
     asked: list[str] = []
-    original = RepoSession.request
+    original = RepoSession.request_many
 
-    def request(self: RepoSession, name: str) -> None:
-        asked.append(name)
-        original(self, name)
+    def request_many(self: RepoSession, wanted: list[str]) -> None:
+        asked.extend(wanted)
+        original(self, wanted)
 
-    RepoSession.request = request  # type: ignore[method-assign]
+    RepoSession.request_many = request_many  # type: ignore[method-assign]
     try:
         job = RepoRestore(sim.system, REPO, "backupvm", PASS, RestoreOptions(verify_only=True), snapshot=snapshot)
         try:
@@ -88,7 +88,7 @@ def verify(sim: Sim, snapshot: int) -> set[str]:
             job.close()
         assert job.chosen is not None and job.chosen.root.seq == snapshot
     finally:
-        RepoSession.request = original  # type: ignore[method-assign]
+        RepoSession.request_many = original  # type: ignore[method-assign]
     return {n for n in asked if names.is_object_name(n)}
 
 

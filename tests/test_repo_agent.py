@@ -162,3 +162,47 @@ def test_location_confined(tmp_path: Path) -> None:
             f = ch.recv(OPENING)
             assert f is not None and f.type == FrameType.ERROR, location
     assert VM
+
+
+def _served_repository(tmp_path: Path, n: int) -> tuple[System, list[tuple[str, bytes]]]:
+    system = make_sim(tmp_path)
+    objs = _objects(n)
+    root = names.root_name(1, "2026-11-27T09:00:00Z")
+    _first, reply, rc = run_backup(system, "/home/user/r", [*HEADER, *objs, (root, b"root bytes")])
+    assert reply is not None and reply.type == FrameType.DONE and rc == 0
+    return system, objs
+
+
+def test_gets_is_answered_one_member_per_id_in_order_then_error_where_one_is_missing(tmp_path: Path) -> None:
+    system, objs = _served_repository(tmp_path, 4)
+    with open_channel(system, "qubes.Restore") as ch:
+        ch.send(FrameType.LOCATION, names.REQUEST, b"/home/user/r")
+        opening(ch)
+        order = [objs[2], objs[0], objs[3], objs[0]]  # any order, an id twice
+        ch.send(FrameType.GETS, "", names.encode_gets([oid for oid, _ in order]))
+        for oid, data in order:
+            got = ch.recv(ANSWER)
+            assert got is not None and got.type == FrameType.MEMBER and got.name == oid and bytes(got.data) == data
+        ch.send(FrameType.GET, objs[1][0])  # GET still works in between
+        got = ch.recv(ANSWER)
+        assert got is not None and got.name == objs[1][0]
+        ch.send(FrameType.GETS, "", names.encode_gets([objs[1][0], "e" * 64, objs[2][0]]))
+        got = ch.recv(ANSWER)
+        assert got is not None and got.name == objs[1][0]
+        got = ch.recv(ANSWER)
+        assert got is not None and got.type == FrameType.ERROR and b"missing" in bytes(got.data)
+        assert ch.wait(30) != 0
+
+
+def test_a_malformed_gets_is_refused(tmp_path: Path) -> None:
+    system, objs = _served_repository(tmp_path, 1)
+    line = (objs[0][0] + "\n").encode()
+    bad = [b"", line[:-1] + b" ", line + line[:40], line.upper(), (names.HEADER + "\n").ljust(65).encode(), line * 65]
+    for data in bad:
+        with open_channel(system, "qubes.Restore") as ch:
+            ch.send(FrameType.LOCATION, names.REQUEST, b"/home/user/r")
+            opening(ch)
+            ch.send(FrameType.GETS, "", data)
+            got = ch.recv(ANSWER)
+            assert got is not None and got.type == FrameType.ERROR and b"bad request" in bytes(got.data), data[:70]
+            assert ch.wait(30) != 0

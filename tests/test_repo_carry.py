@@ -129,13 +129,13 @@ def test_cache_saves_fetching_the_parents_segments(tmp_path: Path, monkeypatch: 
     cached = repocache.load(sim.system, first.repo_id, first.root, BS)
     assert cached is not None and cached
     asked: list[str] = []  # what dom0 asks the backup VM for (GET)
-    original = RepoSession.request
+    original = RepoSession.request_many
 
-    def request(self: RepoSession, name: str) -> None:
-        asked.append(name)
-        original(self, name)
+    def request_many(self: RepoSession, wanted: list[str]) -> None:
+        asked.extend(wanted)
+        original(self, wanted)
 
-    monkeypatch.setattr(RepoSession, "request", request)
+    monkeypatch.setattr(RepoSession, "request_many", request_many)
 
     # the cache matches the newest root: no segment is fetched, and the snapshot is the one made without it
     write_block(sim, "work", 5)

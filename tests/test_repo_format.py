@@ -213,6 +213,10 @@ def test_authentic_but_wrong_content_is_refused(kk: tuple[repo.RepoKeys, repo.Re
         repo.open_object(k, _forge(k, repo.DATA, oid, frame + pad), repo.DATA, oid, BS)
     padded = _forge(k, repo.DATA, oid, frame + pad[:8] + bytes(8))
     assert repo.open_object(k, padded, repo.DATA, oid, BS).plaintext == plain
+    for at in (0, 1000, 2047):  # one byte other than zero anywhere in the padding
+        bent = struct.pack("<II", repo.SKIPPABLE, 2048) + bytes(at) + b"\x80" + bytes(2047 - at)
+        with pytest.raises(VerificationError, match="unexpected bytes"):
+            repo.open_object(k, _forge(k, repo.DATA, oid, frame + bent), repo.DATA, oid, BS)
     with pytest.raises(VerificationError, match="references"):
         repo.open_object(k, _forge(k, repo.SEGMENT, oid, plain, "n", ["2" * 64, "1" * 64]), repo.SEGMENT, oid, BS)
 
@@ -327,3 +331,29 @@ def test_lineage() -> None:
     assert "descend" in (repotree.lineage_problem(ID, head, 2, "d" * 64) or "")  # fork before
     assert repotree.lineage_problem(ID, head, None, ID2) is None  # a pinned id in its history
     assert repotree.lineage_problem(ID, head, None, "d" * 64) is not None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=64), st.data())
+def test_gets_data_round_trips_and_any_changed_byte_is_refused_or_reads_another_id(
+    raw_ids: list[bytes], data: st.DataObject
+) -> None:
+    """A GETS frame's data (docs/REPOSITORY.md section 9) names exactly the ids it was built from; a changed
+    byte makes it malformed, or (a hex digit for a hex digit) names another id, never more or fewer."""
+    from qubes_backup_protocol import repo as names
+
+    ids = [r.hex() for r in raw_ids]
+    body = names.encode_gets(ids)
+    assert len(body) == 65 * len(ids) and names.parse_gets(body) == ids
+    pos = data.draw(st.integers(0, len(body) - 1))
+    byte = data.draw(st.integers(0, 255).filter(lambda b: b != body[pos]))
+    bent = body[:pos] + bytes([byte]) + body[pos + 1 :]
+    try:
+        got = names.parse_gets(bent)
+    except ValueError:
+        return
+    assert len(got) == len(ids) and sum(a != b for a, b in zip(got, ids, strict=True)) == 1
+    with pytest.raises(ValueError):
+        names.parse_gets(body + body[:65] * (65 - len(ids)))  # more than 64
+    with pytest.raises(ValueError):
+        names.encode_gets([*ids, *ids] if len(ids) > 32 else [])

@@ -308,13 +308,13 @@ def test_restore_asks_for_each_object_once(repo_sim: Sim, monkeypatch: pytest.Mo
     os.rename(new, path)
     first = backup(sim, ("work", "vault"))
     asked: list[str] = []
-    original = RepoSession.request
+    original = RepoSession.request_many
 
-    def request(self: RepoSession, name: str) -> None:
-        asked.append(name)
-        original(self, name)
+    def request_many(self: RepoSession, wanted: list[str]) -> None:
+        asked.extend(wanted)
+        original(self, wanted)
 
-    monkeypatch.setattr(RepoSession, "request", request)
+    monkeypatch.setattr(RepoSession, "request_many", request_many)
     job = restore(sim, None, ("work",))
     assert job.restored == ["work1"]
     assert len(asked) == len(set(asked)), [n for n, c in Counter(asked).items() if c > 1]

@@ -56,13 +56,13 @@ def three(tmp_path: Path) -> tuple[Sim, bytes]:
 def test_each_object_fetched_once_across_snapshots(three: tuple[Sim, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     sim, _old = three
     asked: list[str] = []
-    original = RepoSession.request
+    original = RepoSession.request_many
 
-    def request(self: RepoSession, name: str) -> None:
-        asked.append(name)
-        original(self, name)
+    def request_many(self: RepoSession, wanted: list[str]) -> None:
+        asked.extend(wanted)
+        original(self, wanted)
 
-    monkeypatch.setattr(RepoSession, "request", request)
+    monkeypatch.setattr(RepoSession, "request_many", request_many)
     job = RepoRestore(sim.system, REPO, "backupvm", PASS, RestoreOptions(verify_only=True))
     job.open()
     checker = AllSnapshots(job)

@@ -30,6 +30,7 @@ class FrameType(enum.IntEnum):
     GET = 6  # name: a repository file dom0 wants (repository mode, docs/REPOSITORY.md section 9)
     PASSPHRASE = 7  # data: the passphrase (qubes.RestoreParanoid, dom0 -> DisposableVM)
     PRUNE = 8  # data: the retention policy and dry-run flag of a keyless prune (prune_frames.py)
+    GETS = 9  # data: up to 64 repository object ids dom0 wants, in order (repo.py; qubes.Restore)
     # agent -> dom0
     MEMBER = 16  # name: outer member name; data: its content (qubes.Restore)
     END = 17  # no more members
@@ -55,6 +56,9 @@ FrameHeader = Struct(
     "data_len" / Int32ub,
 )
 HEADER_SIZE = FrameHeader.sizeof()
+# The same declaration compiled by construct into plain Python (4x faster per frame: one per object of a
+# repository session); parsing and building give what FrameHeader gives.
+_COMPILED = FrameHeader.compile()
 
 MAX_ERROR_LEN = 512
 MAX_LOCATION_LEN = 4096
@@ -73,7 +77,7 @@ class Frame:
 
 
 def encode_header(ftype: FrameType, name_len: int, data_len: int) -> bytes:
-    return FrameHeader.build({"type": ftype, "name_len": name_len, "data_len": data_len})
+    return _COMPILED.build({"type": ftype, "name_len": name_len, "data_len": data_len})
 
 
 def encode(ftype: FrameType, name: str = "", data: bytes = b"") -> bytes:
@@ -135,7 +139,7 @@ def read_header(stream: BinaryIO) -> tuple[FrameType, int, int] | None:
         ftype = FrameType(raw[3])
     except ValueError:
         raise ProtocolError(f"unknown frame type {raw[3]}") from None
-    parsed = FrameHeader.parse(raw)
+    parsed = _COMPILED.parse(raw)
     return ftype, int(parsed.name_len), int(parsed.data_len)
 
 

@@ -7,7 +7,11 @@ name: objects are named by their keyed id, snapshot roots by their sequence numb
 
 from __future__ import annotations
 
+import functools
 import re
+from typing import Any
+
+from construct import Array, Bytes, Const, ConstructError, Struct
 
 REQUEST = "repository"  # the LOCATION frame's name that opens a repository session (both services)
 HEADER = "repo-header"
@@ -62,3 +66,40 @@ def root_created(name: str) -> str:
 def is_member_name(name: str) -> bool:
     """Any name a repository file travels under (the tar of a backup, GET, MEMBER)."""
     return name in (HEADER, HEADER_MAC) or is_object_name(name) or is_root_name(name)
+
+
+# ------------------------------------------------------------------------------------- batched requests
+
+GETS_MAX = 64  # object ids one GETS frame may name (dom0 keeps at most this many requests in flight)
+#: one requested id in a GETS frame's data: 64 hex digits and LF; the data is 1 to GETS_MAX of them
+GetsLine = Struct("id" / Bytes(64), Const(b"\n"))
+GETS_LINE = GetsLine.sizeof()
+GETS_MAX_DATA = GETS_MAX * GETS_LINE
+
+
+@functools.cache
+def _gets_body(count: int) -> Any:
+    """The data of a GETS frame naming ``count`` ids (compiled by construct: one per count, when first used)."""
+    return Array(count, GetsLine).compile()
+
+
+def encode_gets(ids: list[str]) -> bytes:
+    """The data of a GETS frame naming ``ids`` (1 to GETS_MAX object names), in order."""
+    if not 1 <= len(ids) <= GETS_MAX or not all(is_object_name(i) for i in ids):
+        raise ValueError("a GETS frame names 1 to 64 object ids")
+    return bytes(_gets_body(len(ids)).build([{"id": i.encode("ascii")} for i in ids]))
+
+
+def parse_gets(data: bytes | memoryview) -> list[str]:
+    """The object ids a GETS frame's data names (its length was bounded by the frame layer): 1 to GETS_MAX
+    lines of an object name and LF, nothing else; ValueError otherwise."""
+    if not GETS_LINE <= len(data) <= GETS_MAX_DATA or len(data) % GETS_LINE:
+        raise ValueError("a GETS frame names 1 to 64 object ids")
+    try:
+        lines = _gets_body(len(data) // GETS_LINE).parse(bytes(data))
+    except ConstructError:
+        raise ValueError("a GETS frame holds a malformed line") from None
+    ids = [bytes(line.id).decode("ascii", "replace") for line in lines]
+    if not all(is_object_name(i) for i in ids):
+        raise ValueError("a GETS frame names something that is not an object id")
+    return ids

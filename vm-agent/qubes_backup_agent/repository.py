@@ -50,7 +50,7 @@ MAX_SERVE = (256 << 20) + 16  # what a MEMBER frame may carry (docs/PROTOCOL.md 
 COPY_PIECE = 4 << 20
 _GET = (64, 0)
 _BACKUP_FRAMES = {FrameType.DATA: (0, frames.MAX_DATA_FRAME), FrameType.COMMIT: (0, 0), FrameType.GET: _GET}
-_RESTORE_FRAMES = {FrameType.GET: _GET}
+_RESTORE_FRAMES = {FrameType.GET: _GET, FrameType.GETS: (0, names.GETS_MAX_DATA)}
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
 HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
 MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
@@ -89,6 +89,36 @@ def _syncfs(path: Path) -> None:
         os.sync()
     finally:
         os.close(fd)
+
+
+_sendfile_works = True  # until the kernel refuses sendfile to this stdout (then read and write, as before)
+
+
+def _send_file(fd: int, out: BinaryIO, size: int, name: str) -> int:
+    """Send the ``size`` bytes of file ``fd`` from its start to ``out`` with sendfile (the kernel moves them:
+    no copy through this process), after what ``out`` buffered; how many are left to send (``size`` when
+    sendfile is not possible here: the caller reads and writes them, from the file's start)."""
+    global _sendfile_works
+    if not _sendfile_works or not size:
+        return size
+    try:
+        out_fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        return size  # not a file descriptor (a test's buffer)
+    out.flush()
+    sent = 0
+    while sent < size:
+        try:
+            n = os.sendfile(out_fd, fd, sent, size - sent)
+        except OSError as exc:
+            if sent == 0 and exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EAGAIN):
+                _sendfile_works = False
+                return size
+            raise
+        if n == 0:
+            raise MidFrame(f"{name} shrank while it was sent")
+        sent += n
+    return 0
 
 
 class Repository:
@@ -183,6 +213,7 @@ class Repository:
             out.write(frames.encode_header(FrameType.MEMBER, len(raw), size) + raw)
             left = size
             try:
+                left = _send_file(fd, out, size, name)
                 while left:
                     piece = os.read(fd, min(COPY_PIECE, left))
                     if not piece:
@@ -540,7 +571,8 @@ def serve_backup(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -
 
 
 def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) -> int:
-    """qubes.Restore in repository mode: the opening, then one MEMBER per GET until dom0 hangs up."""
+    """qubes.Restore in repository mode: the opening, then one MEMBER per GET (and per id of a GETS, in
+    order) until dom0 hangs up."""
     repo: Store | None = None
     try:
         repo = open_repository(location, root, create=False)
@@ -550,7 +582,15 @@ def serve_restore(location: str, root: Path, stdin: BinaryIO, stdout: BinaryIO) 
             frame = frames.read_frame(stdin, _RESTORE_FRAMES)
             if frame is None:
                 raise PeerGone
-            repo.serve(frame.name, stdout)
+            if frame.type == FrameType.GETS:
+                try:
+                    wanted = names.parse_gets(frame.data)
+                except ValueError as exc:
+                    raise frames.ProtocolError(str(exc)) from None
+            else:
+                wanted = [frame.name]
+            for name in wanted:  # one MEMBER each, in order
+                repo.serve(name, stdout)
             stdout.flush()
     except (PeerGone, BrokenPipeError, ConnectionResetError):
         silence(stdout)

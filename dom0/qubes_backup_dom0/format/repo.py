@@ -198,6 +198,20 @@ def _compressor() -> zstandard.ZstdCompressor:
     return cctx
 
 
+def _decompressor(window: int) -> zstandard.ZstdDecompressor:
+    """This thread's decompressor whose window is at most ``window`` (kept: a restore opens one object per
+    block, and making a decompression context is a good part of decompressing 256 KiB)."""
+    cache: dict[int, zstandard.ZstdDecompressor] | None = getattr(_local, "dctx", None)
+    if cache is None:
+        cache = _local.dctx = {}
+    dctx = cache.get(window)
+    if dctx is None:
+        if len(cache) >= 8:  # data blocks use a few lengths; file lists, segments and roots each their bound
+            cache.clear()
+        dctx = cache[window] = zstandard.ZstdDecompressor(max_window_size=window)
+    return dctx
+
+
 def _padding(n: int) -> bytes:
     """A zstd skippable frame of ``n`` zero bytes (8 + n bytes): ``zstd -d`` skips it."""
     return struct.pack("<II", SKIPPABLE, n) + bytes(n)
@@ -293,7 +307,7 @@ def _decompress(body: bytes, limit: int, what: str) -> bytes:
         size = -1
     if not 0 < size <= limit:
         raise VerificationError(f"{what}: compressed content of unknown or excessive size")
-    dobj = zstandard.ZstdDecompressor(max_window_size=max(limit, 1 << 10)).decompressobj()
+    dobj = _decompressor(max(limit, 1 << 10)).decompressobj()
     try:
         out = dobj.decompress(body)
     except zstandard.ZstdError as e:
@@ -301,6 +315,7 @@ def _decompress(body: bytes, limit: int, what: str) -> bytes:
     rest = dobj.unused_data
     if not dobj.eof or len(out) != size:
         raise VerificationError(f"{what}: incomplete compressed content")
-    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8) or any(rest[8:])):
+    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8)
+                 or rest.count(0, 8) != len(rest) - 8):  # fmt: skip
         raise VerificationError(f"{what}: unexpected bytes after the compressed content")
     return out

@@ -16,9 +16,10 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 from qubes_backup_protocol import repo as names
-from qubes_backup_protocol.frames import MAX_ERROR_LEN, FrameType, ProtocolError, safe_text
+from qubes_backup_protocol.frames import MAX_ERROR_LEN, BufferFor, FrameType, ProtocolError, safe_text
 
 from qubes_backup_dom0.errors import BackupError, Cancelled, VerificationError
 from qubes_backup_dom0.format import repo, repotree
@@ -27,6 +28,41 @@ from qubes_backup_dom0.qubes.repostate import RepoState
 from qubes_backup_dom0.qubes.transport import Channel, ChannelClosed, Transport
 
 WINDOW = 64  # GET requests in flight (each answer is at most a few MiB; the requests fit a pipe buffer)
+REQUEST_BATCH = 32  # objects asked for at once (one GETS frame on qubes.Restore): half the window
+OPEN_BATCH = 8  # objects opened by one task of the pool (fewer hand-overs between threads)
+
+
+def _buffer(ftype: FrameType, size: int) -> memoryview | None:
+    """A MEMBER's data goes straight into a buffer of its own (its size was bounded first)."""
+    return memoryview(bytearray(size)) if ftype == FrameType.MEMBER else None
+
+
+class _Buffers:
+    """Buffers of ``capacity`` bytes that received data blocks are read into, reused once the block was
+    opened (nothing of it is kept: ``open_object`` decrypts into new bytes); larger answers get their own."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free: list[bytearray] = []
+
+    def take(self, ftype: FrameType, size: int) -> memoryview | None:
+        if ftype != FrameType.MEMBER:
+            return None
+        if size > self.capacity:
+            return memoryview(bytearray(size))
+        buf = self.free.pop() if self.free else bytearray(self.capacity)
+        return memoryview(buf)[:size]
+
+    def give_back(self, views: list[bytes | memoryview]) -> None:
+        for view in views:
+            if isinstance(view, memoryview) and isinstance(view.obj, bytearray) and len(view.obj) == self.capacity:
+                buf = view.obj
+                try:
+                    view.release()
+                except BufferError:  # still exported somewhere: not reused
+                    continue
+                if len(self.free) < 2 * WINDOW:
+                    self.free.append(buf)
 
 
 @dataclass(frozen=True)
@@ -48,14 +84,17 @@ class RepoSession:
         self.channel.send(FrameType.LOCATION, names.REQUEST, location.encode("utf-8"))
         self.outstanding: deque[str] = deque()
         self._agent_gone = False
+        self.batched = service == "qubes.Restore"  # its agent takes GETS (docs/REPOSITORY.md section 9)
 
     def _recv(self, limits: dict[FrameType, tuple[int, int]], name_ok: Callable[[str], bool] | None,
-              what: str, asked: str = "") -> tuple[FrameType, str, bytes]:  # fmt: skip
+              what: str, asked: str = "", into: BufferFor | None = None,
+              ) -> tuple[FrameType, str, bytes | memoryview]:  # fmt: skip
         """One frame; ``asked``: the object a GET asked for (then an ERROR, say a missing object, means the
-        snapshot cannot be verified: exit code 3; a stall or a failed agent stays a failure, exit code 1)."""
+        snapshot cannot be verified: exit code 3; a stall or a failed agent stays a failure, exit code 1);
+        ``into``: as frames.read_frame's."""
         limits = {**limits, FrameType.ERROR: (0, MAX_ERROR_LEN)}
         try:
-            frame = self.channel.recv(limits, name_ok)
+            frame = self.channel.recv(limits, name_ok, into)
         except ProtocolError as e:
             raise VerificationError(f"backup VM {self.vm} sent a malformed answer ({what}): {e}") from None
         if frame is None:
@@ -64,7 +103,7 @@ class RepoSession:
             if asked:
                 raise VerificationError(f"backup VM {self.vm} reports: {safe_text(frame.data)} (asked for {asked})")
             raise BackupError(f"backup VM {self.vm} reports: {safe_text(frame.data)}")
-        return frame.type, frame.name, bytes(frame.data)
+        return frame.type, frame.name, frame.data
 
     def _said(self) -> str:
         tail = self.channel.stderr_tail()
@@ -84,9 +123,9 @@ class RepoSession:
                 if roots or mac is not None or name != expected:
                     raise VerificationError(f"backup VM {self.vm} sent {safe_text(name)} out of place")
                 if header is None:
-                    header = data
+                    header = bytes(data)
                 else:
-                    mac = data
+                    mac = bytes(data)
                 continue
             if not names.is_root_name(name) or len(roots) >= names.MAX_ROOTS:
                 raise VerificationError(f"backup VM {self.vm} lists a bad or excess snapshot {safe_text(name)}")
@@ -99,34 +138,45 @@ class RepoSession:
         return Opening(header, mac, roots)
 
     def request(self, name: str) -> None:
-        self.outstanding.append(name)
+        self.request_many([name])
+
+    def request_many(self, wanted: list[str]) -> None:
+        """Ask for ``wanted`` (at most GETS_MAX names): on qubes.Restore objects in one GETS frame, else (a
+        root, the header, a backup session) one GET each; the answers come in this order."""
+        self.outstanding.extend(wanted)
         if self._agent_gone:
             return
         try:
-            self.channel.send(FrameType.GET, name)
+            if self.batched and len(wanted) > 1 and all(names.is_object_name(n) for n in wanted):
+                self.channel.send(FrameType.GETS, "", names.encode_gets(wanted))
+                return
+            for name in wanted:
+                self.channel.send(FrameType.GET, name)
         except ChannelClosed:
             # The agent stopped reading (it answered an earlier GET with ERROR and exited, or died): what it
             # sent before, its answers and its ERROR, is still to be read; ``receive`` reports it (or the end).
             self._agent_gone = True
 
-    def receive(self, max_size: int) -> bytes:
-        """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read."""
+    def receive(self, max_size: int, into: BufferFor = _buffer) -> bytes | memoryview:
+        """The answer to the oldest request: its MEMBER, bounded by ``max_size`` before it is read (then read
+        straight from the pipe into a buffer of its own: no copy)."""
         name = self.outstanding.popleft()
         limits = {FrameType.MEMBER: (64, max_size)}
-        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40])
+        _ftype, got, data = self._recv(limits, names.is_member_name, f"sending {name[:40]}", name[:40], into)
         if got != name:
             raise VerificationError(f"backup VM {self.vm} sent {safe_text(got)} when asked for {name[:40]}")
         return data
 
     def get(self, name: str, max_size: int) -> bytes:
         self.request(name)
-        return self.receive(max_size)
+        return bytes(self.receive(max_size))
 
     def close(self) -> None:
         self.channel.close()
 
 
 # ------------------------------------------------------------------------------------------------ reading
+
 
 @dataclass(frozen=True)
 class Want:
@@ -154,41 +204,52 @@ class RepoReader:
         self.cancelled = cancel or (lambda: False)
         self.fetched = 0  # objects received
         self.fetched_bytes = 0
+        self.buffers = _Buffers(repo.max_object_size(repo.DATA, self.block_size))
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
-    def _open(self, want: Want, raw: bytes) -> repo.Opened:
+    def _open(self, want: Want, raw: bytes | memoryview) -> repo.Opened:
         oid = None if want.type == repo.ROOT else want.name
         return repo.open_object(self.keys, raw, want.type, oid, self.block_size, want.length)
 
+    def _open_all(self, batch: list[tuple[Want, bytes | memoryview]]) -> list[repo.Opened]:
+        return [self._open(want, raw) for want, raw in batch]
+
     def fetch(self, wants: Iterable[Want]) -> Iterator[repo.Opened]:
-        """The objects in order, WINDOW requests ahead, opened on the pool (a few ahead of the consumer)."""
+        """The objects in order, up to WINDOW requests ahead (REQUEST_BATCH at a time), opened on the pool
+        OPEN_BATCH at a time (a few batches ahead of the consumer)."""
         pending: deque[Want] = deque()
-        opened: deque[Future[repo.Opened]] = deque()
+        opened: deque[tuple[Future[list[repo.Opened]], list[bytes | memoryview]]] = deque()
         it = iter(wants)
         more = True
-        depth = 2 * _workers()
+        depth = _workers() + 1
         while True:
-            while more and len(pending) < WINDOW:
-                want = next(it, None)
-                if want is None:
+            while more and (not pending or len(pending) + REQUEST_BATCH <= WINDOW):
+                chunk = list(islice(it, REQUEST_BATCH))
+                if not chunk:
                     more = False
-                else:
-                    self.session.request(want.name)
-                    pending.append(want)
+                    break
+                self.session.request_many([w.name for w in chunk])
+                pending.extend(chunk)
             if pending and len(opened) < depth:
                 if self.cancelled():
                     raise Cancelled("cancelled")
-                want = pending.popleft()
-                raw = self.session.receive(repo.max_object_size(want.type, self.block_size))
-                self.fetched += 1
-                self.fetched_bytes += len(raw)
-                opened.append(self.pool.submit(self._open, want, raw))
+                batch: list[tuple[Want, bytes | memoryview]] = []
+                while pending and len(batch) < OPEN_BATCH:
+                    want = pending.popleft()
+                    raw = self.session.receive(repo.max_object_size(want.type, self.block_size), self.buffers.take)
+                    self.fetched += 1
+                    self.fetched_bytes += len(raw)
+                    batch.append((want, raw))
+                opened.append((self.pool.submit(self._open_all, batch), [raw for _, raw in batch]))
                 continue
             if not opened:
                 return
-            yield opened.popleft().result()
+            future, raws = opened.popleft()
+            done = future.result()
+            self.buffers.give_back(raws)
+            yield from done
 
     def one(self, want: Want) -> repo.Opened:
         return next(iter(self.fetch([want])))

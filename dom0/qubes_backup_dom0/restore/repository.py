@@ -97,6 +97,7 @@ class RepoRestore:
         self._cancel = threading.Event()
         self._opening: tuple[bytes, bytes] | None = None
         self._done = 0
+        self._total = 0  # the plan's data (a sum over every file: computed once, not per block)
 
     @property
     def where(self) -> str:
@@ -263,6 +264,7 @@ class RepoRestore:
                 self.applier = Applier(self.qubes, plan, self.system.home_dir)
                 self.applier.create_all()
             verified: dict[str, int] = {}
+            self._total = plan.data
             for archive in plan.wanted:
                 tree = chosen.trees[archive.member]
                 target = self.applier.target_for(archive) if self.applier is not None else ArchiveTarget()
@@ -289,8 +291,8 @@ class RepoRestore:
 
     def _count(self, n: int) -> None:
         self._done += n
-        if self.progress is not None and self.restore_plan is not None:
-            self.progress(min(self._done, self.restore_plan.data), self.restore_plan.data)
+        if self.progress is not None:
+            self.progress(min(self._done, self._total), self._total)
 
     def _restore_file(self, tf: repotree.TreeFile, sink: extractor.FileSink | None,
                       verified: dict[str, int] | None) -> None:  # fmt: skip
