@@ -65,7 +65,8 @@ RUNNING_VMS = ("sys-firewall",)  # running while the session's source system is 
 QUBES_XML = "var/lib/qubes/qubes.xml"
 RUN_STATE = "var/run/qubes-sim/state.json"
 #: The sim qubesd's runtime files under dom0 (socket, start lock, pid, log): not part of the system's state.
-RUNTIME = ("var/run/qubesd.sock", "var/run/qubesd.lock", "var/run/qubesd-sim.pid", "var/log")
+RUNTIME = ("var/run/qubesd.sock", "var/run/qubesd.lock", "var/run/qubesd-sim.pid", "var/log",
+           "dev/lvm.log", "dev/thintools.log")  # the sim tools' call logs: not state
 #: Identity and bookkeeping properties: never the same on a restored VM (or set by the backup itself).
 IDENTITY = ("name", "qid", "uuid", "backup_timestamp")
 VM_REFS = ("template", "netvm", "default_dispvm")
