@@ -198,6 +198,23 @@ def _compressor() -> zstandard.ZstdCompressor:
     return cctx
 
 
+SAMPLES, SAMPLE_LEN = 4, 2048  # the probe of a large plaintext before it is compressed
+
+
+def _incompressible(plaintext: bytes | bytearray | memoryview) -> bool:
+    """True when a large plaintext (over 64 KiB) looks like random bytes: four 2 KiB samples spread over it,
+    compressed together, do not shrink by 3%.  zstd spends about as long finding that out on a whole block of
+    random bytes (encrypted or compressed data) as on compressing text; it is then stored as it is (``n``),
+    which the whole block would almost always have been.  A block with any compressible sample is
+    compressed in full."""
+    n = len(plaintext)
+    if n <= 64 << 10:
+        return False
+    view = memoryview(plaintext)
+    sample = b"".join(view[i * n // SAMPLES : i * n // SAMPLES + SAMPLE_LEN] for i in range(SAMPLES))
+    return len(_compressor().compress(sample)) > len(sample) * 97 // 100
+
+
 def _padding(n: int) -> bytes:
     """A zstd skippable frame of ``n`` zero bytes (8 + n bytes): ``zstd -d`` skips it."""
     return struct.pack("<II", SKIPPABLE, n) + bytes(n)
@@ -217,7 +234,7 @@ def seal(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview, 
     parts: tuple[bytes | bytearray | memoryview, ...] = (plaintext,)
     comp = "n"
     clear = HEAD_LEN + REF_LEN * len(ordered)
-    if compress and len(plaintext):
+    if compress and len(plaintext) and not _incompressible(plaintext):
         frame = _compressor().compress(plaintext)
         pad = -(clear + IV_LEN + len(frame) + 8 + MAC_LEN) % PAD_ALIGN
         if len(frame) + 8 + pad < len(plaintext):
