@@ -543,7 +543,10 @@ def receive_backup(
             header[name] = bytes(data)
         elif names.is_object_name(name):
             _check_object(name, data)
-            repo.store_object(name, data if isinstance(repo, Repository) else bytes(data))
+            if isinstance(repo, Repository):  # a directory writes the view as it is
+                repo.store_object(name, data)
+            else:
+                repo.store_object(name, bytes(data))
         else:
             if names.root_seq(name) <= newest:
                 raise StorageError(f"bad request: snapshot {names.root_seq(name)} is not newer than the newest "

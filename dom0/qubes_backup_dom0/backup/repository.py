@@ -375,7 +375,7 @@ class RepoBackup:
         root = repotree.Root(header.repo_id_hex, seq, created, bs, xid, archives, history)
         rid, robj = repo.seal(keys, repo.ROOT, root.render(), root.refs(), self._compress(header))
         name = names.root_name(seq, created)
-        self._tar.add(name, robj)
+        self._tar.add(name, memoryview(robj))
         self._stored += len(robj)
         self._objects += 1
         self._tar.close()
@@ -468,7 +468,7 @@ class RepoBackup:
             return oid
         if sealed is None:
             _, sealed = repo.seal(keys, otype, plaintext, refs, self._compress(self.header), oid)
-        self._tar.add(oid, sealed)
+        self._tar.add(oid, memoryview(sealed))
         self._sent.add(oid)
         self._stored += len(sealed)
         self._objects += 1
