@@ -11,7 +11,9 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
    (dom0 dedups only against what it verified, or its own cache of that root says);
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
-   encrypted and MACed into an object (threads); segments, file lists and the qubes.xml subset likewise;
+   encrypted and MACed into an object: worker threads take batches of up to BATCH_BYTES, read each run of
+   data with one read into a buffer of their own, and hand back ids and objects; the objects go to the
+   agent in DATA frames of about FRAME_BYTES; segments, file lists and the qubes.xml subset likewise;
 4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
    unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
    parent's for them (``carry``);
@@ -114,6 +116,12 @@ class _RepoTarget(AgentTarget):
         self._pending += data
         if len(self._pending) >= FRAME_BYTES:
             self._flush()
+
+    def _flush(self) -> None:
+        """The gathered members as they are (not copied into a bytes first)."""
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self._send((pending,))
 
     def _result(self, done: bytes | memoryview) -> str:
         if bytes(done) != self.name.encode():
