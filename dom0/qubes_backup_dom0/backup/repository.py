@@ -121,7 +121,7 @@ class _RepoTarget(AgentTarget):
         """The gathered members as they are (not copied into a bytes first)."""
         if self._pending:
             pending, self._pending = self._pending, bytearray()
-            self._send((pending,))
+            self._send((memoryview(pending),))
 
     def _result(self, done: bytes | memoryview) -> str:
         if bytes(done) != self.name.encode():
