@@ -54,6 +54,8 @@ _RESTORE_FRAMES = {FrameType.GET: _GET, FrameType.GETS: (0, names.GETS_MAX_DATA)
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
 HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
 MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZERO_BLOCK = bytes(BLOCK)
 _OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
 
 
@@ -129,6 +131,10 @@ class Repository:
         self.root = root
         self.view = confine.vm_view(path, root)
         self._lock_fd: int | None = None
+        self._tmp_fd: int | None = None  # tmp/ and objects/XX/, opened once per backup (store_object)
+        self._dir_fds: dict[str, int] = {}
+        self._partial = f".partial-{secrets.token_hex(6)}-"  # this session's temporary names: prefix + counter
+        self._count = 0
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -257,13 +263,42 @@ class Repository:
         os.close(fd)
         return tmp
 
-    def store_object(self, name: str, data: bytes) -> None:
-        """An object, written whole, then renamed into place (an existing copy is replaced: the same id is
-        the same content, and a fresh copy heals a damaged one).  Durable at ``commit``."""
-        directory = self.path / names.OBJECTS_DIR / name[:2]
+    def _object_dir(self, sub: str) -> int:
+        """A descriptor of ``objects/XX`` (created if missing), kept for the session."""
+        fd = self._dir_fds.get(sub)
+        if fd is None:
+            objects = self._dir_fds.get("")
+            if objects is None:
+                objects = self._dir_fds[""] = os.open(self.path / names.OBJECTS_DIR, _DIR_FLAGS)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(sub, 0o700, dir_fd=objects)
+            fd = self._dir_fds[sub] = os.open(sub, _DIR_FLAGS, dir_fd=objects)
+        return fd
+
+    def store_object(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """An object, written whole to ``tmp/``, then renamed into place (an existing copy is replaced: the
+        same id is the same content, and a fresh copy heals a damaged one).  Durable at ``commit``.
+        Directories by descriptor, opened once: the only system calls per object are open, write, close and
+        rename."""
         try:
-            directory.mkdir(mode=0o700, exist_ok=True)
-            os.rename(self._write_tmp(data, sync=False), directory / name)
+            target = self._object_dir(name[:2])
+            if self._tmp_fd is None:
+                self._tmp_fd = os.open(self.path / TMP, _DIR_FLAGS)
+            tmp = f"{self._partial}{self._count}"
+            self._count += 1
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=self._tmp_fd)  # fmt: skip
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=self._tmp_fd)
+                raise
+            os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self._tmp_fd, dst_dir_fd=target)
         except OSError as exc:
             raise self._fail(exc, "storing an object in") from None
 
@@ -295,6 +330,10 @@ class Repository:
 
     def close(self) -> None:
         """Release the lock (a long-lived process that pruned; a service simply exits)."""
+        for fd in [*self._dir_fds.values(), *([self._tmp_fd] if self._tmp_fd is not None else [])]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dir_fds, self._tmp_fd = {}, None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -429,18 +468,20 @@ def open_repository(location: str, root: Path, create: bool) -> AnyStore:
 
 
 class _FrameStream:
-    """The tar dom0 sends, as a file: DATA frames are read as needed; GET requests that come between them
-    are answered on the spot; COMMIT is the end of the stream."""
+    """The tar dom0 sends, as a stream: DATA frames are read as needed; GET requests that come between them
+    are answered on the spot; COMMIT is the end of the stream.  ``take`` hands out views of a frame's data
+    (a member inside one frame is never copied here; one that spans frames is put together once)."""
 
     def __init__(self, stdin: BinaryIO, stdout: BinaryIO, repo: Store) -> None:
         self.stdin, self.stdout, self.repo = stdin, stdout, repo
         self.buf = memoryview(b"")
         self.committed = False
 
-    def read(self, n: int) -> bytes:
+    def _fill(self) -> bool:
+        """The next DATA frame's data into ``buf`` (GETs before it answered); False at COMMIT."""
         while not self.buf:
             if self.committed:
-                return b""
+                return False
             head = frames.read_header(self.stdin)
             if head is None:
                 raise EarlyEnd
@@ -458,24 +499,38 @@ class _FrameStream:
                 self.committed = True
             else:
                 self.buf = memoryview(frames.read_exact(self.stdin, data_len))
+        return True
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes (fewer at a frame's end); b"" after COMMIT."""
+        if not self._fill():
+            return b""
         out, self.buf = self.buf[:n], self.buf[n:]
         return bytes(out)
 
-    def read_exact(self, n: int, what: str) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            piece = self.read(n - len(out))
-            if not piece:
+    def take(self, n: int, what: str) -> memoryview | bytearray:
+        """Exactly ``n`` bytes: a view of the current frame's data when it holds them, else put together."""
+        if len(self.buf) >= n:
+            out, self.buf = self.buf[:n], self.buf[n:]
+            return out
+        joined = bytearray()
+        while len(joined) < n:
+            if not self._fill():
                 raise StorageError(f"bad request: the backup stream ends inside {what}")
-            out += piece
-        return bytes(out)
+            piece = self.buf[: n - len(joined)]
+            joined += piece
+            self.buf = self.buf[len(piece) :]
+        return joined
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        return bytes(self.take(n, what))
 
 
-def _next_member(stream: _FrameStream) -> tuple[str, bytes] | None:
+def _next_member(stream: _FrameStream) -> tuple[str, memoryview | bytearray] | None:
     """The next member of dom0's tar (canonical ustar headers only, FORMAT.md section 1), or None at its end."""
     h = stream.read_exact(BLOCK, "a tar header")
-    if h == bytes(BLOCK):
-        if stream.read_exact(BLOCK, "the end of the tar") != bytes(BLOCK):
+    if h == _ZERO_BLOCK:
+        if stream.read_exact(BLOCK, "the end of the tar") != _ZERO_BLOCK:
             raise StorageError("bad request: a lone zero block in the backup stream")
         return None
     name = h[:100].split(b"\0", 1)[0].decode("latin-1")
@@ -485,16 +540,17 @@ def _next_member(stream: _FrameStream) -> tuple[str, bytes] | None:
     size = int(digits, 8)
     if size > MAX_STORE_MEMBER or h != member_header(name, size):
         raise StorageError(f"bad request: malformed tar header of {name}")
-    data = stream.read_exact(size, name)
-    if any(stream.read_exact(-size % BLOCK, name)):
+    data = stream.take(size, name)
+    pad = -size % BLOCK
+    if pad and stream.read_exact(pad, name) != _ZERO_BLOCK[:pad]:
         raise StorageError(f"bad request: non-zero padding after {name}")
     return name, data
 
 
-def _check_object(name: str, data: bytes) -> None:
+def _check_object(name: str, data: memoryview | bytearray) -> None:
     """What the agent relies on later (a keyless prune follows the references): the clear header names the
     object and the file holds its references, an IV and a MAC line."""
-    m = _OBJECT_HEAD.match(data)
+    m = _OBJECT_HEAD.match(bytes(data[:HEAD_LEN]))
     if m is None or m.group(1).decode() != name or len(data) < 83 + 65 * int(m.group(2)) + 16 + 65:
         raise StorageError(f"bad request: object {name[:16]} is malformed")
 
@@ -515,15 +571,18 @@ def receive_backup(
             expected = names.HEADER if first else names.HEADER_MAC
             if repo.has_header or name != expected or len(data) > 4096:
                 raise StorageError("bad request: a repository header where none belongs")
-            header[name] = data
+            header[name] = bytes(data)
         elif names.is_object_name(name):
             _check_object(name, data)
-            repo.store_object(name, data)
+            if isinstance(repo, Repository):  # a directory writes the view as it is
+                repo.store_object(name, data)
+            else:
+                repo.store_object(name, bytes(data))
         else:
             if names.root_seq(name) <= newest:
                 raise StorageError(f"bad request: snapshot {names.root_seq(name)} is not newer than the newest "
                                    f"one in repository {repo.view} ({newest})")  # fmt: skip
-            root = (name, data)
+            root = (name, bytes(data))
         first = False
     if stream.read(1) or not stream.committed:
         raise StorageError("bad request: data after the end of the backup stream")

@@ -11,7 +11,9 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
    (dom0 dedups only against what it verified, or its own cache of that root says);
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
-   encrypted and MACed into an object (threads); segments, file lists and the qubes.xml subset likewise;
+   encrypted and MACed into an object: worker threads take batches of up to BATCH_BYTES, read each run of
+   data with one read into a buffer of their own, and hand back ids and objects; the objects go to the
+   agent in DATA frames of about FRAME_BYTES; segments, file lists and the qubes.xml subset likewise;
 4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
    unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
    parent's for them (``carry``);
@@ -23,6 +25,7 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -107,14 +110,49 @@ class _RepoTarget(AgentTarget):
         self._pending = bytearray()
         self.channel = session.channel
 
+    def write(self, data: bytes | memoryview) -> None:
+        """Members are gathered into DATA frames of up to FRAME_BYTES (a frame per object cost more than the
+        object's copy here, and as much again in the agent); each frame goes under one deadline."""
+        self.sent += len(data)
+        self._pending += data
+        if len(self._pending) >= FRAME_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """The gathered members as they are (not copied into a bytes first)."""
+        if self._pending:
+            pending, self._pending = self._pending, bytearray()
+            self._send((memoryview(pending),))
+
     def _result(self, done: bytes | memoryview) -> str:
         if bytes(done) != self.name.encode():
             raise BackupError(f"backup VM {self.vm} did not confirm the snapshot dom0 sent ({self.name})")
         return self.name
 
 
-def _zero(buf: bytearray) -> bool:
-    return buf == memoryview(_ZEROS)[: len(buf)]
+_Block = tuple[int, int, list[tuple[int, int, int]]]  # (block number, length, reads: (file offset, offset in block, n))
+_Sealed = tuple[int, int, str | None, bytearray | None]  # (block number, length, id or None: zeros, object or None)
+FRAME_BYTES = 1 << 20  # the tar is sent in DATA frames of about this size (at most MAX_DATA_FRAME)
+BATCH_BYTES = 4 << 20  # blocks read and sealed per worker task: one read of a data run, one future
+_ZERO_ARRAYS: dict[int, bytearray] = {}  # by length: bytearray == view compares with memcmp (view == view does not)
+_local = threading.local()
+
+
+def _is_zero(view: memoryview) -> bool:
+    zeros = _ZERO_ARRAYS.get(len(view))
+    if zeros is None:
+        zeros = bytearray(len(view))
+        if len(_ZERO_ARRAYS) < 8:  # the block size, and a few last blocks of files
+            _ZERO_ARRAYS[len(view)] = zeros
+    return zeros == view
+
+
+def _buffer(size: int) -> memoryview:
+    """This worker thread's read buffer (reused: a fresh one is zero-filled and page-faulted in each time)."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _local.buf = bytearray(size)
+    return memoryview(buf)
 
 
 def _reader(f: InnerFile) -> tuple[Callable[[int, memoryview], None], Callable[[], None]]:
@@ -154,29 +192,53 @@ def _reader(f: InnerFile) -> tuple[Callable[[int, memoryview], None], Callable[[
     return from_fd, (lambda: os.close(source_fd)) if own else (lambda: None)
 
 
-def file_blocks(f: InnerFile, block_size: int) -> Iterator[tuple[int, bytearray, int]]:
-    """(block number, content, data bytes read) of each block of ``f`` that its data regions touch, in order;
-    the rest of a block (holes, zero runs the scan found) is zeros.  Blocks no region touches are holes."""
-    read, close = _reader(f)
-    try:
-        index, buf, nread = -1, bytearray(), 0
-        for off, length in f.regions:
-            pos, end = off, off + length
-            while pos < end:
-                at = pos // block_size
-                if at != index:
-                    if index >= 0:
-                        yield index, buf, nread
-                    index, nread = at, 0
-                    buf = bytearray(min(block_size, f.size - at * block_size))
-                stop = min(end, (at + 1) * block_size)
-                read(pos, memoryview(buf)[pos - at * block_size : stop - at * block_size])
-                nread += stop - pos
-                pos = stop
-        if index >= 0:
-            yield index, buf, nread
-    finally:
-        close()
+def file_batches(f: InnerFile, block_size: int) -> Iterator[list[_Block]]:
+    """The blocks of ``f`` that its data regions touch, in order, in batches of at most BATCH_BYTES: each
+    block with the parts of it to read (the rest of it is zeros: holes, zero runs the scan found).  Blocks
+    no region touches are holes."""
+    per_batch = max(1, BATCH_BYTES // block_size)
+    batch: list[_Block] = []
+    index, reads = -1, list[tuple[int, int, int]]()
+    for off, length in f.regions:
+        pos, end = off, off + length
+        while pos < end:
+            at = pos // block_size
+            if at != index:
+                if index >= 0:
+                    batch.append((index, min(block_size, f.size - index * block_size), reads))
+                    if len(batch) == per_batch:
+                        yield batch
+                        batch = []
+                index, reads = at, []
+            stop = min(end, (at + 1) * block_size)
+            reads.append((pos, pos - at * block_size, stop - pos))
+            pos = stop
+    if index >= 0:
+        batch.append((index, min(block_size, f.size - index * block_size), reads))
+    if batch:
+        yield batch
+
+
+def read_batch(read: Callable[[int, memoryview], None], batch: list[_Block]) -> memoryview:
+    """The blocks of ``batch`` one after another in this thread's buffer; a run of data contiguous in the file
+    is one read."""
+    view = _buffer(sum(length for _, length, _ in batch))
+    pos = 0
+    run_file = run_buf = run_len = 0
+    for _index, length, reads in batch:
+        if not (len(reads) == 1 and reads[0][1] == 0 and reads[0][2] == length):
+            view[pos : pos + length] = memoryview(_ZEROS)[:length]
+        for file_off, in_block, n in reads:
+            if run_len and file_off == run_file + run_len and pos + in_block == run_buf + run_len:
+                run_len += n
+                continue
+            if run_len:
+                read(run_file, view[run_buf : run_buf + run_len])
+            run_file, run_buf, run_len = file_off, pos + in_block, n
+        pos += length
+    if run_len:
+        read(run_file, view[run_buf : run_buf + run_len])
+    return view[:pos]
 
 
 class RepoBackup:
@@ -322,7 +384,7 @@ class RepoBackup:
         root = repotree.Root(header.repo_id_hex, seq, created, bs, xid, archives, history)
         rid, robj = repo.seal(keys, repo.ROOT, root.render(), root.refs(), self._compress(header))
         name = names.root_name(seq, created)
-        self._tar.add(name, robj)
+        self._tar.add(name, memoryview(robj))
         self._stored += len(robj)
         self._objects += 1
         self._tar.close()
@@ -408,7 +470,7 @@ class RepoBackup:
         return header.compression == "zstd"
 
     def _emit(self, keys: repo.RepoKeys, otype: str, plaintext: bytes, refs: list[str] | tuple[()],
-              oid: str | None = None, sealed: bytes | None = None) -> str:  # fmt: skip
+              oid: str | None = None, sealed: bytes | bytearray | None = None) -> str:  # fmt: skip
         """Send an object unless the parent snapshot or this run has it; returns its id."""
         assert self.header is not None and self._tar is not None
         oid = oid or repo.object_id(keys, otype, plaintext)
@@ -416,7 +478,7 @@ class RepoBackup:
             return oid
         if sealed is None:
             _, sealed = repo.seal(keys, otype, plaintext, refs, self._compress(self.header), oid)
-        self._tar.add(oid, sealed)
+        self._tar.add(oid, memoryview(sealed))
         self._sent.add(oid)
         self._stored += len(sealed)
         self._objects += 1
@@ -458,16 +520,27 @@ class RepoBackup:
                 for _n, sid in parent.segments]  # fmt: skip
         return map_blocks(parent, maps, self.header.block_size)
 
-    def _seal_block(self, keys: repo.RepoKeys, buf: bytearray,
-                    known: set[str]) -> tuple[str | None, bytes | None]:  # fmt: skip
-        """On a worker: (id, object or None when it need not be sent), (None, None) for an all-zero block."""
-        if _zero(buf):
-            return None, None
-        oid = repo.object_id(keys, repo.DATA, buf)
-        if oid in known or oid in self._sent:
-            return oid, None
+    def _seal_batch(self, keys: repo.RepoKeys, read: Callable[[int, memoryview], None], batch: list[_Block],
+                    known: set[str]) -> list[_Sealed]:  # fmt: skip
+        """On a worker: read the batch's blocks; each one's id and its object when it need not be sent (the
+        id is known, or it is all zeros: a hole)."""
         assert self.header is not None
-        return repo.seal(keys, repo.DATA, buf, (), self._compress(self.header), oid)
+        compress = self._compress(self.header)
+        view = read_batch(read, batch)
+        out: list[_Sealed] = []
+        pos = 0
+        for index, length, _reads in batch:
+            block = view[pos : pos + length]
+            pos += length
+            if _is_zero(block):
+                out.append((index, length, None, None))
+                continue
+            oid = repo.object_id(keys, repo.DATA, block)
+            if oid in known or oid in self._sent:
+                out.append((index, length, oid, None))
+            else:
+                out.append((index, length, *repo.seal(keys, repo.DATA, block, (), compress, oid)))
+        return out
 
     def _file(self, f: InnerFile, keys: repo.RepoKeys, bs: int, known: set[str], pool: ThreadPoolExecutor,
               reuse: dict[int, str] | None = None) -> tuple[list[tuple[int, str]], int]:  # fmt: skip
@@ -475,35 +548,46 @@ class RepoBackup:
         blocks not read (change tracking), with their ids."""
         entries: list[tuple[int, str]] = []
         stored = 0
-        inflight: deque[tuple[int, int, Future[tuple[str | None, bytes | None]]]] = deque()
-        depth = 2 * self.options.workers + 2
+        inflight: deque[tuple[int, Future[list[_Sealed]]]] = deque()
+        depth = self.options.workers + 2
 
         def collect() -> None:
             nonlocal stored
-            index, length, fut = inflight.popleft()
-            oid, sealed = fut.result()
-            if oid is None:  # all zeros: a hole
-                return
-            entries.append((index, oid))
-            stored += length
-            if sealed is not None and oid not in self._sent:  # else: the parent's map or this run has it
-                self._blocks += 1
-                self._emit(keys, repo.DATA, b"", (), oid, sealed)
-
-        for index, buf, nread in file_blocks(f, bs):
-            if self.cancel.is_set():
-                raise Cancelled("backup cancelled")
-            self._read += 1
-            if reuse and index in reuse:  # change tracking never lets a block be both read and taken
-                raise BackupError(f"internal error: block {index} of {f.label or f.path} both read and reused")
-            inflight.append((index, len(buf), pool.submit(self._seal_block, keys, buf, known)))
-            while len(inflight) > depth:
-                collect()
+            nread, fut = inflight.popleft()
+            for index, length, oid, sealed in fut.result():
+                if oid is None:  # all zeros: a hole
+                    continue
+                entries.append((index, oid))
+                stored += length
+                if sealed is not None and oid not in self._sent:  # else: the parent's map or this run has it
+                    self._blocks += 1
+                    self._emit(keys, repo.DATA, b"", (), oid, sealed)
             self._done += nread
             if self.progress is not None:
                 self.progress(min(self._done, self.plan.data), self.plan.data)
-        while inflight:
-            collect()
+
+        read, close = _reader(f)
+        try:
+            for batch in file_batches(f, bs):
+                if self.cancel.is_set():
+                    raise Cancelled("backup cancelled")
+                self._read += len(batch)
+                if reuse and any(index in reuse for index, _l, _r in batch):  # never both read and taken
+                    raise BackupError(f"internal error: a block of {f.label or f.path} both read and reused")
+                nread = sum(n for _i, _l, reads in batch for _f, _o, n in reads)
+                inflight.append((nread, pool.submit(self._seal_batch, keys, read, batch, known)))
+                while len(inflight) > depth:
+                    collect()
+            while inflight:
+                collect()
+        finally:
+            for _n, fut in inflight:  # failed or cancelled: no worker may still read this file once it is closed
+                fut.cancel()
+            for _n, fut in inflight:
+                if not fut.cancelled():
+                    with contextlib.suppress(BaseException):
+                        fut.result()
+            close()
         if self.tracking is not None:
             self.tracking.check(f, entries)  # --rescan: were tracking's answers right?
         if reuse:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -208,6 +208,11 @@ def hmac_sha256(key: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
 
 def macs_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
+
+
+def aes_ctr_encryptor(key: bytes, iv: bytes) -> CipherContext:
+    """AES-256-CTR with the full 16-byte initial counter ``iv``, for ``update_into`` a buffer of one's own."""
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
 
 
 def aes_ctr(key: bytes, iv: bytes, data: bytes | bytearray | memoryview) -> bytes:

@@ -212,31 +212,61 @@ def _decompressor(window: int) -> zstandard.ZstdDecompressor:
     return dctx
 
 
+SAMPLES, SAMPLE_LEN = 4, 2048  # the probe of a large plaintext before it is compressed
+
+
+def _incompressible(plaintext: bytes | bytearray | memoryview) -> bool:
+    """True when a large plaintext (over 64 KiB) looks like random bytes: four 2 KiB samples spread over it,
+    compressed together, do not shrink by 3%.  zstd spends about as long finding that out on a whole block of
+    random bytes (encrypted or compressed data) as on compressing text; it is then stored as it is (``n``),
+    which the whole block would almost always have been.  A block with any compressible sample is
+    compressed in full."""
+    n = len(plaintext)
+    if n <= 64 << 10:
+        return False
+    view = memoryview(plaintext)
+    sample = b"".join(view[i * n // SAMPLES : i * n // SAMPLES + SAMPLE_LEN] for i in range(SAMPLES))
+    return len(_compressor().compress(sample)) > len(sample) * 97 // 100
+
+
 def _padding(n: int) -> bytes:
     """A zstd skippable frame of ``n`` zero bytes (8 + n bytes): ``zstd -d`` skips it."""
     return struct.pack("<II", SKIPPABLE, n) + bytes(n)
 
 
 def seal(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview, refs: Iterable[str] = (),
-         compress: bool = True, oid: str | None = None, iv: bytes | None = None) -> tuple[str, bytes]:  # fmt: skip
+         compress: bool = True, oid: str | None = None, iv: bytes | None = None) -> tuple[str, bytearray]:  # fmt: skip
     """(id, object file) of ``plaintext``; ``oid`` when the caller computed the id already; ``iv`` only for
-    test vectors (else a fresh random one)."""
+    test vectors (else a fresh random one).
+
+    The object is built in one buffer: the clear header and references, the IV, the ciphertext encrypted in
+    place (the compressed frame and its padding, never joined first), then the MAC over all of it."""
     oid = oid or object_id(keys, otype, plaintext)
     ordered = sorted(set(refs))
     if len(ordered) > MAX_REFS[otype]:
         raise ValueError(f"too many references for a {TYPE_NAMES[otype]}: {len(ordered)}")
-    body: bytes | bytearray | memoryview = plaintext
+    parts: tuple[bytes | bytearray | memoryview, ...] = (plaintext,)
     comp = "n"
-    if compress and len(plaintext):
+    clear = HEAD_LEN + REF_LEN * len(ordered)
+    if compress and len(plaintext) and not _incompressible(plaintext):
         frame = _compressor().compress(plaintext)
-        base = HEAD_LEN + REF_LEN * len(ordered) + IV_LEN + len(frame) + 8 + MAC_LEN
-        pad = -base % PAD_ALIGN
+        pad = -(clear + IV_LEN + len(frame) + 8 + MAC_LEN) % PAD_ALIGN
         if len(frame) + 8 + pad < len(plaintext):
-            body, comp = frame + _padding(pad), "z"
-    head = b"qbr1 %s %s %s %08d\n" % (otype.encode(), comp.encode(), oid.encode(), len(ordered))
+            parts, comp = (frame, _padding(pad)), "z"
+    body = sum(len(p) for p in parts)
+    out = bytearray(clear + IV_LEN + body + MAC_LEN)
+    view = memoryview(out)
+    out[:HEAD_LEN] = b"qbr1 %s %s %s %08d\n" % (otype.encode(), comp.encode(), oid.encode(), len(ordered))
+    if ordered:
+        out[HEAD_LEN:clear] = "".join(f"{r}\n" for r in ordered).encode()
     iv = crypto.random_bytes(IV_LEN) if iv is None else iv
-    pre = b"".join([head, *(r.encode() + b"\n" for r in ordered), iv, crypto.aes_ctr(keys.enc_key, iv, body)])
-    return oid, pre + _mac_line(keys.mac_key, pre)
+    out[clear : clear + IV_LEN] = iv
+    pos = clear + IV_LEN
+    enc = crypto.aes_ctr_encryptor(keys.enc_key, iv)
+    for part in parts:  # CTR writes exactly len(part); update_into wants 15 bytes of room more (the MAC's)
+        pos += enc.update_into(part, view[pos : pos + len(part) + IV_LEN - 1])
+    view[pos:] = _mac_line(keys.mac_key, view[:pos])
+    return oid, out
 
 
 @dataclass(frozen=True)
