@@ -6,7 +6,8 @@ and go back as they are.  The agent only keeps the directory consistent for the 
 - a backup session holds the repository's lock exclusively (a second backup, or a prune, is refused); it
   sends the header and the list of snapshot roots, answers GET requests (dom0 reads the newest snapshot's
   maps to send only what changed), stores every object of the tar that follows (written to ``tmp/``, then
-  renamed into ``objects/XX/ID``) and, at COMMIT, makes them durable (syncfs) before the new root is linked
+  renamed into ``objects/XX/ID``) and, at COMMIT, makes them durable (each fsynced when a session stored at most
+  256, else syncfs) before the new root is linked
   into ``roots/``, last, never over an existing one: a killed backup leaves no root, so no snapshot that
   looks complete;
 - a restore session holds the lock shared and answers GET requests until dom0 hangs up.
@@ -69,6 +70,9 @@ class PeerGone(Exception):
 
 class MidFrame(Exception):
     """A failure after a MEMBER header went out: an ERROR frame would be read as member data."""
+
+
+FSYNC_EACH = 256  # objects of a session made durable one by one at most; more: one syncfs
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,6 +139,7 @@ class Repository:
         self._dir_fds: dict[str, int] = {}
         self._partial = f".partial-{secrets.token_hex(6)}-"  # this session's temporary names: prefix + counter
         self._count = 0
+        self._stored: list[tuple[str, str]] | None = []  # (XX, ID) stored this session, while few (see commit)
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -299,14 +304,38 @@ class Repository:
                 raise
             os.close(fd)
             os.rename(tmp, name, src_dir_fd=self._tmp_fd, dst_dir_fd=target)
+            if self._stored is not None:
+                self._stored.append((name[:2], name))
+                if len(self._stored) > FSYNC_EACH:
+                    self._stored = None
         except OSError as exc:
             raise self._fail(exc, "storing an object in") from None
+
+    def _make_durable(self) -> None:
+        """The objects of this session on stable storage: each one and its directory fsynced when there are
+        few (an unchanged or lightly changed system: a syncfs would also flush whatever else the backup VM
+        wrote to that filesystem), else one syncfs."""
+        if self._stored is None:
+            _syncfs(self.path)
+            return
+        dirs = set()
+        for sub, name in self._stored:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._object_dir(sub))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(sub)
+        for sub in sorted(dirs):
+            os.fsync(self._object_dir(sub))
+        if dirs:
+            os.fsync(self._dir_fds[""])  # objects/: a directory made this session
 
     def commit(self, header: tuple[bytes, bytes] | None, root: str, data: bytes) -> None:
         """Objects durable first; then a new repository's header (its MAC before it); the root last, linked
         so that an existing root is never replaced."""
         try:
-            _syncfs(self.path)
+            self._make_durable()
             if header is not None:
                 if self.has_header:
                     raise StorageError(f"repository {self.view} has a header already; refusing to replace it")
