@@ -20,7 +20,7 @@ import functools
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,15 +85,9 @@ class MemStore:
         self._call()
         return sorted(self.root_files, key=names.root_seq)
 
-    def object_ids(self) -> Iterator[str]:
+    def object_sizes(self) -> dict[str, int]:
         self._call()
-        return iter(sorted(self.objects))
-
-    def object_size(self, oid: str) -> int:
-        self._call()
-        if oid not in self.objects:
-            raise FileNotFoundError(oid)
-        return len(self.objects[oid])
+        return {oid: len(data) for oid, data in self.objects.items()}
 
     def read_clear(self, name: str) -> bytes:
         self._call()

@@ -26,7 +26,6 @@ import re
 import secrets
 import stat
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Union
 
@@ -54,6 +53,8 @@ _RESTORE_FRAMES = {FrameType.GET: _GET}
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
 HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
 MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
+_OBJECT_ID = re.compile(r"[0-9a-f]{64}")  # an object's name (qubes_backup_protocol.repo), here for prune's pace
+_SUBDIR = re.compile(r"[0-9a-f]{2}")  # objects/XX
 _OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
 
 
@@ -268,42 +269,53 @@ class Repository:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def object_ids(self) -> Iterator[str]:
-        """Every object stored, ``objects/XX/ID`` with ``XX`` = ``ID[:2]`` (anything else there is not an
-        object and is left alone)."""
-        base = self.path / names.OBJECTS_DIR
+    def object_sizes(self) -> dict[str, int]:
+        """Every object stored and its file's size, in one pass: ``objects/XX/ID`` with ``XX`` = ``ID[:2]``, a
+        regular file (anything else there is not an object and is left alone); one listing per ``XX`` and one
+        lstat per object, relative to the listed directory."""
+        base = os.path.join(os.fsdecode(self.path), names.OBJECTS_DIR)
+        sizes: dict[str, int] = {}
         try:
-            subdirs = sorted(os.listdir(base))
+            subdirs = sorted(e for e in os.listdir(base) if _SUBDIR.fullmatch(e))
         except FileNotFoundError:
-            return
+            return sizes
         except OSError as exc:
             raise self._fail(exc, "listing", names.OBJECTS_DIR) from None
+        is_id, is_reg = _OBJECT_ID.fullmatch, stat.S_ISREG
         for sub in subdirs:
-            if len(sub) != 2 or any(c not in "0123456789abcdef" for c in sub):
-                continue
             try:
-                entries = sorted(os.listdir(base / sub))
-            except NotADirectoryError:
+                fd = os.open(os.path.join(base, sub), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a symbolic link: not ours
+                    continue
                 raise self._fail(exc, "listing", f"{names.OBJECTS_DIR}/{sub}") from None
-            yield from (e for e in entries if names.is_object_name(e) and e[:2] == sub)
+            try:
+                for name in os.listdir(fd):
+                    if name[:2] == sub and is_id(name) is not None:
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except FileNotFoundError:  # gone since it was listed
+                            continue
+                        if is_reg(st.st_mode):
+                            sizes[name] = st.st_size
+            except OSError as exc:
+                raise self._fail(exc, "listing", f"{names.OBJECTS_DIR}/{sub}") from None
+            finally:
+                os.close(fd)
+        return sizes
 
-    def object_size(self, oid: str) -> int:
-        """The size of an object's file; raises FileNotFoundError when it is missing."""
-        try:
-            return os.lstat(self.file_of(oid)).st_size
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise self._fail(exc, "reading", oid) from None
+    def _object_path(self, oid: str) -> str:
+        return f"{os.fsdecode(self.path)}/{names.OBJECTS_DIR}/{oid[:2]}/{oid}"
 
     def read_clear(self, name: str) -> bytes:
         """The clear HEAD and REFS of an object or root (``name``: an id or ``roots/NAME``): 83 bytes, then
         65 per reference as HEAD states (at most MAX_CLEAR_REFS); shorter when the file is.  Raises
         FileNotFoundError when it is missing.  The caller checks the grammar."""
+        path = self._object_path(name) if _OBJECT_ID.fullmatch(name) else self.file_of(name)
         try:
-            fd = os.open(self.file_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -314,6 +326,8 @@ class Repository:
             if m is None:
                 return head
             want = REF_LEN * min(int(m.group(2)), MAX_CLEAR_REFS)
+            if not want:
+                return head
             refs = bytearray()
             while len(refs) < want:
                 piece = os.pread(fd, min(COPY_PIECE, want - len(refs)), HEAD_LEN + len(refs))
@@ -343,7 +357,7 @@ class Repository:
         if not names.is_object_name(oid):
             raise StorageError(f"not an object name: {frames.safe_text(oid)}")
         try:
-            os.unlink(self.file_of(oid))
+            os.unlink(self._object_path(oid))
         except FileNotFoundError:
             pass
         except OSError as exc:

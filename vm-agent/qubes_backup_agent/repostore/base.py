@@ -139,9 +139,9 @@ class Store(Protocol):
 class PruneStore(Store, Protocol):
     """What the keyless prune needs besides (HELPERS interface; the directory's are in repository.py)."""
 
-    def object_ids(self) -> Iterator[str]: ...
-
-    def object_size(self, oid: str) -> int: ...
+    def object_sizes(self) -> dict[str, int]:
+        """Every object stored (``objects/XX/ID``, a regular file) and its file's size, in one pass."""
+        ...
 
     def read_clear(self, name: str) -> bytes:
         """HEAD and REFS of object (or root) ``name``: 83 bytes, then 65 × N (N from HEAD, bounded)."""
@@ -330,6 +330,15 @@ class RemoteStore(ABC):
         if size is None:
             raise FileNotFoundError(oid)
         return size
+
+    def object_sizes(self) -> dict[str, int]:
+        """Every object and its size: the listing's (``object_ids``), else one size request each."""
+        ids = list(self.object_ids())
+        sizes: dict[str, int] = {}
+        for oid in ids:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[oid] = self.object_size(oid)
+        return sizes
 
     def read_clear(self, name: str) -> bytes:
         """HEAD (83 bytes) and the 65 × N bytes of references it states (N at most MAX_REFS), fewer when the
