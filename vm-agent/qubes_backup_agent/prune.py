@@ -7,13 +7,15 @@ The algorithm, under the repository's exclusive lock (a backup or another prune 
 
 1. list the roots; the policy (``qubes_backup_protocol.retention``, on the times in the root names) says which
    are kept; the newest by sequence number always is (dom0 builds the next backup on it);
-2. the live set: from every retained root, follow the references (root -> file lists and qubes.xml subset ->
-   segments -> data blocks), reading only each object's clear prefix and checking its grammar strictly (type
-   letter, the type the parent's position calls for, id = file name, N within the type's bound, references 64
-   hex strictly ascending, the file long enough for them, an IV and a MAC).  A referenced object that is
-   missing, or whose clear part is malformed, is *damage*: the prune reports it and deletes nothing at all
-   (the malformed object is kept; its references are not guessed), so damage is never "fixed" silently and
-   no older snapshot is deleted while a retained one is broken;
+2. the live set: list every object with its size (one pass); from every retained root, follow the references
+   level by level (root -> file lists and qubes.xml subset -> segments -> data blocks), reading only the clear
+   prefix of the objects whose references are followed and checking its grammar strictly (type letter, the
+   type the level calls for, id = file name, N within the type's bound, references 64 hex strictly ascending,
+   the file long enough for them, an IV and a MAC).  Data blocks, which reference nothing, are not read: the
+   listing shows them present with a data block's possible size.  A referenced object that is missing, whose
+   clear part is malformed, or a data block of an impossible size, is *damage*: the prune reports it and
+   deletes nothing at all (the malformed object is kept; its references are not guessed), so damage is never
+   "fixed" silently and no older snapshot is deleted while a retained one is broken;
 3. delete the dropped roots, each followed by an fsync of ``roots/``;
 4. delete every object not in the live set, then clear ``tmp/`` (partial files of a killed backup).
 
