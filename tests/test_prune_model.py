@@ -108,6 +108,10 @@ class MemStore:
         self._mutate()
         self.objects.pop(oid, None)
 
+    def delete_objects(self, oids: list[str]) -> None:
+        for oid in oids:
+            self.delete_object(oid)
+
     def clean_tmp(self) -> None:
         self._call()
         self._mutate()

@@ -60,6 +60,7 @@ class Store(Protocol):
     def read_clear(self, name: str) -> bytes: ...
     def delete_root(self, name: str) -> None: ...
     def delete_object(self, oid: str) -> None: ...
+    def delete_objects(self, oids: list[str]) -> None: ...
     def clean_tmp(self) -> None: ...
 
 
@@ -275,8 +276,7 @@ def prune(store: Store, policy: Policy, dry_run: bool) -> PruneReport:
     for fate in fates:
         if not fate.kept:
             store.delete_root(fate.name)  # durable before any object goes
-    for oid in doomed:
-        store.delete_object(oid)
+    store.delete_objects(doomed)
     store.clean_tmp()
     return report
 

@@ -151,6 +151,9 @@ class PruneStore(Store, Protocol):
 
     def delete_object(self, oid: str) -> None: ...
 
+    def delete_objects(self, oids: list[str]) -> None:
+        """``delete_object`` of each (a store may run several at once)."""
+
     def clean_tmp(self) -> None: ...
 
 
@@ -365,6 +368,10 @@ class RemoteStore(ABC):
             raise StorageError(f"not an object id: {frames.safe_text(oid)}")
         self.listed_sizes.pop(oid, None)
         self.remove(key_of(oid))
+
+    def delete_objects(self, oids: list[str]) -> None:
+        for oid in oids:
+            self.delete_object(oid)
 
     @abstractmethod
     def clean_tmp(self) -> None:
