@@ -54,10 +54,12 @@ _RESTORE_FRAMES = {FrameType.GET: _GET}
 _OBJECT_HEAD = re.compile(rb"qbr1 [rtsdx] [zn] ([0-9a-f]{64}) ([0-9]{8})\n")
 HEAD_LEN, REF_LEN = 83, 65  # an object's clear header line, and one reference line (REPOSITORY.md section 5)
 MAX_CLEAR_REFS = 262_144  # the most references any type may list (a file list)
+_OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
+
+# prune (object_sizes, delete_objects)
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}")  # an object's name (qubes_backup_protocol.repo), here for prune's pace
 _SUBDIR = re.compile(r"[0-9a-f]{2}")  # objects/XX
 DELETERS, DELETE_BATCH = 8, 256  # a prune's deletions: threads, objects per task (ids in order: neighbours)
-_OWN = {names.OBJECTS_DIR, names.ROOTS_DIR, LOCK, TMP}  # what an unfinished first backup may have left
 
 
 class EarlyEnd(Exception):
