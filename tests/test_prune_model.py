@@ -20,14 +20,16 @@ import functools
 import hashlib
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qubes_backup_agent.prune import Malformed, PruneReport, SnapshotFate, parse_clear, prune
+from qubes_backup_agent.repository import open_repository
 from qubes_backup_agent.storage import StorageError
 from qubes_backup_protocol import repo as names
 from qubes_backup_protocol.retention import TIME_FORMAT, Policy, keep
@@ -85,15 +87,9 @@ class MemStore:
         self._call()
         return sorted(self.root_files, key=names.root_seq)
 
-    def object_ids(self) -> Iterator[str]:
+    def object_sizes(self) -> dict[str, int]:
         self._call()
-        return iter(sorted(self.objects))
-
-    def object_size(self, oid: str) -> int:
-        self._call()
-        if oid not in self.objects:
-            raise FileNotFoundError(oid)
-        return len(self.objects[oid])
+        return {oid: len(data) for oid, data in self.objects.items()}
 
     def read_clear(self, name: str) -> bytes:
         self._call()
@@ -111,6 +107,10 @@ class MemStore:
         self._call()
         self._mutate()
         self.objects.pop(oid, None)
+
+    def delete_objects(self, oids: list[str]) -> None:
+        for oid in oids:
+            self.delete_object(oid)
 
     def clean_tmp(self) -> None:
         self._call()
@@ -337,7 +337,8 @@ def test_a_killed_prune_is_completed_by_the_next_with_the_same_kept_set() -> Non
 def test_damage_stops_the_prune_before_anything_is_deleted() -> None:
     """A kept snapshot whose object is missing, or whose clear part is malformed: reported, nothing deleted,
     the malformed object kept."""
-    for damage in ("missing data", "missing tree", "bad head", "wrong type", "refs out of order", "truncated"):
+    for damage in ("missing data", "missing tree", "short data", "bad head", "wrong type", "refs out of order",
+                   "truncated"):
         model = Model()
         rng = random.Random(1)
         for _ in range(5):
@@ -350,6 +351,8 @@ def test_damage_stops_the_prune_before_anything_is_deleted() -> None:
             del store.objects[by_type["d"][0]]
         elif damage == "missing tree":
             del store.objects[by_type["t"][0]]
+        elif damage == "short data":  # data blocks are not read: judged by the listing's size
+            store.objects[by_type["d"][0]] = store.objects[by_type["d"][0]][:163]
         else:
             oid = by_type["s"][0]
             raw = bytearray(store.objects[oid])
@@ -386,6 +389,9 @@ def test_parse_clear_is_strict() -> None:
         (clear.replace(b"a" * 64, b"A" * 64), oid, "s", len(raw)),  # not lowercase hex
         (clear.replace(b" 00000002\n", b" 00004097\n"), oid, "s", 10**9),  # more than a segment may have
         (clear.replace(b"qbr1 s n", b"qbr1 s q"), oid, "s", len(raw)),
+        (clear[:83] + clear[83 : 83 + 65] * 2, oid, "s", len(raw)),  # one reference twice
+        (clear[: 83 + 63] + b"\na" + clear[83 + 65 :], oid, "s", len(raw)),  # a line one short, the next one long
+        (clear[:83] + b" " + clear[84:], oid, "s", len(raw)),  # not hex, the line feeds in place
     ]
     for data, want_id, types, size in bad:
         with pytest.raises(Malformed):
@@ -403,3 +409,28 @@ def test_two_roots_of_one_number_are_refused() -> None:
     with pytest.raises(StorageError, match="two roots of snapshot 2"):
         run_prune(model, Policy(keep_last=1), False, None, None)
     assert (model.store.root_files, model.store.objects) == before
+
+
+def test_directory_listing_gives_regular_object_files_and_their_sizes(tmp_path: Path) -> None:
+    """The directory store's one-pass listing (prune's only look at data blocks): every regular file named
+    like an object under its ``objects/XX/``, with its size; nothing else (a symbolic link, a directory, a
+    stray name, an object under the wrong ``XX``)."""
+    (tmp_path / names.HEADER).write_text("x")
+    objects = tmp_path / names.OBJECTS_DIR
+    ab, cd = objects / "ab", objects / "cd"
+    ab.mkdir(parents=True)
+    cd.mkdir()
+    (ab / ("ab" * 32)).write_bytes(b"1" * 300)
+    (ab / ("ab" + "0" * 62)).write_bytes(b"")
+    (ab / ("cd" * 32)).write_bytes(b"wrong XX")
+    (ab / "stray").write_bytes(b"not an object")
+    (ab / ("ab" + "1" * 62)).symlink_to(ab / ("ab" * 32))
+    (ab / ("ab" + "2" * 62)).mkdir()
+    (objects / "ef").symlink_to(ab)
+    (objects / "zz").mkdir()
+    (objects / "zz" / ("zz" + "0" * 62)).write_bytes(b"x")
+    repo = open_repository(str(tmp_path), Path("/"), create=False)
+    try:
+        assert repo.object_sizes() == {"ab" * 32: 300, "ab" + "0" * 62: 0}
+    finally:
+        repo.close()

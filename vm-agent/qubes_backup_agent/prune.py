@@ -7,13 +7,15 @@ The algorithm, under the repository's exclusive lock (a backup or another prune 
 
 1. list the roots; the policy (``qubes_backup_protocol.retention``, on the times in the root names) says which
    are kept; the newest by sequence number always is (dom0 builds the next backup on it);
-2. the live set: from every retained root, follow the references (root -> file lists and qubes.xml subset ->
-   segments -> data blocks), reading only each object's clear prefix and checking its grammar strictly (type
-   letter, the type the parent's position calls for, id = file name, N within the type's bound, references 64
-   hex strictly ascending, the file long enough for them, an IV and a MAC).  A referenced object that is
-   missing, or whose clear part is malformed, is *damage*: the prune reports it and deletes nothing at all
-   (the malformed object is kept; its references are not guessed), so damage is never "fixed" silently and
-   no older snapshot is deleted while a retained one is broken;
+2. the live set: list every object with its size (one pass); from every retained root, follow the references
+   level by level (root -> file lists and qubes.xml subset -> segments -> data blocks), reading only the clear
+   prefix of the objects whose references are followed and checking its grammar strictly (type letter, the
+   type the level calls for, id = file name, N within the type's bound, references 64 hex strictly ascending,
+   the file long enough for them, an IV and a MAC).  Data blocks, which reference nothing, are not read: the
+   listing shows them present with a data block's possible size.  A referenced object that is missing, whose
+   clear part is malformed, or a data block of an impossible size, is *damage*: the prune reports it and
+   deletes nothing at all (the malformed object is kept; its references are not guessed), so damage is never
+   "fixed" silently and no older snapshot is deleted while a retained one is broken;
 3. delete the dropped roots, each followed by an fsync of ``roots/``;
 4. delete every object not in the live set, then clear ``tmp/`` (partial files of a killed backup).
 
@@ -25,8 +27,9 @@ A dry run takes the lock shared, computes the same report and deletes nothing.
 
 from __future__ import annotations
 
+import itertools
+import operator
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,21 +44,23 @@ from .storage import StorageError
 HEAD_LEN, REF_LEN, IV_LEN, MAC_LEN = 83, 65, 16, 65
 MAX_REFS = {"r": 10_001, "t": 262_144, "s": 4_096, "d": 0, "x": 0}
 TYPE_NAMES = {"r": "snapshot root", "t": "file list", "s": "map segment", "d": "data block", "x": "qubes.xml subset"}
-CHILDREN = {"r": "tx", "t": "s", "s": "d", "d": "", "x": ""}  # what each type may reference
+LEVELS = ("tx", "s", "d")  # the types each depth below a root calls for: t or x, then s (under t), then d (under s)
 MAX_DAMAGE_LINES = 50  # the report lists this many findings, then how many more
 _HEAD_RE = re.compile(rb"qbr1 ([rtsdx]) ([zn]) ([0-9a-f]{64}) ([0-9]{8})\n")
-_REF_RE = re.compile(rb"[0-9a-f]{64}\n")
+_HEX = b"0123456789abcdef"
+DATA_MIN = HEAD_LEN + IV_LEN + MAC_LEN  # a data block's file: HEAD, no references, IV, ciphertext, MAC
+DATA_MAX = HEAD_LEN + IV_LEN + (4 << 20) + 8192 + MAC_LEN  # ... of the largest block size (section 5's bound)
 
 
 class Store(Protocol):
     """What prune needs of a repository's storage (a directory: repository.Repository)."""
 
     def roots(self) -> list[str]: ...
-    def object_ids(self) -> Iterator[str]: ...
-    def object_size(self, oid: str) -> int: ...
+    def object_sizes(self) -> dict[str, int]: ...
     def read_clear(self, name: str) -> bytes: ...
     def delete_root(self, name: str) -> None: ...
     def delete_object(self, oid: str) -> None: ...
+    def delete_objects(self, oids: list[str]) -> None: ...
     def clean_tmp(self) -> None: ...
 
 
@@ -105,15 +110,14 @@ def parse_clear(data: bytes, oid: str | None, types: str, size: int | None) -> t
     end = HEAD_LEN + REF_LEN * nrefs
     if len(data) != end or (size is not None and size < end + IV_LEN + MAC_LEN):
         raise Malformed("truncated")
-    refs: list[str] = []
-    for pos in range(HEAD_LEN, end, REF_LEN):
-        line = data[pos : pos + REF_LEN]
-        if _REF_RE.fullmatch(line) is None:
-            raise Malformed("malformed reference list")
-        ref = line[:64].decode()
-        if refs and ref <= refs[-1]:
-            raise Malformed("references out of order")
-        refs.append(ref)
+    lines = data[HEAD_LEN:]
+    # every 65th byte a line feed, and nothing else but lowercase hex: in C, not one regex per line
+    if lines[REF_LEN - 1 :: REF_LEN] != b"\n" * nrefs or lines.translate(None, _HEX) != b"\n" * nrefs:
+        raise Malformed("malformed reference list")
+    refs = lines.decode("ascii").split("\n")
+    refs.pop()  # after the last line feed
+    if not all(map(operator.lt, refs, itertools.islice(refs, 1, None))):
+        raise Malformed("references out of order")
     return otype, refs
 
 
@@ -165,43 +169,88 @@ class _Damage:
 
 def live_set(store: Store, retained: list[SnapshotFate], sizes: dict[str, int], damage: _Damage) -> set[str]:
     """Every object a retained snapshot references, transitively (only those present; what is missing or
-    malformed goes to ``damage``).  ``sizes``: the objects present and their sizes."""
+    malformed goes to ``damage``).  ``sizes``: the objects present and their sizes.
+
+    Level by level (LEVELS: the roots' file lists and qubes.xml subsets, then their segments, then the
+    segments' data blocks), each object judged once, at the shallowest level that reaches it.  Data blocks
+    reference nothing: they are judged by the listing (present, a data block's plausible size), not read."""
     live: set[str] = set()
-    seen: set[str] = set()  # reached (live, missing or malformed): each object is judged once
+    seen: set[str] = set()  # reached (live, missing or malformed)
+    parents: list[_Parent] = []  # the objects whose references make up the level
+    ids: set[str] = set()
     for fate in retained:
         where = f"snapshot {fate.seq} ({fate.name})"
+        parent = _Parent(fate.name, None, "r", where)
         try:
-            _t, todo = parse_clear(store.read_clear(fate.name), None, "r", None)
+            ids.update(parent.refs(store, None))
         except FileNotFoundError:  # gone since it was listed, under our lock: something else deletes here
             damage.add(f"{where}: its root vanished while the prune ran")
             continue
         except Malformed as exc:
             damage.add(f"{where}: its root is malformed ({exc})")
             continue
-        expect = {oid: CHILDREN["r"] for oid in todo}
-        while todo:
-            oid = todo.pop()
-            if oid in seen:
-                continue
-            seen.add(oid)
-            what = " or ".join(TYPE_NAMES[t] for t in expect[oid])
-            if oid not in sizes:
-                damage.add(f"{where}: {what} {oid[:16]} is missing")
-                continue
-            live.add(oid)  # present: kept, even when malformed
+        parents.append(parent)
+    for types in LEVELS:
+        ids -= seen
+        seen |= ids
+        present = ids.intersection(sizes)
+        live |= present  # kept, even when malformed
+        bad = dict.fromkeys(ids - present, "is missing")
+        if types == "d":
+            for oid in present:
+                if not DATA_MIN <= sizes[oid] <= DATA_MAX:
+                    bad[oid] = f"is malformed (a file of {sizes[oid]} bytes, not a data block's); kept"
+        origin = _origins(store, sizes, parents, set(bad) if types == "d" else ids)
+        for oid in sorted(bad):
+            damage.add(f"{origin.get(oid, 'a kept snapshot')}: {_what(types)} {oid[:16]} {bad[oid]}")
+        if types == "d":
+            break
+        parents, ids = [], set()
+        for oid in sorted(present):
+            parent = _Parent(oid, oid, types, origin.get(oid, "a kept snapshot"))
             try:
-                otype, refs = parse_clear(store.read_clear(oid), oid, expect[oid], sizes[oid])
+                ids.update(parent.refs(store, sizes[oid]))
             except FileNotFoundError:
-                damage.add(f"{where}: {what} {oid[:16]} is missing")
+                damage.add(f"{parent.where}: {_what(types)} {oid[:16]} is missing")
                 continue
             except Malformed as exc:
-                damage.add(f"{where}: {what} {oid[:16]} is malformed ({exc}); kept, its references unknown")
+                damage.add(f"{parent.where}: {_what(types)} {oid[:16]} is malformed ({exc}); kept, its references "
+                           "unknown")  # fmt: skip
                 continue
-            for ref in refs:
-                if ref not in seen:
-                    expect.setdefault(ref, CHILDREN[otype])
-                    todo.append(ref)
+            parents.append(parent)
     return live
+
+
+@dataclass
+class _Parent:
+    name: str  # roots/NAME or the id
+    oid: str | None  # the id its header must state (None: a root)
+    types: str  # the types its place calls for
+    where: str  # the kept snapshot that reached it first
+
+    def refs(self, store: Store, size: int | None) -> list[str]:
+        return parse_clear(store.read_clear(self.name), self.oid, self.types, size)[1]
+
+
+def _origins(store: Store, sizes: dict[str, int], parents: list[_Parent], need: set[str]) -> dict[str, str]:
+    """For each id of ``need``, the snapshot of the first parent referencing it.  The parents' clear parts are
+    read again rather than kept (a level's references are millions of ids); for data blocks only when one is
+    damaged."""
+    origin: dict[str, str] = {}
+    for parent in parents:
+        if len(origin) == len(need):
+            break
+        try:
+            refs = parent.refs(store, sizes.get(parent.name))
+        except (FileNotFoundError, Malformed):  # it parsed a moment ago: something else writes here
+            continue
+        for oid in need.intersection(refs):
+            origin.setdefault(oid, parent.where)
+    return origin
+
+
+def _what(types: str) -> str:
+    return " or ".join(TYPE_NAMES[t] for t in types)
 
 
 def prune(store: Store, policy: Policy, dry_run: bool) -> PruneReport:
@@ -211,13 +260,13 @@ def prune(store: Store, policy: Policy, dry_run: bool) -> PruneReport:
         raise StorageError(f"the repository lists {len(roots)} snapshots or more; prune handles fewer than "
                            f"{names.MAX_ROOTS}")  # fmt: skip
     fates = decide(roots, policy)
-    sizes = {oid: _size(store, oid) for oid in store.object_ids()}
-    sizes = {oid: n for oid, n in sizes.items() if n >= 0}
+    sizes = store.object_sizes()
     damage = _Damage()
     live = live_set(store, [f for f in fates if f.kept], sizes, damage)
-    doomed = sorted(set(sizes) - live)
-    report = PruneReport(fates, len(doomed), sum(sizes[o] for o in doomed), len(sizes) - len(doomed),
-                         sum(sizes[o] for o in live), dry_run, damage.lines, damage.count)  # fmt: skip
+    doomed = sorted(sizes.keys() - live)
+    freed = sum(map(sizes.__getitem__, doomed))
+    report = PruneReport(fates, len(doomed), freed, len(sizes) - len(doomed), sum(sizes.values()) - freed, dry_run,
+                         damage.lines, damage.count)  # fmt: skip
     if damage.count:
         report.objects_deleted = report.bytes_freed = 0
         report.objects_kept, report.bytes_kept = len(sizes), sum(sizes.values())
@@ -227,17 +276,9 @@ def prune(store: Store, policy: Policy, dry_run: bool) -> PruneReport:
     for fate in fates:
         if not fate.kept:
             store.delete_root(fate.name)  # durable before any object goes
-    for oid in doomed:
-        store.delete_object(oid)
+    store.delete_objects(doomed)
     store.clean_tmp()
     return report
-
-
-def _size(store: Store, oid: str) -> int:
-    try:
-        return store.object_size(oid)
-    except FileNotFoundError:
-        return -1
 
 
 def prune_location(location: str, root: Path, policy: Policy, dry_run: bool) -> PruneReport:

@@ -139,9 +139,9 @@ class Store(Protocol):
 class PruneStore(Store, Protocol):
     """What the keyless prune needs besides (HELPERS interface; the directory's are in repository.py)."""
 
-    def object_ids(self) -> Iterator[str]: ...
-
-    def object_size(self, oid: str) -> int: ...
+    def object_sizes(self) -> dict[str, int]:
+        """Every object stored (``objects/XX/ID``, a regular file) and its file's size, in one pass."""
+        ...
 
     def read_clear(self, name: str) -> bytes:
         """HEAD and REFS of object (or root) ``name``: 83 bytes, then 65 × N (N from HEAD, bounded)."""
@@ -150,6 +150,9 @@ class PruneStore(Store, Protocol):
     def delete_root(self, name: str) -> None: ...
 
     def delete_object(self, oid: str) -> None: ...
+
+    def delete_objects(self, oids: list[str]) -> None:
+        """``delete_object`` of each (a store may run several at once)."""
 
     def clean_tmp(self) -> None: ...
 
@@ -331,6 +334,15 @@ class RemoteStore(ABC):
             raise FileNotFoundError(oid)
         return size
 
+    def object_sizes(self) -> dict[str, int]:
+        """Every object and its size: the listing's (``object_ids``), else one size request each."""
+        ids = list(self.object_ids())
+        sizes: dict[str, int] = {}
+        for oid in ids:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[oid] = self.object_size(oid)
+        return sizes
+
     def read_clear(self, name: str) -> bytes:
         """HEAD (83 bytes) and the 65 × N bytes of references it states (N at most MAX_REFS), fewer when the
         file is shorter; HEAD alone when it does not parse (the caller checks the grammar strictly).
@@ -356,6 +368,10 @@ class RemoteStore(ABC):
             raise StorageError(f"not an object id: {frames.safe_text(oid)}")
         self.listed_sizes.pop(oid, None)
         self.remove(key_of(oid))
+
+    def delete_objects(self, oids: list[str]) -> None:
+        for oid in oids:
+            self.delete_object(oid)
 
     @abstractmethod
     def clean_tmp(self) -> None:
