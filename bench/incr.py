@@ -417,10 +417,10 @@ class Incr(Bench):
         self.facts["repo_bytes"] = allocated(self.repo)
         self.prune()
 
-    def prune(self, repo: Path | None = None, keep_last: int = 1) -> None:
-        """``qubes-backup-agent prune --keep-last N`` on the repository (in the backup VM, no passphrase): its
-        snapshots of this system, all but the newest deleted.  Prune's work grows with the objects (every one is
-        listed), so the time per object is reported too."""
+    def prune(self, repo: Path | None = None, keep_last: int = 7) -> None:
+        """``qubes-backup-agent prune --keep-last 7`` on the repository (in the backup VM, no passphrase): of
+        its 30 snapshots of this system (30 nights), the newest week kept, 23 deleted.  Prune lists every object
+        and deletes the dead ones, so the time per object is reported too."""
         repo = repo or self.repo
         if importlib.util.find_spec("qubes_backup_agent.prune") is None:
             self.facts["prune"] = "not measured: prune not merged"
