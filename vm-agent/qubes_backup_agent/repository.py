@@ -80,6 +80,24 @@ class MidFrame(Exception):
 FSYNC_EACH = 256  # objects of a session made durable one by one at most; more: one syncfs
 
 
+def _write_new(name: str, data: bytes | bytearray | memoryview, dir_fd: int, sync: bool) -> None:
+    """A new file ``name`` in the directory ``dir_fd`` holding ``data`` (fsynced if ``sync``); removed again
+    if that fails."""
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        raise
+    os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -257,21 +275,15 @@ class Repository:
             raise self._fail(exc, "preparing") from None
 
     def _write_tmp(self, data: bytes, sync: bool) -> Path:
-        tmp = self.path / TMP / f".partial-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        os.close(fd)
-        return tmp
+        name = f".partial-{secrets.token_hex(8)}"
+        _write_new(name, data, self._tmp_dir(), sync)
+        return self.path / TMP / name
+
+    def _tmp_dir(self) -> int:
+        """A descriptor of ``tmp/``, kept for the session."""
+        if self._tmp_fd is None:
+            self._tmp_fd = os.open(self.path / TMP, _DIR_FLAGS)
+        return self._tmp_fd
 
     def _object_dir(self, sub: str) -> int:
         """A descriptor of ``objects/XX`` (created if missing), kept for the session."""
@@ -292,22 +304,9 @@ class Repository:
         rename."""
         try:
             target = self._object_dir(name[:2])
-            if self._tmp_fd is None:
-                self._tmp_fd = os.open(self.path / TMP, _DIR_FLAGS)
             tmp = f"{self._partial}{self._count}"
             self._count += 1
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                         dir_fd=self._tmp_fd)  # fmt: skip
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=self._tmp_fd)
-                raise
-            os.close(fd)
+            _write_new(tmp, data, self._tmp_dir(), sync=False)
             os.rename(tmp, name, src_dir_fd=self._tmp_fd, dst_dir_fd=target)
             if self._stored is not None:
                 self._stored.append((name[:2], name))
