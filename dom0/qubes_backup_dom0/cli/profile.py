@@ -110,6 +110,20 @@ def _safe_load(text: str, name: str) -> Any:
     return yaml.safe_load(text)
 
 
+def repository_profile(system: System, name: str, given: Mapping[str, object], not_a_repository: str) -> Profile:
+    """``--profile NAME`` of a repository command: the profile, which must describe a repository, and none of
+    the options it replaces (``given``: option -> its value) given as well; ``not_a_repository``: what to do
+    instead with a single-file profile."""
+    profile = load_profile(system, name)
+    if profile.repository is None:
+        raise UsageError(f"backup profile {name} describes single-file backups, not a repository: "
+                         f"{not_a_repository}")  # fmt: skip
+    clash = [opt for opt, value in given.items() if value]
+    if clash:
+        raise UsageError(f"{clash[0]} cannot be used together with --profile (the profile says it)")
+    return profile
+
+
 def load_profile(system: System, name: str) -> Profile:
     path = profile_path(system, name)
     try:

@@ -34,7 +34,7 @@ from qubes_backup_dom0.cli.common import (
     warn,
 )
 from qubes_backup_dom0.cli.passphrase import read_passphrase
-from qubes_backup_dom0.cli.profile import KEEP_RULES, Profile, load_profile, profile_passphrase
+from qubes_backup_dom0.cli.profile import KEEP_RULES, Profile, profile_passphrase, repository_profile
 from qubes_backup_dom0.cli.repo import _source_vm, root_id_arg
 from qubes_backup_dom0.errors import UsageError
 from qubes_backup_dom0.qubes import prune as prune_mod
@@ -99,13 +99,8 @@ def _profile(args: argparse.Namespace, system: System) -> Profile | None:
     """``--profile NAME``: -d and --repo from a repository's profile (neither may be given as well)."""
     if args.profile is None:
         return None
-    profile = load_profile(system, args.profile)
-    if profile.repository is None:
-        raise UsageError(f"backup profile {args.profile} describes single-file backups, not a repository: "
-                         "there is nothing to prune")  # fmt: skip
-    given = [opt for opt, on in (("--repo", args.repo), ("--dest-vm", args.dest_vm)) if on]
-    if given:
-        raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+    profile = repository_profile(system, args.profile, {"--repo": args.repo, "--dest-vm": args.dest_vm},
+                                 "there is nothing to prune")  # fmt: skip
     args.repo, args.dest_vm = profile.repository, profile.destination_vm
     return profile
 

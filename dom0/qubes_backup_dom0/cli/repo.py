@@ -44,9 +44,9 @@ from qubes_backup_dom0.cli.profile import (
     PLAINTEXT_WARNING,
     PROFILE_DIR,
     Profile,
-    load_profile,
     profile_passphrase,
     profile_path,
+    repository_profile,
     resolve,
     save_profile,
 )
@@ -322,13 +322,9 @@ def run_restore(args: argparse.Namespace, summary: Callable[[RestorePlan, bool],
         raise UsageError("--backup-id does not apply to --repo: use --snapshot N and --expect-root ID")
     profile = None
     if args.profile is not None:
-        profile = load_profile(System.from_env(), args.profile)
-        if profile.repository is None:
-            raise UsageError(f"backup profile {args.profile} describes single-file backups, not a repository: "
-                             "restore a backup by its file (qvm-backup-restore -d VM FILE)")  # fmt: skip
-        given = [opt for opt, on in (("--repo", args.repo), ("--dest-vm", args.source_vm)) if on]
-        if given:
-            raise UsageError(f"{given[0]} cannot be used together with --profile (the profile says it)")
+        given = {"--repo": args.repo, "--dest-vm": args.source_vm}
+        profile = repository_profile(System.from_env(), args.profile, given,
+                                     "restore a backup by its file (qvm-backup-restore -d VM FILE)")  # fmt: skip
         args.repo, args.source_vm = profile.repository, profile.destination_vm
     check_text_arg(args.repo, "the repository")
     if args.snapshot is not None and args.snapshot < 1:

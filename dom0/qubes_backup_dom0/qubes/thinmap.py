@@ -172,10 +172,14 @@ def on_metadata_snapshot(system: System, vg: str, pool: str, tool: list[str], co
     (reserved, run and released by one child in its own session), feeding ``consume`` its output until it
     returns False; True if the tool succeeded.  A failed release is a warning on stderr."""
     name = dm_name(vg, pool)
-    with _LOCKS_LOCK:
-        lock = _POOL_LOCKS.setdefault(name, threading.Lock())
-    with lock:  # planning threads of one backup wait for each other instead of failing with EBUSY
+    with _pool_lock(name):  # planning threads of one backup wait for each other instead of failing with EBUSY
         return _run_reserved(system, vg, pool, name, tool, consume)
+
+
+def _pool_lock(name: str) -> threading.Lock:
+    """The lock that keeps this process to one reservation of pool ``name`` at a time."""
+    with _LOCKS_LOCK:
+        return _POOL_LOCKS.setdefault(name, threading.Lock())
 
 
 def on_metadata_snapshot_many(system: System, vg: str, pool: str, tools: list[list[str]]) -> list[bytes | None]:
@@ -186,8 +190,6 @@ def on_metadata_snapshot_many(system: System, vg: str, pool: str, tools: list[li
     if not tools:
         return []
     name = dm_name(vg, pool)
-    with _LOCKS_LOCK:
-        lock = _POOL_LOCKS.setdefault(name, threading.Lock())
     chunks: list[bytes] = []
     total = 0
 
@@ -197,7 +199,7 @@ def on_metadata_snapshot_many(system: System, vg: str, pool: str, tools: list[li
         chunks.append(piece)
         return total <= MAX_DUMP
 
-    with lock:
+    with _pool_lock(name):
         ok = _run_reserved(system, vg, pool, name, tools, consume, many=True)
     results: list[bytes | None] = [None] * len(tools)
     if not ok:
