@@ -214,6 +214,85 @@ def test_second_backup_reads_only_the_touched_blocks(tracked: tuple[Sim, RepoBac
     assert ours(sim) == [f"vm-work-private-qbbase-{first.repo_id[:8]}"]
 
 
+def lvm_calls(sim: Sim) -> list[str]:
+    """The sim's lvm commands run so far (lvm.log: one JSON list per call)."""
+    log = sim.dom0 / "dev" / "lvm.log"
+    return [json.loads(line)[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_an_unchanged_volume_keeps_its_base_and_takes_no_snapshot(tracked: tuple[Sim, RepoBackupResult],
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    """thin_delta between the base and the committed LV says nothing differs: no lvcreate, no lvremove, the very
+    same base retagged for the new root (one lvchange); it still pairs with the next run, which reads only what
+    was written; the snapshots restore exact."""
+    sim, first = tracked
+    (name,) = ours_raw(sim)
+    before = len(lvm_calls(sim))
+    unchanged, t = backup(sim)
+    calls = lvm_calls(sim)[before:]
+    assert "lvcreate" not in calls and "lvremove" not in calls and calls.count("lvchange") == 1
+    assert t.full_reads() == [] and unchanged.volume_read_blocks == 0
+    assert unchanged.reused_blocks == data_blocks(lv(sim)) and unchanged.changed == []
+    assert ours_raw(sim) == [name]
+    tags = set(LvStore(sim.dom0 / "dev").info(VG, name).tags)
+    assert bases.ROOT + unchanged.root in tags and bases.ROOT + first.root not in tags
+    write(sim, [9 * BS + 5])
+    third, t = backup(sim)
+    assert t.full_reads() == [] and third.volume_read_blocks == 1
+    assert restored(sim, tmp_path) == lv(sim).read_bytes()
+    assert len(ours_raw(sim)) == 1 and ours_raw(sim) != [name]  # a new base, the old one removed
+
+
+def test_a_live_volume_is_snapshotted_even_when_unchanged(tracked: tuple[Sim, RepoBackupResult]) -> None:
+    """revisions_to_keep=-1: the committed LV is written in place while its VM runs, so what thin_delta said of
+    it a moment ago proves nothing: a new snapshot is read (its delta from the base, here none)."""
+    from qubes_backup_sim.storage import set_volume_attr
+
+    sim, _first = tracked
+    launch.stop_qubesd(sim.dir)
+    coll = Collection.load(sim.qubes_xml)
+    dom = coll.get("work")
+    assert dom is not None
+    set_volume_attr(dom, "private", "revisions_to_keep", "-1")
+    write_atomic(coll, sim.qubes_xml)
+    before = len(lvm_calls(sim))
+    result, t = backup(sim)
+    assert lvm_calls(sim)[before:].count("lvcreate") == 1
+    assert t.full_reads() == [] and result.volume_read_blocks == 0
+
+
+def test_an_unchanged_volume_whose_base_is_not_the_parents_is_read_through_a_new_snapshot(
+        tracked: tuple[Sim, RepoBackupResult], tmp_path: Path) -> None:  # fmt: skip
+    """The base kept for an unchanged volume turns out not to be the repository's newest snapshot's (another
+    dom0 wrote one): a snapshot is taken then and read in full; it becomes the base, the old one removed."""
+    sim, first = tracked
+    record = repostate.load(sim.system, first.repo_id)
+    assert record is not None
+    write(sim, [6 * BS])
+    backup(sim)  # R2, and a base of R2
+    repostate.save(sim.system, record)  # dom0's record back at R1 ...
+    _other_root(sim, first.root)  # ... and the base claims R1: unchanged against the committed LV
+    (old,) = ours_raw(sim)
+    before = len(lvm_calls(sim))
+    result, t = backup(sim)
+    assert lvm_calls(sim)[before:].count("lvcreate") == 1
+    assert t.full_reads() == ["volume 'private' of work: the repository's newest snapshot is not the one its base "
+                              "was taken for"]  # fmt: skip
+    assert result.reused_blocks == 0 and result.volume_read_blocks == data_blocks(lv(sim))
+    assert restored(sim, tmp_path) == lv(sim).read_bytes()
+    assert len(ours_raw(sim)) == 1 and ours_raw(sim) != [old] and unpromoted(sim) == []
+
+
+def test_a_failed_unchanged_run_keeps_the_base_as_it_was(tracked: tuple[Sim, RepoBackupResult]) -> None:
+    sim, first = tracked
+    (name,) = ours_raw(sim)
+    with pytest.raises(VerificationError):
+        backup(sim, passphrase=b"wrong")
+    assert ours_raw(sim) == [name] and bases.ROOT + first.root in LvStore(sim.dom0 / "dev").info(VG, name).tags
+    result, t = backup(sim)
+    assert t.full_reads() == [] and result.volume_read_blocks == 0 and ours_raw(sim) == [name]
+
+
 def test_tracked_and_rescanned_runs_agree_after_the_same_writes(tmp_path: Path) -> None:
     """Two copies of one system: the same writes, one tracked, one --rescan: identical file lists (trees)."""
     a = new_sim(tmp_path / "a")
@@ -499,8 +578,10 @@ def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
 
 def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim, RepoBackupResult],
                                                               tmp_path: Path) -> None:  # fmt: skip
-    """qvm-backup killed (SIGKILL, its whole process group) while thin_delta runs: its new snapshot stays
-    until the next backup starts, which removes it, keeps the base valid and still reads only what changed."""
+    """qvm-backup killed (SIGKILL, its whole process group) while thin_delta compares the new snapshot with the
+    base (the second thin_delta: the first compares the base with the committed LV, before any snapshot): its new
+    snapshot stays until the next backup starts, which removes it, keeps the base valid and still reads only
+    what changed."""
     import shlex
     import signal
     import sys
@@ -510,7 +591,11 @@ def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim,
     write(sim, [10 * BS])
     fifo = tmp_path / "gate"
     os.mkfifo(fifo)
-    gated = ["sh", "-c", f'cat {shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"', *sim.system.thin_delta_argv]
+    mark = tmp_path / "first-delta-ran"
+    blocked = tmp_path / "second-delta-waits"
+    gate = f'if [ -e {shlex.quote(str(mark))} ]; then : > {shlex.quote(str(blocked))}; cat ' \
+           f'{shlex.quote(str(fifo))} >/dev/null; else : > {shlex.quote(str(mark))}; fi; exec "$0" "$@"'  # fmt: skip
+    gated = ["sh", "-c", gate, *sim.system.thin_delta_argv]
     code = ("import sys; from qubes_backup_dom0.cli.backup import main; sys.exit(main(sys.argv[1:]))")
     env = dict(sim.env(), QUBES_THIN_DELTA=shlex.join(gated))
     proc = subprocess.Popen([sys.executable, "-c", code, "-y", "-q", "-p", "/pw", *KDF, "-d", "backupvm", "--repo",
@@ -518,7 +603,7 @@ def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     metasnap = sim.dom0 / "dev" / VG / ".lvm/vm-pool.metasnap"
     deadline = time.monotonic() + 60  # a bound on a hang, not a measurement
-    while not metasnap.exists():
+    while not (blocked.exists() and metasnap.exists()):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

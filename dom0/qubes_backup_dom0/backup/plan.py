@@ -240,8 +240,9 @@ class VolumePlanner(Protocol):
     def plan_volume(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None) -> PlannedVolume | None:
         ...
 
-    def prepare(self, volumes: list[tuple[pools.VolumeRef, str | None]]) -> None:
-        """Called once before any ``plan_volume``, with every volume (and its VM's uuid) that will be planned."""
+    def prepare(self, volumes: list[tuple[pools.VolumeRef, str | None, bool]]) -> None:
+        """Called once before any ``plan_volume``, with every volume that will be planned: its reference, its VM's
+        uuid and whether it is written in place while its VM runs (``revisions_to_keep`` -1)."""
         ...
 
 
@@ -368,8 +369,8 @@ def plan_backup(
     try:
         if planner is not None:
             order = restore_order(collection, vms)
-            planner.prepare([(ref, dom.uuid) for dom in order
-                             for _vol, ref in _volume_refs(collection, dom, vm_states[dom.name][1])])  # fmt: skip
+            planner.prepare([(ref, dom.uuid, vol.attrib.get("revisions_to_keep") == "-1") for dom in order
+                             for vol, ref in _volume_refs(collection, dom, vm_states[dom.name][1])])  # fmt: skip
         # Two VMs at a time: one's snapshot (an lvm process, mostly waiting) overlaps the other's scan.
         with ThreadPoolExecutor(max_workers=PLAN_THREADS, thread_name_prefix="plan") as pool:
             jobs = []

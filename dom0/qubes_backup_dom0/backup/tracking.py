@@ -62,6 +62,8 @@ class Tracked:
     check: list[tuple[int, int]] | None = None  # --rescan: tracking's answer, compared with what is read
     expected: tuple[set[int], dict[int, str]] | None = None  # (blocks tracking would read, the parent's map)
     missed: int = 0  # blocks --rescan found changed that tracking would have reused
+    reused: bool = False  # unchanged since its base: no new snapshot, the base itself is kept (``snapshot``)
+    held: contextlib.ExitStack | None = None  # closed when the planned volume is released
 
 
 @dataclass
@@ -90,6 +92,8 @@ class Tracking:
     _dirs: dict[Path, bool] = field(default_factory=dict)  # file-reflink pools: bases kept there
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)  # (vg, origin) ->
+    _lvs: dict[tuple[str, str], OurLv] = field(default_factory=dict)  # every LV, from _start's lvs
+    _unchanged: dict[tuple[str, str], OurLv] = field(default_factory=dict)  # (vg, origin) -> its base, kept
 
     def __post_init__(self) -> None:
         owners = repostate.owners(self.system, self.location)
@@ -106,9 +110,9 @@ class Tracking:
             return self._ours
         for pool in thinmap.release_stale(self.system, pools._pid_alive):
             self.notes.append(f"released the metadata snapshot of thin pool {pool} left by a killed backup")
-        ours, names = bases.list_lvs(self.system)
+        ours, self._lvs = bases.list_lvs(self.system)
         drop = [lv for lv in ours if lv.is_next and not _alive(lv.tag(bases.PID))]
-        drop += [lv for lv in ours if lv.is_base and (lv.vg, lv.tag(bases.ORIGIN)) not in names]  # VM removed
+        drop += [lv for lv in ours if lv.is_base and (lv.vg, lv.tag(bases.ORIGIN)) not in self._lvs]  # VM removed
         drop += _superseded([lv for lv in ours if lv.is_base and lv not in drop], self.system)
         bases.remove(self.system, [lv.spec for lv in drop], "leftover change-tracking snapshots")
         self._ours = [lv for lv in ours if lv not in drop]
@@ -134,30 +138,38 @@ class Tracking:
 
     # -- before planning: every new snapshot, then one lvs and one reservation per pool -----------------------
 
-    def prepare(self, volumes: list[tuple[pools.VolumeRef, str | None]]) -> None:
-        """Take the new snapshot of every lvm_thin volume to be backed up (``(ref, vm uuid)``), then list them
-        all with one ``lvs`` and ask thin_delta about all of them on one reserved metadata snapshot per pool:
-        the tooling a run costs no longer grows by an lvs, two dmsetup messages and a helper per volume.
-        ``plan_volume`` then uses what was prepared (and does it all itself for a volume not prepared)."""
-        todo: list[tuple[str, str, str, str | None, pools.VolumeRef]] = []
-        for ref, vm_uuid in volumes:
+    def prepare(self, volumes: list[tuple[pools.VolumeRef, str | None, bool]]) -> None:
+        """Before planning, for every lvm_thin volume to be backed up (``(ref, vm uuid, live)``): first, on one
+        reserved metadata snapshot per pool, thin_delta between each usable base and the committed LV itself;
+        a volume that maps exactly as its base (and is not written in place) keeps that base and takes no new
+        snapshot (``_unchanged``).  Then a new snapshot of every other volume, all listed by one ``lvs`` and
+        compared with their bases on one more reservation per pool.  ``plan_volume`` uses what was prepared
+        (and does it all itself for a volume not prepared)."""
+        todo: list[tuple[str, str, str, str | None, pools.VolumeRef, bool]] = []
+        fresh = self._ours is None  # the lvs listing the committed LVs' thin ids comes after ``seen``
+        seen: dict[tuple[str, str], pools.Identity] = {}
+        for ref, vm_uuid, live in volumes:
             if ref.driver != "lvm_thin":
                 continue
             vg, origin = pools._lv_path(ref.vid, ref)
+            seen[(vg, origin)] = pools._dev_identity(self.system.dev_dir / vg / origin)
             pool = ref.pool_info.get("thin_pool", "")
             with self._lock:
                 self._start()
                 if not pool or not self._pool_ok(vg, pool) or any(k[:2] == (vg, origin) for k in todo):
                     continue
-            todo.append((vg, origin, pool, vm_uuid, ref))
+            todo.append((vg, origin, pool, vm_uuid, ref, live))
+        if fresh and not self.rescan:
+            todo = self._keep_unchanged(todo, seen)
         if not todo:
             return
         with ThreadPoolExecutor(max_workers=SNAPSHOT_THREADS, thread_name_prefix="snapshot") as workers:
-            for job in [workers.submit(self._snapshot, vg, origin, uuid, ref) for vg, origin, _p, uuid, ref in todo]:
+            jobs = [workers.submit(self._snapshot, vg, origin, uuid, ref) for vg, origin, _p, uuid, ref, _l in todo]
+            for job in jobs:
                 job.result()  # the first failure fails the run (close() removes what was made)
         listed = {(lv.vg, lv.name): lv for lv in bases.list_lvs(self.system)[0]}
         asks: dict[tuple[str, str], list[tuple[tuple[str, str], tuple[int, int, int]]]] = {}
-        for vg, origin, pool, vm_uuid, _ref in todo:
+        for vg, origin, pool, vm_uuid, _ref, _live in todo:
             prep = self._prepared[(vg, origin)]
             prep.lv = listed.get((vg, prep.name))
             base, _bs, why = self._usable_base(vg, origin, pool, vm_uuid, prep.lv.size if prep.lv else None)
@@ -168,6 +180,29 @@ class Tracking:
             answers = bases.deltas(self.system, vg, pool, [pair for _key, pair in wanted])
             for (key, _pair), ranges in zip(wanted, answers, strict=True):
                 self._prepared[key].delta, self._prepared[key].asked = ranges, True
+
+    def _keep_unchanged(self, todo: list[tuple[str, str, str, str | None, pools.VolumeRef, bool]],
+                        seen: dict[tuple[str, str], pools.Identity]) -> list[tuple[str, str, str, str | None,
+                                                                                  pools.VolumeRef, bool]]:  # fmt: skip
+        """thin_delta of each usable base against the committed LV it was taken of (its thin id from _start's
+        lvs, listed after ``seen``): those that map exactly the same, whose LV is not written in place
+        (``live``) and was not replaced meanwhile (its device the same as in ``seen``), need no new snapshot:
+        the base holds what the committed LV holds.  Returns the others."""
+        asks: dict[tuple[str, str], list[tuple[tuple[str, str], OurLv, tuple[int, int, int]]]] = {}
+        for vg, origin, pool, vm_uuid, _ref, live in todo:
+            lv = self._lvs.get((vg, origin))
+            if live or lv is None or lv.thin_id is None or lv.pool != pool or lv.size is None:
+                continue
+            base, _bs, why = self._usable_base(vg, origin, pool, vm_uuid, lv.size)
+            if base is not None and not why:
+                assert base.thin_id is not None
+                asks.setdefault((vg, pool), []).append(((vg, origin), base, (base.thin_id, lv.thin_id, lv.size)))
+        for (vg, pool), wanted in asks.items():
+            answers = bases.deltas(self.system, vg, pool, [pair for _k, _b, pair in wanted])
+            for (key, base, _pair), ranges in zip(wanted, answers, strict=True):
+                if ranges == [] and pools._dev_identity(self.system.dev_dir / key[0] / key[1]) == seen[key]:
+                    self._unchanged[key] = base
+        return [item for item in todo if item[:2] not in self._unchanged]
 
     def _snapshot(self, vg: str, origin: str, vm_uuid: str | None, ref: pools.VolumeRef) -> None:
         before = pools._dev_identity(self.system.dev_dir / vg / origin)
@@ -217,6 +252,9 @@ class Tracking:
         origin_dev = self.system.dev_dir / vg / origin
         with self._lock:
             prep = self._prepared.pop((vg, origin), None)
+            same = self._unchanged.pop((vg, origin), None)
+        if same is not None:
+            return self._plan_unchanged(ref, path, mtime, vm_uuid, vg, origin, same)
         if prep is not None:
             name, before, after = prep.name, prep.identity, prep.identity
         else:
@@ -245,6 +283,46 @@ class Tracking:
         except BaseException:
             stack.close()
             raise
+
+    def _plan_unchanged(self, ref: pools.VolumeRef, path: str, mtime: int, vm_uuid: str | None, vg: str,
+                        origin: str, base: OurLv) -> PlannedVolume:  # fmt: skip
+        """A volume that maps exactly as its base: nothing to read, every block's id from the parent's map.  Its
+        planned source is an empty memfd, never read (no region); should the parent's map not be the base's
+        (``reuse``), a snapshot is taken there and then and read in full."""
+        assert base.size is not None
+        fd = os.memfd_create("qubes-backup-unchanged", os.MFD_CLOEXEC)
+        held = contextlib.ExitStack()
+        held.callback(os.close, fd)
+        bs = int(base.tag(bases.BS) or 0)
+        t = Tracked(ref, vg, origin, base.name, base.size, fd, base=base, changed=[], block_size=bs,
+                    base_root=base.tag(bases.ROOT), vm_uuid=vm_uuid, reused=True, held=held)  # fmt: skip
+        try:
+            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, [])
+        except BaseException:
+            held.close()
+            raise
+        with self._lock:
+            self.tracked[id(f)] = t
+        return PlannedVolume(ref, f, ("lvm", vg, origin, ("unchanged", base.name)), fd, _fd_stamp(fd), held)
+
+    def _snapshot_now(self, t: Tracked, f: tarwriter.InnerFile) -> None:
+        """An unchanged volume whose base turned out not to be the parent's: a new snapshot now, read in full
+        (``f`` reads it from here on; its descriptor is closed with the planned volume)."""
+        assert t.held is not None
+        name = bases.create_next(self.system, t.vg, t.origin, t.vm_uuid, f"cannot back up {t.ref.vm}: {t.ref.label}",
+                                 self._repo)  # fmt: skip
+        t.snapshot, t.reused, t.base = name, False, None
+        try:
+            fd = pools._open_snapshot(self.system.dev_dir / t.vg / name, t.ref)
+        except BaseException:
+            self._drop(t.vg, name)
+            t.promoted = True
+            raise
+        t.held.callback(os.close, fd)
+        if os.lseek(fd, 0, os.SEEK_END) != t.size:
+            raise BackupError(f"cannot back up {t.ref.vm}: {t.ref.label} changed since the backup was planned (its "
+                              "size); run the backup again")  # fmt: skip
+        t.fd = f.fd = fd
 
     def _drop(self, vg: str, name: str) -> None:
         bases.remove(self.system, [f"{vg}/{name}"], "the change-tracking snapshot")
@@ -376,6 +454,8 @@ class Tracking:
                 t.expected = (_blocks(t.check, block_size), dict(parent_blocks))
             return None
         if not pairs:
+            if t.reused:
+                self._snapshot_now(t, f)
             t.why, t.changed = "the repository's newest snapshot is not the one its base was taken for", None
             f.regions = sparse.scan_zeros(t.fd, t.size, f.label or f.path, self._provisioned(t))
             f.data = sum(n for _, n in f.regions)
@@ -414,6 +494,16 @@ class Tracking:
         """After the root is committed and dom0's record written: the new snapshots become the bases (the old
         ones of this repository removed).  Returns warnings (the backup itself is complete)."""
         warnings = self._promote_reflink(repo_id, root_id, block_size)
+        kept = [t for t in self.tracked.values() if not t.promoted and t.reused]
+        if kept:
+            try:
+                assert self._record_root is not None  # a base is reused only when it is of dom0's recorded root
+                bases.retag(self.system, [f"{t.vg}/{t.snapshot}" for t in kept], self._record_root, root_id)
+            except BackupError as exc:
+                warnings.append(f"{exc}: the volumes are read in full next time")
+            finally:
+                for t in kept:
+                    t.promoted = True
         todo = [t for t in self.tracked.values() if not t.promoted]
         if not todo:
             return warnings
@@ -454,12 +544,12 @@ class Tracking:
         with self._lock:
             unplanned, self._prepared = list(self._prepared.items()), {}
         bases.remove(self.system, [f"{vg}/{p.name}" for (vg, _o), p in unplanned], "the change-tracking snapshots")
-        left = [t for t in self.tracked.values() if not t.promoted]
+        left = [t for t in self.tracked.values() if not t.promoted]  # a reused base stays: valid for its root
         for t in left:
             t.promoted = True
             if t.image is not None:
                 reflinkbases.remove_next(t.image)
-        bases.remove(self.system, [f"{t.vg}/{t.snapshot}" for t in left if t.image is None],
+        bases.remove(self.system, [f"{t.vg}/{t.snapshot}" for t in left if t.image is None and not t.reused],
                      "the change-tracking snapshots")  # fmt: skip
 
 

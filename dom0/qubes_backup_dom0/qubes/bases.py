@@ -87,13 +87,13 @@ def next_name(origin: str, repo_id: str | None = None) -> str:
     return f"{origin}-qbnext-{os.getpid()}"
 
 
-def list_lvs(system: System) -> tuple[list[OurLv], set[tuple[str, str]]]:
-    """Our tagged LVs and the (VG, name) of every LV, from one ``lvs``."""
+def list_lvs(system: System) -> tuple[list[OurLv], dict[tuple[str, str], OurLv]]:
+    """Our tagged LVs, and every LV (ours too) by (VG, name) with its pool, thin id and size, from one ``lvs``."""
     out = run_lvm(system, ["lvs", "--noheadings", "--units=b", "--nosuffix", "--separator=|", "-o",
                            "vg_name,lv_name,lv_tags,pool_lv,thin_id,lv_size"],
                   "cannot list logical volumes (looking for change-tracking bases)")  # fmt: skip
     ours: list[OurLv] = []
-    names: set[tuple[str, str]] = set()
+    every: dict[tuple[str, str], OurLv] = {}
     for line in out.splitlines():
         if not line.strip():
             continue
@@ -102,12 +102,13 @@ def list_lvs(system: System) -> tuple[list[OurLv], set[tuple[str, str]]]:
             continue
         vg, name, tags, pool, tid, size = parts
         size = size.removesuffix("B")
-        names.add((vg, name))
         tagset = frozenset(t for t in tags.split(",") if t)
+        lv = OurLv(vg, name, tagset, pool, int(tid) if _NUM.fullmatch(tid) else None,
+                   int(size) if _NUM.fullmatch(size) else None)  # fmt: skip
+        every[(vg, name)] = lv
         if BASE_TAG in tagset or NEXT_TAG in tagset:
-            ours.append(OurLv(vg, name, tagset, pool, int(tid) if _NUM.fullmatch(tid) else None,
-                              int(size) if _NUM.fullmatch(size) else None))  # fmt: skip
-    return ours, names
+            ours.append(lv)
+    return ours, every
 
 
 def thin_id(system: System, vg: str, lv: str) -> tuple[int, str] | None:
@@ -163,6 +164,14 @@ def promote(system: System, nexts: list[tuple[str, str]], repo_id: str, root_id:
     # nothing reads a base (thin_delta reads the pool's metadata): no dm device kept for it
     run_lvm(system, ["lvchange", "--activate=n", *(new for _, new in nexts)],
             "cannot deactivate the new change-tracking bases")  # fmt: skip
+
+
+def retag(system: System, specs: list[str], old_root: str, root_id: str) -> None:
+    """Bases kept as they are (their volume did not change, so no new snapshot was taken) become bases of root
+    ``root_id`` (one lvchange).  Killed before, they keep ``old_root``'s tag: read in full next time."""
+    if specs:
+        run_lvm(system, ["lvchange", "--deltag", f"{ROOT}{old_root}", "--addtag", f"{ROOT}{root_id}", *specs],
+                "cannot tag the unchanged change-tracking bases")  # fmt: skip
 
 
 def pool_usage(system: System, vg: str, pool: str) -> tuple[float, float] | None:
