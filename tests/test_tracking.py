@@ -220,6 +220,12 @@ def lvm_calls(sim: Sim) -> list[str]:
     return [json.loads(line)[0] for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def thin_calls(sim: Sim) -> list[str]:
+    """The sim's dmsetup / thin_dump / thin_delta calls so far (thintools.log)."""
+    log = sim.dom0 / "dev" / "thintools.log"
+    return [json.loads(line)[0] for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def test_an_unchanged_volume_keeps_its_base_and_takes_no_snapshot(tracked: tuple[Sim, RepoBackupResult],
                                                                   tmp_path: Path) -> None:  # fmt: skip
     """thin_delta between the base and the committed LV says nothing differs: no lvcreate, no lvremove, the very
@@ -237,8 +243,12 @@ def test_an_unchanged_volume_keeps_its_base_and_takes_no_snapshot(tracked: tuple
     tags = set(LvStore(sim.dom0 / "dev").info(VG, name).tags)
     assert bases.ROOT + unchanged.root in tags and bases.ROOT + first.root not in tags
     write(sim, [9 * BS + 5])
+    before, thin = len(lvm_calls(sim)), len(thin_calls(sim))
     third, t = backup(sim)
     assert t.full_reads() == [] and third.volume_read_blocks == 1
+    # the new snapshot is of the LV thin_delta just compared: its delta is that one, no second reservation
+    assert lvm_calls(sim)[before:].count("lvcreate") == 1 and thin_calls(sim)[thin:] == ["dmsetup", "thin_delta",
+                                                                                        "dmsetup"]  # fmt: skip
     assert restored(sim, tmp_path) == lv(sim).read_bytes()
     assert len(ours_raw(sim)) == 1 and ours_raw(sim) != [name]  # a new base, the old one removed
 
@@ -579,7 +589,7 @@ def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
 def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim, RepoBackupResult],
                                                               tmp_path: Path) -> None:  # fmt: skip
     """qvm-backup killed (SIGKILL, its whole process group) while thin_delta compares the new snapshot with the
-    base (the second thin_delta: the first compares the base with the committed LV, before any snapshot): its new
+    base (on a second reservation: the first thin_delta, base against the committed LV, failed): its new
     snapshot stays until the next backup starts, which removes it, keeps the base valid and still reads only
     what changed."""
     import shlex
@@ -593,8 +603,10 @@ def test_a_killed_backup_leaves_nothing_after_the_next_start(tracked: tuple[Sim,
     os.mkfifo(fifo)
     mark = tmp_path / "first-delta-ran"
     blocked = tmp_path / "second-delta-waits"
+    # the first thin_delta (base against the committed LV) fails, so the new snapshot is compared on a second
+    # reservation, where the run is killed
     gate = f'if [ -e {shlex.quote(str(mark))} ]; then : > {shlex.quote(str(blocked))}; cat ' \
-           f'{shlex.quote(str(fifo))} >/dev/null; else : > {shlex.quote(str(mark))}; fi; exec "$0" "$@"'  # fmt: skip
+           f'{shlex.quote(str(fifo))} >/dev/null; exec "$0" "$@"; fi; : > {shlex.quote(str(mark))}; exit 1'  # fmt: skip
     gated = ["sh", "-c", gate, *sim.system.thin_delta_argv]
     code = ("import sys; from qubes_backup_dom0.cli.backup import main; sys.exit(main(sys.argv[1:]))")
     env = dict(sim.env(), QUBES_THIN_DELTA=shlex.join(gated))

@@ -94,6 +94,8 @@ class Tracking:
     _prepared: dict[tuple[str, str], Prepared] = field(default_factory=dict)  # (vg, origin) ->
     _lvs: dict[tuple[str, str], OurLv] = field(default_factory=dict)  # every LV, from _start's lvs
     _unchanged: dict[tuple[str, str], OurLv] = field(default_factory=dict)  # (vg, origin) -> its base, kept
+    _against_lv: dict[tuple[str, str], tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)
+    # ^ (vg, origin) -> (the committed LV's thin id, thin_delta's ranges between the base and it)
 
     def __post_init__(self) -> None:
         owners = repostate.owners(self.system, self.location)
@@ -142,9 +144,10 @@ class Tracking:
         """Before planning, for every lvm_thin volume to be backed up (``(ref, vm uuid, live)``): first, on one
         reserved metadata snapshot per pool, thin_delta between each usable base and the committed LV itself;
         a volume that maps exactly as its base (and is not written in place) keeps that base and takes no new
-        snapshot (``_unchanged``).  Then a new snapshot of every other volume, all listed by one ``lvs`` and
-        compared with their bases on one more reservation per pool.  ``plan_volume`` uses what was prepared
-        (and does it all itself for a volume not prepared)."""
+        snapshot (``_unchanged``).  Then a new snapshot of every other volume, all listed by one ``lvs``; one that
+        is of the very LV compared (same thin id, device not replaced, not live) maps as that LV did, so its delta
+        is the one already had; the others are compared with their bases on one more reservation per pool.
+        ``plan_volume`` uses what was prepared (and does it all itself for a volume not prepared)."""
         todo: list[tuple[str, str, str, str | None, pools.VolumeRef, bool]] = []
         fresh = self._ours is None  # the lvs listing the committed LVs' thin ids comes after ``seen``
         seen: dict[tuple[str, str], pools.Identity] = {}
@@ -167,13 +170,21 @@ class Tracking:
             jobs = [workers.submit(self._snapshot, vg, origin, uuid, ref) for vg, origin, _p, uuid, ref, _l in todo]
             for job in jobs:
                 job.result()  # the first failure fails the run (close() removes what was made)
-        listed = {(lv.vg, lv.name): lv for lv in bases.list_lvs(self.system)[0]}
+        listed = bases.list_lvs(self.system)[1]
         asks: dict[tuple[str, str], list[tuple[tuple[str, str], tuple[int, int, int]]]] = {}
-        for vg, origin, pool, vm_uuid, _ref, _live in todo:
+        for vg, origin, pool, vm_uuid, _ref, live in todo:
             prep = self._prepared[(vg, origin)]
             prep.lv = listed.get((vg, prep.name))
             base, _bs, why = self._usable_base(vg, origin, pool, vm_uuid, prep.lv.size if prep.lv else None)
-            if base is not None and prep.lv is not None and prep.lv.thin_id is not None and not why:
+            known = self._against_lv.get((vg, origin))
+            committed = listed.get((vg, origin))
+            if known is not None and not live and not why and prep.lv is not None and committed is not None and \
+                    committed.thin_id == known[0] and committed.size == prep.lv.size and \
+                    prep.identity is not None and prep.identity == seen[(vg, origin)]:  # fmt: skip
+                # the snapshot is of that very LV, which was not replaced and is not written in place: it maps as
+                # the LV did when thin_delta compared it with the base
+                prep.delta, prep.asked = known[1], True
+            elif base is not None and prep.lv is not None and prep.lv.thin_id is not None and not why:
                 assert base.thin_id is not None and prep.lv.size is not None
                 asks.setdefault((vg, pool), []).append(((vg, origin), (base.thin_id, prep.lv.thin_id, prep.lv.size)))
         for (vg, pool), wanted in asks.items():
@@ -199,9 +210,13 @@ class Tracking:
                 asks.setdefault((vg, pool), []).append(((vg, origin), base, (base.thin_id, lv.thin_id, lv.size)))
         for (vg, pool), wanted in asks.items():
             answers = bases.deltas(self.system, vg, pool, [pair for _k, _b, pair in wanted])
-            for (key, base, _pair), ranges in zip(wanted, answers, strict=True):
-                if ranges == [] and pools._dev_identity(self.system.dev_dir / key[0] / key[1]) == seen[key]:
+            for (key, base, pair), ranges in zip(wanted, answers, strict=True):
+                if ranges is None or pools._dev_identity(self.system.dev_dir / key[0] / key[1]) != seen[key]:
+                    continue
+                if ranges == []:
                     self._unchanged[key] = base
+                else:
+                    self._against_lv[key] = (pair[1], ranges)
         return [item for item in todo if item[:2] not in self._unchanged]
 
     def _snapshot(self, vg: str, origin: str, vm_uuid: str | None, ref: pools.VolumeRef) -> None:
