@@ -48,6 +48,8 @@ def test_demo_says_whether_the_agent_ran_confined() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     expected = "ran confined by bubblewrap" if shutil.which("bwrap") else "ran UNCONFINED"
     assert f"The backup VM's agents (qubes.Backup, qubes.Restore) {expected}" in r.stdout, r.stdout
+    # section 6: the repository's first snapshot of work, restored beside the current one, holds the old bytes
+    assert "private volume is byte-identical to work's before the writes" in r.stdout, r.stdout
 
 
 def test_readme_names_every_prerequisite() -> None:
