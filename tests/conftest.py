@@ -21,7 +21,7 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -453,6 +453,25 @@ def assert_same_vm(src: Sim, name: str, dst: Sim, new_name: str | None = None,
     assert a.keys() == b.keys() and a, (name, a, b)
     for vol, path in a.items():
         assert_restored_like(path, b[vol])
+
+
+# ------------------------------------------------------------------------------------- repository backups
+
+def run_repo_backup(system: Any, vms: Iterable[str], repo: str = "/home/user/repo", *,
+                    passphrase: bytes = PASSPHRASE.encode(), **options: Any) -> Any:  # fmt: skip
+    """One repository backup of ``vms`` into backupvm:``repo`` as qvm-backup --repo runs it (no change tracking):
+    planned, connected, run and closed; ``options``: RepoOptions' (a weak KDF by default).  The result."""
+    from qubes_backup_dom0.backup.plan import plan_backup
+    from qubes_backup_dom0.backup.repository import RepoBackup, RepoOptions
+
+    plan = plan_backup(system, list(vms))
+    job = RepoBackup(system, plan, "backupvm", repo, RepoOptions(**{"kdf_n": 1024, **options}))
+    try:
+        job.connect()
+        return job.run(passphrase)
+    finally:
+        job.close()
+        plan.close()
 
 
 # ------------------------------------------------------------------------------------- repository restores

@@ -24,14 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Sim, new_sim, one_error_line
+from conftest import BIN, Sim, new_sim, one_error_line, run_repo_backup
 from helpers_agent import open_channel
 from qubes_backup_agent import prune as prune_mod
 from qubes_backup_agent.prune import prune_location
 from qubes_backup_agent.repository import Repository
 from qubes_backup_agent.storage import StorageError
-from qubes_backup_dom0.backup.plan import plan_backup
-from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from qubes_backup_dom0.backup.repository import RepoBackupResult
 from qubes_backup_dom0.qubes.repoclient import RepoSession
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.repository import RepoRestore
@@ -48,14 +47,7 @@ OPENING = {FrameType.MEMBER: (64, 1 << 20), FrameType.ENTRY: (64, 0), FrameType.
 
 
 def backup(sim: Sim) -> RepoBackupResult:
-    plan = plan_backup(sim.system, list(VMS))
-    job = RepoBackup(sim.system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=64 << 10))
-    try:
-        job.connect()
-        return job.run(PASS)
-    finally:
-        job.close()
-        plan.close()
+    return run_repo_backup(sim.system, VMS, REPO, passphrase=PASS, block_size=64 << 10)  # type: ignore[no-any-return]
 
 
 def change(sim: Sim, rng: random.Random) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sim, Unchanged, new_sim, one_error_line
+from conftest import Sim, Unchanged, new_sim, one_error_line, run_repo_backup
 from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes import repostate
@@ -71,18 +71,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         backup(sim, ("work", "vault"))
     shutil.copytree(w.repo, w.pristine)
     # the second repository: same passphrase, another id; dom0's record of it is dropped (another machine)
-    plan_vms = ("work",)
-    from qubes_backup_dom0.backup.plan import plan_backup
-    from qubes_backup_dom0.backup.repository import RepoBackup, RepoOptions
-
-    plan = plan_backup(sim.system, list(plan_vms))
-    job = RepoBackup(sim.system, plan, "backupvm", OTHER, RepoOptions(kdf_n=1024, block_size=64 << 10))
-    try:
-        job.connect()
-        other = job.run(PASS)
-    finally:
-        job.close()
-        plan.close()
+    other = run_repo_backup(sim.system, ("work",), OTHER, passphrase=PASS, block_size=64 << 10)
     (w.state_dir / f"{other.repo_id}.json").unlink()
     return w
 

@@ -25,9 +25,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import Sim, new_sim, run_repo_restore
-from qubes_backup_dom0.backup.plan import plan_backup
-from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from conftest import Sim, new_sim, run_repo_backup, run_repo_restore
+from qubes_backup_dom0.backup.repository import RepoBackupResult
 from qubes_backup_dom0.format.sparse import same_content, scan
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.restore.plan import RestoreOptions
@@ -147,14 +146,9 @@ class History:
     # -- backup and restore ----------------------------------------------------------------------------
 
     def backup(self) -> RepoBackupResult:
-        plan = plan_backup(self.sim.system, sorted(self.present, key=VMS.index))
-        job = RepoBackup(self.sim.system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=BS))
-        try:
-            job.connect()
-            return job.run(PASS)
-        finally:
-            job.close()
-            plan.close()
+        result: RepoBackupResult = run_repo_backup(self.sim.system, sorted(self.present, key=VMS.index), REPO,
+                                                   passphrase=PASS, block_size=BS)  # fmt: skip
+        return result
 
     def restore(self, seq: int, verify: bool) -> None:
         truth = self.truths[seq - 1]

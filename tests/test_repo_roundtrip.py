@@ -19,9 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim, run_repo_restore
-from qubes_backup_dom0.backup.plan import plan_backup
-from qubes_backup_dom0.backup.repository import RepoBackup, RepoBackupResult, RepoOptions
+from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim, run_repo_backup, run_repo_restore
+from qubes_backup_dom0.backup.repository import RepoBackupResult
 from qubes_backup_dom0.format.sparse import scan
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.repoclient import RepoSession
@@ -36,15 +35,8 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
 def backup(sim: Sim, vms: tuple[str, ...] = (*VMS, "dom0"), **kw: object) -> RepoBackupResult:
-    system = sim.system
-    plan = plan_backup(system, list(vms))
-    job = RepoBackup(system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=BS, **kw))  # type: ignore[arg-type]
-    try:
-        job.connect()
-        return job.run(PASS)
-    finally:
-        job.close()
-        plan.close()
+    result: RepoBackupResult = run_repo_backup(sim.system, vms, REPO, passphrase=PASS, **{"block_size": BS, **kw})
+    return result
 
 
 def restore(sim: Sim, snapshot: int | None, vms: tuple[str, ...], verify: bool = False) -> RepoRestore:
