@@ -147,7 +147,7 @@ class History:
     # -- backup and restore ----------------------------------------------------------------------------
 
     def backup(self) -> RepoBackupResult:
-        plan = plan_backup(self.sim.system, sorted(self.present, key=VMS.index))
+        plan = plan_backup(self.sim.system, sorted(self.present, key=VMS.index), zeros=False)  # as --repo plans
         job = RepoBackup(self.sim.system, plan, "backupvm", REPO, RepoOptions(kdf_n=1024, block_size=BS))
         try:
             job.connect()
