@@ -134,6 +134,7 @@ _Block = tuple[int, int, list[tuple[int, int, int]]]  # (block number, length, r
 _Sealed = tuple[int, int, str | None, bytearray | None]  # (block number, length, id or None: zeros, object or None)
 FRAME_BYTES = 1 << 20  # the tar is sent in DATA frames of about this size (at most MAX_DATA_FRAME)
 BATCH_BYTES = 4 << 20  # blocks read and sealed per worker task: one read of a data run, one future
+ADVISE_AHEAD = 8  # batches whose reading the kernel is asked to start before they are submitted (_advise)
 _ZERO_ARRAYS: dict[int, bytearray] = {}  # by length: bytearray == view compares with memcmp (view == view does not)
 _local = threading.local()
 
@@ -190,6 +191,28 @@ def _reader(f: InnerFile) -> tuple[Callable[[int, memoryview], None], Callable[[
             view, off = view[got:], off + got
 
     return from_fd, (lambda: os.close(source_fd)) if own else (lambda: None)
+
+
+def _advise(f: InnerFile, batch: list[_Block]) -> None:
+    """Start reading ``batch``'s data runs now (POSIX_FADV_WILLNEED: the kernel's asynchronous readahead), some
+    batches before a worker reads them: the disk keeps reading while the cores hash and seal (a worker's
+    preadv otherwise waits for its own few hundred KiB of readahead at a time).  A volume's fd only; advice
+    that fails is ignored (nothing depends on it)."""
+    fd = f.fd
+    if fd is None:
+        return
+    start = end = -1
+    for _index, _length, reads in batch:
+        for off, _in_block, n in reads:
+            if off != end:
+                if end > start:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                start = off
+            end = off + n
+    if end > start:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def file_batches(f: InnerFile, block_size: int) -> Iterator[list[_Block]]:
@@ -568,7 +591,15 @@ class RepoBackup:
 
         read, close = _reader(f)
         try:
-            for batch in file_batches(f, bs):
+            batches = file_batches(f, bs)
+            ahead = deque(itertools.islice(batches, ADVISE_AHEAD))  # advised, not yet submitted
+            for later in ahead:
+                _advise(f, later)
+            while ahead:
+                batch = ahead.popleft()
+                for later in itertools.islice(batches, 1):  # the next one, if any
+                    _advise(f, later)
+                    ahead.append(later)
                 if self.cancel.is_set():
                     raise Cancelled("backup cancelled")
                 self._read += len(batch)
