@@ -378,7 +378,7 @@ class Tracking:
             return None
         if not pairs:
             t.why, t.changed = "the repository's newest snapshot is not the one its base was taken for", None
-            f.regions = sparse.scan_zeros(t.fd, t.size, f.label or f.path, self._provisioned(t))
+            f.regions = sparse.allocated_or_scanned(t.fd, t.size, f.label or f.path, self._provisioned(t))
             f.data = sum(n for _, n in f.regions)
             return None
         read = _blocks(t.changed, block_size)

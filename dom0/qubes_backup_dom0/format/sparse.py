@@ -177,6 +177,18 @@ def data_map(fd: int, size: int, provisioned: list[tuple[int, int]] | None = Non
     return scan_fd(fd, size)
 
 
+def allocated_or_scanned(
+    fd: int, size: int, what: str = "volume", provisioned: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The regions a repository backup reads of a volume read in full: its allocation map (``data_map``), not
+    read now (the backup drops the all-zero blocks it reads); ``scan_zeros`` only where no map is known."""
+    try:
+        mapped = data_map(fd, size, provisioned)
+    except OSError as e:
+        raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+    return mapped if mapped is not None else scan_zeros(fd, size, what, provisioned)
+
+
 def scan_zeros(
     fd: int, size: int, what: str = "volume", provisioned: list[tuple[int, int]] | None = None
 ) -> list[tuple[int, int]]:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.format.sparse import data_map, scan, scan_fd, scan_zeros
+from qubes_backup_dom0.format.sparse import allocated_or_scanned, scan, scan_fd, scan_zeros
 from qubes_backup_dom0.format.tarspec import (
     BLOCK,
     DEFAULT_READ_SIZE,
@@ -91,19 +91,16 @@ class InnerFile:
         immutable state (``fd``) before writing.
 
         ``zeros=False`` (a repository backup, which drops all-zero blocks as it reads them): no zero scan, the
-        regions are the allocation map (``sparse.data_map``: provisioned ranges, SEEK_DATA), read by nobody
-        before the backup reads them; only a block device without a map is still scanned.  ``data`` is then
-        the allocated bytes, not the non-zero ones: a tar header (today's format) needs the exact regions."""
+        regions are the allocation map (provisioned ranges, SEEK_DATA: ``sparse.allocated_or_scanned``), read
+        by nobody before the backup reads them; only a block device without a map is still scanned.  ``data``
+        is then the allocated bytes, not the non-zero ones: a tar header (today's format) needs exact regions."""
         err = path_problem(path_in_archive)
         if err:
             raise BackupError(f"cannot back up {label}: archive path {path_in_archive!r}: {err}")
-        mapped = None
-        if not zeros:
-            try:
-                mapped = data_map(fd, size, provisioned)
-            except OSError as e:
-                raise BackupError(f"cannot read {label}: {e.strerror or e}") from None
-        regions = mapped if mapped is not None else scan_zeros(fd, size, label, provisioned)
+        if zeros:
+            regions = scan_zeros(fd, size, label, provisioned)
+        else:
+            regions = allocated_or_scanned(fd, size, label, provisioned)
         data = sum(n for _, n in regions)
         return cls(path_in_archive, None, "file", size, data, regions, 0o600, mtime, label=label)
 
