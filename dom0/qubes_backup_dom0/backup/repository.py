@@ -573,6 +573,7 @@ class RepoBackup:
         stored = 0
         inflight: deque[tuple[int, Future[list[_Sealed]]]] = deque()
         depth = self.options.workers + 2
+        total = self.plan.data if self.progress is not None else 0  # a sum over every file: not per batch
 
         def collect() -> None:
             nonlocal stored
@@ -587,19 +588,14 @@ class RepoBackup:
                     self._emit(keys, repo.DATA, b"", (), oid, sealed)
             self._done += nread
             if self.progress is not None:
-                self.progress(min(self._done, self.plan.data), self.plan.data)
+                self.progress(min(self._done, total), total)
 
         read, close = _reader(f)
         try:
             batches = file_batches(f, bs)
-            ahead = deque(itertools.islice(batches, ADVISE_AHEAD))  # advised, not yet submitted
-            for later in ahead:
-                _advise(f, later)
+            ahead = deque(itertools.islice(batches, 1))  # the batches to submit next (all but the first advised)
             while ahead:
                 batch = ahead.popleft()
-                for later in itertools.islice(batches, 1):  # the next one, if any
-                    _advise(f, later)
-                    ahead.append(later)
                 if self.cancel.is_set():
                     raise Cancelled("backup cancelled")
                 self._read += len(batch)
@@ -607,6 +603,9 @@ class RepoBackup:
                     raise BackupError(f"internal error: a block of {f.label or f.path} both read and reused")
                 nread = sum(n for _i, _l, reads in batch for _f, _o, n in reads)
                 inflight.append((nread, pool.submit(self._seal_batch, keys, read, batch, known)))
+                for later in itertools.islice(batches, ADVISE_AHEAD - len(ahead)):  # after the submission
+                    _advise(f, later)
+                    ahead.append(later)
                 while len(inflight) > depth:
                     collect()
             while inflight:
