@@ -1,8 +1,10 @@
 """A backup into a repository (docs/REPOSITORY.md section 7): a complete snapshot that sends only what the
 repository does not hold yet, as far as dom0 verified.
 
-The plan is ``backup.plan``'s (VMs in restore order, each volume's committed state opened and scanned for
-holes and zero runs, held until it is read).  Then, with the repository's session open:
+The plan is ``backup.plan``'s (VMs in restore order, each volume's committed state opened and held until it is
+read; planned with ``zeros=False``: a volume read in full is not scanned for zero runs first, its allocation map
+says what to read and the all-zero blocks are dropped here as they are read).  Then, with the repository's
+session open:
 
 1. the newest root is fetched and verified, and checked against dom0's record (repostate) or ``--expect-root``:
    a repository behind dom0's record, a fork or another repository at the same place is refused;
@@ -12,8 +14,9 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
    encrypted and MACed into an object: worker threads take batches of up to BATCH_BYTES, read each run of
-   data with one read into a buffer of their own, and hand back ids and objects; the objects go to the
-   agent in DATA frames of about FRAME_BYTES; segments, file lists and the qubes.xml subset likewise;
+   data with one read into a buffer of their own (the kernel asked to read ADVISE_AHEAD batches ahead), and
+   hand back ids and objects; the objects go to the agent in DATA frames of about FRAME_BYTES; segments,
+   file lists and the qubes.xml subset likewise;
 4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
    unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
    parent's for them (``carry``);
