@@ -458,13 +458,14 @@ def assert_same_vm(src: Sim, name: str, dst: Sim, new_name: str | None = None,
 # ------------------------------------------------------------------------------------- repository backups
 
 def run_repo_backup(system: Any, vms: Iterable[str], repo: str = "/home/user/repo", *,
-                    passphrase: bytes = PASSPHRASE.encode(), **options: Any) -> Any:  # fmt: skip
-    """One repository backup of ``vms`` into backupvm:``repo`` as qvm-backup --repo runs it (no change tracking):
-    planned, connected, run and closed; ``options``: RepoOptions' (a weak KDF by default).  The result."""
+                    passphrase: bytes = PASSPHRASE.encode(), zeros: bool = False, **options: Any) -> Any:  # fmt: skip
+    """One repository backup of ``vms`` into backupvm:``repo`` as qvm-backup --repo runs it (no change tracking;
+    planned without the zero scan unless ``zeros``): planned, connected, run and closed; ``options``:
+    RepoOptions' (a weak KDF by default).  The result."""
     from qubes_backup_dom0.backup.plan import plan_backup
     from qubes_backup_dom0.backup.repository import RepoBackup, RepoOptions
 
-    plan = plan_backup(system, list(vms))
+    plan = plan_backup(system, list(vms), zeros=zeros)
     job = RepoBackup(system, plan, "backupvm", repo, RepoOptions(**{"kdf_n": 1024, **options}))
     try:
         job.connect()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim, run_repo_backup, run_repo_restore
 from qubes_backup_dom0.backup.repository import RepoBackupResult
-from qubes_backup_dom0.format.sparse import scan
+from qubes_backup_dom0.format.sparse import same_content, scan
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.repoclient import RepoSession
 from qubes_backup_dom0.restore.plan import RestoreOptions
@@ -34,8 +34,9 @@ BS = 64 << 10
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
 
 
-def backup(sim: Sim, vms: tuple[str, ...] = (*VMS, "dom0"), **kw: object) -> RepoBackupResult:
-    result: RepoBackupResult = run_repo_backup(sim.system, vms, REPO, passphrase=PASS, **{"block_size": BS, **kw})
+def backup(sim: Sim, vms: tuple[str, ...] = (*VMS, "dom0"), zeros: bool = False, **kw: object) -> RepoBackupResult:
+    result: RepoBackupResult = run_repo_backup(sim.system, vms, REPO, passphrase=PASS, zeros=zeros,
+                                               **{"block_size": BS, **kw})  # fmt: skip
     return result
 
 
@@ -218,6 +219,42 @@ def test_a_changed_block_sends_that_block_and_its_map_part(repo_sim: Sim) -> Non
     r = backup(sim)
     # one data block, its segment, work's file list, qubes.xml, the root
     assert r.blocks == 1 and r.changed == ["work"] and r.objects <= 5, r
+
+
+def test_allocation_map_or_zero_scan_give_the_same_snapshot(repo_sim: Sim, tmp_path: Path) -> None:
+    """Planned from the allocation map (no zero scan: zero blocks dropped as they are read) or from the exact
+    regions of a zero scan, a volume is stored as the same blocks (the same file list), its zeros restored as
+    holes; only the blocks read differ (the allocated zero blocks)."""
+    sim = repo_sim
+    path = sim.volume_files("work")["private"]
+    new = path.with_name("new")
+    copy_sparse(path, new)
+    rng = random.Random(9)
+    with open(new, "r+b") as f:
+        os.pwrite(f.fileno(), bytes(6 * BS), 20 * BS)  # allocated, all zeros: a hole to the backup
+        os.pwrite(f.fileno(), rng.randbytes(BS), 30 * BS)
+        os.pwrite(f.fileno(), bytes(BS // 2), 30 * BS + BS // 4)  # a zero run inside a block with data
+        os.pwrite(f.fileno(), rng.randbytes(100) + bytes(3 * BS), 31 * BS + 7)  # data, then zero blocks
+    os.rename(new, path)
+    scanned = backup(sim, ("work",), zeros=True)
+    mapped = backup(sim, ("work",))
+    assert mapped.changed == [] and mapped.blocks == 0 and mapped.objects <= 2, mapped
+    assert mapped.volume_read_blocks >= scanned.volume_read_blocks + 6 + 2
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    os.link(path, truth / "private")
+    job = restore(sim, None, ("work",))
+    assert job.restore_plan is not None
+    try:
+        (restored,) = [a.target_name for a in job.restore_plan.vms if a.restore]
+        got = sim.volume_files(restored)["private"]
+        assert same_content(truth / "private", got)
+        _size, regions = scan(got)
+        allocated = {i for off, n in regions for i in range(off // BS, (off + n - 1) // BS + 1)}
+        assert {30, 31} <= allocated and not allocated & {20, 21, 22, 23, 24, 25, 32, 33}
+    finally:
+        for name in job.restored:
+            Qubes(sim.system).remove_vm(name)
 
 
 def test_identical_blocks_stored_once(repo_sim: Sim) -> None:

@@ -5,6 +5,7 @@ one that compresses well."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import tarfile
 from pathlib import Path
@@ -70,6 +71,39 @@ def test_batches_read_what_the_regions_say(tmp_path_factory: object, data: st.Da
         backup_repo.BATCH_BYTES = old_batch
         close()
     assert got == _blocks_one_by_one(content, regions, bs)
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_readahead_advice_covers_exactly_what_a_batch_reads(data: st.DataObject) -> None:
+    """The ranges dom0 asks the kernel to read ahead (POSIX_FADV_WILLNEED) are the batch's data runs, merged
+    where they touch: every byte the batch reads, nothing else."""
+    bs = 64 << 10
+    size = data.draw(st.integers(1, 9 * bs + 1000))
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, size), max_size=12))))
+    regions = [(a, b - a) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if b > a]
+    f = InnerFile("vol.img", None, "file", size, sum(n for _, n in regions), regions, fd=-1)
+    advised: list[tuple[int, int]] = []
+    original = os.posix_fadvise
+
+    def record(fd: int, off: int, n: int, advice: int) -> None:
+        assert fd == -1 and advice == os.POSIX_FADV_WILLNEED
+        advised.append((off, n))
+
+    old_batch = backup_repo.BATCH_BYTES
+    try:
+        os.posix_fadvise = record
+        backup_repo.BATCH_BYTES = data.draw(st.sampled_from([bs, 3 * bs, 4 << 20]))
+        for batch in backup_repo.file_batches(f, bs):
+            advised.clear()
+            backup_repo._advise(f, batch)
+            wanted = {pos for _i, _l, reads in batch for off, _b, n in reads for pos in range(off, off + n)}
+            got = [pos for off, n in advised for pos in range(off, off + n)]
+            assert len(got) == len(set(got)) and set(got) == wanted
+            assert all(a + n < b for (a, n), (b, _m) in itertools.pairwise(advised))  # merged, in order
+    finally:
+        os.posix_fadvise = original
+        backup_repo.BATCH_BYTES = old_batch
 
 
 def test_incompressible_probe_only_skips_what_does_not_compress() -> None:

@@ -220,14 +220,15 @@ def _fd_stamp(fd: int) -> tuple[int, int]:
 
 
 def _plan_volume(
-    system: System, ref: pools.VolumeRef, path: str, mtime: int, remover: pools.SnapshotRemover
+    system: System, ref: pools.VolumeRef, path: str, mtime: int, remover: pools.SnapshotRemover,
+    zeros: bool = True,
 ) -> PlannedVolume:
-    """Open the committed state of ``ref``, scan it for holes and zero runs, and keep it open (its snapshot
-    goes to ``remover`` when released)."""
+    """Open the committed state of ``ref``, scan it for holes and zero runs (``zeros=False``: its allocation
+    map only, see ``InnerFile.from_fd``), and keep it open (its snapshot goes to ``remover`` when released)."""
     stack = contextlib.ExitStack()
     try:
         c = stack.enter_context(pools.committed(system, ref, remover))
-        f = tarwriter.InnerFile.from_fd(path, c.fd, c.size, ref.label, mtime, c.provisioned)
+        f = tarwriter.InnerFile.from_fd(path, c.fd, c.size, ref.label, mtime, c.provisioned, zeros)
         return PlannedVolume(ref, f, c.identity, c.fd, _fd_stamp(c.fd), stack)
     except BaseException:
         stack.close()
@@ -259,7 +260,7 @@ def _volume_refs(collection: Collection, dom: Domain, state: str) -> Iterator[tu
 
 def _vm_files(
     system: System, qubes: Qubes, collection: Collection, dom: Domain, state: str, mtime: int,
-    archive: PlannedArchive, planner: VolumePlanner | None = None,
+    archive: PlannedArchive, planner: VolumePlanner | None = None, zeros: bool = True,
 ) -> list[tarwriter.InnerFile]:  # fmt: skip
     """DIR/firewall.xml, DIR/notes.txt (when there are notes), then DIR/VOL.img for each save_on_stop volume
     (the small files first: a restore applies the firewall before the VM's data arrives, as Qubes' does).
@@ -276,7 +277,7 @@ def _vm_files(
         if vol.attrib.get("revisions_to_keep") == "-1":
             archive.live.append(vol.name)
         pv = planner.plan_volume(ref, f"{vm_dir}/{vol.name}.img", mtime, dom.uuid) if planner else None
-        pv = pv or _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime, remover)
+        pv = pv or _plan_volume(system, ref, f"{vm_dir}/{vol.name}.img", mtime, remover, zeros)
         archive.volumes.append(pv)
         files.append(pv.file)
     return files
@@ -338,10 +339,12 @@ def _home_files(system: System, skipped: list[str]) -> list[tarwriter.InnerFile]
 
 def plan_backup(
     system: System, vm_names: Iterable[str] = (), exclude: Iterable[str] = (), qubes: Qubes | None = None,
-    planner: VolumePlanner | None = None,
+    planner: VolumePlanner | None = None, zeros: bool = True,
 ) -> BackupPlan:
     """Decide what goes into the backup: named VMs, or every VM with include_in_backups (asked of qubesd);
-    ``planner``: change tracking's way of opening volumes (repository backups)."""
+    ``planner``: change tracking's way of opening volumes (repository backups); ``zeros=False``: volumes are
+    not scanned for zero runs, their allocation maps are their regions (repository backups: the writer drops
+    all-zero blocks as it reads them; ``InnerFile.from_fd``), so ``data`` counts allocated bytes."""
     qubes = qubes if qubes is not None else Qubes(system)
     vm_states = qubes.vm_list()
     exclude = set(exclude)
@@ -380,7 +383,7 @@ def plan_backup(
                 state = vm_states[dom.name][1]
                 archive.running = state != "Halted"
                 jobs.append((archive, pool.submit(_vm_files, system, qubes, collection, dom, state, mtime,
-                                                  archive, planner)))  # fmt: skip
+                                                  archive, planner, zeros)))  # fmt: skip
             for archive, job in jobs:
                 archive.files = job.result()
         if not plan.archives:

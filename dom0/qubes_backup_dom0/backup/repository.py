@@ -1,8 +1,10 @@
 """A backup into a repository (docs/REPOSITORY.md section 7): a complete snapshot that sends only what the
 repository does not hold yet, as far as dom0 verified.
 
-The plan is ``backup.plan``'s (VMs in restore order, each volume's committed state opened and scanned for
-holes and zero runs, held until it is read).  Then, with the repository's session open:
+The plan is ``backup.plan``'s (VMs in restore order, each volume's committed state opened and held until it is
+read; planned with ``zeros=False``: a volume read in full is not scanned for zero runs first, its allocation map
+says what to read and the all-zero blocks are dropped here as they are read).  Then, with the repository's
+session open:
 
 1. the newest root is fetched and verified, and checked against dom0's record (repostate) or ``--expect-root``:
    a repository behind dom0's record, a fork or another repository at the same place is refused;
@@ -12,8 +14,9 @@ holes and zero runs, held until it is read).  Then, with the repository's sessio
 3. every file is cut into fixed blocks (the repository's block size); a block without data is a hole, never
    stored; every other block gets its keyed id and, unless the parent or this run has it, is compressed,
    encrypted and MACed into an object: worker threads take batches of up to BATCH_BYTES, read each run of
-   data with one read into a buffer of their own, and hand back ids and objects; the objects go to the
-   agent in DATA frames of about FRAME_BYTES; segments, file lists and the qubes.xml subset likewise;
+   data with one read into a buffer of their own (the kernel asked to read ADVISE_AHEAD batches ahead), and
+   hand back ids and objects; the objects go to the agent in DATA frames of about FRAME_BYTES; segments,
+   file lists and the qubes.xml subset likewise;
 4. the archives of the parent this run does not read (not named, or the VM is gone) are carried forward
    unchanged (their verified file lists referenced), unless ``--forget``; the qubes.xml subset merges the
    parent's for them (``carry``);
@@ -134,6 +137,7 @@ _Block = tuple[int, int, list[tuple[int, int, int]]]  # (block number, length, r
 _Sealed = tuple[int, int, str | None, bytearray | None]  # (block number, length, id or None: zeros, object or None)
 FRAME_BYTES = 1 << 20  # the tar is sent in DATA frames of about this size (at most MAX_DATA_FRAME)
 BATCH_BYTES = 4 << 20  # blocks read and sealed per worker task: one read of a data run, one future
+ADVISE_AHEAD = 8  # batches whose reading the kernel is asked to start before they are submitted (_advise)
 _ZERO_ARRAYS: dict[int, bytearray] = {}  # by length: bytearray == view compares with memcmp (view == view does not)
 _local = threading.local()
 
@@ -190,6 +194,28 @@ def _reader(f: InnerFile) -> tuple[Callable[[int, memoryview], None], Callable[[
             view, off = view[got:], off + got
 
     return from_fd, (lambda: os.close(source_fd)) if own else (lambda: None)
+
+
+def _advise(f: InnerFile, batch: list[_Block]) -> None:
+    """Start reading ``batch``'s data runs now (POSIX_FADV_WILLNEED: the kernel's asynchronous readahead), some
+    batches before a worker reads them: the disk keeps reading while the cores hash and seal (a worker's
+    preadv otherwise waits for its own few hundred KiB of readahead at a time).  A volume's fd only; advice
+    that fails is ignored (nothing depends on it)."""
+    fd = f.fd
+    if fd is None:
+        return
+    start = end = -1
+    for _index, _length, reads in batch:
+        for off, _in_block, n in reads:
+            if off != end:
+                if end > start:
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+                start = off
+            end = off + n
+    if end > start:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
 
 
 def file_batches(f: InnerFile, block_size: int) -> Iterator[list[_Block]]:
@@ -550,6 +576,7 @@ class RepoBackup:
         stored = 0
         inflight: deque[tuple[int, Future[list[_Sealed]]]] = deque()
         depth = self.options.workers + 2
+        total = self.plan.data if self.progress is not None else 0  # a sum over every file: not per batch
 
         def collect() -> None:
             nonlocal stored
@@ -564,11 +591,14 @@ class RepoBackup:
                     self._emit(keys, repo.DATA, b"", (), oid, sealed)
             self._done += nread
             if self.progress is not None:
-                self.progress(min(self._done, self.plan.data), self.plan.data)
+                self.progress(min(self._done, total), total)
 
         read, close = _reader(f)
         try:
-            for batch in file_batches(f, bs):
+            batches = file_batches(f, bs)
+            ahead = deque(itertools.islice(batches, 1))  # the batches to submit next (all but the first advised)
+            while ahead:
+                batch = ahead.popleft()
                 if self.cancel.is_set():
                     raise Cancelled("backup cancelled")
                 self._read += len(batch)
@@ -576,6 +606,9 @@ class RepoBackup:
                     raise BackupError(f"internal error: a block of {f.label or f.path} both read and reused")
                 nread = sum(n for _i, _l, reads in batch for _f, _o, n in reads)
                 inflight.append((nread, pool.submit(self._seal_batch, keys, read, batch, known)))
+                for later in itertools.islice(batches, ADVISE_AHEAD - len(ahead)):  # after the submission
+                    _advise(f, later)
+                    ahead.append(later)
                 while len(inflight) > depth:
                     collect()
             while inflight:

@@ -288,7 +288,8 @@ class Tracking:
             t = Tracked(ref, vg, origin, name, os.lseek(fd, 0, os.SEEK_END), fd, vm_uuid=vm_uuid)
             self._decide(t, pool, vm_uuid, prep)
             scan = t.changed if t.changed is not None else self._provisioned(t)
-            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, scan)
+            # read in full: the allocation map, no zero scan (the writer drops zero blocks); a delta: scanned
+            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, scan, zeros=t.changed is not None)
             stack.pop_all()
             held = contextlib.ExitStack()
             held.callback(os.close, fd)
@@ -411,7 +412,7 @@ class Tracking:
         t = Tracked(ref, "", "", "", st.st_size, fd, vm_uuid=vm_uuid, image=next_image, pool_dir=pool_dir)
         try:
             self._decide_reflink(t)
-            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, t.changed)
+            f = tarwriter.InnerFile.from_fd(path, fd, t.size, ref.label, mtime, t.changed, zeros=t.changed is not None)
         except BaseException:
             os.close(fd)
             reflinkbases.remove_next(next_image)
@@ -472,7 +473,7 @@ class Tracking:
             if t.reused:
                 self._snapshot_now(t, f)
             t.why, t.changed = "the repository's newest snapshot is not the one its base was taken for", None
-            f.regions = sparse.scan_zeros(t.fd, t.size, f.label or f.path, self._provisioned(t))
+            f.regions = sparse.allocated_or_scanned(t.fd, t.size, f.label or f.path, self._provisioned(t))
             f.data = sum(n for _, n in f.regions)
             return None
         read = _blocks(t.changed, block_size)

@@ -190,7 +190,7 @@ def run_backup(args: argparse.Namespace, summary: Callable[[BackupPlan, bool], s
         raise UsageError("nothing to back up: the VMs to include match no VM")
     tracking = Tracking(system, f"{vm}:{args.repo}", rescan=args.rescan)
     try:
-        plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes, planner=tracking)
+        plan = plan_backup(system, vms, resolve(qubes, args.exclude), qubes=qubes, planner=tracking, zeros=False)
         try:
             return _backup(args, system, plan, vm, options, summary, profile, tracking)
         finally:

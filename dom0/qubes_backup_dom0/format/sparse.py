@@ -166,6 +166,29 @@ def _split_even(regions: list[tuple[int, int]], parts: int) -> list[list[tuple[i
     return [p for p in out if p]
 
 
+def data_map(fd: int, size: int, provisioned: list[tuple[int, int]] | None = None) -> list[tuple[int, int]] | None:
+    """Where an open file or block device of apparent ``size`` may hold data, known without reading it:
+    ``provisioned`` (a thin LV's map) when given, else the SEEK_DATA/SEEK_HOLE map of a regular file; None for
+    a block device without a map (all of it reads as data: only ``scan_zeros`` finds its zeros)."""
+    if provisioned is not None:
+        return provisioned
+    if reads_as_block_device(fd):
+        return None
+    return scan_fd(fd, size)
+
+
+def allocated_or_scanned(
+    fd: int, size: int, what: str = "volume", provisioned: list[tuple[int, int]] | None = None
+) -> list[tuple[int, int]]:
+    """The regions a repository backup reads of a volume read in full: its allocation map (``data_map``), not
+    read now (the backup drops the all-zero blocks it reads); ``scan_zeros`` only where no map is known."""
+    try:
+        mapped = data_map(fd, size, provisioned)
+    except OSError as e:
+        raise BackupError(f"cannot read {what}: {e.strerror or e}") from None
+    return mapped if mapped is not None else scan_zeros(fd, size, what, provisioned)
+
+
 def scan_zeros(
     fd: int, size: int, what: str = "volume", provisioned: list[tuple[int, int]] | None = None
 ) -> list[tuple[int, int]]:

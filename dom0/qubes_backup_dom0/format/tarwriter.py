@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Protocol
 
 from qubes_backup_dom0.errors import BackupError
-from qubes_backup_dom0.format.sparse import scan, scan_fd, scan_zeros
+from qubes_backup_dom0.format.sparse import allocated_or_scanned, scan, scan_fd, scan_zeros
 from qubes_backup_dom0.format.tarspec import (
     BLOCK,
     DEFAULT_READ_SIZE,
@@ -85,14 +85,22 @@ class InnerFile:
 
     @classmethod
     def from_fd(cls, path_in_archive: str, fd: int, size: int, label: str, mtime: int = 0,
-                provisioned: list[tuple[int, int]] | None = None) -> InnerFile:  # fmt: skip
+                provisioned: list[tuple[int, int]] | None = None, zeros: bool = True) -> InnerFile:  # fmt: skip
         """A volume read through ``fd`` (apparent ``size``; only its ``provisioned`` ranges when known), scanned
         for holes and all-zero runs.  The returned entry has no source: the backup attaches an fd of the same
-        immutable state (``fd``) before writing."""
+        immutable state (``fd``) before writing.
+
+        ``zeros=False`` (a repository backup, which drops all-zero blocks as it reads them): no zero scan, the
+        regions are the allocation map (provisioned ranges, SEEK_DATA: ``sparse.allocated_or_scanned``), read
+        by nobody before the backup reads them; only a block device without a map is still scanned.  ``data``
+        is then the allocated bytes, not the non-zero ones: a tar header (today's format) needs exact regions."""
         err = path_problem(path_in_archive)
         if err:
             raise BackupError(f"cannot back up {label}: archive path {path_in_archive!r}: {err}")
-        regions = scan_zeros(fd, size, label, provisioned)
+        if zeros:
+            regions = scan_zeros(fd, size, label, provisioned)
+        else:
+            regions = allocated_or_scanned(fd, size, label, provisioned)
         data = sum(n for _, n in regions)
         return cls(path_in_archive, None, "file", size, data, regions, 0o600, mtime, label=label)
 
