@@ -264,3 +264,18 @@ def test_cli_one_line_exit_3(w: World) -> None:
     assert r.returncode == 3, r.stderr
     assert "older than snapshot 3" in one_error_line(r.stderr)
     before.check()
+
+
+@pytest.mark.parametrize(("mode", "words"), [("reply", "injected failure"), ("stop-reading", "stopped reading")],
+                         ids=["error-reply", "broken-pipe"])  # fmt: skip
+def test_failed_import_mid_restore_rolls_back(w: World, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                              words: str) -> None:  # fmt: skip
+    """The volume imports run on the restore's writing thread: one that fails (qubesd's error reply, or the
+    service stops reading) fails the restore with its one line, and nothing created is left."""
+    monkeypatch.setenv("QUBES_SIM_IMPORT_FAIL", mode)  # every import (the VMs are restored under new names)
+    before = Unchanged(w.sim)
+    with pytest.raises(BackupError) as info:
+        restore(w)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("import of volume") and words in message, message
+    before.check()

@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from lxml import etree
 from qubes_backup_protocol import repo as names
@@ -36,6 +37,7 @@ from qubes_backup_dom0.restore import risk
 from qubes_backup_dom0.restore.apply import Applier, Leftovers, clean_leftovers, find_leftovers
 from qubes_backup_dom0.restore.extract import ArchiveTarget
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan, TargetSystem, plan_restore
+from qubes_backup_dom0.restore.writer import Writer
 
 ProgressCallback = Callable[[int, int], None]
 CACHE_LIMIT = 64 << 20  # plaintext of blocks that recur later in the same file, kept instead of fetched again
@@ -98,6 +100,7 @@ class RepoRestore:
         self._opening: tuple[bytes, bytes] | None = None
         self._done = 0
         self._total = 0  # the plan's data (a sum over every file: computed once, not per block)
+        self._writer: Writer | None = None  # the sinks' writing thread while the blocks are fetched
 
     @property
     def where(self) -> str:
@@ -263,19 +266,11 @@ class RepoRestore:
                     raise BackupError(risk.managers_error(managers))
                 self.applier = Applier(self.qubes, plan, self.system.home_dir)
                 self.applier.create_all()
-            verified: dict[str, int] = {}
             self._total = plan.data
-            for archive in plan.wanted:
-                tree = chosen.trees[archive.member]
-                target = self.applier.target_for(archive) if self.applier is not None else ArchiveTarget()
-                if archive.kind == "home" and target.dest is not None:
-                    self._restore_home(tree, target)
-                    continue
-                for tf in tree.files:
-                    sink = None
-                    if target.sinks is not None and tf.type == "file":
-                        sink = target.sinks(InnerFile(tf.path, type="file", size=tf.size, data=tf.data))
-                    self._restore_file(tf, sink, verified if sink is None else None)
+            self._writer = Writer()
+            self._restore_archives(plan, chosen)
+            self._writer.drain()
+            self._writer.close()
             if self.progress is not None and plan.data:
                 self.progress(plan.data, plan.data)
             if self.applier is not None:
@@ -284,10 +279,41 @@ class RepoRestore:
                 self.home_restored_to = self.applier.home_restored_to
                 self.warnings += self.applier.warnings
         except BaseException:
+            self._stop_writer()
             self._fail()
             raise
         finally:
             self._end_session()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _stop_writer(self) -> None:
+        """After a failure: the writing thread drops what is queued and ends (its write under way, if any, as
+        soon as the imports are aborted) before anything is rolled back."""
+        if self._writer is None:
+            return
+        self._writer.stop()
+        if self.applier is not None:
+            self.applier.abort_imports()
+        self._writer.join()
+
+    def _restore_archives(self, plan: RestorePlan, chosen: Chosen) -> None:
+        """Every wanted archive's files: fetched and opened here, written by the writing thread."""
+        assert self._writer is not None
+        verified: dict[str, int] = {}
+        for archive in plan.wanted:
+            tree = chosen.trees[archive.member]
+            target = self.applier.target_for(archive) if self.applier is not None else ArchiveTarget()
+            if archive.kind == "home" and target.dest is not None:
+                self._writer.drain()
+                self._restore_home(tree, target)
+                continue
+            for tf in tree.files:
+                sink = None
+                if target.sinks is not None and tf.type == "file":
+                    sink = target.sinks(InnerFile(tf.path, type="file", size=tf.size, data=tf.data))
+                self._restore_file(tf, sink, verified if sink is None else None)
 
     def _count(self, n: int) -> None:
         self._done += n
@@ -318,10 +344,12 @@ class RepoRestore:
             for opened in self.reader.fetch(wants):
                 self._count(len(opened.plaintext))
             return
+        writer = self._writer
+        assert writer is not None
         for index, plain in self._blocks_in_order(tf, blocks):
-            sink.write_at(index * bs, memoryview(plain))
+            writer.put(partial(sink.write_at, index * bs, memoryview(plain)), len(plain))
             self._count(len(plain))
-        sink.finish(tf.size)
+        writer.put(partial(sink.finish, tf.size))
 
     def _blocks_in_order(self, tf: repotree.TreeFile, blocks: list[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
         """(block number, plaintext) in block order; an object that recurs later in the file is kept (up to
