@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-WRITE_AHEAD = 16 << 20  # plaintext queued for the writing thread
+WRITE_AHEAD = 32 << 20  # plaintext queued for the writing thread (it waits on holes: the import takes their zeros)
 
 
 class WriterStopped(Exception):
