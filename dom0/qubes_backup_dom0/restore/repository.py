@@ -41,6 +41,7 @@ from qubes_backup_dom0.restore.writer import Writer
 
 ProgressCallback = Callable[[int, int], None]
 CACHE_LIMIT = 64 << 20  # plaintext of blocks that recur later in the same file, kept instead of fetched again
+STREAM_BLOCKS = 1 << 17  # files asked for as one stream (their maps held at once): 32 GiB of 256 KiB blocks
 
 
 @dataclass(frozen=True)
@@ -300,25 +301,35 @@ class RepoRestore:
 
     def _restore_archives(self, plan: RestorePlan, chosen: Chosen) -> None:
         """Every wanted archive's files: fetched and opened here, written by the writing thread.  The files of
-        consecutive VM archives are one stream of requests (the pipeline does not drain between files);
-        dom0's home is restored on its own, after everything before it was written."""
-        assert self._writer is not None
+        consecutive VM archives are one stream of requests (the pipeline does not drain between files), up
+        to STREAM_BLOCKS blocks; dom0's home is restored on its own, after everything before it was written."""
+        assert self._writer is not None and self.reader is not None
         if self.applier is None:  # verified only
             verified: dict[str, int] = {}
             for archive in plan.wanted:
                 for tf in chosen.trees[archive.member].files:
                     self._verify_file(tf, verified)
             return
-        group: list[manifest_mod.ArchiveEntry] = []
+        targets: dict[int, ArchiveTarget] = {}  # by id(archive): each archive's target made once
+        stream: list[tuple[manifest_mod.ArchiveEntry, repotree.TreeFile]] = []
+        blocks = 0
         for archive in plan.wanted:
             if archive.kind == "home":
-                self._stream(group, chosen)
-                group = []
+                self._stream(stream, targets)
+                stream, blocks = [], 0
                 self._writer.drain()
                 self._restore_home(chosen.trees[archive.member], self.applier.target_for(archive))
-            else:
-                group.append(archive)
-        self._stream(group, chosen)
+                continue
+            for tf in chosen.trees[archive.member].files:
+                if tf.type != "file":
+                    continue
+                n = -(-tf.data // self.reader.block_size)
+                if stream and blocks + n > STREAM_BLOCKS:
+                    self._stream(stream, targets)
+                    stream, blocks = [], 0
+                stream.append((archive, tf))
+                blocks += n
+        self._stream(stream, targets)
 
     def _count(self, n: int) -> None:
         self._done += n
@@ -353,18 +364,19 @@ class RepoRestore:
         bs = self.reader.block_size
         return [map_blocks(tf, [blocks[sid] for _, sid in tf.segments], bs) for tf in files]
 
-    def _stream(self, archives: list[manifest_mod.ArchiveEntry], chosen: Chosen) -> None:
-        """The regular files of ``archives`` in order, each into its sink (created when its turn comes; a
-        file without one is verified and dropped), their blocks fetched as one stream."""
+    def _stream(self, files: list[tuple[manifest_mod.ArchiveEntry, repotree.TreeFile]],
+                targets: dict[int, ArchiveTarget]) -> None:  # fmt: skip
+        """Regular ``files`` in order, each into its sink (created when its turn comes; a file without one is
+        verified and dropped), their blocks fetched as one stream."""
         assert self.reader is not None and self.applier is not None and self._writer is not None
-        files = [(a, tf) for a in archives for tf in chosen.trees[a.member].files if tf.type == "file"]
-        steps = [_steps(tf, blocks, self.reader.block_size)
-                 for (_, tf), blocks in zip(files, self._maps([tf for _, tf in files]), strict=True)]  # fmt: skip
+        if not files:
+            return
         bs = self.reader.block_size
+        steps = [_steps(tf, blocks, bs) for (_, tf), blocks in zip(files, self._maps([tf for _, tf in files]),
+                                                                    strict=True)]  # fmt: skip
         fetched = self.reader.fetch(Want(did, repo.DATA, block_length(tf, index, bs))
                                     for (_, tf), plan in zip(files, steps, strict=True)
                                     for index, did, fetch, _ in plan if fetch)  # fmt: skip
-        targets: dict[int, ArchiveTarget] = {}
         writer = self._writer
         for (archive, tf), plan in zip(files, steps, strict=True):
             target = targets.get(id(archive))
