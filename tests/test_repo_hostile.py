@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sim, Unchanged, new_sim, one_error_line
+from conftest import BIN, Sim, Unchanged, new_sim, one_error_line
 from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes import repostate
@@ -278,4 +281,31 @@ def test_failed_import_mid_restore_rolls_back(w: World, monkeypatch: pytest.Monk
         restore(w)
     message = str(info.value)
     assert "\n" not in message and message.startswith("import of volume") and words in message, message
+    before.check()
+
+
+def test_interrupted_mid_import_rolls_back(w: World) -> None:
+    """SIGTERM while the writing thread is blocked on an import that stopped reading (the receiving thread
+    waiting for room in its queue): exit 130, one line, the imports aborted, nothing created is left."""
+    before = Unchanged(w.sim)
+    env = {**w.sim.env(), "QUBES_SIM_IMPORT_FAIL": "stall", "QUBES_BACKUP_IMPORT_GRACE": "1"}
+    argv = [str(BIN / "qvm-backup-restore"), "-y", "-p", "/pw", "-d", "backupvm", "--repo", REPO,
+            "--rename-conflicting", "work", "vault"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(w.sim.dom0.rglob("*-import*")):  # an import began (its -import volume exists)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no import began"
+            time.sleep(0.02)
+        time.sleep(0.5)  # the stalled import's pipe fills, the writing thread blocks on it
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert one_error_line(err).endswith("interrupted"), err
     before.check()
