@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Sim, Unchanged, new_sim, one_error_line, run_repo_backup
+from conftest import BIN, Sim, Unchanged, new_sim, one_error_line, run_repo_backup
 from qubes_backup_dom0.errors import BackupError, VerificationError
 from qubes_backup_dom0.format import repo
 from qubes_backup_dom0.qubes import repostate
@@ -252,4 +255,46 @@ def test_cli_one_line_exit_3(w: World) -> None:
     r = w.sim.restore("-d", "backupvm", "--repo", REPO, "--rename-conflicting")
     assert r.returncode == 3, r.stderr
     assert "older than snapshot 3" in one_error_line(r.stderr)
+    before.check()
+
+
+@pytest.mark.parametrize(("mode", "words"), [("reply", "injected failure"), ("stop-reading", "stopped reading")],
+                         ids=["error-reply", "broken-pipe"])  # fmt: skip
+def test_failed_import_mid_restore_rolls_back(w: World, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                              words: str) -> None:  # fmt: skip
+    """The volume imports run on the restore's writing thread: one that fails (qubesd's error reply, or the
+    service stops reading) fails the restore with its one line, and nothing created is left."""
+    monkeypatch.setenv("QUBES_SIM_IMPORT_FAIL", mode)  # every import (the VMs are restored under new names)
+    before = Unchanged(w.sim)
+    with pytest.raises(BackupError) as info:
+        restore(w)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("import of volume") and words in message, message
+    before.check()
+
+
+def test_interrupted_mid_import_rolls_back(w: World) -> None:
+    """SIGTERM while the writing thread is blocked on an import that stopped reading (the receiving thread
+    waiting for room in its queue): exit 130, one line, the imports aborted, nothing created is left."""
+    before = Unchanged(w.sim)
+    env = {**w.sim.env(), "QUBES_SIM_IMPORT_FAIL": "stall", "QUBES_BACKUP_IMPORT_GRACE": "1"}
+    argv = [str(BIN / "qvm-backup-restore"), "-y", "-p", "/pw", "-d", "backupvm", "--repo", REPO,
+            "--rename-conflicting", "work", "vault"]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(w.sim.dom0.rglob("*-import*")):  # an import began (its -import volume exists)
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no import began"
+            time.sleep(0.02)
+        time.sleep(0.5)  # the stalled import's pipe fills, the writing thread blocks on it
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert one_error_line(err).endswith("interrupted"), err
     before.check()

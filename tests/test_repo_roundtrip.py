@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import random
 import shutil
@@ -17,6 +18,7 @@ import signal
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import KDF, PASSPHRASE, Sim, assert_restored_like, new_sim, run_repo_backup, run_repo_restore
@@ -24,6 +26,7 @@ from qubes_backup_dom0.backup.repository import RepoBackupResult
 from qubes_backup_dom0.format.sparse import same_content, scan
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.repoclient import RepoSession
+from qubes_backup_dom0.restore import repository
 from qubes_backup_dom0.restore.plan import RestoreOptions
 from qubes_backup_dom0.restore.repository import RepoRestore
 
@@ -357,3 +360,29 @@ def test_restore_asks_for_each_object_once(repo_sim: Sim, monkeypatch: pytest.Mo
     # the qubes.xml subset and the two file lists, then work's distinct data blocks (fewer than its blocks)
     assert len(data) - 3 < sum(-(-f.data // BS) for f in work_tree.files)
     Qubes(sim.system).remove_vm("work1")
+
+
+@pytest.mark.parametrize("stream_blocks", [1, 40], ids=["a-stream-per-file", "streams-split-inside-an-archive"])
+def test_restore_in_several_streams_is_exact(repo_sim: Sim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             stream_blocks: int) -> None:  # fmt: skip
+    """The files of consecutive VM archives are asked for as one stream of blocks, cut at STREAM_BLOCKS: cut
+    after every file, or inside an archive, the restore is the same, byte for byte with its holes."""
+    sim = repo_sim
+    backup(sim)
+    truth = keep_truth(sim, tmp_path / "truth")
+    monkeypatch.setattr(repository, "STREAM_BLOCKS", stream_blocks)
+    streams: list[list[str]] = []  # the archive of each file, per stream
+    original = RepoRestore._stream
+
+    def counted(self: RepoRestore, files: list[tuple[Any, Any]], targets: dict[int, Any]) -> None:
+        if files:
+            streams.append([archive.member for archive, _tf in files])
+        original(self, files, targets)
+
+    monkeypatch.setattr(RepoRestore, "_stream", counted)
+    job = restore(sim, None, (*VMS, "dom0"))
+    check_restored(sim, job, truth, tmp_path / "truth" / "home")
+    if stream_blocks == 1:
+        assert all(len(files) == 1 for files in streams), streams
+    else:  # an archive whose files went in two streams
+        assert any(set(a) & set(b) for a, b in itertools.pairwise(streams)), streams

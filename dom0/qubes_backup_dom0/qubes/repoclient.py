@@ -223,7 +223,7 @@ class RepoReader:
         opened: deque[tuple[Future[list[repo.Opened]], list[bytes | memoryview]]] = deque()
         it = iter(wants)
         more = True
-        depth = _workers() + 1
+        depth = 2 * _workers() + 2
         while True:
             while more and (not pending or len(pending) + REQUEST_BATCH <= WINDOW):
                 chunk = list(islice(it, REQUEST_BATCH))

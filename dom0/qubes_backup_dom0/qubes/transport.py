@@ -34,6 +34,10 @@ PIPE_SIZE = 1 << 20
 DEFAULT_TIMEOUT = 300.0
 STDERR_TAIL = 4096
 READ_PIECE = 1 << 20
+# A small read (a frame's header and name) takes at least this much from the pipe: the frames that follow,
+# or the start of this one's data (copied once more from the buffer; reading 64 KiB here would copy 64 KiB
+# of every 256 KiB repository object twice more, on the thread that receives)
+SMALL_READ = 4096
 MIN_RATE = 256 << 10  # bytes/s: a frame (either direction) gets the stall timeout plus its size at this rate
 MAX_TIMEOUT = 86400.0  # QUBES_BACKUP_TIMEOUT above one day is refused (and inf, nan, 0, negative)
 SANDBOX_RO_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
@@ -487,7 +491,7 @@ class Channel:
         assert self._out_fd is not None
         while True:
             try:
-                piece = os.read(self._out_fd, min(max(want, 65536), READ_PIECE))
+                piece = os.read(self._out_fd, min(max(want, SMALL_READ), READ_PIECE))
             except BlockingIOError:
                 self._wait_for(self._out_fd, select.POLLIN, self._frame_deadline)
                 continue

@@ -17,6 +17,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 from lxml import etree
 from qubes_backup_protocol import repo as names
@@ -29,16 +30,18 @@ from qubes_backup_dom0.format.tarwriter import InnerFile
 from qubes_backup_dom0.qubes import repostate
 from qubes_backup_dom0.qubes.interface import Qubes
 from qubes_backup_dom0.qubes.policy import PolicyFacts, read_policy
-from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, Want, block_length, check_head
+from qubes_backup_dom0.qubes.repoclient import RepoReader, RepoSession, Want, block_length, check_head, map_blocks
 from qubes_backup_dom0.qubes.system import System
 from qubes_backup_dom0.qubes.transport import Transport, make_transport
 from qubes_backup_dom0.restore import risk
 from qubes_backup_dom0.restore.apply import Applier, Leftovers, clean_leftovers, find_leftovers
 from qubes_backup_dom0.restore.extract import ArchiveTarget
 from qubes_backup_dom0.restore.plan import RestoreOptions, RestorePlan, TargetSystem, plan_restore
+from qubes_backup_dom0.restore.writer import Writer
 
 ProgressCallback = Callable[[int, int], None]
 CACHE_LIMIT = 64 << 20  # plaintext of blocks that recur later in the same file, kept instead of fetched again
+STREAM_BLOCKS = 1 << 17  # files asked for as one stream (their maps held at once): 32 GiB of 256 KiB blocks
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class RepoRestore:
         self._opening: tuple[bytes, bytes] | None = None
         self._done = 0
         self._total = 0  # the plan's data (a sum over every file: computed once, not per block)
+        self._writer: Writer | None = None  # the sinks' writing thread while the blocks are fetched
 
     @property
     def where(self) -> str:
@@ -263,19 +267,11 @@ class RepoRestore:
                     raise BackupError(risk.managers_error(managers))
                 self.applier = Applier(self.qubes, plan, self.system.home_dir)
                 self.applier.create_all()
-            verified: dict[str, int] = {}
             self._total = plan.data
-            for archive in plan.wanted:
-                tree = chosen.trees[archive.member]
-                target = self.applier.target_for(archive) if self.applier is not None else ArchiveTarget()
-                if archive.kind == "home" and target.dest is not None:
-                    self._restore_home(tree, target)
-                    continue
-                for tf in tree.files:
-                    sink = None
-                    if target.sinks is not None and tf.type == "file":
-                        sink = target.sinks(InnerFile(tf.path, type="file", size=tf.size, data=tf.data))
-                    self._restore_file(tf, sink, verified if sink is None else None)
+            self._writer = Writer()
+            self._restore_archives(plan, chosen)
+            self._writer.drain()
+            self._writer.close()
             if self.progress is not None and plan.data:
                 self.progress(plan.data, plan.data)
             if self.applier is not None:
@@ -284,80 +280,127 @@ class RepoRestore:
                 self.home_restored_to = self.applier.home_restored_to
                 self.warnings += self.applier.warnings
         except BaseException:
+            self._stop_writer()
             self._fail()
             raise
         finally:
             self._end_session()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+    def _stop_writer(self) -> None:
+        """After a failure: the writing thread drops what is queued and ends (its write under way, if any, as
+        soon as the imports are aborted) before anything is rolled back."""
+        if self._writer is None:
+            return
+        self._writer.stop()
+        if self.applier is not None:
+            self.applier.abort_imports()
+        self._writer.join()
+
+    def _restore_archives(self, plan: RestorePlan, chosen: Chosen) -> None:
+        """Every wanted archive's files: fetched and opened here, written by the writing thread.  The files of
+        consecutive VM archives are one stream of requests (the pipeline does not drain between files), up
+        to STREAM_BLOCKS blocks; dom0's home is restored on its own, after everything before it was written."""
+        assert self._writer is not None and self.reader is not None
+        if self.applier is None:  # verified only
+            verified: dict[str, int] = {}
+            for archive in plan.wanted:
+                for tf in chosen.trees[archive.member].files:
+                    self._verify_file(tf, verified)
+            return
+        targets: dict[int, ArchiveTarget] = {}  # by id(archive): each archive's target made once
+        stream: list[tuple[manifest_mod.ArchiveEntry, repotree.TreeFile]] = []
+        blocks = 0
+        for archive in plan.wanted:
+            if archive.kind == "home":
+                self._stream(stream, targets)
+                stream, blocks = [], 0
+                self._writer.drain()
+                self._restore_home(chosen.trees[archive.member], self.applier.target_for(archive))
+                continue
+            for tf in chosen.trees[archive.member].files:
+                if tf.type != "file":
+                    continue
+                n = -(-tf.data // self.reader.block_size)
+                if stream and blocks + n > STREAM_BLOCKS:
+                    self._stream(stream, targets)
+                    stream, blocks = [], 0
+                stream.append((archive, tf))
+                blocks += n
+        self._stream(stream, targets)
 
     def _count(self, n: int) -> None:
         self._done += n
         if self.progress is not None:
             self.progress(min(self._done, self._total), self._total)
 
-    def _restore_file(self, tf: repotree.TreeFile, sink: extractor.FileSink | None,
-                      verified: dict[str, int] | None) -> None:  # fmt: skip
-        """One regular file's blocks, in order, into ``sink`` (None: verified only; with ``verified``, each
-        distinct object once per restore)."""
+    def _verify_file(self, tf: repotree.TreeFile, verified: dict[str, int]) -> None:
+        """One regular file's blocks verified, each distinct object once per restore."""
         assert self.reader is not None
         if tf.type != "file":
             return
         bs = self.reader.block_size
-        blocks = self.reader.blocks(tf)
-        if sink is None:
-            wants = []
-            for index, did in blocks:
-                length = block_length(tf, index, bs)
-                if verified is not None and did in verified:
-                    if verified[did] != length:
-                        raise VerificationError(f"{tf.path[:80]}: block {index} has the wrong length")
-                    self._count(length)
-                    continue
-                if verified is not None:
-                    verified[did] = length
-                wants.append(Want(did, repo.DATA, length))
-            for opened in self.reader.fetch(wants):
-                self._count(len(opened.plaintext))
+        wants = []
+        for index, did in self.reader.blocks(tf):
+            length = block_length(tf, index, bs)
+            if did in verified:
+                if verified[did] != length:
+                    raise VerificationError(f"{tf.path[:80]}: block {index} has the wrong length")
+                self._count(length)
+                continue
+            verified[did] = length
+            wants.append(Want(did, repo.DATA, length))
+        for opened in self.reader.fetch(wants):
+            self._count(len(opened.plaintext))
+
+    def _maps(self, files: list[repotree.TreeFile]) -> list[list[tuple[int, str]]]:
+        """(block number, data id) of each of ``files``, their map segments fetched in one stream (each
+        distinct segment once)."""
+        assert self.reader is not None
+        distinct = list(dict.fromkeys(sid for tf in files for _, sid in tf.segments))
+        blocks = {sid: seg.blocks for sid, seg in zip(distinct, self.reader.segments(distinct), strict=True)}
+        bs = self.reader.block_size
+        return [map_blocks(tf, [blocks[sid] for _, sid in tf.segments], bs) for tf in files]
+
+    def _stream(self, files: list[tuple[manifest_mod.ArchiveEntry, repotree.TreeFile]],
+                targets: dict[int, ArchiveTarget]) -> None:  # fmt: skip
+        """Regular ``files`` in order, each into its sink (created when its turn comes; a file without one is
+        verified and dropped), their blocks fetched as one stream."""
+        assert self.reader is not None and self.applier is not None and self._writer is not None
+        if not files:
             return
-        for index, plain in self._blocks_in_order(tf, blocks):
-            sink.write_at(index * bs, memoryview(plain))
-            self._count(len(plain))
-        sink.finish(tf.size)
+        bs = self.reader.block_size
+        steps = [_steps(tf, blocks, bs) for (_, tf), blocks in zip(files, self._maps([tf for _, tf in files]),
+                                                                    strict=True)]  # fmt: skip
+        fetched = self.reader.fetch(Want(did, repo.DATA, block_length(tf, index, bs))
+                                    for (_, tf), plan in zip(files, steps, strict=True)
+                                    for index, did, fetch, _ in plan if fetch)  # fmt: skip
+        writer = self._writer
+        for (archive, tf), plan in zip(files, steps, strict=True):
+            target = targets.get(id(archive))
+            if target is None:
+                target = targets[id(archive)] = self.applier.target_for(archive)
+            sink = None
+            if target.sinks is not None:
+                sink = target.sinks(InnerFile(tf.path, type="file", size=tf.size, data=tf.data))
+            for index, plain in _in_order(tf, plan, fetched, bs):
+                if sink is not None:
+                    writer.put(partial(sink.write_at, index * bs, memoryview(plain)), len(plain))
+                self._count(len(plain))
+            if sink is not None:
+                writer.put(partial(sink.finish, tf.size))
+        if next(fetched, None) is not None:
+            raise VerificationError("the backup VM sent more blocks than were asked for")
 
     def _blocks_in_order(self, tf: repotree.TreeFile, blocks: list[tuple[int, str]]) -> Iterator[tuple[int, bytes]]:
-        """(block number, plaintext) in block order; an object that recurs later in the file is kept (up to
-        CACHE_LIMIT) instead of being fetched again."""
+        """(block number, plaintext) of one file in block order (see ``_steps``)."""
         assert self.reader is not None
         bs = self.reader.block_size
-        remaining = Counter(did for _, did in blocks)
-        steps: list[tuple[int, str, bool, bool]] = []  # (index, id, fetch it, keep it afterwards)
-        cached: set[str] = set()
-        cache_bytes = 0
-        for index, did in blocks:
-            remaining[did] -= 1
-            later = remaining[did] > 0
-            if did in cached:
-                steps.append((index, did, False, later))
-                if not later:
-                    cached.discard(did)
-                    cache_bytes -= bs
-                continue
-            keep = later and cache_bytes + bs <= CACHE_LIMIT
-            if keep:
-                cached.add(did)
-                cache_bytes += bs
-            steps.append((index, did, True, keep))
-        wants = (Want(did, repo.DATA, block_length(tf, index, bs)) for index, did, fetch, _ in steps if fetch)
-        fetched = self.reader.fetch(wants)
-        cache: dict[str, bytes] = {}
-        for index, did, fetch, keep in steps:
-            plain = next(fetched).plaintext if fetch else cache[did]
-            if len(plain) != block_length(tf, index, bs):
-                raise VerificationError(f"{tf.path[:80]}: block {index} has the wrong length")
-            if keep:
-                cache[did] = plain
-            else:
-                cache.pop(did, None)
-            yield index, plain
+        plan = _steps(tf, blocks, bs)
+        wants = (Want(did, repo.DATA, block_length(tf, index, bs)) for index, did, fetch, _ in plan if fetch)
+        return _in_order(tf, plan, self.reader.fetch(wants), bs)
 
     def _restore_home(self, tree: repotree.Tree, target: ArchiveTarget) -> None:
         """dom0's home into its staging directory, confined (extractor's destination: directory fds,
@@ -421,3 +464,51 @@ class RepoRestore:
         if self.applier is not None and not self.applier.committed:
             applier, self.applier = self.applier, None
             applier.rollback()
+
+
+Step = tuple[int, str, bool, bool]  # (block number, data id, fetch it, keep it afterwards)
+
+
+def _steps(tf: repotree.TreeFile, blocks: list[tuple[int, str]], bs: int) -> list[Step]:
+    """How one file's blocks are had, in block order: an object that recurs later in the file is kept (up to
+    CACHE_LIMIT) instead of being fetched again."""
+    remaining = Counter(did for _, did in blocks)
+    steps: list[Step] = []
+    cached: set[str] = set()
+    cache_bytes = 0
+    for index, did in blocks:
+        remaining[did] -= 1
+        later = remaining[did] > 0
+        if did in cached:
+            steps.append((index, did, False, later))
+            if not later:
+                cached.discard(did)
+                cache_bytes -= bs
+            continue
+        keep = later and cache_bytes + bs <= CACHE_LIMIT
+        if keep:
+            cached.add(did)
+            cache_bytes += bs
+        steps.append((index, did, True, keep))
+    return steps
+
+
+def _in_order(tf: repotree.TreeFile, steps: list[Step], fetched: Iterator[repo.Opened],
+              bs: int) -> Iterator[tuple[int, bytes]]:  # fmt: skip
+    """(block number, plaintext) of one file following ``steps``, the fetched ones taken from ``fetched``."""
+    cache: dict[str, bytes] = {}
+    for index, did, fetch, keep in steps:
+        if fetch:
+            got = next(fetched, None)
+            if got is None:
+                raise VerificationError(f"{tf.path[:80]}: block {index} was not sent")
+            plain = got.plaintext
+        else:
+            plain = cache[did]
+        if len(plain) != block_length(tf, index, bs):
+            raise VerificationError(f"{tf.path[:80]}: block {index} has the wrong length")
+        if keep:
+            cache[did] = plain
+        else:
+            cache.pop(did, None)
+        yield index, plain
