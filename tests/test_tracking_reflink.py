@@ -80,6 +80,36 @@ def test_per_block_not_per_extent(xfs: Path) -> None:
         os.close(fb)
 
 
+def test_unwritten_extents_compare_by_place_and_state(xfs: Path) -> None:
+    """fallocate'd ranges are unwritten extents (they read as zeros): a listing with them is an answer, not a full
+    read; the same place in the same state is the same; a clone (XFS gives it holes where its source has
+    unwritten extents) may differ inside that range only, and a write into the copy is found."""
+    a, b = xfs / "a.img", xfs / "b.img"
+    size, bs = 64 << 20, 256 << 10
+    with open(a, "wb") as f:
+        f.truncate(size)
+        f.write(os.urandom(1 << 20))
+        os.posix_fallocate(f.fileno(), 8 << 20, 32 << 20)  # unwritten: 8 MiB to 40 MiB
+    _clone(a, b)
+    fa, fb = os.open(a, os.O_RDONLY), os.open(b, os.O_RDONLY)
+    try:
+        ext = fiemap.extents(fa, size)
+        assert ext is not None and any(ph & fiemap.UNWRITTEN_BIT for _lo, ph, _n in ext)
+        assert fiemap.changed(fa, fa, size, bs) == []
+        with open(b, "r+b") as f:
+            f.seek(0)
+            f.write(os.urandom(4096))
+            f.seek((20 << 20) + 4096)
+            f.write(os.urandom(4096))
+        got = fiemap.changed(fa, fb, size, bs)
+        assert got is not None and got[0] == (0, bs)
+        blocks = {i for off, n in got for i in range(off // bs, (off + n) // bs)}
+        assert (20 << 20) // bs in blocks and all(i == 0 or (8 << 20) // bs <= i < (40 << 20) // bs for i in blocks)
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
 def _image(sim: Sim) -> Path:
     (path,) = [p for p in sim.volume_files("work").values() if p.name == "private.img"]
     return path

@@ -163,10 +163,13 @@ _FIEMAP_HEAD = struct.Struct("=QQIIII")
 _FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")
 
 
-def _extents(fd: int, size: int) -> list[tuple[int, int, int]] | None:
-    """(logical, physical, length) of every extent of ``fd`` (FIEMAP, synced first), or None if unknown: the
-    sim's own, independent of dom0's qubes/fiemap.py (the tools run without dom0's package)."""
-    out: list[tuple[int, int, int]] = []
+def _extents(fd: int, size: int) -> list[tuple[int, int, int, bool]] | None:
+    """(logical, physical, length, unwritten) of every extent of ``fd`` (FIEMAP, synced first), or None if
+    unknown: the sim's own, independent of dom0's qubes/fiemap.py (the tools run without dom0's package).  An
+    unwritten extent (allocated, reads as zeros: XFS leaves them where an allocation was larger than the write)
+    is a mapping like another, told apart by its flag: a shared extent is never written in place, so the same
+    physical bytes in the same state hold the same content in both files."""
+    out: list[tuple[int, int, int, bool]] = []
     start = 0
     while start < size:
         buf = bytearray(_FIEMAP_HEAD.size + 256 * _FIEMAP_EXTENT.size)
@@ -181,9 +184,9 @@ def _extents(fd: int, size: int) -> list[tuple[int, int, int]] | None:
         for i in range(mapped):
             logical, physical, length, _a, _b, flags, *_ = _FIEMAP_EXTENT.unpack_from(
                 buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)  # fmt: skip
-            if flags & 0xF8E or length == 0:  # unknown, delayed, encoded, encrypted, unaligned, inline, tail, unwritten
+            if flags & 0x78E or length == 0:  # unknown, delayed, encoded, encrypted, unaligned, inline, tail
                 return None
-            out.append((logical, physical, length))
+            out.append((logical, physical, length, bool(flags & 0x800)))
             start = logical + length
             if flags & 1:  # the last extent
                 return out
@@ -202,13 +205,13 @@ def _differing_chunks(a: Path, b: Path) -> list[tuple[int, int]] | None:
         ea, eb = _extents(fa.fileno(), sa.st_size), _extents(fb.fileno(), sb.st_size)
     if ea is None or eb is None:
         return None
-    cuts = sorted({0, max(sa.st_size, sb.st_size)} | {x for lo, _p, n in ea + eb for x in (lo, lo + n)})
+    cuts = sorted({0, max(sa.st_size, sb.st_size)} | {x for lo, _p, n, _u in ea + eb for x in (lo, lo + n)})
 
-    def mapping(ext: list[tuple[int, int, int]], i: int, pos: int) -> tuple[int, int | None]:
+    def mapping(ext: list[tuple[int, int, int, bool]], i: int, pos: int) -> tuple[int, tuple[int, bool] | None]:
         while i < len(ext) and ext[i][0] + ext[i][2] <= pos:
             i += 1
         if i < len(ext) and ext[i][0] <= pos:
-            return i, ext[i][1] - ext[i][0]  # the physical offset of logical byte 0 of this extent
+            return i, (ext[i][1] - ext[i][0], ext[i][3])  # physical offset of logical byte 0, unwritten
         return i, None
 
     out: list[tuple[int, int]] = []

@@ -7,8 +7,14 @@ writes into a single-extent 256 MiB image give at most eight differing blocks, n
 
 Guarded: both files are ours and read-only to everyone else (the base and the new copy), but the filesystem may
 move extents (balance, defragmentation) while they are listed; each file's extents are listed twice, around the
-other's, and any difference (or an extent flagged unknown, delayed, encoded, inline, tail-packed, unaligned,
-unwritten, or a listing that does not end with the last extent) means no answer: read everything.
+other's, and any difference (or an extent flagged unknown, delayed, encoded, inline, tail-packed, unaligned, or
+a listing that does not end with the last extent) means no answer: read everything.
+
+An *unwritten* extent (allocated, reads as zeros: XFS leaves them where an allocation outgrew the write, and after
+fallocate) is a mapping like another, told apart by its state: its physical offset is kept with bit 63 set
+(``UNWRITTEN_BIT``), so a block compares equal only when both files map the same physical bytes in the same state.
+Each file's extent record carries its own state, and a shared extent is never written in place (a write to it is
+copied, its state with it), so the same physical bytes in the same state hold the same content in both.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ FIEMAP_FLAG_SYNC = 0x1
 _HEAD = struct.Struct("=QQIIII")  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, reserved
 _EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, reserved64[2], flags, reserved[3]
 LAST = 0x1
-UNCERTAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # unknown, delalloc, encoded, encrypted,
-# not aligned, inline, tail, unwritten
+UNCERTAIN = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200 | 0x400  # unknown, delalloc, encoded, encrypted, not aligned,
+# inline, tail
+UNWRITTEN = 0x800
+UNWRITTEN_BIT = 1 << 63  # set in an unwritten extent's physical offset (offsets are below 2**63)
 BATCH = 512  # extents per ioctl
 MAX_EXTENTS = 1 << 22  # a bound: more than this, no answer
 
@@ -47,8 +55,11 @@ def extents(fd: int, size: int) -> list[Extent] | None:
             break  # the rest is a hole
         for i in range(min(mapped, BATCH)):
             logical, physical, length, _r1, _r2, flags, *_ = _EXTENT.unpack_from(buf, _HEAD.size + i * _EXTENT.size)
-            if flags & UNCERTAIN or length == 0 or (out and logical < out[-1][0] + out[-1][2]):
+            if flags & UNCERTAIN or length == 0 or physical >= UNWRITTEN_BIT or \
+                    (out and logical < out[-1][0] + out[-1][2]):  # fmt: skip
                 return None
+            if flags & UNWRITTEN:
+                physical |= UNWRITTEN_BIT
             if out and out[-1][0] + out[-1][2] == logical and out[-1][1] + out[-1][2] == physical:
                 out[-1] = (out[-1][0], out[-1][1], out[-1][2] + length)  # contiguous records: one mapping
             else:
