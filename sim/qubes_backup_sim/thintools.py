@@ -95,25 +95,40 @@ def dmsetup(devdir: Path, argv: list[str]) -> int:
 
 
 def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
-    """(first chunk, count) of the CHUNK-sized blocks of a sparse file that hold any data."""
+    """(first chunk, count) of the CHUNK-sized blocks of a sparse file that hold any data: its written extents
+    (FIEMAP; an unwritten extent, allocated but never written, is no data, as a thin block never written is not
+    provisioned), or where FIEMAP cannot tell, SEEK_DATA (which calls an unwritten range data once its zeros
+    are in the page cache: provisioned would then depend on who read the file before)."""
     out: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
-        size, pos = os.fstat(fd).st_size, 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            first, last = start // CHUNK, -(-end // CHUNK)
-            if out and out[-1][0] + out[-1][1] >= first:
-                out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
-            else:
-                out.append((first, last - first))
-            pos = last * CHUNK
+        size = os.fstat(fd).st_size
+        ext = _extents(fd, size)
+        spans = _seek_data(fd, size) if ext is None else [(lo, min(lo + n, size)) for lo, _p, n, unwritten in ext
+                                                           if not unwritten and lo < size]  # fmt: skip
     finally:
         os.close(fd)
+    for start, end in spans:
+        first, last = start // CHUNK, -(-end // CHUNK)
+        if out and out[-1][0] + out[-1][1] >= first:
+            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
+        else:
+            out.append((first, last - first))
+    return out
+
+
+def _seek_data(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the data ranges SEEK_DATA / SEEK_HOLE give."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
     return out
 
 
