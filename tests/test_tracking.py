@@ -550,10 +550,11 @@ def test_plan_table_names_live_volumes(tmp_path: Path) -> None:
 
 
 def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
-    """Random changes between runs (writes, discards, growth, shrink, revert, base deleted, VM re-created,
-    nothing): after each tracked run a --rescan run of the same state changes no archive (its file lists are
-    the tracked run's), and the last snapshot restores byte-exact.  50 runs (issue 21: every kind of change once,
-    then random ones; about 2 minutes on an idle 2-core machine), 200 with QB_LONG=1."""
+    """Random changes between runs (writes, discards, growth, shrink, revert, base deleted, VM re-created, VM
+    restarted: its LV replaced by an equal one, revisions_to_keep set to 0, 1 or -1, nothing): after each tracked
+    run a --rescan run of the same state changes no archive (its file lists are the tracked run's), and the last
+    snapshot restores byte-exact.  50 runs (issue 21: every kind of change once, then random ones; about 2
+    minutes on an idle 2-core machine), 200 with QB_LONG=1."""
     runs = 200 if os.environ.get("QB_LONG") == "1" else 50
     rng = random.Random(21)
     sim = new_sim(tmp_path / "sim")
@@ -561,7 +562,8 @@ def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
     backup(sim)
     kept = tmp_path / "kept"
     shutil.copyfile(lv(sim), kept)
-    ops = ["write", "shrink", "revert", "discard", "grow", "base deleted", "re-created VM", "nothing"]
+    ops = ["write", "shrink", "revert", "discard", "grow", "base deleted", "re-created VM", "restart", "revisions",
+           "nothing"]  # fmt: skip
     for step in range(runs):
         op = ops[step % len(ops)] if step < len(ops) else rng.choice(ops)
         size = lv(sim).stat().st_size
@@ -577,15 +579,22 @@ def test_random_runs_tracked_equals_rescan(tmp_path: Path) -> None:
             write(sim, [0], size=size + BS * rng.randrange(1, 4) if op == "grow" else size - BS)
         elif op == "revert":
             os.replace(kept, lv(sim))
+            shutil.copyfile(lv(sim), kept)  # another revert may come before the next copy
         elif op == "base deleted" and ours(sim):
             _delete_base(sim)
-        elif op == "re-created VM":
-            coll_uuid = f"3f1d2c4e-0000-4000-8000-{step:012d}"
+        elif op == "restart":
+            write(sim, [])  # a VM that ran and wrote nothing: its committed LV replaced by an equal new one
+        elif op in ("re-created VM", "revisions"):
+            from qubes_backup_sim.storage import set_volume_attr
+
             launch.stop_qubesd(sim.dir)
             coll = Collection.load(sim.qubes_xml)
             dom = coll.get("work")
             assert dom is not None
-            dom.set_property("uuid", coll_uuid)
+            if op == "revisions":
+                set_volume_attr(dom, "private", "revisions_to_keep", rng.choice(["0", "1", "-1"]))
+            else:
+                dom.set_property("uuid", f"3f1d2c4e-0000-4000-8000-{step:012d}")
             write_atomic(coll, sim.qubes_xml)
         tracked_run, _t = backup(sim)
         rescanned, _ = backup(sim, rescan=True)
