@@ -32,6 +32,7 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 META_DIR = ".lvm"  # lvstore's, not imported: dmsetup runs twice per map and needs no LV metadata
@@ -99,7 +100,6 @@ def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
     (FIEMAP; an unwritten extent, allocated but never written, is no data, as a thin block never written is not
     provisioned), or where FIEMAP cannot tell, SEEK_DATA (which calls an unwritten range data once its zeros
     are in the page cache: provisioned would then depend on who read the file before)."""
-    out: list[tuple[int, int]] = []
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
@@ -108,6 +108,12 @@ def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
                                                            if not unwritten and lo < size]  # fmt: skip
     finally:
         os.close(fd)
+    return _chunk_runs(spans)
+
+
+def _chunk_runs(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(first chunk, count) of the chunks that ascending byte ranges ``(start, end)`` touch, merged."""
+    out: list[tuple[int, int]] = []
     for start, end in spans:
         first, last = start // CHUNK, -(-end // CHUNK)
         if out and out[-1][0] + out[-1][1] >= first:
@@ -229,19 +235,14 @@ def _differing_chunks(a: Path, b: Path) -> list[tuple[int, int]] | None:
             return i, (ext[i][1] - ext[i][0], ext[i][3])  # physical offset of logical byte 0, unwritten
         return i, None
 
-    out: list[tuple[int, int]] = []
+    differ: list[tuple[int, int]] = []
     ia = ib = 0
     for lo, hi in itertools.pairwise(cuts):
         ia, ma = mapping(ea, ia, lo)
         ib, mb = mapping(eb, ib, lo)
-        if ma == mb:
-            continue  # both holes, or the same physical bytes
-        first, last = lo // CHUNK, -(-hi // CHUNK)
-        if out and out[-1][0] + out[-1][1] >= first:
-            out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
-        else:
-            out.append((first, last - first))
-    return out
+        if ma != mb:  # else both holes, or the same physical bytes
+            differ.append((lo, hi))
+    return _chunk_runs(differ)
 
 
 def _chunk_kinds(a: Path, b: Path) -> list[tuple[str, int, int]]:
