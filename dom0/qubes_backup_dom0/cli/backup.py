@@ -26,6 +26,7 @@ from qubes_backup_dom0.cli.common import (
     guard_output,
     human,
     raise_interrupt,
+    reuse_freed_memory,
     run_cli,
     table,
     warn,
@@ -141,6 +142,7 @@ def _shown(a: PlannedArchive) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     guard_output()
+    reuse_freed_memory()
     p = parser()
     args_list = sys.argv[1:] if argv is None else argv
     if "--json" in args_list:

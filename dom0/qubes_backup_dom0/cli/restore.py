@@ -29,6 +29,7 @@ from qubes_backup_dom0.cli.common import (
     human,
     prog,
     raise_interrupt,
+    reuse_freed_memory,
     run_cli,
     table,
     warn,
@@ -160,6 +161,7 @@ def summary(plan: RestorePlan, verbose: bool = False, actions: bool = True) -> s
 
 def main(argv: list[str] | None = None) -> int:
     guard_output()
+    reuse_freed_memory()
     args_list = sys.argv[1:] if argv is None else argv
     p = parser(repo=any(a in ("--repo", "--profile") or a.startswith(("--repo=", "--profile=")) for a in args_list))
     if "--json" in args_list:

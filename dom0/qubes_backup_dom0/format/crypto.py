@@ -200,6 +200,8 @@ def hkdf_sha256(master: bytes, salt: bytes, info: bytes) -> bytes:
 
 def hmac_sha256(key: bytes, *parts: bytes | bytearray | memoryview) -> bytes:
     """HMAC-SHA256 of the concatenation of ``parts`` (not copied together)."""
+    if len(parts) == 1:  # one call into OpenSSL, which leaves the interpreter to the other threads meanwhile
+        return hmac.digest(key, parts[0], "sha256")
     h = hmac.new(key, digestmod="sha256")
     for part in parts:
         h.update(part)
@@ -221,3 +223,17 @@ def aes_ctr(key: bytes, iv: bytes, data: bytes | bytearray | memoryview) -> byte
     out = ctx.update(data)
     ctx.finalize()
     return out
+
+
+def aes_ctr_into(key: bytes, iv: bytes, data: bytes | bytearray | memoryview, out: bytearray) -> memoryview:
+    """``aes_ctr`` written into ``out`` (at least ``len(data) + 15`` bytes, the slack ``update_into`` wants):
+    a view of exactly the result.  For a transient result (a compressed body about to be decompressed): a
+    reused buffer instead of fresh memory faulted in for every object."""
+    n = len(data)
+    if len(out) < n + 15:
+        raise ValueError("aes_ctr_into: output buffer too small")
+    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    if ctx.update_into(data, out) != n:
+        raise AssertionError("CTR mode must process every byte")
+    ctx.finalize()
+    return memoryview(out)[:n]

@@ -17,6 +17,7 @@ from the plaintext.  Nothing else of the object is looked at before.
 
 from __future__ import annotations
 
+import hmac
 import re
 import struct
 import threading
@@ -176,7 +177,22 @@ def verify_header(keys: RepoKeys, header: bytes, mac: bytes) -> bool:
 
 def object_id(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview) -> str:
     """The keyed id of a plaintext of type ``otype``, as 64 hex digits."""
-    return crypto.hmac_sha256(keys.id_key, otype.encode("ascii"), plaintext).hex()
+    h = _id_start(keys.id_key, otype).copy()
+    h.update(plaintext)
+    return h.hexdigest()
+
+
+def _id_start(key: bytes, otype: str) -> hmac.HMAC:
+    """HMAC-SHA256 keyed with ``key`` that has taken ``otype`` (this thread's, kept: one per type and key)."""
+    starts: dict[tuple[bytes, str], hmac.HMAC] | None = getattr(_local, "id_starts", None)
+    if starts is None:
+        starts = _local.id_starts = {}
+    h = starts.get((key, otype))
+    if h is None:
+        if len(starts) >= 16:
+            starts.clear()
+        h = starts[(key, otype)] = hmac.new(key, otype.encode("ascii"), "sha256")
+    return h
 
 
 def max_plain(otype: str, block_size: int) -> int:
@@ -318,9 +334,12 @@ def open_object(keys: RepoKeys, raw: bytes | bytearray | memoryview, otype: str,
     if body_end - pos < IV_LEN:
         raise VerificationError(f"{what}: truncated")
     iv = bytes(view[pos : pos + IV_LEN])
-    body = crypto.aes_ctr(keys.enc_key, iv, view[pos + IV_LEN : body_end])
+    cipher = view[pos + IV_LEN : body_end]
     limit = max_plain(otype, block_size) if length is None else length
-    plain = body if comp == "n" else _decompress(body, limit, what)
+    if comp == "n":  # the plaintext itself: bytes of its own
+        plain = crypto.aes_ctr(keys.enc_key, iv, cipher)
+    else:  # a compressed frame, decompressed into new bytes right away
+        plain = _decompress(crypto.aes_ctr_into(keys.enc_key, iv, cipher, _scratch(len(cipher) + 15)), limit, what)
     if len(plain) > limit or (length is not None and len(plain) != length):
         raise VerificationError(f"{what}: {len(plain)} bytes, expected {limit if length is None else length}")
     if object_id(keys, otype, plain) != got_id:
@@ -328,24 +347,51 @@ def open_object(keys: RepoKeys, raw: bytes | bytearray | memoryview, otype: str,
     return Opened(got_id, got_type, refs, plain)
 
 
-def _decompress(body: bytes, limit: int, what: str) -> bytes:
+def _scratch(n: int) -> bytearray:
+    """This thread's buffer of at least ``n`` bytes, for transient results (grown as needed, kept)."""
+    buf: bytearray | None = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < n:
+        buf = _local.scratch = bytearray(max(n, 1 << 20))
+    return buf
+
+
+def _padding_start(body: bytes | memoryview) -> int:
+    """Where the trailing skippable frame of zeros starts (the padding ``seal`` writes), or ``len(body)`` when
+    the body does not end with one.  There is at most one place: the frame's header is followed only by its
+    ``n`` zeros, and a header further back would have to lie inside those zeros.  The run of zeros at the end
+    is those ``n`` and at most the 4 high bytes of the header's little-endian ``n``."""
+    n_body = len(body)
+    tail = bytes(body[max(0, n_body - (PAD_ALIGN + 16)) :])
+    zeros = len(tail) - len(tail.rstrip(b"\0"))
+    for n in range(max(0, zeros - 4), min(zeros, len(tail) - 8) + 1):
+        start = len(tail) - n - 8
+        if tail[start : start + 8] == struct.pack("<II", SKIPPABLE, n):
+            return n_body - n - 8
+    return n_body
+
+
+def _decompress(body: bytes | memoryview, limit: int, what: str) -> bytes:
     """One zstd frame that states its content size (at most ``limit``), optionally followed by one skippable
-    frame of zeros; the decompressor cannot produce more than the stated size."""
+    frame of zeros; the decompressor cannot produce more than the stated size.
+
+    The frame is decompressed in one call that leaves the interpreter free for the other threads while it
+    runs, and that refuses any byte after the frame: so the padding is found first, from the end, and the
+    frame must be exactly what precedes it (or, without padding, the whole body)."""
     try:
         size = zstandard.frame_content_size(body)
     except zstandard.ZstdError:
         size = -1
     if not 0 < size <= limit:
         raise VerificationError(f"{what}: compressed content of unknown or excessive size")
-    dobj = _decompressor(max(limit, 1 << 10)).decompressobj()
-    try:
-        out = dobj.decompress(body)
-    except zstandard.ZstdError as e:
-        raise VerificationError(f"{what}: does not decompress ({e})") from None
-    rest = dobj.unused_data
-    if not dobj.eof or len(out) != size:
-        raise VerificationError(f"{what}: incomplete compressed content")
-    if rest and (len(rest) < 8 or rest[:8] != struct.pack("<II", SKIPPABLE, len(rest) - 8)
-                 or rest.count(0, 8) != len(rest) - 8):  # fmt: skip
-        raise VerificationError(f"{what}: unexpected bytes after the compressed content")
-    return out
+    dctx = _decompressor(max(limit, 1 << 10))
+    view = memoryview(body)
+    ends = dict.fromkeys((_padding_start(view), len(view)))  # the frame before the padding, else all of it
+    for end in ends:
+        try:
+            out = dctx.decompress(view[:end], max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError:
+            continue
+        if len(out) == size:
+            return out
+    raise VerificationError(f"{what}: does not decompress to one frame of {size} bytes (damaged, or unexpected "
+                            "bytes after the compressed content)")
