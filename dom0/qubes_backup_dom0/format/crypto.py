@@ -7,6 +7,7 @@ HMAC``) and AES-256-CTR (``openssl enc``).  Encrypt-then-MAC: nothing is decrypt
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 from dataclasses import dataclass
@@ -212,14 +213,20 @@ def macs_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+@functools.lru_cache(maxsize=8)
+def _aes(key: bytes) -> algorithms.AES:
+    """The cipher of ``key``, made once (a restore makes a context for every object)."""
+    return algorithms.AES(key)
+
+
 def aes_ctr_encryptor(key: bytes, iv: bytes) -> CipherContext:
     """AES-256-CTR with the full 16-byte initial counter ``iv``, for ``update_into`` a buffer of one's own."""
-    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    return Cipher(_aes(key), modes.CTR(iv)).encryptor()
 
 
 def aes_ctr(key: bytes, iv: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """AES-256-CTR of ``data`` with the full 16-byte initial counter ``iv`` (encrypts and decrypts)."""
-    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    ctx = aes_ctr_encryptor(key, iv)
     out = ctx.update(data)
     ctx.finalize()
     return out
@@ -232,7 +239,7 @@ def aes_ctr_into(key: bytes, iv: bytes, data: bytes | bytearray | memoryview, ou
     n = len(data)
     if len(out) < n + 15:
         raise ValueError("aes_ctr_into: output buffer too small")
-    ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    ctx = aes_ctr_encryptor(key, iv)
     if ctx.update_into(data, out) != n:
         raise AssertionError("CTR mode must process every byte")
     ctx.finalize()

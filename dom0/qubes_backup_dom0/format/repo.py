@@ -56,6 +56,7 @@ MAC_LEN = 65  # 64 hex digits and "\n"
 IV_LEN = crypto.IV_SIZE
 PAD_ALIGN = 4096  # a compressed object's file is padded to a multiple of this
 SKIPPABLE = 0x184D2A50  # zstd skippable frame magic: the padding
+_PAD_MAGIC = struct.pack("<I", SKIPPABLE)
 _HEAD_RE = re.compile(rb"qbr1 ([rtsdx]) ([zn]) ([0-9a-f]{64}) ([0-9]{8})\n")
 _REF_RE = re.compile(rb"[0-9a-f]{64}\n")
 
@@ -357,17 +358,18 @@ def _scratch(n: int) -> bytearray:
 
 def _padding_start(body: bytes | memoryview) -> int:
     """Where the trailing skippable frame of zeros starts (the padding ``seal`` writes), or ``len(body)`` when
-    the body does not end with one.  There is at most one place: the frame's header is followed only by its
-    ``n`` zeros, and a header further back would have to lie inside those zeros.  The run of zeros at the end
-    is those ``n`` and at most the 4 high bytes of the header's little-endian ``n``."""
+    the body does not end with one: the last skippable-frame magic in the last 4 KiB, followed by its length
+    ``n`` and then only ``n`` zeros up to the end.  There is no other place for it: a header further back
+    would have to lie inside those zeros."""
     n_body = len(body)
     tail = bytes(body[max(0, n_body - (PAD_ALIGN + 16)) :])
-    zeros = len(tail) - len(tail.rstrip(b"\0"))
-    for n in range(max(0, zeros - 4), min(zeros, len(tail) - 8) + 1):
-        start = len(tail) - n - 8
-        if tail[start : start + 8] == struct.pack("<II", SKIPPABLE, n):
-            return n_body - n - 8
-    return n_body
+    at = tail.rfind(_PAD_MAGIC)
+    if at < 0 or len(tail) - at < 8:
+        return n_body
+    n = len(tail) - at - 8
+    if tail[at + 4 : at + 8] != struct.pack("<I", n) or tail.count(0, at + 8) != n:
+        return n_body
+    return n_body - n - 8
 
 
 def _decompress(body: bytes | memoryview, limit: int, what: str) -> bytes:
