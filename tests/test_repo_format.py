@@ -221,6 +221,28 @@ def test_authentic_but_wrong_content_is_refused(kk: tuple[repo.RepoKeys, repo.Re
         repo.open_object(k, _forge(k, repo.SEGMENT, oid, plain, "n", ["2" * 64, "1" * 64]), repo.SEGMENT, oid, BS)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.binary(min_size=1, max_size=4096), pad=st.integers(0, 2 * repo.PAD_ALIGN - 8),
+       after=st.sampled_from([b"", b"\0", b"x", b"\0" * 9]))  # fmt: skip
+def test_padding_found_from_the_end(kk: tuple[repo.RepoKeys, repo.RepoKeys], data: bytes, pad: int,
+                                    after: bytes) -> None:  # fmt: skip
+    """The reader finds the padding from the end (so the frame is decompressed in one call that refuses
+    anything after it): a frame alone, or followed by one skippable frame of zeros of any length up to the
+    bound, opens; a byte after the padding (even a zero: the padding then says a length it does not have)
+    is refused, as is anything after a frame without padding."""
+    k = kk[0]
+    plain = (data * (BS // len(data) + 1))[: BS // 2]
+    oid = repo.object_id(k, repo.DATA, plain)
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(plain)
+    for body in (frame + struct.pack("<II", repo.SKIPPABLE, pad) + bytes(pad), frame):
+        obj = _forge(k, repo.DATA, oid, body + after)
+        if after:
+            with pytest.raises(VerificationError, match="unexpected bytes after the compressed content"):
+                repo.open_object(k, obj, repo.DATA, oid, BS)
+        else:
+            assert repo.open_object(k, obj, repo.DATA, oid, BS).plaintext == plain
+
+
 # ------------------------------------------------------------------------------------------------- header
 
 def _header(**kw: Any) -> bytes:

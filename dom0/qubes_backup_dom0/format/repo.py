@@ -358,11 +358,12 @@ def _scratch(n: int) -> bytearray:
 
 def _padding_start(body: bytes | memoryview) -> int:
     """Where the trailing skippable frame of zeros starts (the padding ``seal`` writes), or ``len(body)`` when
-    the body does not end with one: the last skippable-frame magic in the last 4 KiB, followed by its length
-    ``n`` and then only ``n`` zeros up to the end.  There is no other place for it: a header further back
-    would have to lie inside those zeros."""
+    the body does not end with one: the last skippable-frame magic in the last 8 KiB (a writer pads to a
+    multiple of 4 KiB; an object's size bound allows 8 KiB), followed by its length ``n`` and then only ``n``
+    zeros up to the end.  There is no other place for it: a header further back would have to lie inside
+    those zeros."""
     n_body = len(body)
-    tail = bytes(body[max(0, n_body - (PAD_ALIGN + 16)) :])
+    tail = bytes(body[max(0, n_body - (2 * PAD_ALIGN + 16)) :])
     at = tail.rfind(_PAD_MAGIC)
     if at < 0 or len(tail) - at < 8:
         return n_body
