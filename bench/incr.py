@@ -329,6 +329,31 @@ class Incr(Bench):
         self.restore("v1_restore", "qvm-backup-restore (full, today's format)", full, [], self.data)
         full.unlink()
 
+    def restore_pairs(self, pairs: int) -> None:
+        """Issue 20's restore target alone (``--restore-pairs N``): today's full backup and a first snapshot of
+        the same data, then N pairs of restores, today's and the snapshot's, interleaved so that the machine's
+        drift between runs falls on both (on a shared VM the same work varies by 10-15% in CPU seconds)."""
+        print("== restores, interleaved: today's full restore and the snapshot's", flush=True)
+        full = self.backup("v1_backup", "qvm-backup (full, today's format)", self.kdf, limit="zstd2")
+        self.repo_backup("repo_first", "qvm-backup --repo: first snapshot")
+        data = planned_data(self.src)
+        # the source's volumes are not needed any more: their space goes to the restores (the default dataset,
+        # its backup, its repository and one restored system would not fit the image otherwise)
+        stop_qubesd(self.src)
+        shutil.rmtree(self.src / "dom0/dev", ignore_errors=True)
+        shutil.rmtree(self.tree, ignore_errors=True)
+        ratios = []
+        for i in range(1, pairs + 1):
+            drop_caches()
+            today = self.restore(f"v1_restore_{i}", f"qvm-backup-restore (full, today's format), pair {i}", full, [],
+                                 self.data)  # fmt: skip
+            drop_caches()
+            ours = self.repo_restore(f"repo_restore_{i}", f"qvm-backup-restore --repo: newest snapshot, pair {i}", data)
+            ratios.append(today.wall / ours.wall)
+            print(f"  pair {i}: the snapshot restore at {ratios[-1]:.2f}x today's speed (wall time)", flush=True)
+        print(f"  ratios: {', '.join(f'{r:.2f}' for r in ratios)} (target: >= 1x)", flush=True)
+        full.unlink()
+
     # -------------------------------------------------------------------------------------- repository
 
     def repo_backup(self, key: str, label: str, extra: tuple[str, ...] = (), record: bool = True) -> RepoRun:
@@ -360,9 +385,10 @@ class Incr(Bench):
               f"bytes ({got.new_data_bytes:,} data)", flush=True)  # fmt: skip
         return got
 
-    def repo_restore(self, key: str, label: str) -> Case:
-        """The newest snapshot, restored into a fresh system (the repository hard-linked into its backup VM)."""
-        data = planned_data(self.src)
+    def repo_restore(self, key: str, label: str, data: int | None = None) -> Case:
+        """The newest snapshot, restored into a fresh system (the repository hard-linked into its backup VM);
+        ``data``: the source's planned data, when known already."""
+        data = planned_data(self.src) if data is None else data
         dst = fresh_system(self.work / f"restored-{key}")
         target = dst / "vms/backupvm/home/user/repo"
         for rel in files(self.repo):
@@ -788,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --report: first measure prune on this copy of the run's repository")
     ap.add_argument("--baselines-fraction", type=float, metavar="F",
                     help="restic and borg on about F of the volumes, scaled to all of the data (saves time)")
+    ap.add_argument("--restore-pairs", type=int, default=0, metavar="N",
+                    help="only the restore target: N interleaved pairs of today's full restore and the snapshot "
+                    "restore of the same data (nothing written to docs/)")  # fmt: skip
     ap.add_argument("--snapshots", type=int, default=30, help="snapshots in the repository prune is measured on")
     ap.add_argument("--no-xfs", action="store_true",
                     help="do not run on a loop-mounted XFS image (as root with mkfs.xfs, the default: the sim's "
@@ -800,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_only(args)
     if args.baselines_subset:
         return baselines_subset(args)
+    if args.restore_pairs:
+        args.no_docs = True
     if args.smoke:
         args.data_mib, args.apparent_gib, args.no_docs = 24.0, 0.25, True
         args.snapshots = min(args.snapshots, 7)
@@ -823,6 +854,14 @@ def main(argv: list[str] | None = None) -> int:
             unmount(work)
             xfs.unlink(missing_ok=True)
             print(f"(log and progress kept in {keep})")
+
+
+def drop_caches() -> None:
+    """Written data out and the page cache emptied (root only; else nothing): each restore of a pair starts from
+    the same state, its input then read once into the cache by the restore case itself."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def mount_xfs(work: Path) -> Path | None:
@@ -880,6 +919,9 @@ def _run(args: argparse.Namespace, parts: set[str], work: Path, xfs: Path | None
         bench.prepare(args.data_mib, args.apparent_gib)
         print(f"  generated in {time.monotonic() - t0:.1f} s: {bench.data / MIB:.0f} MiB of data in "
               f"{len(bench.volumes)} volumes; the change: {bench.facts['change_writes']} writes", flush=True)
+        if args.restore_pairs:
+            bench.restore_pairs(args.restore_pairs)
+            return 0
         if "single" in parts:
             bench.single_file()
         if args.baselines_fraction and ("restic" in parts or "borg" in parts):
