@@ -7,7 +7,6 @@ HMAC``) and AES-256-CTR (``openssl enc``).  Encrypt-then-MAC: nothing is decrypt
 
 from __future__ import annotations
 
-import functools
 import hmac
 import os
 from dataclasses import dataclass
@@ -213,15 +212,9 @@ def macs_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
-@functools.lru_cache(maxsize=8)
-def _aes(key: bytes) -> algorithms.AES:
-    """The cipher of ``key``, made once (a restore makes a context for every object)."""
-    return algorithms.AES(key)
-
-
 def aes_ctr_encryptor(key: bytes, iv: bytes) -> CipherContext:
     """AES-256-CTR with the full 16-byte initial counter ``iv``, for ``update_into`` a buffer of one's own."""
-    return Cipher(_aes(key), modes.CTR(iv)).encryptor()
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
 
 
 def aes_ctr(key: bytes, iv: bytes, data: bytes | bytearray | memoryview) -> bytes:

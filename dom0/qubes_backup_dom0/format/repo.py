@@ -17,7 +17,6 @@ from the plaintext.  Nothing else of the object is looked at before.
 
 from __future__ import annotations
 
-import hmac
 import re
 import struct
 import threading
@@ -178,22 +177,7 @@ def verify_header(keys: RepoKeys, header: bytes, mac: bytes) -> bool:
 
 def object_id(keys: RepoKeys, otype: str, plaintext: bytes | bytearray | memoryview) -> str:
     """The keyed id of a plaintext of type ``otype``, as 64 hex digits."""
-    h = _id_start(keys.id_key, otype).copy()
-    h.update(plaintext)
-    return h.hexdigest()
-
-
-def _id_start(key: bytes, otype: str) -> hmac.HMAC:
-    """HMAC-SHA256 keyed with ``key`` that has taken ``otype`` (this thread's, kept: one per type and key)."""
-    starts: dict[tuple[bytes, str], hmac.HMAC] | None = getattr(_local, "id_starts", None)
-    if starts is None:
-        starts = _local.id_starts = {}
-    h = starts.get((key, otype))
-    if h is None:
-        if len(starts) >= 16:
-            starts.clear()
-        h = starts[(key, otype)] = hmac.new(key, otype.encode("ascii"), "sha256")
-    return h
+    return crypto.hmac_sha256(keys.id_key, otype.encode("ascii"), plaintext).hex()
 
 
 def max_plain(otype: str, block_size: int) -> int:
