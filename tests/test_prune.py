@@ -228,6 +228,30 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+BUGGY = """
+import sys
+from qubes_backup_agent import cli
+def bug(*args, **kwargs):
+    raise ZeroDivisionError("a bug of the prune")
+cli.prune_location = bug
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_internal_error_is_one_line_and_debug_shows_the_traceback(repo_sim: Sim) -> None:
+    """A bug of the prune is exit 1 and one line that says how to see more; with --debug, the traceback too
+    (docs/EXIT-CODES.md)."""
+    args = ("prune", "--repo", REPO, "--keep-last", "1")
+    r = agent(repo_sim, *args, wrapper=BUGGY)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert one_error_line(r.stderr).endswith("internal error: ZeroDivisionError: a bug of the prune (run with "
+                                             "--debug for details)"), r.stderr  # fmt: skip
+    r = agent(repo_sim, *args, "--debug", wrapper=BUGGY)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr, r.stderr
+    last = r.stderr.splitlines()[-1]
+    assert last == "qubes-backup-agent: error: internal error: ZeroDivisionError: a bug of the prune", r.stderr
+
+
 def test_killed_prune_leaves_every_listed_snapshot_whole(repo_sim: Sim) -> None:
     """SIGKILLed before its first deletion, after the first root, between the roots and the objects, in the
     middle of the objects, before clearing tmp/: every snapshot still listed verifies from dom0 (as a

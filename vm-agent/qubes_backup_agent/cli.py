@@ -1,7 +1,7 @@
 """``qubes-backup-agent``: commands run inside the backup VM (by cron or by hand), not over qrexec.
 
     qubes-backup-agent prune --repo DIR --keep-last N --keep-daily D --keep-weekly W --keep-monthly M
-                             [--dry-run] [--json]
+                             [--dry-run] [--json] [--debug]
 
 Exit codes (docs/EXIT-CODES.md): 0 done, 1 failed (the repository cannot be read or written, or is in use by
 a backup or another prune), 2 bad usage, 3 a retained snapshot is damaged (nothing deleted), 130 interrupted.
@@ -13,6 +13,7 @@ import argparse
 import json
 import signal
 import sys
+import traceback
 from typing import NoReturn
 
 from qubes_backup_protocol.retention import Policy
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
         pr.add_argument(f"--keep-{rule}", type=_count, default=0, metavar="N", help=f"keep {what} (UTC)")
     pr.add_argument("--dry-run", action="store_true", help="report what would be deleted; delete nothing")
     pr.add_argument("--json", action="store_true", help="the report as one JSON document on stdout")
+    pr.add_argument("--debug", action="store_true", help="on an internal error, its traceback on stderr too")
     return p
 
 
@@ -131,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return _fail(EXIT_FAILED, f"{exc.strerror or exc} pruning {args.repo}", as_json)
     except Exception as exc:  # a bug: one line all the same (every kept snapshot is whole, section 11)
-        return _fail(EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}", as_json)
+        if args.debug:
+            traceback.print_exc()
+        hint = "" if args.debug else " (run with --debug for details)"
+        return _fail(EXIT_FAILED, f"internal error: {type(exc).__name__}: {exc}{hint}", as_json)
     code = EXIT_DAMAGED if report.damage_count else EXIT_OK
     if args.json:
         doc = {"command": "prune", "repository": view, "policy": dict(policy.counts()), **report.to_json(),
