@@ -241,6 +241,10 @@ def test_padding_found_from_the_end(kk: tuple[repo.RepoKeys, repo.RepoKeys], dat
                 repo.open_object(k, obj, repo.DATA, oid, BS)
         else:
             assert repo.open_object(k, obj, repo.DATA, oid, BS).plaintext == plain
+    too_long = 2 * repo.PAD_ALIGN  # REPOSITORY.md section 5: a padding's length is below 8,192
+    obj = _forge(k, repo.DATA, oid, frame + struct.pack("<II", repo.SKIPPABLE, too_long) + bytes(too_long))
+    with pytest.raises(VerificationError, match="unexpected bytes after the compressed content"):
+        repo.open_object(k, obj, repo.DATA, oid, BS)
 
 
 # ------------------------------------------------------------------------------------------------- header

@@ -216,6 +216,21 @@ def clone_file(src: Path, dst: Path) -> None:
         os.close(sfd)
 
 
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the data ranges of ``fd`` below ``size``, as SEEK_DATA / SEEK_HOLE give them."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        out.append((start, end))
+        pos = end
+    return out
+
+
 def reflink_or_copy(src: Path, dst: Path) -> None:
     """A file copy that is independent of ``src`` (reflink, else a sparse copy): for files written later."""
     sfd = os.open(src, os.O_RDONLY)
@@ -228,20 +243,13 @@ def reflink_or_copy(src: Path, dst: Path) -> None:
             except OSError:
                 pass
             size = os.fstat(sfd).st_size
-            off = 0
-            while off < size:
-                try:
-                    start = os.lseek(sfd, off, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(sfd, start, os.SEEK_HOLE)
+            for start, end in data_ranges(sfd, size):
                 pos = start
                 while pos < end:
                     n = os.copy_file_range(sfd, dfd, end - pos, pos, pos)
                     if n <= 0:
                         break
                     pos += n
-                off = end
             os.ftruncate(dfd, size)
         finally:
             os.close(dfd)

@@ -35,6 +35,8 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
+from qubes_backup_sim.lvstore import data_ranges
+
 META_DIR = ".lvm"  # lvstore's, not imported: dmsetup runs twice per map and needs no LV metadata
 CHUNK = 64 * 1024
 SECTORS = CHUNK // 512
@@ -104,7 +106,7 @@ def provisioned_chunks(path: Path) -> list[tuple[int, int]]:
     try:
         size = os.fstat(fd).st_size
         ext = _extents(fd, size)
-        spans = _seek_data(fd, size) if ext is None else [(lo, min(lo + n, size)) for lo, _p, n, unwritten in ext
+        spans = data_ranges(fd, size) if ext is None else [(lo, min(lo + n, size)) for lo, _p, n, unwritten in ext
                                                            if not unwritten and lo < size]  # fmt: skip
     finally:
         os.close(fd)
@@ -120,21 +122,6 @@ def _chunk_runs(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], max(out[-1][0] + out[-1][1], last) - out[-1][0])
         else:
             out.append((first, last - first))
-    return out
-
-
-def _seek_data(fd: int, size: int) -> list[tuple[int, int]]:
-    """(start, end) of the data ranges SEEK_DATA / SEEK_HOLE give."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:
-            break
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        out.append((start, end))
-        pos = end
     return out
 
 

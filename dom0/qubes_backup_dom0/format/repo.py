@@ -332,8 +332,15 @@ def open_object(keys: RepoKeys, raw: bytes | bytearray | memoryview, otype: str,
     return Opened(got_id, got_type, refs, plain)
 
 
+SCRATCH_MAX = BLOCK_MAX + 2 * PAD_ALIGN + 16  # a data block's body at the largest block size, and its slack
+
+
 def _scratch(n: int) -> bytearray:
-    """This thread's buffer of at least ``n`` bytes, for transient results (grown as needed, kept)."""
+    """This thread's buffer of at least ``n`` bytes, for transient results: kept (grown as needed) up to a data
+    block's size, so every opening thread holds at most one such buffer; a larger body (a file list's, a
+    root's: a few per restore) gets a buffer of its own, freed with it."""
+    if n > SCRATCH_MAX:
+        return bytearray(n)
     buf: bytearray | None = getattr(_local, "scratch", None)
     if buf is None or len(buf) < n:
         buf = _local.scratch = bytearray(max(n, 1 << 20))
@@ -343,16 +350,16 @@ def _scratch(n: int) -> bytearray:
 def _padding_start(body: bytes | memoryview) -> int:
     """Where the trailing skippable frame of zeros starts (the padding ``seal`` writes), or ``len(body)`` when
     the body does not end with one: the last skippable-frame magic in the last 8 KiB (a writer pads to a
-    multiple of 4 KiB; an object's size bound allows 8 KiB), followed by its length ``n`` and then only ``n``
-    zeros up to the end.  There is no other place for it: a header further back would have to lie inside
-    those zeros."""
+    multiple of 4 KiB; an object's size bound allows 8 KiB), followed by its length ``n`` (below 8 KiB) and
+    then only ``n`` zeros up to the end.  There is no other place for it: a header further back would have to
+    lie inside those zeros."""
     n_body = len(body)
     tail = bytes(body[max(0, n_body - (2 * PAD_ALIGN + 16)) :])
     at = tail.rfind(_PAD_MAGIC)
     if at < 0 or len(tail) - at < 8:
         return n_body
     n = len(tail) - at - 8
-    if tail[at + 4 : at + 8] != struct.pack("<I", n) or tail.count(0, at + 8) != n:
+    if n >= 2 * PAD_ALIGN or tail[at + 4 : at + 8] != struct.pack("<I", n) or tail.count(0, at + 8) != n:
         return n_body
     return n_body - n - 8
 
